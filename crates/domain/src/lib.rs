@@ -1,0 +1,41 @@
+//! Tasker's pure rules: task templates and their validation, the DAG of steps, the task and
+//! step state machines, and the clock abstraction everything time-dependent goes through.
+//!
+//! Nothing here performs I/O or needs an async runtime, so every rule is unit-tested directly.
+
+pub mod clock;
+pub mod graph;
+pub mod state;
+pub mod template;
+
+mod problem;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use graph::Dag;
+pub use problem::Problem;
+pub use state::{StepState, TaskState};
+pub use template::{Backoff, RetryPolicy, StepTemplate, TaskTemplate};
+
+/// Every way a domain rule can refuse its input.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// A template definition broke one or more rules; every problem found is listed.
+    #[error("the template definition is invalid: {}", problem::summary(.0))]
+    InvalidTemplate(Vec<Problem>),
+    /// A task context does not match its template's JSON Schema.
+    #[error("the task context does not match the template's context_schema: {}", problem::summary(.0))]
+    InvalidContext(Vec<Problem>),
+    /// A state change that the state machine does not allow.
+    #[error("a {entity} cannot go from {from} to {to}")]
+    InvalidTransition {
+        entity: &'static str,
+        from: &'static str,
+        to: &'static str,
+    },
+    /// A stored value that is not one of the known state names.
+    #[error("unknown {entity} state {value:?}")]
+    UnknownState { entity: &'static str, value: String },
+}
+
+/// Result alias for domain operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,284 @@
+//! The task and step state machines: which state changes are allowed, and a typed error for
+//! every other one. Stored states use the lowercase names (`in_progress`); the API shows them
+//! in SCREAMING_CASE.
+
+use crate::{Error, Result};
+
+/// The life of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TaskState {
+    Pending,
+    InProgress,
+    Complete,
+    Error,
+    Cancelled,
+    ResolvedManually,
+}
+
+/// The life of one workflow step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StepState {
+    Pending,
+    InProgress,
+    Complete,
+    Error,
+    Cancelled,
+    ResolvedManually,
+    Skipped,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 6] = [
+        TaskState::Pending,
+        TaskState::InProgress,
+        TaskState::Complete,
+        TaskState::Error,
+        TaskState::Cancelled,
+        TaskState::ResolvedManually,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::InProgress => "in_progress",
+            TaskState::Complete => "complete",
+            TaskState::Error => "error",
+            TaskState::Cancelled => "cancelled",
+            TaskState::ResolvedManually => "resolved_manually",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == value)
+            .ok_or_else(|| Error::UnknownState {
+                entity: "task",
+                value: value.to_owned(),
+            })
+    }
+
+    /// The allowed next states. A failed task can be retried (back to pending or straight to
+    /// in progress), resolved by a person, or cancelled; finished tasks stay finished.
+    pub fn successors(self) -> &'static [TaskState] {
+        use TaskState::*;
+        match self {
+            Pending => &[InProgress, Cancelled],
+            InProgress => &[Complete, Error, Cancelled],
+            Error => &[Pending, InProgress, Cancelled, ResolvedManually],
+            Complete | Cancelled | ResolvedManually => &[],
+        }
+    }
+
+    /// No further transition is possible.
+    pub fn is_terminal(self) -> bool {
+        self.successors().is_empty()
+    }
+
+    /// Checks a state change against the table.
+    pub fn transition_to(self, to: TaskState) -> Result<TaskState> {
+        if self.successors().contains(&to) {
+            Ok(to)
+        } else {
+            Err(crate::Error::InvalidTransition {
+                entity: "task",
+                from: self.as_str(),
+                to: to.as_str(),
+            })
+        }
+    }
+}
+
+impl StepState {
+    pub const ALL: [StepState; 7] = [
+        StepState::Pending,
+        StepState::InProgress,
+        StepState::Complete,
+        StepState::Error,
+        StepState::Cancelled,
+        StepState::ResolvedManually,
+        StepState::Skipped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::InProgress => "in_progress",
+            StepState::Complete => "complete",
+            StepState::Error => "error",
+            StepState::Cancelled => "cancelled",
+            StepState::ResolvedManually => "resolved_manually",
+            StepState::Skipped => "skipped",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == value)
+            .ok_or_else(|| Error::UnknownState {
+                entity: "step",
+                value: value.to_owned(),
+            })
+    }
+
+    /// The allowed next states. `error` is where a failed attempt waits for its retry (back to
+    /// in progress when claimed again, or pending when a person reopens it); a step that ran out
+    /// of attempts is skipped only if its template says it is skippable (decided by the engine).
+    pub fn successors(self) -> &'static [StepState] {
+        use StepState::*;
+        match self {
+            Pending => &[InProgress, Cancelled, ResolvedManually, Skipped],
+            InProgress => &[Complete, Error, Cancelled, ResolvedManually, Skipped],
+            Error => &[InProgress, Pending, Cancelled, ResolvedManually, Skipped],
+            Complete | Cancelled | ResolvedManually | Skipped => &[],
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self.successors().is_empty()
+    }
+
+    /// Whether a child may start once this parent is in this state.
+    pub fn satisfies_dependency(self) -> bool {
+        matches!(
+            self,
+            StepState::Complete | StepState::Skipped | StepState::ResolvedManually
+        )
+    }
+
+    /// Checks a state change against the table.
+    pub fn transition_to(self, to: StepState) -> Result<StepState> {
+        if self.successors().contains(&to) {
+            Ok(to)
+        } else {
+            Err(crate::Error::InvalidTransition {
+                entity: "step",
+                from: self.as_str(),
+                to: to.as_str(),
+            })
+        }
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for StepState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole task table, written out independently of `successors`: every pair is checked.
+    #[test]
+    fn every_task_pair_is_allowed_or_refused_as_the_table_says() {
+        use TaskState::*;
+        let allowed = [
+            (Pending, InProgress),
+            (Pending, Cancelled),
+            (InProgress, Complete),
+            (InProgress, Error),
+            (InProgress, Cancelled),
+            (Error, Pending),
+            (Error, InProgress),
+            (Error, Cancelled),
+            (Error, ResolvedManually),
+        ];
+        for from in TaskState::ALL {
+            for to in TaskState::ALL {
+                let result = from.transition_to(to);
+                if allowed.contains(&(from, to)) {
+                    assert_eq!(result, Ok(to), "{from} -> {to} should be allowed");
+                } else {
+                    assert_eq!(
+                        result,
+                        Err(crate::Error::InvalidTransition {
+                            entity: "task",
+                            from: from.as_str(),
+                            to: to.as_str()
+                        }),
+                        "{from} -> {to} should be refused"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_step_pair_is_allowed_or_refused_as_the_table_says() {
+        use StepState::*;
+        let allowed = [
+            (Pending, InProgress),
+            (Pending, Cancelled),
+            (Pending, ResolvedManually),
+            (Pending, Skipped),
+            (InProgress, Complete),
+            (InProgress, Error),
+            (InProgress, Cancelled),
+            (InProgress, ResolvedManually),
+            (InProgress, Skipped),
+            (Error, InProgress),
+            (Error, Pending),
+            (Error, Cancelled),
+            (Error, ResolvedManually),
+            (Error, Skipped),
+        ];
+        for from in StepState::ALL {
+            for to in StepState::ALL {
+                let result = from.transition_to(to);
+                if allowed.contains(&(from, to)) {
+                    assert_eq!(result, Ok(to), "{from} -> {to} should be allowed");
+                } else {
+                    assert!(
+                        matches!(
+                            result,
+                            Err(crate::Error::InvalidTransition { entity: "step", .. })
+                        ),
+                        "{from} -> {to} should be refused"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn terminal_states_and_dependency_satisfaction() {
+        assert!(TaskState::Complete.is_terminal());
+        assert!(!TaskState::Error.is_terminal());
+        assert!(StepState::Skipped.is_terminal());
+        let satisfying: Vec<_> = StepState::ALL
+            .into_iter()
+            .filter(|s| s.satisfies_dependency())
+            .collect();
+        assert_eq!(
+            satisfying,
+            [
+                StepState::Complete,
+                StepState::ResolvedManually,
+                StepState::Skipped
+            ]
+        );
+    }
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for state in TaskState::ALL {
+            assert_eq!(TaskState::parse(state.as_str()), Ok(state));
+        }
+        for state in StepState::ALL {
+            assert_eq!(StepState::parse(state.as_str()), Ok(state));
+        }
+        assert!(matches!(
+            TaskState::parse("running"),
+            Err(Error::UnknownState { entity: "task", .. })
+        ));
+    }
+}

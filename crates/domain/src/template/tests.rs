@@ -1,0 +1,354 @@
+use super::*;
+use serde_json::json;
+
+const DIAMOND: &str = r#"
+namespace: shop
+name: order_fulfillment
+version: 1.2.0
+description: Validate, then reserve and charge in parallel, then ship.
+context_schema:
+  type: object
+  required: [order_id]
+  properties:
+    order_id: { type: integer }
+steps:
+  - name: validate
+    handler: noop
+  - name: reserve
+    handler: inventory.reserve
+    depends_on: [validate]
+    timeout: 30s
+  - name: charge
+    handler: payments.charge
+    depends_on: validate
+    retry:
+      max_attempts: 5
+      backoff: { base: 500ms, factor: 3, max: 2m, jitter: 0.2 }
+  - name: ship
+    handler: noop
+    depends_on: [reserve, charge]
+    skippable: true
+    config: { carrier: ups }
+"#;
+
+fn problems_of(source: &str) -> Vec<Problem> {
+    match TaskTemplate::parse(source) {
+        Err(Error::InvalidTemplate(problems)) => problems,
+        other => panic!("expected InvalidTemplate, got {other:?}"),
+    }
+}
+
+fn has(problems: &[Problem], path: &str, fragment: &str) -> bool {
+    problems
+        .iter()
+        .any(|p| p.path == path && p.message.contains(fragment))
+}
+
+#[test]
+fn parses_and_normalizes_a_yaml_diamond() {
+    let template = TaskTemplate::parse(DIAMOND).unwrap();
+    assert_eq!(template.key(), "shop/order_fulfillment@1.2.0");
+    assert_eq!(template.steps.len(), 4);
+    let charge = &template.steps[2];
+    assert_eq!(charge.depends_on, vec!["validate"]);
+    assert_eq!(charge.retry.max_attempts, 5);
+    assert_eq!(
+        charge.retry.backoff,
+        Backoff {
+            base: 0.5,
+            factor: 3.0,
+            max: 120.0,
+            jitter: 0.2
+        }
+    );
+    assert_eq!(template.steps[1].timeout, Some(30.0));
+    assert_eq!(template.steps[0].retry, RetryPolicy::default());
+    assert_eq!(template.steps[0].config, json!({}));
+    assert!(template.steps[3].skippable);
+    assert_eq!(template.dag().levels(), Some(vec![0, 1, 1, 2]));
+}
+
+#[test]
+fn the_normalized_form_reads_back_and_reparses_to_the_same_template() {
+    let template = TaskTemplate::parse(DIAMOND).unwrap();
+    let normalized = template.to_normalized();
+    assert_eq!(
+        TaskTemplate::from_normalized(normalized.clone()).unwrap(),
+        template
+    );
+    let as_json = serde_json::to_string(&normalized).unwrap();
+    assert_eq!(TaskTemplate::parse(&as_json).unwrap(), template);
+}
+
+#[test]
+fn json_and_yaml_of_the_same_definition_are_equal() {
+    let json = r#"{"namespace":"a","name":"b","version":"1.0.0",
+                   "steps":[{"name":"x","handler":"noop"}]}"#;
+    let yaml = "namespace: a\nname: b\nversion: 1.0.0\nsteps:\n  - {name: x, handler: noop}\n";
+    assert_eq!(
+        TaskTemplate::parse(json).unwrap(),
+        TaskTemplate::parse(yaml).unwrap()
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_path() {
+    let problems = problems_of(
+        r#"
+namespace: Bad Namespace
+name: ok
+version: one
+steps:
+  - name: a
+    handler: noop
+    depends_on: [missing, a]
+  - name: a
+    handler: "!bad"
+  - name: c
+    handler: noop
+    retry: { max_attempts: 0, backoff: { factor: 0.5, jitter: 2 } }
+    colour: blue
+"#,
+    );
+    assert!(
+        has(&problems, "namespace", "lowercase letter"),
+        "{problems:?}"
+    );
+    assert!(has(&problems, "version", "not a semantic version"));
+    assert!(has(
+        &problems,
+        "steps[0].depends_on[0]",
+        "unknown step \"missing\""
+    ));
+    assert!(has(
+        &problems,
+        "steps[0].depends_on[1]",
+        "depends on itself"
+    ));
+    assert!(has(
+        &problems,
+        "steps[1].name",
+        "already the name of steps[0]"
+    ));
+    assert!(has(&problems, "steps[1].handler", "must start with"));
+    assert!(has(
+        &problems,
+        "steps[2].retry.max_attempts",
+        "from 1 to 100"
+    ));
+    assert!(has(
+        &problems,
+        "steps[2].retry.backoff.factor",
+        "between 1 and 100"
+    ));
+    assert!(has(
+        &problems,
+        "steps[2].retry.backoff.jitter",
+        "between 0 and 1"
+    ));
+    assert!(has(&problems, "steps[2].colour", "unknown field"));
+    assert_eq!(problems.len(), 10, "{problems:#?}");
+}
+
+#[test]
+fn cycles_are_named() {
+    let problems = problems_of(
+        r#"
+namespace: n
+name: t
+version: 1.0.0
+steps:
+  - { name: a, handler: noop, depends_on: [c] }
+  - { name: b, handler: noop, depends_on: [a] }
+  - { name: c, handler: noop, depends_on: [b] }
+  - { name: d, handler: noop, depends_on: [a] }
+"#,
+    );
+    assert_eq!(
+        problems,
+        vec![Problem::new(
+            "steps[0].depends_on",
+            "dependency cycle: a -> b -> c -> a"
+        )]
+    );
+}
+
+#[test]
+fn missing_fields_and_no_steps() {
+    let problems = problems_of("description: nothing else\n");
+    for path in ["namespace", "name", "version", "steps"] {
+        assert!(has(&problems, path, "required"), "{path}: {problems:?}");
+    }
+    let problems = problems_of("namespace: a\nname: b\nversion: 1.0.0\nsteps: []\n");
+    assert!(has(&problems, "steps", "at least one step"));
+}
+
+#[test]
+fn retryable_false_means_exactly_one_attempt() {
+    let base = "namespace: a\nname: b\nversion: 1.0.0\nsteps:\n  - name: x\n    handler: noop\n";
+    let once = TaskTemplate::parse(&format!("{base}    retry: {{ retryable: false }}\n")).unwrap();
+    assert_eq!(once.steps[0].retry.max_attempts, 1);
+    assert!(!once.steps[0].retry.retryable);
+    let problems = problems_of(&format!(
+        "{base}    retry: {{ retryable: false, max_attempts: 4 }}\n"
+    ));
+    assert!(has(
+        &problems,
+        "steps[0].retry.max_attempts",
+        "exactly one attempt"
+    ));
+}
+
+#[test]
+fn durations_and_timeouts_are_checked() {
+    let base = "namespace: a\nname: b\nversion: 1.0.0\nsteps:\n  - name: x\n    handler: noop\n";
+    let problems = problems_of(&format!(
+        "{base}    timeout: soon\n    retry: {{ backoff: {{ base: 10, max: 5 }} }}\n"
+    ));
+    assert!(has(&problems, "steps[0].timeout", "duration"));
+    assert!(has(
+        &problems,
+        "steps[0].retry.backoff.max",
+        "below the base"
+    ));
+    let problems = problems_of(&format!("{base}    timeout: -3\n"));
+    assert!(has(&problems, "steps[0].timeout", "between 0 and"));
+    let problems = problems_of(&format!("{base}    timeout: 0\n"));
+    assert!(has(&problems, "steps[0].timeout", "more than 0"));
+}
+
+#[test]
+fn invalid_json_schemas_are_refused() {
+    let base = "namespace: a\nname: b\nversion: 1.0.0\nsteps:\n  - {name: x, handler: noop}\n";
+    let problems = problems_of(&format!("{base}context_schema: {{ type: 12 }}\n"));
+    assert!(
+        problems.iter().any(|p| p.path.starts_with("context_schema")
+            && p.message.contains("not a valid JSON Schema")),
+        "{problems:?}"
+    );
+    let problems = problems_of(&format!("{base}context_schema: [1, 2]\n"));
+    assert!(has(&problems, "context_schema", "object or a boolean"));
+    // A remote reference is never fetched: it is refused instead.
+    let problems = problems_of(&format!(
+        "{base}context_schema: {{ $ref: \"http://127.0.0.1:1/schema.json\" }}\n"
+    ));
+    assert!(
+        has(&problems, "context_schema", "cannot be used"),
+        "{problems:?}"
+    );
+    let problems = problems_of(&format!(
+        "{base}context_schema: {{ $ref: \"file:///etc/passwd\" }}\n"
+    ));
+    assert!(
+        has(&problems, "context_schema", "cannot be used"),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn malformed_documents_and_size_limit() {
+    let problems = problems_of("namespace: [unclosed\n");
+    assert!(
+        problems[0].message.starts_with("malformed YAML"),
+        "{problems:?}"
+    );
+    let problems = problems_of("{\"namespace\": ");
+    assert!(problems[0].message.starts_with("malformed JSON"));
+    let problems = problems_of("   \n");
+    assert!(problems[0].message.contains("empty"));
+    let problems = problems_of("just a string");
+    assert!(has(&problems, "", "expected an object"));
+    let huge = format!("description: \"{}\"\n", "x".repeat(MAX_DEFINITION_BYTES));
+    let problems = problems_of(&huge);
+    assert!(problems[0].message.contains("limit is 1048576 bytes"));
+}
+
+#[test]
+fn hostile_yaml_is_refused_without_exhausting_memory() {
+    // The "billion laughs": each level multiplies the previous one by ten.
+    let mut doc = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..12 {
+        let p = i - 1;
+        doc.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    let problems = problems_of(&doc);
+    assert!(
+        problems[0].message.starts_with("malformed YAML"),
+        "{problems:?}"
+    );
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let problems = problems_of(&format!("namespace: {deep}\n"));
+    assert!(problems[0].message.starts_with("malformed YAML"));
+    let deep_json = format!("{{\"a\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+    let problems = problems_of(&deep_json);
+    assert!(problems[0].message.starts_with("malformed JSON"));
+}
+
+#[test]
+fn arbitrary_input_never_panics() {
+    // A small deterministic fuzz: mutate a valid definition byte by byte.
+    let seed = DIAMOND.as_bytes();
+    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+    for _ in 0..2_000 {
+        let mut bytes = seed.to_vec();
+        for _ in 0..4 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let at = (state % bytes.len() as u64) as usize;
+            bytes[at] = (state >> 32) as u8;
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let _ = TaskTemplate::parse(&text);
+    }
+}
+
+#[test]
+fn context_is_validated_against_the_schema() {
+    let template = TaskTemplate::parse(DIAMOND).unwrap();
+    assert!(template.validate_context(&json!({"order_id": 7})).is_ok());
+    match template.validate_context(&json!({"order_id": "seven"})) {
+        Err(Error::InvalidContext(problems)) => {
+            assert_eq!(problems.len(), 1);
+            assert_eq!(problems[0].path, "context/order_id");
+        }
+        other => panic!("expected InvalidContext, got {other:?}"),
+    }
+    match template.validate_context(&json!({})) {
+        Err(Error::InvalidContext(problems)) => {
+            assert!(problems[0].message.contains("order_id"), "{problems:?}")
+        }
+        other => panic!("expected InvalidContext, got {other:?}"),
+    }
+}
+
+#[test]
+fn backoff_grows_caps_and_jitters() {
+    let backoff = Backoff {
+        base: 1.0,
+        factor: 2.0,
+        max: 10.0,
+        jitter: 0.1,
+    };
+    assert_eq!(backoff.delay_seconds(1, 0.5), 1.0);
+    assert_eq!(backoff.delay_seconds(3, 0.5), 4.0);
+    assert_eq!(backoff.delay_seconds(10, 0.5), 10.0);
+    assert_eq!(backoff.delay_seconds(u32::MAX, 0.5), 10.0);
+    assert!((backoff.delay_seconds(3, 0.0) - 3.6).abs() < 1e-9);
+    assert!((backoff.delay_seconds(3, 1.0) - 4.4).abs() < 1e-9);
+}
+
+#[test]
+fn names_follow_the_rules() {
+    assert!(check_name("order_fulfillment-2").is_ok());
+    assert!(check_name("").is_err());
+    assert!(check_name("9lives").is_err());
+    assert!(check_name("Upper").is_err());
+    assert!(check_name("with space").is_err());
+    assert!(check_name(&"a".repeat(65)).is_err());
+    assert!(check_handler("Payments::Charge").is_ok());
+    assert!(check_handler("billing/charge.v2").is_ok());
+    assert!(check_handler("rm -rf").is_err());
+}
