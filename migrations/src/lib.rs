@@ -1,1 +1,16 @@
+//! Tasker's database migrations, one file per migration; they run at server start-up and with
+//! `tasker migrate`, on SQLite and PostgreSQL alike.
 
+pub use sea_orm_migration::prelude::*;
+
+mod m20261126_000001_create_tables;
+
+/// Every migration, in the order they apply.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261126_000001_create_tables::Migration)]
+    }
+}

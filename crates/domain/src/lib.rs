@@ -4,16 +4,20 @@
 //! Nothing here performs I/O or needs an async runtime, so every rule is unit-tested directly.
 
 pub mod clock;
+pub mod event;
 pub mod graph;
 pub mod state;
+pub mod task;
 pub mod template;
 
 mod problem;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use event::EventName;
 pub use graph::Dag;
 pub use problem::Problem;
 pub use state::{StepState, TaskState};
+pub use task::TaskRequest;
 pub use template::{Backoff, RetryPolicy, StepTemplate, TaskTemplate};
 
 /// Every way a domain rule can refuse its input.
@@ -25,6 +29,9 @@ pub enum Error {
     /// A task context does not match its template's JSON Schema.
     #[error("the task context does not match the template's context_schema: {}", problem::summary(.0))]
     InvalidContext(Vec<Problem>),
+    /// A request to start a task has malformed fields; every problem is listed.
+    #[error("the task request is invalid: {}", problem::summary(.0))]
+    InvalidRequest(Vec<Problem>),
     /// A state change that the state machine does not allow.
     #[error("a {entity} cannot go from {from} to {to}")]
     InvalidTransition {

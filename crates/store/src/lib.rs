@@ -1,1 +1,179 @@
+//! Tasker's persistence: the only crate that knows SQL. Every state change is one transaction
+//! that checks the current state, writes the new one, and appends its transition and event
+//! rows (an event exists if and only if its change committed). Runs on SQLite (a file in WAL
+//! mode, the default) and PostgreSQL.
 
+mod entities;
+mod events;
+mod queries;
+mod records;
+mod tasks;
+mod templates;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use queries::TaskFilter;
+pub use records::{
+    EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
+    TaskTransitionRecord, TemplateRecord,
+};
+pub use tasks::{NewTask, TaskCreation};
+pub use templates::{Registration, RegistrationOutcome};
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tasker_domain::Clock;
+use tasker_migrations::{Migrator, MigratorTrait};
+
+/// Every way a store operation can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The input broke a domain rule (an invalid template, context or request).
+    #[error(transparent)]
+    Domain(#[from] tasker_domain::Error),
+    /// The thing asked for does not exist.
+    #[error("{what} {key} was not found")]
+    NotFound { what: &'static str, key: String },
+    /// The change contradicts what is stored (a different definition under an existing
+    /// version, a task already finished, a concurrent change).
+    #[error("{0}")]
+    Conflict(String),
+    /// The database failed; the details are for the log, never for clients.
+    #[error("the database failed")]
+    Database(#[from] DbErr),
+}
+
+/// Result alias for store operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// `sqlite://path/to/file.db` or `postgres://user@host/db`.
+    pub url: String,
+    /// PostgreSQL only: the schema to use (tests give each test its own).
+    pub schema: Option<String>,
+    /// Pool size; SQLite always uses one connection, its single writer.
+    pub max_connections: u32,
+    /// PostgreSQL only: how the connections name themselves in `pg_stat_activity`.
+    pub application_name: String,
+}
+
+impl StoreOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: None,
+            max_connections: 16,
+            application_name: "tasker".to_owned(),
+        }
+    }
+}
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+    clock: Arc<dyn Clock>,
+    statements: Arc<AtomicU64>,
+}
+
+impl Store {
+    /// Connects (creating a missing SQLite file) and counts every statement executed.
+    pub async fn connect(options: &StoreOptions, clock: Arc<dyn Clock>) -> Result<Store> {
+        let mut connect = ConnectOptions::new(options.url.clone());
+        connect
+            .sqlx_logging(false)
+            .acquire_timeout(Duration::from_secs(10));
+        if options.url.starts_with("sqlite:") {
+            // One connection: SQLite has a single writer, and one connection never meets
+            // SQLITE_BUSY inside a transaction.
+            connect.max_connections(1).min_connections(1);
+            connect.map_sqlx_sqlite_opts(|opts| {
+                use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+                opts.create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .foreign_keys(true)
+                    .busy_timeout(Duration::from_secs(10))
+            });
+        } else {
+            connect.max_connections(options.max_connections.max(1));
+            if let Some(schema) = &options.schema {
+                connect.set_schema_search_path(schema.clone());
+            }
+            let application_name = options.application_name.clone();
+            connect.map_sqlx_postgres_opts(move |opts| opts.application_name(&application_name));
+        }
+        let mut db = Database::connect(connect).await?;
+        let statements = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&statements);
+        db.set_metric_callback(move |_info| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        Ok(Store {
+            db,
+            clock,
+            statements,
+        })
+    }
+
+    /// Applies every pending migration.
+    pub async fn migrate(&self) -> Result<()> {
+        Migrator::up(&self.db, None).await?;
+        Ok(())
+    }
+
+    /// Whether the database answers (for readiness checks).
+    pub async fn ping(&self) -> Result<()> {
+        self.db.ping().await?;
+        Ok(())
+    }
+
+    /// "sqlite" or "postgres", for logs and health output.
+    pub fn backend_name(&self) -> &'static str {
+        match self.db.get_database_backend() {
+            DbBackend::Sqlite => "sqlite",
+            DbBackend::Postgres => "postgres",
+            _ => "other",
+        }
+    }
+
+    /// How many SQL statements this store has executed since it connected.
+    pub fn statement_count(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(self) -> Result<()> {
+        self.db.close().await?;
+        Ok(())
+    }
+
+    /// Now, truncated to microseconds: PostgreSQL keeps no finer time, and a value read back
+    /// must compare equal to the one written.
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        let now = self.clock.now();
+        let micros = now.timestamp_micros();
+        chrono::DateTime::from_timestamp_micros(micros).unwrap_or(now)
+    }
+
+    fn is_unique_violation(err: &DbErr) -> bool {
+        matches!(
+            err.sql_err(),
+            Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+        )
+    }
+
+    /// Runs a raw statement; used by tests and tools that prepare a database.
+    pub async fn execute_unprepared(&self, sql: &str) -> Result<()> {
+        self.db.execute_unprepared(sql).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,137 @@
+//! The catalog of events: every state change appends one, in the same transaction as the
+//! change, so the event log is a faithful history that streams can replay.
+
+use crate::state::{StepState, TaskState};
+
+/// The name of an event in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventName {
+    TemplateRegistered,
+    TaskCreated,
+    TaskStarted,
+    TaskCompleted,
+    TaskFailed,
+    TaskRetryRequested,
+    TaskCancelled,
+    TaskResolvedManually,
+    StepCreated,
+    StepStarted,
+    StepCompleted,
+    StepFailed,
+    StepRetryRequested,
+    StepCancelled,
+    StepResolvedManually,
+    StepSkipped,
+}
+
+impl EventName {
+    pub const ALL: [EventName; 16] = [
+        EventName::TemplateRegistered,
+        EventName::TaskCreated,
+        EventName::TaskStarted,
+        EventName::TaskCompleted,
+        EventName::TaskFailed,
+        EventName::TaskRetryRequested,
+        EventName::TaskCancelled,
+        EventName::TaskResolvedManually,
+        EventName::StepCreated,
+        EventName::StepStarted,
+        EventName::StepCompleted,
+        EventName::StepFailed,
+        EventName::StepRetryRequested,
+        EventName::StepCancelled,
+        EventName::StepResolvedManually,
+        EventName::StepSkipped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        use EventName::*;
+        match self {
+            TemplateRegistered => "template.registered",
+            TaskCreated => "task.created",
+            TaskStarted => "task.started",
+            TaskCompleted => "task.completed",
+            TaskFailed => "task.failed",
+            TaskRetryRequested => "task.retry_requested",
+            TaskCancelled => "task.cancelled",
+            TaskResolvedManually => "task.resolved_manually",
+            StepCreated => "step.created",
+            StepStarted => "step.started",
+            StepCompleted => "step.completed",
+            StepFailed => "step.failed",
+            StepRetryRequested => "step.retry_requested",
+            StepCancelled => "step.cancelled",
+            StepResolvedManually => "step.resolved_manually",
+            StepSkipped => "step.skipped",
+        }
+    }
+
+    /// The event a task's arrival in `to` (from `from`, or newly created) stands for.
+    pub fn of_task_transition(from: Option<TaskState>, to: TaskState) -> EventName {
+        use EventName::*;
+        match (from, to) {
+            (None, _) => TaskCreated,
+            (Some(_), TaskState::Pending) => TaskRetryRequested,
+            (Some(_), TaskState::InProgress) => TaskStarted,
+            (Some(_), TaskState::Complete) => TaskCompleted,
+            (Some(_), TaskState::Error) => TaskFailed,
+            (Some(_), TaskState::Cancelled) => TaskCancelled,
+            (Some(_), TaskState::ResolvedManually) => TaskResolvedManually,
+        }
+    }
+
+    /// The event a step's arrival in `to` (from `from`, or newly created) stands for.
+    pub fn of_step_transition(from: Option<StepState>, to: StepState) -> EventName {
+        use EventName::*;
+        match (from, to) {
+            (None, _) => StepCreated,
+            (Some(_), StepState::Pending) => StepRetryRequested,
+            (Some(_), StepState::InProgress) => StepStarted,
+            (Some(_), StepState::Complete) => StepCompleted,
+            (Some(_), StepState::Error) => StepFailed,
+            (Some(_), StepState::Cancelled) => StepCancelled,
+            (Some(_), StepState::ResolvedManually) => StepResolvedManually,
+            (Some(_), StepState::Skipped) => StepSkipped,
+        }
+    }
+}
+
+impl std::fmt::Display for EventName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_dotted() {
+        let mut names: Vec<_> = EventName::ALL.iter().map(|e| e.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), EventName::ALL.len());
+        assert!(names.iter().all(|n| n.split('.').count() == 2));
+    }
+
+    #[test]
+    fn transitions_map_to_lifecycle_events() {
+        assert_eq!(
+            EventName::of_task_transition(None, TaskState::Pending),
+            EventName::TaskCreated
+        );
+        assert_eq!(
+            EventName::of_task_transition(Some(TaskState::Error), TaskState::Pending),
+            EventName::TaskRetryRequested
+        );
+        assert_eq!(
+            EventName::of_step_transition(Some(StepState::Pending), StepState::Cancelled),
+            EventName::StepCancelled
+        );
+        assert_eq!(
+            EventName::of_step_transition(Some(StepState::InProgress), StepState::Skipped),
+            EventName::StepSkipped
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! Rows for the event log and the transition tables, built inside the transaction of the
+//! change they record.
+
+use crate::entities::{event, step_transition, task_transition};
+use chrono::{DateTime, Utc};
+use sea_orm::ActiveValue::{NotSet, Set};
+use serde_json::{Map, Value, json};
+use tasker_domain::{EventName, StepState, TaskState};
+use uuid::Uuid;
+
+/// Where an event happened; the common payload fields of every lifecycle event.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Subject<'a> {
+    pub namespace: &'a str,
+    pub template: &'a str,
+    pub task_id: Uuid,
+}
+
+pub(crate) fn event_row(
+    name: EventName,
+    namespace: Option<&str>,
+    task_id: Option<Uuid>,
+    step_id: Option<Uuid>,
+    payload: Value,
+    at: DateTime<Utc>,
+) -> event::ActiveModel {
+    event::ActiveModel {
+        position: NotSet,
+        id: Set(Uuid::now_v7()),
+        name: Set(name.as_str().to_owned()),
+        namespace: Set(namespace.map(str::to_owned)),
+        task_id: Set(task_id),
+        step_id: Set(step_id),
+        payload: Set(payload),
+        occurred_at: Set(at),
+    }
+}
+
+/// The transition row and event of one task state change.
+pub(crate) fn task_transition(
+    subject: Subject<'_>,
+    from: Option<TaskState>,
+    to: TaskState,
+    sort_key: i32,
+    metadata: Value,
+    at: DateTime<Utc>,
+) -> (task_transition::ActiveModel, event::ActiveModel) {
+    let name = EventName::of_task_transition(from, to);
+    let mut payload = json!({
+        "task_id": subject.task_id,
+        "namespace": subject.namespace,
+        "template": subject.template,
+        "from_state": from.map(TaskState::as_str),
+        "to_state": to.as_str(),
+    });
+    merge(&mut payload, &metadata);
+    let row = task_transition::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        task_id: Set(subject.task_id),
+        from_state: Set(from.map(|s| s.as_str().to_owned())),
+        to_state: Set(to.as_str().to_owned()),
+        sort_key: Set(sort_key),
+        metadata: Set(metadata),
+        created_at: Set(at),
+    };
+    let event = event_row(
+        name,
+        Some(subject.namespace),
+        Some(subject.task_id),
+        None,
+        payload,
+        at,
+    );
+    (row, event)
+}
+
+/// The transition row and event of one step state change.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn step_transition(
+    subject: Subject<'_>,
+    step_id: Uuid,
+    step_name: &str,
+    from: Option<StepState>,
+    to: StepState,
+    sort_key: i32,
+    metadata: Value,
+    at: DateTime<Utc>,
+) -> (step_transition::ActiveModel, event::ActiveModel) {
+    let name = EventName::of_step_transition(from, to);
+    let mut payload = json!({
+        "task_id": subject.task_id,
+        "step_id": step_id,
+        "step": step_name,
+        "namespace": subject.namespace,
+        "template": subject.template,
+        "from_state": from.map(StepState::as_str),
+        "to_state": to.as_str(),
+    });
+    merge(&mut payload, &metadata);
+    let row = step_transition::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        step_id: Set(step_id),
+        task_id: Set(subject.task_id),
+        from_state: Set(from.map(|s| s.as_str().to_owned())),
+        to_state: Set(to.as_str().to_owned()),
+        sort_key: Set(sort_key),
+        metadata: Set(metadata),
+        created_at: Set(at),
+    };
+    let event = event_row(
+        name,
+        Some(subject.namespace),
+        Some(subject.task_id),
+        Some(step_id),
+        payload,
+        at,
+    );
+    (row, event)
+}
+
+/// Copies the metadata's fields (reason, attempt, error, ...) into the event payload.
+fn merge(payload: &mut Value, metadata: &Value) {
+    if let (Value::Object(target), Value::Object(extra)) = (payload, metadata) {
+        for (key, value) in extra {
+            target.entry(key.clone()).or_insert_with(|| value.clone());
+        }
+    }
+}
+
+/// Metadata with only the non-empty fields given.
+pub(crate) fn metadata(fields: &[(&str, Option<Value>)]) -> Value {
+    let map: Map<String, Value> = fields
+        .iter()
+        .filter_map(|(key, value)| value.clone().map(|v| ((*key).to_owned(), v)))
+        .collect();
+    Value::Object(map)
+}

@@ -1,0 +1,269 @@
+//! What the store hands out: plain records with typed states, independent of table shapes.
+
+use crate::Result;
+use crate::entities::{
+    event, namespace, step_transition, task, task_template, task_transition, workflow_step,
+    workflow_step_edge,
+};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tasker_domain::{Backoff, StepState, TaskState, TaskTemplate};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamespaceRecord {
+    pub id: Uuid,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One registered version of a template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateRecord {
+    pub id: Uuid,
+    pub template: TaskTemplate,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub id: Uuid,
+    pub namespace: String,
+    pub template_id: Uuid,
+    pub template_name: String,
+    pub template_version: String,
+    pub state: TaskState,
+    pub context: Value,
+    pub initiator: Option<String>,
+    pub source_system: Option<String>,
+    pub reason: Option<String>,
+    pub tags: Vec<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    pub id: Uuid,
+    pub task_id: Uuid,
+    /// The step's index in its template's declaration order.
+    pub position: usize,
+    pub name: String,
+    pub handler: String,
+    pub description: Option<String>,
+    pub config: Value,
+    pub state: StepState,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub retryable: bool,
+    pub skippable: bool,
+    pub backoff: Backoff,
+    pub timeout_seconds: Option<f64>,
+    pub results: Option<Value>,
+    pub last_error: Option<String>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub lease_holder: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// "child depends on parent".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeRecord {
+    pub task_id: Uuid,
+    pub parent_step_id: Uuid,
+    pub child_step_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskTransitionRecord {
+    pub id: Uuid,
+    pub task_id: Uuid,
+    pub from_state: Option<TaskState>,
+    pub to_state: TaskState,
+    pub sort_key: i32,
+    pub metadata: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepTransitionRecord {
+    pub id: Uuid,
+    pub step_id: Uuid,
+    pub task_id: Uuid,
+    pub from_state: Option<StepState>,
+    pub to_state: StepState,
+    pub sort_key: i32,
+    pub metadata: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One entry of the event log; `position` orders the whole log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub position: i64,
+    pub id: Uuid,
+    pub name: String,
+    pub namespace: Option<String>,
+    pub task_id: Option<Uuid>,
+    pub step_id: Option<Uuid>,
+    pub payload: Value,
+    pub occurred_at: DateTime<Utc>,
+}
+
+impl From<event::Model> for EventRecord {
+    fn from(model: event::Model) -> Self {
+        Self {
+            position: model.position,
+            id: model.id,
+            name: model.name,
+            namespace: model.namespace,
+            task_id: model.task_id,
+            step_id: model.step_id,
+            payload: model.payload,
+            occurred_at: model.occurred_at,
+        }
+    }
+}
+
+impl From<namespace::Model> for NamespaceRecord {
+    fn from(model: namespace::Model) -> Self {
+        Self {
+            id: model.id,
+            name: model.name,
+            created_at: model.created_at,
+        }
+    }
+}
+
+impl TryFrom<task_template::Model> for TemplateRecord {
+    type Error = crate::Error;
+
+    fn try_from(model: task_template::Model) -> Result<Self> {
+        Ok(Self {
+            id: model.id,
+            template: TaskTemplate::from_normalized(model.definition)?,
+            created_at: model.created_at,
+            updated_at: model.updated_at,
+        })
+    }
+}
+
+impl TryFrom<task::Model> for TaskRecord {
+    type Error = crate::Error;
+
+    fn try_from(model: task::Model) -> Result<Self> {
+        Ok(Self {
+            id: model.id,
+            namespace: model.namespace,
+            template_id: model.template_id,
+            template_name: model.template_name,
+            template_version: model.template_version,
+            state: TaskState::parse(&model.state)?,
+            context: model.context,
+            initiator: model.initiator,
+            source_system: model.source_system,
+            reason: model.reason,
+            tags: serde_json::from_value(model.tags).unwrap_or_default(),
+            idempotency_key: model.idempotency_key,
+            created_at: model.created_at,
+            updated_at: model.updated_at,
+            completed_at: model.completed_at,
+        })
+    }
+}
+
+impl TryFrom<workflow_step::Model> for StepRecord {
+    type Error = crate::Error;
+
+    fn try_from(model: workflow_step::Model) -> Result<Self> {
+        Ok(Self {
+            id: model.id,
+            task_id: model.task_id,
+            position: usize::try_from(model.position).unwrap_or_default(),
+            name: model.name,
+            handler: model.handler,
+            description: model.description,
+            config: model.config,
+            state: StepState::parse(&model.state)?,
+            attempts: u32::try_from(model.attempts).unwrap_or_default(),
+            max_attempts: u32::try_from(model.max_attempts).unwrap_or_default(),
+            retryable: model.retryable,
+            skippable: model.skippable,
+            backoff: serde_json::from_value(model.backoff).unwrap_or_default(),
+            timeout_seconds: model.timeout_seconds,
+            results: model.results,
+            last_error: model.last_error,
+            next_attempt_at: model.next_attempt_at,
+            lease_holder: model.lease_holder,
+            lease_expires_at: model.lease_expires_at,
+            created_at: model.created_at,
+            updated_at: model.updated_at,
+            completed_at: model.completed_at,
+        })
+    }
+}
+
+impl From<workflow_step_edge::Model> for EdgeRecord {
+    fn from(model: workflow_step_edge::Model) -> Self {
+        Self {
+            task_id: model.task_id,
+            parent_step_id: model.parent_step_id,
+            child_step_id: model.child_step_id,
+        }
+    }
+}
+
+impl TryFrom<task_transition::Model> for TaskTransitionRecord {
+    type Error = crate::Error;
+
+    fn try_from(model: task_transition::Model) -> Result<Self> {
+        Ok(Self {
+            id: model.id,
+            task_id: model.task_id,
+            from_state: model
+                .from_state
+                .as_deref()
+                .map(TaskState::parse)
+                .transpose()?,
+            to_state: TaskState::parse(&model.to_state)?,
+            sort_key: model.sort_key,
+            metadata: model.metadata,
+            created_at: model.created_at,
+        })
+    }
+}
+
+impl TryFrom<step_transition::Model> for StepTransitionRecord {
+    type Error = crate::Error;
+
+    fn try_from(model: step_transition::Model) -> Result<Self> {
+        Ok(Self {
+            id: model.id,
+            step_id: model.step_id,
+            task_id: model.task_id,
+            from_state: model
+                .from_state
+                .as_deref()
+                .map(StepState::parse)
+                .transpose()?,
+            to_state: StepState::parse(&model.to_state)?,
+            sort_key: model.sort_key,
+            metadata: model.metadata,
+            created_at: model.created_at,
+        })
+    }
+}
+
+/// Converts a list of models, failing on the first unreadable one.
+pub(crate) fn convert_all<M, R>(models: Vec<M>) -> Result<Vec<R>>
+where
+    R: TryFrom<M, Error = crate::Error>,
+{
+    models.into_iter().map(R::try_from).collect()
+}

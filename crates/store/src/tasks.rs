@@ -1,0 +1,346 @@
+//! Starting and cancelling tasks, each in one transaction with its transitions and events.
+
+use crate::entities::{task, task_tag, task_transition, workflow_step, workflow_step_edge};
+use crate::events::{
+    Subject, metadata, step_transition as step_rows, task_transition as task_rows,
+};
+use crate::records::{TaskRecord, TemplateRecord};
+use crate::{Error, Result, Store};
+use sea_orm::ActiveValue::Set;
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, DatabaseTransaction, EntityTrait, IntoActiveModel, QueryFilter,
+    TransactionTrait,
+};
+use serde_json::{Value, json};
+use tasker_domain::{StepState, TaskRequest, TaskState};
+use uuid::Uuid;
+
+/// Rows per multi-row INSERT: keeps every statement under the databases' parameter limits.
+const INSERT_CHUNK: usize = 400;
+
+/// A request to start a task from `namespace/template@version` (the newest version when none).
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub namespace: String,
+    pub template: String,
+    pub version: Option<String>,
+    pub request: TaskRequest,
+}
+
+/// The task, and whether this call created it (`false`: an earlier call with the same
+/// idempotency key did).
+#[derive(Debug, Clone)]
+pub struct TaskCreation {
+    pub task: TaskRecord,
+    pub created: bool,
+}
+
+impl Store {
+    /// Validates the request and the context against the template's schema, then writes the
+    /// task, its steps, edges, tags, transitions and events in one transaction. With an
+    /// idempotency key already used in the namespace, returns that task instead.
+    pub async fn create_task(&self, new: NewTask) -> Result<TaskCreation> {
+        new.request.validate()?;
+        let template = self
+            .template(&new.namespace, &new.template, new.version.as_deref())
+            .await?;
+        template.template.validate_context(&new.request.context)?;
+        if let Some(key) = &new.request.idempotency_key
+            && let Some(existing) = self.task_by_idempotency_key(&new, key).await?
+        {
+            return Ok(existing);
+        }
+        match self.insert_task(&template, &new.request).await {
+            Ok(task) => Ok(TaskCreation {
+                task,
+                created: true,
+            }),
+            // Another request with the same key committed first: answer with its task.
+            Err(Error::Database(err)) if Self::is_unique_violation(&err) => {
+                match &new.request.idempotency_key {
+                    Some(key) => self
+                        .task_by_idempotency_key(&new, key)
+                        .await?
+                        .ok_or(Error::Database(err)),
+                    None => Err(Error::Database(err)),
+                }
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn task_by_idempotency_key(
+        &self,
+        new: &NewTask,
+        key: &str,
+    ) -> Result<Option<TaskCreation>> {
+        let Some(model) = task::Entity::find()
+            .filter(task::Column::Namespace.eq(&new.namespace))
+            .filter(task::Column::IdempotencyKey.eq(key))
+            .one(&self.db)
+            .await?
+        else {
+            return Ok(None);
+        };
+        if model.template_name != new.template {
+            return Err(Error::Conflict(format!(
+                "idempotency key {key:?} already started task {} from template {}/{}; use a \
+                 new key for a different template",
+                model.id, model.namespace, model.template_name
+            )));
+        }
+        Ok(Some(TaskCreation {
+            task: model.try_into()?,
+            created: false,
+        }))
+    }
+
+    async fn insert_task(
+        &self,
+        template_record: &TemplateRecord,
+        request: &TaskRequest,
+    ) -> Result<TaskRecord> {
+        let template = &template_record.template;
+        let now = self.now();
+        let task_id = Uuid::now_v7();
+        let tags = request.distinct_tags();
+        let subject = Subject {
+            namespace: &template.namespace,
+            template: &template.name,
+            task_id,
+        };
+        let task_model = task::ActiveModel {
+            id: Set(task_id),
+            namespace: Set(template.namespace.clone()),
+            template_id: Set(template_record.id),
+            template_name: Set(template.name.clone()),
+            template_version: Set(template.version.to_string()),
+            state: Set(TaskState::Pending.as_str().to_owned()),
+            context: Set(request.context.clone()),
+            initiator: Set(request.initiator.clone()),
+            source_system: Set(request.source_system.clone()),
+            reason: Set(request.reason.clone()),
+            tags: Set(json!(tags)),
+            idempotency_key: Set(request.idempotency_key.clone()),
+            version: Set(1),
+            created_at: Set(now),
+            updated_at: Set(now),
+            completed_at: Set(None),
+        };
+        let step_ids: Vec<Uuid> = template.steps.iter().map(|_| Uuid::now_v7()).collect();
+        let steps = template
+            .steps
+            .iter()
+            .zip(&step_ids)
+            .enumerate()
+            .map(|(position, (step, id))| workflow_step::ActiveModel {
+                id: Set(*id),
+                task_id: Set(task_id),
+                position: Set(position as i32),
+                name: Set(step.name.clone()),
+                handler: Set(step.handler.clone()),
+                description: Set(step.description.clone()),
+                config: Set(step.config.clone()),
+                state: Set(StepState::Pending.as_str().to_owned()),
+                attempts: Set(0),
+                max_attempts: Set(step.retry.max_attempts as i32),
+                retryable: Set(step.retry.retryable),
+                skippable: Set(step.skippable),
+                backoff: Set(serde_json::to_value(&step.retry.backoff).unwrap_or(Value::Null)),
+                timeout_seconds: Set(step.timeout),
+                pending_parents: Set(step.depends_on.len() as i32),
+                results: Set(None),
+                last_error: Set(None),
+                next_attempt_at: Set(None),
+                lease_token: Set(None),
+                lease_holder: Set(None),
+                lease_expires_at: Set(None),
+                version: Set(1),
+                created_at: Set(now),
+                updated_at: Set(now),
+                completed_at: Set(None),
+            })
+            .collect::<Vec<_>>();
+        let dag = template.dag();
+        let edges = (0..step_ids.len()).flat_map(|child| {
+            dag.parents(child)
+                .iter()
+                .map(move |&parent| (parent, child))
+                .collect::<Vec<_>>()
+        });
+        let edges = edges
+            .map(|(parent, child)| workflow_step_edge::ActiveModel {
+                task_id: Set(task_id),
+                parent_step_id: Set(step_ids[parent]),
+                child_step_id: Set(step_ids[child]),
+            })
+            .collect::<Vec<_>>();
+        let task_tags = tags
+            .iter()
+            .map(|tag| task_tag::ActiveModel {
+                task_id: Set(task_id),
+                tag: Set(tag.clone()),
+            })
+            .collect::<Vec<_>>();
+        let task_metadata = metadata(&[
+            ("initiator", request.initiator.clone().map(Value::from)),
+            (
+                "source_system",
+                request.source_system.clone().map(Value::from),
+            ),
+            ("reason", request.reason.clone().map(Value::from)),
+            ("version", Some(Value::from(template.version.to_string()))),
+        ]);
+        let (task_transition, mut events) = {
+            let (row, event) = task_rows(subject, None, TaskState::Pending, 1, task_metadata, now);
+            (row, vec![event])
+        };
+        let mut step_transitions = Vec::with_capacity(step_ids.len());
+        for (step, id) in template.steps.iter().zip(&step_ids) {
+            let (row, event) = step_rows(
+                subject,
+                *id,
+                &step.name,
+                None,
+                StepState::Pending,
+                1,
+                json!({}),
+                now,
+            );
+            step_transitions.push(row);
+            events.push(event);
+        }
+
+        let txn = self.db.begin().await?;
+        let task_model = task_model.insert(&txn).await?;
+        insert_all(&txn, task_tags).await?;
+        insert_all(&txn, steps).await?;
+        insert_all(&txn, edges).await?;
+        task_transition::Entity::insert(task_transition)
+            .exec_without_returning(&txn)
+            .await?;
+        insert_all(&txn, step_transitions).await?;
+        insert_all(&txn, events).await?;
+        txn.commit().await?;
+        task_model.try_into()
+    }
+
+    /// Cancels a task and every unfinished step of it (their leases are dropped), atomically.
+    /// A task already complete, cancelled or resolved is a conflict.
+    pub async fn cancel_task(&self, id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
+        let now = self.now();
+        let txn = self.db.begin().await?;
+        let current = task::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: "task",
+                key: id.to_string(),
+            })?;
+        let from = TaskState::parse(&current.state)?;
+        from.transition_to(TaskState::Cancelled)?;
+        let version = current.version + 1;
+        let updated = task::Entity::update_many()
+            .col_expr(
+                task::Column::State,
+                Expr::value(TaskState::Cancelled.as_str()),
+            )
+            .col_expr(task::Column::Version, Expr::value(version))
+            .col_expr(task::Column::UpdatedAt, Expr::value(now))
+            .col_expr(task::Column::CompletedAt, Expr::value(now))
+            .filter(task::Column::Id.eq(id))
+            .filter(task::Column::State.eq(from.as_str()))
+            .filter(task::Column::Version.eq(current.version))
+            .exec_with_returning(&txn)
+            .await?;
+        let Some(updated) = updated.into_iter().next() else {
+            return Err(Error::Conflict(format!(
+                "task {id} changed while it was being cancelled; read it again and retry"
+            )));
+        };
+        let subject = Subject {
+            namespace: &current.namespace,
+            template: &current.template_name,
+            task_id: id,
+        };
+        let reason_value = reason.clone().map(Value::from);
+        let (transition, event) = task_rows(
+            subject,
+            Some(from),
+            TaskState::Cancelled,
+            version,
+            metadata(&[("reason", reason_value.clone())]),
+            now,
+        );
+        task_transition::Entity::insert(transition)
+            .exec_without_returning(&txn)
+            .await?;
+        let mut events = vec![event];
+        let mut transitions = Vec::new();
+        // One guarded UPDATE per unfinished state: each re-checks its rows' state under lock.
+        for step_from in [StepState::Pending, StepState::InProgress, StepState::Error] {
+            let cancelled = workflow_step::Entity::update_many()
+                .col_expr(
+                    workflow_step::Column::State,
+                    Expr::value(StepState::Cancelled.as_str()),
+                )
+                .col_expr(
+                    workflow_step::Column::Version,
+                    Expr::col(workflow_step::Column::Version).add(1),
+                )
+                .col_expr(
+                    workflow_step::Column::LeaseToken,
+                    Expr::value(Option::<Uuid>::None),
+                )
+                .col_expr(
+                    workflow_step::Column::LeaseHolder,
+                    Expr::value(Option::<String>::None),
+                )
+                .col_expr(
+                    workflow_step::Column::LeaseExpiresAt,
+                    Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+                )
+                .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now))
+                .col_expr(workflow_step::Column::CompletedAt, Expr::value(now))
+                .filter(workflow_step::Column::TaskId.eq(id))
+                .filter(workflow_step::Column::State.eq(step_from.as_str()))
+                .exec_with_returning(&txn)
+                .await?;
+            for step in cancelled {
+                let (row, event) = step_rows(
+                    subject,
+                    step.id,
+                    &step.name,
+                    Some(step_from),
+                    StepState::Cancelled,
+                    step.version,
+                    metadata(&[("reason", reason_value.clone())]),
+                    now,
+                );
+                transitions.push(row);
+                events.push(event);
+            }
+        }
+        insert_all(&txn, transitions).await?;
+        insert_all(&txn, events).await?;
+        txn.commit().await?;
+        updated.try_into()
+    }
+}
+
+/// Inserts rows in multi-row statements of at most [`INSERT_CHUNK`] rows.
+async fn insert_all<A>(txn: &DatabaseTransaction, rows: impl IntoIterator<Item = A>) -> Result<()>
+where
+    A: ActiveModelTrait + Send,
+    A: IntoActiveModel<A>,
+{
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<A> = rows.by_ref().take(INSERT_CHUNK).collect();
+        <A::Entity as EntityTrait>::insert_many(chunk)
+            .exec_without_returning(txn)
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Registering templates and reading namespaces and templates back.
+
+use crate::entities::{event, namespace, task_template};
+use crate::events::event_row;
+use crate::records::{NamespaceRecord, TemplateRecord, convert_all};
+use crate::{Error, Result, Store};
+use sea_orm::ActiveValue::Set;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
+    TransactionTrait,
+};
+use serde_json::json;
+use tasker_domain::{EventName, TaskTemplate};
+use uuid::Uuid;
+
+/// What registering did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistrationOutcome {
+    /// A new version was stored.
+    Created,
+    /// The same definition was already registered; nothing changed.
+    Unchanged,
+    /// A different definition under the same version was overwritten (`replace: true`).
+    Replaced,
+}
+
+/// The stored template and what registering it did.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub template: TemplateRecord,
+    pub outcome: RegistrationOutcome,
+}
+
+impl Store {
+    /// Validates and stores a definition (YAML or JSON). Identical content is a no-op; a
+    /// different definition under an existing version is a conflict unless `replace` is set.
+    pub async fn register_template(&self, source: &str, replace: bool) -> Result<Registration> {
+        let template = TaskTemplate::parse(source)?;
+        match self.register_parsed(&template, replace).await {
+            // Two identical registrations raced; the second attempt sees the first one's row.
+            Err(Error::Database(err)) if Self::is_unique_violation(&err) => {
+                self.register_parsed(&template, replace).await
+            }
+            other => other,
+        }
+    }
+
+    async fn register_parsed(
+        &self,
+        template: &TaskTemplate,
+        replace: bool,
+    ) -> Result<Registration> {
+        let now = self.now();
+        let definition = template.to_normalized();
+        let version = template.version.to_string();
+        let txn = self.db.begin().await?;
+        namespace::Entity::insert(namespace::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            name: Set(template.namespace.clone()),
+            created_at: Set(now),
+        })
+        .on_conflict_do_nothing_on([namespace::Column::Name])
+        .exec_without_returning(&txn)
+        .await?;
+
+        let existing = task_template::Entity::find()
+            .filter(task_template::Column::Namespace.eq(&template.namespace))
+            .filter(task_template::Column::Name.eq(&template.name))
+            .filter(task_template::Column::Version.eq(&version))
+            .one(&txn)
+            .await?;
+        let (model, outcome) = match existing {
+            Some(model) if model.definition == definition => {
+                return Ok(Registration {
+                    template: model.try_into()?,
+                    outcome: RegistrationOutcome::Unchanged,
+                });
+            }
+            Some(_) if !replace => {
+                return Err(Error::Conflict(format!(
+                    "{} is already registered with a different definition; register it under a \
+                     new version, or pass replace: true to overwrite it",
+                    template.key()
+                )));
+            }
+            Some(model) => {
+                let mut active = model.into_active_model();
+                active.definition = Set(definition);
+                active.description = Set(template.description.clone());
+                active.updated_at = Set(now);
+                (active.update(&txn).await?, RegistrationOutcome::Replaced)
+            }
+            None => {
+                let active = task_template::ActiveModel {
+                    id: Set(Uuid::now_v7()),
+                    namespace: Set(template.namespace.clone()),
+                    name: Set(template.name.clone()),
+                    version: Set(version.clone()),
+                    description: Set(template.description.clone()),
+                    definition: Set(definition),
+                    created_at: Set(now),
+                    updated_at: Set(now),
+                };
+                (active.insert(&txn).await?, RegistrationOutcome::Created)
+            }
+        };
+        event::Entity::insert(event_row(
+            EventName::TemplateRegistered,
+            Some(&template.namespace),
+            None,
+            None,
+            json!({
+                "template_id": model.id,
+                "namespace": template.namespace,
+                "template": template.name,
+                "version": version,
+                "replaced": outcome == RegistrationOutcome::Replaced,
+                "steps": template.steps.len(),
+            }),
+            now,
+        ))
+        .exec_without_returning(&txn)
+        .await?;
+        txn.commit().await?;
+        Ok(Registration {
+            template: model.try_into()?,
+            outcome,
+        })
+    }
+
+    /// Every namespace, by name.
+    pub async fn namespaces(&self) -> Result<Vec<NamespaceRecord>> {
+        let models = namespace::Entity::find()
+            .order_by_asc(namespace::Column::Name)
+            .all(&self.db)
+            .await?;
+        Ok(models.into_iter().map(NamespaceRecord::from).collect())
+    }
+
+    /// Whether any template is registered (start-up seeds the examples into an empty database).
+    pub async fn has_templates(&self) -> Result<bool> {
+        Ok(task_template::Entity::find().one(&self.db).await?.is_some())
+    }
+
+    /// Registered templates, every version, by namespace and name with the newest version
+    /// first; optionally narrowed to one namespace and one name.
+    pub async fn templates(
+        &self,
+        namespace: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<TemplateRecord>> {
+        let mut query = task_template::Entity::find();
+        if let Some(namespace) = namespace {
+            query = query.filter(task_template::Column::Namespace.eq(namespace));
+        }
+        if let Some(name) = name {
+            query = query.filter(task_template::Column::Name.eq(name));
+        }
+        let mut records: Vec<TemplateRecord> = convert_all(query.all(&self.db).await?)?;
+        records.sort_by(|a, b| {
+            let (a, b) = (&a.template, &b.template);
+            (&a.namespace, &a.name)
+                .cmp(&(&b.namespace, &b.name))
+                .then_with(|| b.version.cmp(&a.version))
+        });
+        Ok(records)
+    }
+
+    /// One template: the given version, or the newest (by semantic version) when none is given.
+    pub async fn template(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<TemplateRecord> {
+        let not_found = || Error::NotFound {
+            what: "template",
+            key: match version {
+                Some(version) => format!("{namespace}/{name}@{version}"),
+                None => format!("{namespace}/{name}"),
+            },
+        };
+        let found = match version {
+            None => self
+                .templates(Some(namespace), Some(name))
+                .await?
+                .into_iter()
+                .next(),
+            Some(wanted) => {
+                let wanted = semver::Version::parse(wanted).map_err(|err| {
+                    tasker_domain::Error::InvalidRequest(vec![tasker_domain::Problem::new(
+                        "version",
+                        format!("{wanted:?} is not a semantic version such as 1.0.0 ({err})"),
+                    )])
+                })?;
+                task_template::Entity::find()
+                    .filter(task_template::Column::Namespace.eq(namespace))
+                    .filter(task_template::Column::Name.eq(name))
+                    .filter(task_template::Column::Version.eq(wanted.to_string()))
+                    .one(&self.db)
+                    .await?
+                    .map(TemplateRecord::try_from)
+                    .transpose()?
+            }
+        };
+        found.ok_or_else(not_found)
+    }
+
+    /// Templates by id, in no particular order; ids not found are left out.
+    pub async fn templates_by_ids(&self, ids: &[Uuid]) -> Result<Vec<TemplateRecord>> {
+        let mut records = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(crate::queries::ID_CHUNK) {
+            let models = task_template::Entity::find()
+                .filter(task_template::Column::Id.is_in(chunk.iter().copied()))
+                .all(&self.db)
+                .await?;
+            records.extend(convert_all::<_, TemplateRecord>(models)?);
+        }
+        Ok(records)
+    }
+}

@@ -1,0 +1,119 @@
+//! Test support, behind the `testing` feature: a fresh, migrated database per test on SQLite
+//! and, when `TASKER_TEST_DATABASE_URL` is set, on PostgreSQL (its own schema), dropped
+//! afterwards so tests run in parallel and leave nothing behind.
+
+use crate::{Store, StoreOptions};
+use std::sync::Arc;
+use tasker_domain::Clock;
+
+/// The environment variable that turns on the PostgreSQL runs.
+pub const POSTGRES_URL_VAR: &str = "TASKER_TEST_DATABASE_URL";
+
+/// A migrated store on a private database, removed when dropped.
+pub struct TestDatabase {
+    pub store: Store,
+    pub options: StoreOptions,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Postgres { url: String, schema: String },
+}
+
+impl TestDatabase {
+    /// One database per backend under test: SQLite always, PostgreSQL when configured.
+    pub async fn all(clock: Arc<dyn Clock>) -> Vec<TestDatabase> {
+        let mut databases = vec![Self::sqlite(clock.clone()).await];
+        if let Ok(url) = std::env::var(POSTGRES_URL_VAR) {
+            databases.push(Self::postgres(&url, clock).await);
+        }
+        databases
+    }
+
+    pub async fn sqlite(clock: Arc<dyn Clock>) -> TestDatabase {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("sqlite://{}", dir.path().join("tasker.db").display());
+        let options = StoreOptions::new(url);
+        let store = Store::connect(&options, clock)
+            .await
+            .expect("connect to SQLite");
+        store.migrate().await.expect("migrate SQLite");
+        TestDatabase {
+            store,
+            options,
+            cleanup: Cleanup::Sqlite(dir),
+        }
+    }
+
+    pub async fn postgres(url: &str, clock: Arc<dyn Clock>) -> TestDatabase {
+        let schema = format!("test_{}", uuid::Uuid::new_v4().simple());
+        let admin = Store::connect(&StoreOptions::new(url), clock.clone())
+            .await
+            .expect("connect to PostgreSQL");
+        admin
+            .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .expect("create test schema");
+        admin.close().await.ok();
+        let mut options = StoreOptions::new(url);
+        options.schema = Some(schema.clone());
+        options.max_connections = 4;
+        options.application_name = schema.clone();
+        let store = Store::connect(&options, clock)
+            .await
+            .expect("connect to the test schema");
+        store.migrate().await.expect("migrate PostgreSQL");
+        TestDatabase {
+            store,
+            options,
+            cleanup: Cleanup::Postgres {
+                url: url.to_owned(),
+                schema,
+            },
+        }
+    }
+
+    /// "sqlite" or "postgres", for assertion messages.
+    pub fn backend(&self) -> &'static str {
+        self.store.backend_name()
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Cleanup::Postgres { url, schema } = &self.cleanup {
+            let (url, schema) = (url.clone(), schema.clone());
+            // Drop runs outside any async context we could await in: use a private runtime.
+            let dropped = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("cleanup runtime");
+                runtime.block_on(async {
+                    let admin = Store::connect(
+                        &StoreOptions::new(url),
+                        Arc::new(tasker_domain::SystemClock),
+                    )
+                    .await?;
+                    // The test's own pool may still hold a transaction open (its runtime is
+                    // blocked in this drop): end those sessions, then drop the schema.
+                    admin
+                        .execute_unprepared(&format!(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                             WHERE application_name = '{schema}'"
+                        ))
+                        .await?;
+                    admin
+                        .execute_unprepared(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                        .await?;
+                    admin.close().await
+                })
+            })
+            .join();
+            if !matches!(dropped, Ok(Ok(()))) {
+                eprintln!("warning: could not drop a PostgreSQL test schema");
+            }
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! Store operations on a real database: SQLite always, PostgreSQL too when
+//! `TASKER_TEST_DATABASE_URL` is set. Each test gets its own database.
+
+use chrono::{DateTime, Duration, Utc};
+use serde_json::json;
+use std::sync::Arc;
+use tasker_domain::{ManualClock, StepState, TaskRequest, TaskState};
+use tasker_store::testing::TestDatabase;
+use tasker_store::{Error, NewTask, RegistrationOutcome, Store, TaskFilter};
+
+const DIAMOND: &str = r#"
+namespace: shop
+name: fulfil
+version: 1.0.0
+context_schema:
+  type: object
+  required: [order_id]
+  properties: { order_id: { type: integer } }
+steps:
+  - { name: validate, handler: noop }
+  - { name: reserve, handler: noop, depends_on: [validate] }
+  - { name: charge, handler: noop, depends_on: [validate] }
+  - { name: ship, handler: noop, depends_on: [reserve, charge] }
+"#;
+
+fn start() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+async fn databases() -> (Arc<ManualClock>, Vec<TestDatabase>) {
+    let clock = Arc::new(ManualClock::new(start()));
+    let databases = TestDatabase::all(clock.clone()).await;
+    (clock, databases)
+}
+
+fn order(namespace: &str, template: &str, order_id: i64) -> NewTask {
+    NewTask {
+        namespace: namespace.into(),
+        template: template.into(),
+        version: None,
+        request: TaskRequest {
+            context: json!({ "order_id": order_id }),
+            ..TaskRequest::default()
+        },
+    }
+}
+
+async fn all_tasks(store: &Store) -> Vec<tasker_store::TaskRecord> {
+    store
+        .list_tasks(&TaskFilter::default(), None, 1_000)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn registering_is_idempotent_conflicts_on_change_and_replaces_on_request() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let first = store.register_template(DIAMOND, false).await.unwrap();
+        assert_eq!(first.outcome, RegistrationOutcome::Created);
+        assert_eq!(first.template.template.steps.len(), 4);
+
+        // The same content as JSON is the same definition.
+        let as_json = serde_json::to_string(&first.template.template.to_normalized()).unwrap();
+        let again = store.register_template(&as_json, false).await.unwrap();
+        assert_eq!(
+            again.outcome,
+            RegistrationOutcome::Unchanged,
+            "{}",
+            db.backend()
+        );
+        assert_eq!(again.template.id, first.template.id);
+
+        let changed = DIAMOND.replace("name: ship, handler: noop", "name: ship, handler: courier");
+        match store.register_template(&changed, false).await {
+            Err(Error::Conflict(message)) => assert!(message.contains("replace: true")),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        let replaced = store.register_template(&changed, true).await.unwrap();
+        assert_eq!(replaced.outcome, RegistrationOutcome::Replaced);
+        assert_eq!(replaced.template.id, first.template.id);
+        assert_eq!(replaced.template.template.steps[3].handler, "courier");
+
+        let namespaces = store.namespaces().await.unwrap();
+        assert_eq!(namespaces.len(), 1);
+        assert_eq!(namespaces[0].name, "shop");
+    }
+}
+
+#[tokio::test]
+async fn the_newest_semantic_version_is_chosen_when_none_is_given() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        for version in ["1.9.0", "1.10.0", "1.10.0-rc.1", "0.3.0"] {
+            let source = DIAMOND.replace("version: 1.0.0", &format!("version: {version}"));
+            store.register_template(&source, false).await.unwrap();
+        }
+        let newest = store.template("shop", "fulfil", None).await.unwrap();
+        assert_eq!(newest.template.version.to_string(), "1.10.0");
+        let exact = store
+            .template("shop", "fulfil", Some("1.9.0"))
+            .await
+            .unwrap();
+        assert_eq!(exact.template.version.to_string(), "1.9.0");
+        let versions: Vec<String> = store
+            .templates(Some("shop"), None)
+            .await
+            .unwrap()
+            .iter()
+            .map(|t| t.template.version.to_string())
+            .collect();
+        assert_eq!(versions, ["1.10.0", "1.10.0-rc.1", "1.9.0", "0.3.0"]);
+        assert!(matches!(
+            store.template("shop", "fulfil", Some("2.0.0")).await,
+            Err(Error::NotFound { .. })
+        ));
+        assert!(matches!(
+            store.template("shop", "fulfil", Some("two")).await,
+            Err(Error::Domain(_))
+        ));
+    }
+}
+
+#[tokio::test]
+async fn creating_a_task_writes_steps_edges_transitions_and_events_together() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let created = store.create_task(order("shop", "fulfil", 7)).await.unwrap();
+        assert!(created.created);
+        let task = created.task;
+        assert_eq!(task.state, TaskState::Pending);
+        assert_eq!(task.template_version, "1.0.0");
+
+        let steps = store.steps_for_tasks(&[task.id]).await.unwrap();
+        let names: Vec<_> = steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["validate", "reserve", "charge", "ship"]);
+        assert!(
+            steps
+                .iter()
+                .all(|s| s.state == StepState::Pending && s.attempts == 0)
+        );
+        assert_eq!(steps[0].max_attempts, 3);
+
+        let edges = store.edges_for_tasks(&[task.id]).await.unwrap();
+        assert_eq!(edges.len(), 4);
+        let id = |name: &str| steps.iter().find(|s| s.name == name).unwrap().id;
+        assert!(
+            edges
+                .iter()
+                .any(|e| e.parent_step_id == id("reserve") && e.child_step_id == id("ship"))
+        );
+
+        let transitions = store.task_transitions(&[task.id]).await.unwrap();
+        assert_eq!(transitions.len(), 1);
+        assert_eq!(transitions[0].from_state, None);
+        assert_eq!(transitions[0].to_state, TaskState::Pending);
+        let step_ids: Vec<_> = steps.iter().map(|s| s.id).collect();
+        assert_eq!(store.step_transitions(&step_ids).await.unwrap().len(), 4);
+
+        let events = store.events_for_tasks(&[task.id]).await.unwrap();
+        let names: Vec<_> = events.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "task.created",
+                "step.created",
+                "step.created",
+                "step.created",
+                "step.created"
+            ]
+        );
+        assert!(events.windows(2).all(|w| w[0].position < w[1].position));
+        assert_eq!(events[0].payload["template"], "fulfil");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_creation_leaves_no_row_behind() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let mut bad = order("shop", "fulfil", 1);
+        bad.request.context = json!({ "order_id": "not a number" });
+        match store.create_task(bad).await {
+            Err(Error::Domain(tasker_domain::Error::InvalidContext(problems))) => {
+                assert_eq!(problems[0].path, "context/order_id")
+            }
+            other => panic!("expected InvalidContext, got {other:?}"),
+        }
+        let mut bad = order("shop", "fulfil", 1);
+        bad.request.tags = vec![String::new()];
+        assert!(matches!(
+            store.create_task(bad).await,
+            Err(Error::Domain(tasker_domain::Error::InvalidRequest(_)))
+        ));
+        assert!(matches!(
+            store.create_task(order("shop", "nope", 1)).await,
+            Err(Error::NotFound {
+                what: "template",
+                ..
+            })
+        ));
+        assert!(all_tasks(store).await.is_empty(), "{}", db.backend());
+        assert_eq!(store.count_tasks(&TaskFilter::default()).await.unwrap(), 0);
+    }
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_existing_task_even_under_concurrency() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = db.store.clone();
+        store.register_template(DIAMOND, false).await.unwrap();
+        let mut request = order("shop", "fulfil", 3);
+        request.request.idempotency_key = Some("order-3".into());
+        let attempts: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                let request = request.clone();
+                tokio::spawn(async move { store.create_task(request).await })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        let mut created = 0;
+        for attempt in attempts {
+            let result = attempt.await.unwrap().unwrap();
+            created += usize::from(result.created);
+            ids.push(result.task.id);
+        }
+        ids.dedup();
+        assert_eq!(ids.len(), 1, "{}: one task for one key", db.backend());
+        assert_eq!(created, 1);
+        assert_eq!(all_tasks(&store).await.len(), 1);
+
+        // The same key for another template is refused rather than silently reused.
+        let other = DIAMOND.replace("name: fulfil", "name: refund");
+        store.register_template(&other, false).await.unwrap();
+        let mut refund = order("shop", "refund", 3);
+        refund.request.idempotency_key = Some("order-3".into());
+        assert!(matches!(
+            store.create_task(refund).await,
+            Err(Error::Conflict(_))
+        ));
+    }
+}
+
+#[tokio::test]
+async fn listing_filters_and_pages_newest_first() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        clock.set(start());
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let other = DIAMOND.replace("namespace: shop", "namespace: billing");
+        store.register_template(&other, false).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..7 {
+            let namespace = if i % 2 == 0 { "shop" } else { "billing" };
+            let mut new = order(namespace, "fulfil", i);
+            new.request.tags = if i < 3 {
+                vec!["early".into(), "vip".into()]
+            } else {
+                vec!["late".into()]
+            };
+            ids.push(store.create_task(new).await.unwrap().task.id);
+            clock.advance(Duration::minutes(10));
+        }
+        store.cancel_task(ids[0], None).await.unwrap();
+
+        let page = store
+            .list_tasks(&TaskFilter::default(), None, 3)
+            .await
+            .unwrap();
+        let got: Vec<_> = page.iter().map(|t| t.id).collect();
+        assert_eq!(got, [ids[6], ids[5], ids[4]]);
+        let next = store
+            .list_tasks(&TaskFilter::default(), Some(ids[4]), 3)
+            .await
+            .unwrap();
+        let got: Vec<_> = next.iter().map(|t| t.id).collect();
+        assert_eq!(got, [ids[3], ids[2], ids[1]]);
+
+        let shop = TaskFilter {
+            namespace: Some("shop".into()),
+            ..TaskFilter::default()
+        };
+        assert_eq!(store.count_tasks(&shop).await.unwrap(), 4);
+        let cancelled = TaskFilter {
+            states: vec![TaskState::Cancelled],
+            ..TaskFilter::default()
+        };
+        let got = store.list_tasks(&cancelled, None, 10).await.unwrap();
+        assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), [ids[0]]);
+        let tagged = TaskFilter {
+            tags: vec!["early".into(), "vip".into()],
+            ..TaskFilter::default()
+        };
+        assert_eq!(store.count_tasks(&tagged).await.unwrap(), 3);
+        let window = TaskFilter {
+            created_after: Some(start() + Duration::minutes(20)),
+            created_before: Some(start() + Duration::minutes(40)),
+            ..TaskFilter::default()
+        };
+        let got = store.list_tasks(&window, None, 10).await.unwrap();
+        assert_eq!(
+            got.iter().map(|t| t.id).collect::<Vec<_>>(),
+            [ids[3], ids[2]],
+            "{}",
+            db.backend()
+        );
+        let by_template = TaskFilter {
+            namespace: Some("billing".into()),
+            template: Some("fulfil".into()),
+            states: vec![TaskState::Pending],
+            ..TaskFilter::default()
+        };
+        assert_eq!(store.count_tasks(&by_template).await.unwrap(), 3);
+    }
+}
+
+#[tokio::test]
+async fn cancelling_cancels_unfinished_steps_atomically_and_only_once() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let task = store
+            .create_task(order("shop", "fulfil", 1))
+            .await
+            .unwrap()
+            .task;
+        let cancelled = store
+            .cancel_task(task.id, Some("customer asked".into()))
+            .await
+            .unwrap();
+        assert_eq!(cancelled.state, TaskState::Cancelled);
+        assert!(cancelled.completed_at.is_some());
+        let steps = store.steps_for_tasks(&[task.id]).await.unwrap();
+        assert!(steps.iter().all(|s| s.state == StepState::Cancelled));
+
+        let transitions = store.task_transitions(&[task.id]).await.unwrap();
+        assert_eq!(transitions.len(), 2);
+        assert_eq!(transitions[1].from_state, Some(TaskState::Pending));
+        assert_eq!(transitions[1].to_state, TaskState::Cancelled);
+        assert_eq!(transitions[1].metadata["reason"], "customer asked");
+        let ids: Vec<_> = steps.iter().map(|s| s.id).collect();
+        let step_transitions = store.step_transitions(&ids).await.unwrap();
+        assert_eq!(step_transitions.len(), 8);
+        assert!(
+            step_transitions
+                .iter()
+                .filter(|t| t.sort_key == 2)
+                .all(|t| t.to_state == StepState::Cancelled)
+        );
+
+        let events = store.events_for_tasks(&[task.id]).await.unwrap();
+        assert_eq!(
+            events.iter().filter(|e| e.name == "task.cancelled").count(),
+            1
+        );
+        assert_eq!(
+            events.iter().filter(|e| e.name == "step.cancelled").count(),
+            4
+        );
+
+        match store.cancel_task(task.id, None).await {
+            Err(Error::Domain(tasker_domain::Error::InvalidTransition { from, to, .. })) => {
+                assert_eq!((from, to), ("cancelled", "cancelled"))
+            }
+            other => panic!("expected an invalid transition, got {other:?}"),
+        }
+        assert_eq!(
+            store.events_for_tasks(&[task.id]).await.unwrap().len(),
+            events.len()
+        );
+        assert!(matches!(
+            store.cancel_task(uuid::Uuid::now_v7(), None).await,
+            Err(Error::NotFound { what: "task", .. })
+        ));
+    }
+}
+
+#[tokio::test]
+async fn batch_reads_cost_one_statement_each() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..50 {
+            ids.push(
+                store
+                    .create_task(order("shop", "fulfil", i))
+                    .await
+                    .unwrap()
+                    .task
+                    .id,
+            );
+        }
+        let before = store.statement_count();
+        let steps = store.steps_for_tasks(&ids).await.unwrap();
+        let edges = store.edges_for_tasks(&ids).await.unwrap();
+        assert_eq!((steps.len(), edges.len()), (200, 200));
+        assert_eq!(store.statement_count() - before, 2, "{}", db.backend());
+    }
+}
