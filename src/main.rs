@@ -1,1 +1,136 @@
-fn main() {}
+//! The `tasker` binary: command line, configuration, logging and start-up.
+
+mod config;
+
+use anyhow::Context as _;
+use clap::Parser;
+use config::{Cli, Command, LogFormat, Settings};
+use std::sync::Arc;
+use tasker_engine::BundledTemplate;
+use tasker_store::{Store, StoreOptions};
+use tracing_subscriber::EnvFilter;
+
+/// The example templates, registered on first start.
+const EXAMPLES: &[BundledTemplate] = &[
+    BundledTemplate {
+        file: "examples/order_fulfillment.yaml",
+        source: include_str!("../examples/order_fulfillment.yaml"),
+    },
+    BundledTemplate {
+        file: "examples/inventory_restock.yaml",
+        source: include_str!("../examples/inventory_restock.yaml"),
+    },
+    BundledTemplate {
+        file: "examples/notification_chain.yaml",
+        source: include_str!("../examples/notification_chain.yaml"),
+    },
+];
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Schema) = cli.command {
+        print!("{}", tasker_api::sdl());
+        return Ok(());
+    }
+    let settings = Settings::load(&cli)?;
+    init_logging(&settings);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match cli.command {
+        Some(Command::Migrate) => runtime.block_on(migrate(&settings)),
+        Some(Command::Serve) | None => runtime.block_on(serve(settings)),
+        Some(Command::Schema) => Ok(()),
+    }
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = EnvFilter::try_from_env("TASKER_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match settings.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn connect(settings: &Settings) -> anyhow::Result<Store> {
+    let url = settings.database_url()?;
+    let mut options = StoreOptions::new(url);
+    options.max_connections = settings.db_max_connections;
+    let store = Store::connect(&options, Arc::new(tasker_domain::SystemClock))
+        .await
+        .with_context(|| format!("connecting to {}", settings.database_description()))?;
+    store
+        .migrate()
+        .await
+        .context("applying database migrations")?;
+    Ok(store)
+}
+
+async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let store = connect(settings).await?;
+    tracing::info!(database = %settings.database_description(), "migrations applied");
+    store.close().await?;
+    Ok(())
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let store = connect(&settings).await?;
+    if settings.examples {
+        let seeded = tasker_engine::seed_templates(&store, EXAMPLES).await?;
+        if seeded > 0 {
+            tracing::info!(count = seeded, "example templates registered");
+        }
+    }
+    if !settings.bind.ip().is_loopback() {
+        tracing::warn!(
+            address = %settings.bind,
+            "listening beyond loopback: this version has no authentication, so anyone who can reach this address can use the API"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(settings.bind)
+        .await
+        .with_context(|| format!("binding {}", settings.bind))?;
+    let address = listener.local_addr()?;
+    tracing::info!(
+        %address,
+        database = %settings.database_description(),
+        "listening; open http://{address}/ for the playground"
+    );
+    let app = tasker_api::router(store.clone(), settings.http_limits());
+    tasker_api::serve(listener, app, shutdown_signal()).await?;
+    store.close().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

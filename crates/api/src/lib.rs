@@ -1,1 +1,15 @@
+//! Tasker's API: the async-graphql schema (queries, mutations, subscriptions), the batch
+//! loading nested fields go through, and the axum router that serves GraphQL over HTTP and WebSocket,
+//! the playground and health checks. Resolvers stay thin: they parse input and call the store.
 
+mod batch;
+mod error;
+mod ids;
+mod objects;
+mod playground;
+mod schema;
+mod server;
+
+pub use error::ApiError;
+pub use schema::{MAX_PAGE_SIZE, TaskerSchema, build_schema, sdl};
+pub use server::{HttpLimits, router, serve};

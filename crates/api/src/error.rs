@@ -1,0 +1,109 @@
+//! Errors as clients see them: a message a person can act on and a stable `extensions.code`.
+//! Internal details (SQL, causes) are logged here and never returned.
+
+use async_graphql::{ErrorExtensions, Value as GqlValue};
+use tasker_domain::Problem;
+
+/// Every error a resolver can answer with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    /// Bad input; `problems` lists each one with its path.
+    #[error("{message}")]
+    Validation {
+        message: String,
+        problems: Vec<Problem>,
+    },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("internal error; the server log has the details")]
+    Internal,
+}
+
+impl ApiError {
+    /// The stable code clients switch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "NOT_FOUND",
+            ApiError::Validation { .. } => "VALIDATION_FAILED",
+            ApiError::Conflict(_) => "CONFLICT",
+            ApiError::Internal => "INTERNAL",
+        }
+    }
+
+    /// A validation error about one input field.
+    pub fn invalid(path: &str, message: impl Into<String>) -> Self {
+        let problem = Problem::new(path, message);
+        ApiError::Validation {
+            message: problem.to_string(),
+            problems: vec![problem],
+        }
+    }
+}
+
+impl ErrorExtensions for ApiError {
+    fn extend(&self) -> async_graphql::Error {
+        async_graphql::Error::new(self.to_string()).extend_with(|_, extensions| {
+            extensions.set("code", self.code());
+            if let ApiError::Validation { problems, .. } = self {
+                let list = problems
+                    .iter()
+                    .map(|problem| {
+                        let mut entry = async_graphql::indexmap::IndexMap::new();
+                        entry.insert(
+                            async_graphql::Name::new("path"),
+                            GqlValue::from(problem.path.as_str()),
+                        );
+                        entry.insert(
+                            async_graphql::Name::new("message"),
+                            GqlValue::from(problem.message.as_str()),
+                        );
+                        GqlValue::Object(entry)
+                    })
+                    .collect::<Vec<_>>();
+                extensions.set("problems", GqlValue::List(list));
+            }
+        })
+    }
+}
+
+impl From<tasker_store::Error> for ApiError {
+    fn from(err: tasker_store::Error) -> Self {
+        use tasker_domain::Error as Domain;
+        use tasker_store::Error as Store;
+        match err {
+            Store::NotFound { .. } => ApiError::NotFound(err.to_string()),
+            Store::Conflict(message) => ApiError::Conflict(message),
+            Store::Domain(domain) => match domain {
+                Domain::InvalidTemplate(ref problems)
+                | Domain::InvalidContext(ref problems)
+                | Domain::InvalidRequest(ref problems) => ApiError::Validation {
+                    message: domain.to_string(),
+                    problems: problems.clone(),
+                },
+                Domain::InvalidTransition { .. } => ApiError::Conflict(domain.to_string()),
+                Domain::UnknownState { .. } => {
+                    tracing::error!(error = %domain, "stored data is unreadable");
+                    ApiError::Internal
+                }
+            },
+            Store::Database(source) => {
+                tracing::error!(error = %source, "database operation failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+/// Turns any store or API result into a GraphQL result carrying its code. Resolvers use
+/// `.gql()?` so that no error reaches a client without one.
+pub trait GqlResultExt<T> {
+    fn gql(self) -> async_graphql::Result<T>;
+}
+
+impl<T, E: Into<ApiError>> GqlResultExt<T> for Result<T, E> {
+    fn gql(self) -> async_graphql::Result<T> {
+        self.map_err(|err| err.into().extend())
+    }
+}

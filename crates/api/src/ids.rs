@@ -1,0 +1,75 @@
+//! Parsing the identifiers and cursors clients send back.
+
+use crate::error::ApiError;
+use async_graphql::ID;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use uuid::Uuid;
+
+/// Object ids are UUIDv7 strings.
+pub fn parse_id(id: &ID, field: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id.as_str()).map_err(|_| {
+        ApiError::invalid(
+            field,
+            format!(
+                "{:?} is not a valid id (expected a UUID)",
+                shorten(id.as_str())
+            ),
+        )
+    })
+}
+
+const TASK_CURSOR_PREFIX: &str = "task:";
+
+/// An opaque cursor for a position in a task listing.
+pub fn task_cursor(id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{TASK_CURSOR_PREFIX}{id}"))
+}
+
+/// Reads a cursor made by [`task_cursor`]; anything else is a validation error.
+pub fn parse_task_cursor(cursor: &str) -> Result<Uuid, ApiError> {
+    let invalid = || {
+        ApiError::invalid(
+            "after",
+            "malformed cursor: pass the endCursor or an edge cursor of a previous page",
+        )
+    };
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let id = text.strip_prefix(TASK_CURSOR_PREFIX).ok_or_else(invalid)?;
+    Uuid::parse_str(id).map_err(|_| invalid())
+}
+
+fn shorten(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_foreign_ones_are_refused() {
+        let id = Uuid::now_v7();
+        assert_eq!(parse_task_cursor(&task_cursor(id)).unwrap(), id);
+        for bad in [
+            "",
+            "!!!",
+            "dGFzazpub3QtYS11dWlk",
+            &URL_SAFE_NO_PAD.encode(format!("step:{id}")),
+        ] {
+            assert_eq!(
+                parse_task_cursor(bad).unwrap_err().code(),
+                "VALIDATION_FAILED"
+            );
+        }
+    }
+
+    #[test]
+    fn ids_must_be_uuids() {
+        assert!(parse_id(&ID::from(Uuid::now_v7().to_string()), "id").is_ok());
+        let err = parse_id(&ID::from("42"), "id").unwrap_err();
+        assert_eq!(err.code(), "VALIDATION_FAILED");
+        assert!(err.to_string().contains("not a valid id"));
+    }
+}

@@ -1,0 +1,795 @@
+//! The GraphQL object types. They wrap store records (never table rows) and reach nested
+//! data only through the result set they were returned in (see `batch.rs`).
+
+use crate::batch::TaskSet;
+use crate::error::{ApiError, GqlResultExt};
+use async_graphql::{ComplexObject, Context, Enum, ID, Json, Object, Result, SimpleObject};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tasker_domain::{Dag, StepState, TaskState, TaskTemplate};
+use tasker_store::{
+    EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
+    TaskTransitionRecord, TemplateRecord,
+};
+use uuid::Uuid;
+
+fn id(uuid: Uuid) -> ID {
+    ID::from(uuid.to_string())
+}
+
+/// Where a task is in its life.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "TaskState")]
+pub enum TaskStateValue {
+    Pending,
+    InProgress,
+    Complete,
+    Error,
+    Cancelled,
+    ResolvedManually,
+}
+
+/// Where a step is in its life.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "StepState")]
+pub enum StepStateValue {
+    Pending,
+    InProgress,
+    Complete,
+    Error,
+    Cancelled,
+    ResolvedManually,
+    Skipped,
+}
+
+impl From<TaskState> for TaskStateValue {
+    fn from(state: TaskState) -> Self {
+        match state {
+            TaskState::Pending => Self::Pending,
+            TaskState::InProgress => Self::InProgress,
+            TaskState::Complete => Self::Complete,
+            TaskState::Error => Self::Error,
+            TaskState::Cancelled => Self::Cancelled,
+            TaskState::ResolvedManually => Self::ResolvedManually,
+        }
+    }
+}
+
+impl From<TaskStateValue> for TaskState {
+    fn from(state: TaskStateValue) -> Self {
+        match state {
+            TaskStateValue::Pending => Self::Pending,
+            TaskStateValue::InProgress => Self::InProgress,
+            TaskStateValue::Complete => Self::Complete,
+            TaskStateValue::Error => Self::Error,
+            TaskStateValue::Cancelled => Self::Cancelled,
+            TaskStateValue::ResolvedManually => Self::ResolvedManually,
+        }
+    }
+}
+
+impl From<StepState> for StepStateValue {
+    fn from(state: StepState) -> Self {
+        match state {
+            StepState::Pending => Self::Pending,
+            StepState::InProgress => Self::InProgress,
+            StepState::Complete => Self::Complete,
+            StepState::Error => Self::Error,
+            StepState::Cancelled => Self::Cancelled,
+            StepState::ResolvedManually => Self::ResolvedManually,
+            StepState::Skipped => Self::Skipped,
+        }
+    }
+}
+
+/// A group of templates and their tasks; the unit of ownership.
+pub struct Namespace(pub NamespaceRecord);
+
+#[Object]
+impl Namespace {
+    async fn id(&self) -> ID {
+        id(self.0.id)
+    }
+
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+
+    /// Every registered template version in this namespace, newest version first per name.
+    async fn templates(&self, ctx: &Context<'_>) -> Result<Vec<Template>> {
+        let store = ctx.data_unchecked::<tasker_store::Store>();
+        let records = store.templates(Some(&self.0.name), None).await.gql()?;
+        Ok(records.into_iter().map(Template).collect())
+    }
+}
+
+/// One registered version of a task template: `namespace/name@version`.
+pub struct Template(pub TemplateRecord);
+
+#[Object]
+impl Template {
+    async fn id(&self) -> ID {
+        id(self.0.id)
+    }
+
+    /// `namespace/name@version`.
+    async fn key(&self) -> String {
+        self.0.template.key()
+    }
+
+    async fn namespace(&self) -> &str {
+        &self.0.template.namespace
+    }
+
+    async fn name(&self) -> &str {
+        &self.0.template.name
+    }
+
+    async fn version(&self) -> String {
+        self.0.template.version.to_string()
+    }
+
+    async fn description(&self) -> Option<&str> {
+        self.0.template.description.as_deref()
+    }
+
+    /// The JSON Schema a task's context must match, if any.
+    async fn context_schema(&self) -> Option<Json<Value>> {
+        self.0.template.context_schema.clone().map(Json)
+    }
+
+    /// The normalized definition: defaults filled in, durations in seconds.
+    async fn definition(&self) -> Json<Value> {
+        Json(self.0.template.to_normalized())
+    }
+
+    /// The steps in declaration order, each with its dependency level.
+    async fn steps(&self) -> Vec<StepTemplate> {
+        step_templates(&self.0.template)
+    }
+
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
+}
+
+/// A step as the template defines it.
+#[derive(SimpleObject)]
+pub struct StepTemplate {
+    name: String,
+    handler: String,
+    description: Option<String>,
+    config: Json<Value>,
+    depends_on: Vec<String>,
+    /// Total executions allowed, the first one included.
+    max_attempts: u32,
+    retryable: bool,
+    backoff: BackoffPolicy,
+    timeout_seconds: Option<f64>,
+    skippable: bool,
+    /// 0 for steps with no dependencies, else one more than the deepest dependency.
+    level: usize,
+}
+
+/// `base × factor^(attempt-1)` seconds, capped at `max`, ± `jitter` as a fraction.
+#[derive(SimpleObject)]
+pub struct BackoffPolicy {
+    base_seconds: f64,
+    factor: f64,
+    max_seconds: f64,
+    jitter: f64,
+}
+
+impl From<&tasker_domain::Backoff> for BackoffPolicy {
+    fn from(backoff: &tasker_domain::Backoff) -> Self {
+        Self {
+            base_seconds: backoff.base,
+            factor: backoff.factor,
+            max_seconds: backoff.max,
+            jitter: backoff.jitter,
+        }
+    }
+}
+
+fn step_templates(template: &TaskTemplate) -> Vec<StepTemplate> {
+    let levels = template.dag().levels().unwrap_or_default();
+    template
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| StepTemplate {
+            name: step.name.clone(),
+            handler: step.handler.clone(),
+            description: step.description.clone(),
+            config: Json(step.config.clone()),
+            depends_on: step.depends_on.clone(),
+            max_attempts: step.retry.max_attempts,
+            retryable: step.retry.retryable,
+            backoff: BackoffPolicy::from(&step.retry.backoff),
+            timeout_seconds: step.timeout,
+            skippable: step.skippable,
+            level: levels.get(i).copied().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// One run of a template.
+pub struct Task {
+    record: TaskRecord,
+    set: Arc<TaskSet>,
+}
+
+impl Task {
+    /// The tasks of a result set, each able to batch-load its nested data with the others.
+    pub fn all_of(set: &Arc<TaskSet>) -> Vec<Task> {
+        set.tasks()
+            .iter()
+            .map(|record| Task {
+                record: record.clone(),
+                set: set.clone(),
+            })
+            .collect()
+    }
+
+    /// A task returned on its own.
+    pub fn single(store: tasker_store::Store, record: TaskRecord) -> Task {
+        let set = TaskSet::new(store, vec![record.clone()]);
+        Task { record, set }
+    }
+}
+
+#[Object]
+impl Task {
+    async fn id(&self) -> ID {
+        id(self.record.id)
+    }
+
+    async fn namespace(&self) -> &str {
+        &self.record.namespace
+    }
+
+    /// The template version this task runs.
+    async fn template(&self) -> Result<Template> {
+        let record = self.set.template(self.record.template_id).await.gql()?;
+        Ok(Template(record.clone()))
+    }
+
+    async fn template_name(&self) -> &str {
+        &self.record.template_name
+    }
+
+    async fn template_version(&self) -> &str {
+        &self.record.template_version
+    }
+
+    async fn state(&self) -> TaskStateValue {
+        self.record.state.into()
+    }
+
+    async fn context(&self) -> Json<Value> {
+        Json(self.record.context.clone())
+    }
+
+    async fn initiator(&self) -> Option<&str> {
+        self.record.initiator.as_deref()
+    }
+
+    async fn source_system(&self) -> Option<&str> {
+        self.record.source_system.as_deref()
+    }
+
+    async fn reason(&self) -> Option<&str> {
+        self.record.reason.as_deref()
+    }
+
+    async fn tags(&self) -> &[String] {
+        &self.record.tags
+    }
+
+    async fn idempotency_key(&self) -> Option<&str> {
+        self.record.idempotency_key.as_deref()
+    }
+
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.record.created_at
+    }
+
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.record.updated_at
+    }
+
+    async fn completed_at(&self) -> Option<DateTime<Utc>> {
+        self.record.completed_at
+    }
+
+    /// The steps in template order.
+    async fn steps(&self) -> Result<Vec<Step>> {
+        let steps = self.set.steps(self.record.id).await.gql()?;
+        Ok(steps
+            .iter()
+            .map(|step| Step::in_set(step, &self.set))
+            .collect())
+    }
+
+    /// Dependency edges: each child step depends on its parent step.
+    async fn edges(&self) -> Result<Vec<Edge>> {
+        let edges = self.set.edges(self.record.id).await.gql()?;
+        Ok(edges
+            .iter()
+            .map(|edge| Edge {
+                record: *edge,
+                set: self.set.clone(),
+            })
+            .collect())
+    }
+
+    /// State changes, oldest first.
+    async fn transitions(&self) -> Result<Vec<TaskTransition>> {
+        let records = self.set.task_transitions(self.record.id).await.gql()?;
+        Ok(records.iter().cloned().map(TaskTransition).collect())
+    }
+
+    /// How many steps are in each state.
+    async fn step_counts(&self) -> Result<StepCounts> {
+        Ok(StepCounts::of(self.set.steps(self.record.id).await.gql()?))
+    }
+
+    /// The dependency graph: nodes, edges, levels, roots, leaves.
+    async fn graph(&self) -> Result<TaskGraph> {
+        let steps = self.set.steps(self.record.id).await.gql()?;
+        let edges = self.set.edges(self.record.id).await.gql()?;
+        Ok(TaskGraph::build(steps, edges))
+    }
+
+    /// This task's entries in the event log, in order.
+    async fn events(&self) -> Result<Vec<Event>> {
+        let records = self.set.events(self.record.id).await.gql()?;
+        Ok(records.iter().cloned().map(Event).collect())
+    }
+}
+
+/// One node of a task's DAG.
+pub struct Step {
+    record: StepRecord,
+    set: Arc<TaskSet>,
+}
+
+impl Step {
+    fn in_set(record: &StepRecord, set: &Arc<TaskSet>) -> Step {
+        Step {
+            record: record.clone(),
+            set: set.clone(),
+        }
+    }
+
+    /// A step returned on its own, with its task as the result set.
+    pub fn single(store: tasker_store::Store, record: StepRecord, task: TaskRecord) -> Step {
+        Step {
+            record,
+            set: TaskSet::new(store, vec![task]),
+        }
+    }
+}
+
+#[Object]
+impl Step {
+    async fn id(&self) -> ID {
+        id(self.record.id)
+    }
+
+    async fn task(&self) -> Result<Task> {
+        let record = self
+            .set
+            .task(self.record.task_id)
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("task {} was not found", self.record.task_id))
+            })
+            .gql()?;
+        Ok(Task {
+            record: record.clone(),
+            set: self.set.clone(),
+        })
+    }
+
+    async fn name(&self) -> &str {
+        &self.record.name
+    }
+
+    async fn handler(&self) -> &str {
+        &self.record.handler
+    }
+
+    async fn description(&self) -> Option<&str> {
+        self.record.description.as_deref()
+    }
+
+    async fn config(&self) -> Json<Value> {
+        Json(self.record.config.clone())
+    }
+
+    async fn state(&self) -> StepStateValue {
+        self.record.state.into()
+    }
+
+    /// Attempts made so far.
+    async fn attempts(&self) -> u32 {
+        self.record.attempts
+    }
+
+    async fn max_attempts(&self) -> u32 {
+        self.record.max_attempts
+    }
+
+    async fn retryable(&self) -> bool {
+        self.record.retryable
+    }
+
+    async fn skippable(&self) -> bool {
+        self.record.skippable
+    }
+
+    async fn backoff(&self) -> BackoffPolicy {
+        BackoffPolicy::from(&self.record.backoff)
+    }
+
+    async fn timeout_seconds(&self) -> Option<f64> {
+        self.record.timeout_seconds
+    }
+
+    /// What the handler returned when the step completed.
+    async fn results(&self) -> Option<Json<Value>> {
+        self.record.results.clone().map(Json)
+    }
+
+    async fn last_error(&self) -> Option<&str> {
+        self.record.last_error.as_deref()
+    }
+
+    /// When a failed step may be attempted again.
+    async fn next_attempt_at(&self) -> Option<DateTime<Utc>> {
+        self.record.next_attempt_at
+    }
+
+    /// The worker holding the step's lease, while one does.
+    async fn lease_holder(&self) -> Option<&str> {
+        self.record.lease_holder.as_deref()
+    }
+
+    async fn lease_expires_at(&self) -> Option<DateTime<Utc>> {
+        self.record.lease_expires_at
+    }
+
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.record.created_at
+    }
+
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.record.updated_at
+    }
+
+    async fn completed_at(&self) -> Option<DateTime<Utc>> {
+        self.record.completed_at
+    }
+
+    /// The steps this one depends on.
+    async fn parents(&self) -> Result<Vec<Step>> {
+        self.related(|edge| (edge.child_step_id, edge.parent_step_id))
+            .await
+    }
+
+    /// The steps that depend on this one.
+    async fn children(&self) -> Result<Vec<Step>> {
+        self.related(|edge| (edge.parent_step_id, edge.child_step_id))
+            .await
+    }
+
+    /// State changes, oldest first.
+    async fn transitions(&self) -> Result<Vec<StepTransition>> {
+        let records = self.set.step_transitions(self.record.id).await.gql()?;
+        Ok(records.iter().cloned().map(StepTransition).collect())
+    }
+}
+
+impl Step {
+    /// Steps of the same task linked to this one; `ends` maps an edge to (this side, other side).
+    async fn related(&self, ends: impl Fn(&EdgeRecord) -> (Uuid, Uuid)) -> Result<Vec<Step>> {
+        let edges = self.set.edges(self.record.task_id).await.gql()?;
+        let wanted: Vec<Uuid> = edges
+            .iter()
+            .map(&ends)
+            .filter(|(this, _)| *this == self.record.id)
+            .map(|(_, other)| other)
+            .collect();
+        let steps = self.set.steps(self.record.task_id).await.gql()?;
+        Ok(steps
+            .iter()
+            .filter(|step| wanted.contains(&step.id))
+            .map(|step| Step::in_set(step, &self.set))
+            .collect())
+    }
+}
+
+/// "child depends on parent".
+pub struct Edge {
+    record: EdgeRecord,
+    set: Arc<TaskSet>,
+}
+
+#[Object]
+impl Edge {
+    async fn parent_id(&self) -> ID {
+        id(self.record.parent_step_id)
+    }
+
+    async fn child_id(&self) -> ID {
+        id(self.record.child_step_id)
+    }
+
+    async fn parent(&self) -> Result<Step> {
+        self.step(self.record.parent_step_id).await
+    }
+
+    async fn child(&self) -> Result<Step> {
+        self.step(self.record.child_step_id).await
+    }
+}
+
+impl Edge {
+    async fn step(&self, step_id: Uuid) -> Result<Step> {
+        let steps = self.set.steps(self.record.task_id).await.gql()?;
+        steps
+            .iter()
+            .find(|step| step.id == step_id)
+            .map(|step| Step::in_set(step, &self.set))
+            .ok_or_else(|| ApiError::NotFound(format!("step {step_id} was not found")))
+            .gql()
+    }
+}
+
+/// One recorded change of a task's state.
+pub struct TaskTransition(pub TaskTransitionRecord);
+
+#[Object]
+impl TaskTransition {
+    async fn id(&self) -> ID {
+        id(self.0.id)
+    }
+
+    /// Empty for the task's creation.
+    async fn from_state(&self) -> Option<TaskStateValue> {
+        self.0.from_state.map(Into::into)
+    }
+
+    async fn to_state(&self) -> TaskStateValue {
+        self.0.to_state.into()
+    }
+
+    /// 1 for the first transition, increasing by one.
+    async fn sort_key(&self) -> i32 {
+        self.0.sort_key
+    }
+
+    async fn metadata(&self) -> Json<Value> {
+        Json(self.0.metadata.clone())
+    }
+
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+}
+
+/// One recorded change of a step's state.
+pub struct StepTransition(pub StepTransitionRecord);
+
+#[Object]
+impl StepTransition {
+    async fn id(&self) -> ID {
+        id(self.0.id)
+    }
+
+    async fn from_state(&self) -> Option<StepStateValue> {
+        self.0.from_state.map(Into::into)
+    }
+
+    async fn to_state(&self) -> StepStateValue {
+        self.0.to_state.into()
+    }
+
+    async fn sort_key(&self) -> i32 {
+        self.0.sort_key
+    }
+
+    async fn metadata(&self) -> Json<Value> {
+        Json(self.0.metadata.clone())
+    }
+
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+}
+
+/// An entry of the event log.
+pub struct Event(pub EventRecord);
+
+#[Object]
+impl Event {
+    async fn id(&self) -> ID {
+        id(self.0.id)
+    }
+
+    /// The event's place in the whole log; later events have larger positions.
+    async fn position(&self) -> String {
+        self.0.position.to_string()
+    }
+
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    async fn namespace(&self) -> Option<&str> {
+        self.0.namespace.as_deref()
+    }
+
+    async fn task_id(&self) -> Option<ID> {
+        self.0.task_id.map(id)
+    }
+
+    async fn step_id(&self) -> Option<ID> {
+        self.0.step_id.map(id)
+    }
+
+    async fn payload(&self) -> Json<Value> {
+        Json(self.0.payload.clone())
+    }
+
+    async fn occurred_at(&self) -> DateTime<Utc> {
+        self.0.occurred_at
+    }
+}
+
+/// Steps per state.
+#[derive(SimpleObject, Default)]
+pub struct StepCounts {
+    total: u32,
+    pending: u32,
+    in_progress: u32,
+    complete: u32,
+    error: u32,
+    cancelled: u32,
+    resolved_manually: u32,
+    skipped: u32,
+}
+
+impl StepCounts {
+    fn of(steps: &[StepRecord]) -> Self {
+        let mut counts = StepCounts::default();
+        for step in steps {
+            counts.total += 1;
+            *match step.state {
+                StepState::Pending => &mut counts.pending,
+                StepState::InProgress => &mut counts.in_progress,
+                StepState::Complete => &mut counts.complete,
+                StepState::Error => &mut counts.error,
+                StepState::Cancelled => &mut counts.cancelled,
+                StepState::ResolvedManually => &mut counts.resolved_manually,
+                StepState::Skipped => &mut counts.skipped,
+            } += 1;
+        }
+        counts
+    }
+}
+
+/// A task's dependency graph, ready to draw.
+#[derive(SimpleObject)]
+#[graphql(complex)]
+pub struct TaskGraph {
+    nodes: Vec<GraphNode>,
+    edges: Vec<GraphEdge>,
+    /// Steps grouped by dependency level: level 0 has no dependencies.
+    levels: Vec<GraphLevel>,
+    /// Steps with no dependencies.
+    roots: Vec<ID>,
+    /// Steps nothing depends on.
+    leaves: Vec<ID>,
+    /// Every step, parents before children.
+    topological_order: Vec<ID>,
+}
+
+#[ComplexObject]
+impl TaskGraph {
+    /// The number of levels (the longest chain of dependencies).
+    async fn depth(&self) -> usize {
+        self.levels.len()
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct GraphNode {
+    step_id: ID,
+    name: String,
+    handler: String,
+    state: StepStateValue,
+    level: usize,
+}
+
+#[derive(SimpleObject)]
+pub struct GraphEdge {
+    /// The step depended on.
+    from: ID,
+    /// The step that depends on it.
+    to: ID,
+}
+
+#[derive(SimpleObject)]
+pub struct GraphLevel {
+    level: usize,
+    step_ids: Vec<ID>,
+    step_names: Vec<String>,
+}
+
+impl TaskGraph {
+    fn build(steps: &[StepRecord], edges: &[EdgeRecord]) -> Self {
+        let index: HashMap<Uuid, usize> =
+            steps.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+        let dag = Dag::new(
+            steps.len(),
+            edges.iter().filter_map(|edge| {
+                Some((
+                    *index.get(&edge.parent_step_id)?,
+                    *index.get(&edge.child_step_id)?,
+                ))
+            }),
+        );
+        // A stored task's graph is acyclic (templates are validated); fall back to flat levels.
+        let levels = dag.levels().unwrap_or_else(|| vec![0; steps.len()]);
+        let by_level = dag
+            .nodes_by_level()
+            .unwrap_or_else(|| vec![(0..steps.len()).collect()]);
+        let order = dag
+            .topological_order()
+            .unwrap_or_else(|| (0..steps.len()).collect());
+        let step_id = |i: usize| id(steps[i].id);
+        TaskGraph {
+            nodes: steps
+                .iter()
+                .zip(&levels)
+                .map(|(step, &level)| GraphNode {
+                    step_id: id(step.id),
+                    name: step.name.clone(),
+                    handler: step.handler.clone(),
+                    state: step.state.into(),
+                    level,
+                })
+                .collect(),
+            edges: edges
+                .iter()
+                .map(|edge| GraphEdge {
+                    from: id(edge.parent_step_id),
+                    to: id(edge.child_step_id),
+                })
+                .collect(),
+            levels: by_level
+                .into_iter()
+                .enumerate()
+                .map(|(level, nodes)| GraphLevel {
+                    level,
+                    step_ids: nodes.iter().map(|&i| step_id(i)).collect(),
+                    step_names: nodes.iter().map(|&i| steps[i].name.clone()).collect(),
+                })
+                .collect(),
+            roots: dag.roots().into_iter().map(step_id).collect(),
+            leaves: dag.leaves().into_iter().map(step_id).collect(),
+            topological_order: order.into_iter().map(step_id).collect(),
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! The schema's roots: queries, mutations and subscriptions, and the extension that gives every
+//! error a code.
+
+use crate::batch::TaskSet;
+use crate::error::{ApiError, GqlResultExt};
+use crate::ids::{parse_id, parse_task_cursor, task_cursor};
+use crate::objects::{Namespace, Step, Task, TaskStateValue, Template};
+use async_graphql::extensions::{
+    Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextRequest,
+};
+use async_graphql::parser::types::ExecutableDocument;
+use async_graphql::{
+    Context, Enum, ID, InputObject, Json, Object, Response, Result, Schema, ServerError,
+    ServerResult, SimpleObject, Subscription, Variables,
+};
+use chrono::{DateTime, Utc};
+use futures::{Stream, StreamExt};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tasker_domain::TaskRequest;
+use tasker_store::{NewTask, RegistrationOutcome, Store, TaskFilter};
+use tokio_stream::wrappers::IntervalStream;
+
+/// The whole schema type.
+pub type TaskerSchema = Schema<Query, Mutation, Subscription>;
+
+/// The most tasks one page may hold.
+pub const MAX_PAGE_SIZE: i32 = 100;
+
+/// Builds the schema around a store. Loaders are added per request by the server.
+pub fn build_schema(store: Store) -> TaskerSchema {
+    Schema::build(Query, Mutation, Subscription)
+        .data(store)
+        .extension(ErrorCodes)
+        .limit_depth(32)
+        .limit_recursive_depth(32)
+        .finish()
+}
+
+/// The SDL that `tasker schema` prints and `schema.graphql` holds.
+pub fn sdl() -> String {
+    Schema::build(Query, Mutation, Subscription).finish().sdl()
+}
+
+fn store<'a>(ctx: &'a Context<'_>) -> &'a Store {
+    ctx.data_unchecked::<Store>()
+}
+
+pub struct Query;
+
+#[Object]
+impl Query {
+    /// Every namespace that has templates.
+    async fn namespaces(&self, ctx: &Context<'_>) -> Result<Vec<Namespace>> {
+        let records = store(ctx).namespaces().await.gql()?;
+        Ok(records.into_iter().map(Namespace).collect())
+    }
+
+    /// Registered templates, every version (newest first per name), optionally of one
+    /// namespace and one name.
+    async fn templates(
+        &self,
+        ctx: &Context<'_>,
+        namespace: Option<String>,
+        name: Option<String>,
+    ) -> Result<Vec<Template>> {
+        let records = store(ctx)
+            .templates(namespace.as_deref(), name.as_deref())
+            .await
+            .gql()?;
+        Ok(records.into_iter().map(Template).collect())
+    }
+
+    /// One template version; the newest (by semantic version) when `version` is omitted.
+    async fn template(
+        &self,
+        ctx: &Context<'_>,
+        namespace: String,
+        name: String,
+        version: Option<String>,
+    ) -> Result<Template> {
+        let record = store(ctx)
+            .template(&namespace, &name, version.as_deref())
+            .await
+            .gql()?;
+        Ok(Template(record))
+    }
+
+    async fn task(&self, ctx: &Context<'_>, id: ID) -> Result<Task> {
+        let id = parse_id(&id, "id").gql()?;
+        let record = store(ctx).task(id).await.gql()?;
+        Ok(Task::single(store(ctx).clone(), record))
+    }
+
+    /// Tasks, newest first, filtered, in pages of `first` (at most 100) after a cursor.
+    async fn tasks(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<TaskFilterInput>,
+        #[graphql(default = 20)] first: i32,
+        after: Option<String>,
+    ) -> Result<TaskConnection> {
+        if !(0..=MAX_PAGE_SIZE).contains(&first) {
+            return Err(ApiError::invalid(
+                "first",
+                format!("must be between 0 and {MAX_PAGE_SIZE}, got {first}"),
+            ))
+            .gql();
+        }
+        let after = after.as_deref().map(parse_task_cursor).transpose().gql()?;
+        let filter = filter.map(TaskFilter::from).unwrap_or_default();
+        let first = first as u64;
+        let mut tasks = store(ctx)
+            .list_tasks(&filter, after, first + 1)
+            .await
+            .gql()?;
+        let has_next_page = tasks.len() as u64 > first;
+        tasks.truncate(first as usize);
+        Ok(TaskConnection {
+            filter,
+            tasks: TaskSet::new(store(ctx).clone(), tasks),
+            has_next_page,
+            has_previous_page: after.is_some(),
+        })
+    }
+
+    async fn step(&self, ctx: &Context<'_>, id: ID) -> Result<Step> {
+        let id = parse_id(&id, "id").gql()?;
+        let step = store(ctx).step(id).await.gql()?;
+        let task = store(ctx).task(step.task_id).await.gql()?;
+        Ok(Step::single(store(ctx).clone(), step, task))
+    }
+}
+
+/// Which tasks to list; every given field must match.
+#[derive(InputObject, Default)]
+pub struct TaskFilterInput {
+    namespace: Option<String>,
+    /// Template name.
+    template: Option<String>,
+    /// Any of these states.
+    states: Option<Vec<TaskStateValue>>,
+    /// Every one of these tags.
+    tags: Option<Vec<String>>,
+    /// Created at or after this time.
+    created_after: Option<DateTime<Utc>>,
+    /// Created before this time.
+    created_before: Option<DateTime<Utc>>,
+}
+
+impl From<TaskFilterInput> for TaskFilter {
+    fn from(input: TaskFilterInput) -> Self {
+        TaskFilter {
+            namespace: input.namespace,
+            template: input.template,
+            states: input
+                .states
+                .unwrap_or_default()
+                .into_iter()
+                .map(Into::into)
+                .collect(),
+            tags: input.tags.unwrap_or_default(),
+            created_after: input.created_after,
+            created_before: input.created_before,
+        }
+    }
+}
+
+/// A page of tasks (Relay connection).
+pub struct TaskConnection {
+    filter: TaskFilter,
+    tasks: Arc<TaskSet>,
+    has_next_page: bool,
+    has_previous_page: bool,
+}
+
+#[Object]
+impl TaskConnection {
+    async fn edges(&self) -> Vec<TaskEdge> {
+        self.tasks
+            .tasks()
+            .iter()
+            .zip(Task::all_of(&self.tasks))
+            .map(|(record, node)| TaskEdge {
+                cursor: task_cursor(record.id),
+                node,
+            })
+            .collect()
+    }
+
+    /// The tasks of this page, without cursors.
+    async fn nodes(&self) -> Vec<Task> {
+        Task::all_of(&self.tasks)
+    }
+
+    async fn page_info(&self) -> PageInfo {
+        PageInfo {
+            has_next_page: self.has_next_page,
+            has_previous_page: self.has_previous_page,
+            start_cursor: self.tasks.tasks().first().map(|t| task_cursor(t.id)),
+            end_cursor: self.tasks.tasks().last().map(|t| task_cursor(t.id)),
+        }
+    }
+
+    /// Every task matching the filter, across all pages.
+    async fn total_count(&self, ctx: &Context<'_>) -> Result<u64> {
+        store(ctx).count_tasks(&self.filter).await.gql()
+    }
+}
+
+pub struct TaskEdge {
+    cursor: String,
+    node: Task,
+}
+
+#[Object]
+impl TaskEdge {
+    async fn cursor(&self) -> &str {
+        &self.cursor
+    }
+
+    async fn node(&self) -> &Task {
+        &self.node
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct PageInfo {
+    has_next_page: bool,
+    has_previous_page: bool,
+    start_cursor: Option<String>,
+    end_cursor: Option<String>,
+}
+
+pub struct Mutation;
+
+#[derive(InputObject)]
+pub struct RegisterTemplateInput {
+    /// The template in YAML or JSON (at most 1 MiB).
+    definition: String,
+    /// Overwrite a different definition already registered under the same version
+    /// (default false).
+    replace: Option<bool>,
+}
+
+/// What registering did.
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+pub enum RegistrationResult {
+    /// A new version was stored.
+    Created,
+    /// The identical definition was already registered; nothing changed.
+    Unchanged,
+    /// A different definition under the same version was overwritten.
+    Replaced,
+}
+
+#[derive(SimpleObject)]
+pub struct RegisterTemplatePayload {
+    template: Template,
+    result: RegistrationResult,
+}
+
+#[derive(InputObject)]
+pub struct CreateTaskInput {
+    namespace: String,
+    /// Template name.
+    template: String,
+    /// Template version; the newest when omitted.
+    version: Option<String>,
+    /// The task's input, checked against the template's context_schema.
+    context: Option<Json<Value>>,
+    initiator: Option<String>,
+    source_system: Option<String>,
+    reason: Option<String>,
+    tags: Option<Vec<String>>,
+    /// A second request with the same key (in the namespace) returns the first task.
+    idempotency_key: Option<String>,
+}
+
+#[derive(SimpleObject)]
+pub struct CreateTaskPayload {
+    task: Task,
+    /// False when an earlier request with the same idempotency key created the task.
+    created: bool,
+}
+
+#[derive(InputObject)]
+pub struct CancelTaskInput {
+    id: ID,
+    reason: Option<String>,
+}
+
+#[derive(SimpleObject)]
+pub struct CancelTaskPayload {
+    task: Task,
+}
+
+#[Object]
+impl Mutation {
+    /// Registers a template version. Identical content is accepted again without change; a
+    /// different definition under an existing version is a CONFLICT unless `replace` is true.
+    async fn register_template(
+        &self,
+        ctx: &Context<'_>,
+        input: RegisterTemplateInput,
+    ) -> Result<RegisterTemplatePayload> {
+        let registration = store(ctx)
+            .register_template(&input.definition, input.replace.unwrap_or(false))
+            .await
+            .gql()?;
+        Ok(RegisterTemplatePayload {
+            template: Template(registration.template),
+            result: match registration.outcome {
+                RegistrationOutcome::Created => RegistrationResult::Created,
+                RegistrationOutcome::Unchanged => RegistrationResult::Unchanged,
+                RegistrationOutcome::Replaced => RegistrationResult::Replaced,
+            },
+        })
+    }
+
+    /// Starts a task: its steps, edges, transitions and events are written in one transaction.
+    async fn create_task(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateTaskInput,
+    ) -> Result<CreateTaskPayload> {
+        let creation = store(ctx)
+            .create_task(NewTask {
+                namespace: input.namespace,
+                template: input.template,
+                version: input.version,
+                request: TaskRequest {
+                    context: input
+                        .context
+                        .map(|json| json.0)
+                        .unwrap_or_else(|| Value::Object(Default::default())),
+                    initiator: input.initiator,
+                    source_system: input.source_system,
+                    reason: input.reason,
+                    tags: input.tags.unwrap_or_default(),
+                    idempotency_key: input.idempotency_key,
+                },
+            })
+            .await
+            .gql()?;
+        Ok(CreateTaskPayload {
+            task: Task::single(store(ctx).clone(), creation.task),
+            created: creation.created,
+        })
+    }
+
+    /// Cancels a task and its unfinished steps. A finished task is a CONFLICT.
+    async fn cancel_task(
+        &self,
+        ctx: &Context<'_>,
+        input: CancelTaskInput,
+    ) -> Result<CancelTaskPayload> {
+        let id = parse_id(&input.id, "input.id").gql()?;
+        let task = store(ctx).cancel_task(id, input.reason).await.gql()?;
+        Ok(CancelTaskPayload {
+            task: Task::single(store(ctx).clone(), task),
+        })
+    }
+}
+
+pub struct Subscription;
+
+/// A sign of life on a subscription connection.
+#[derive(SimpleObject)]
+pub struct Heartbeat {
+    /// 1 for the first beat, increasing by one.
+    sequence: u64,
+    at: DateTime<Utc>,
+}
+
+#[Subscription]
+impl Subscription {
+    /// Beats every `everySeconds` (1 to 3600) so a client can tell a quiet stream from a
+    /// dead connection.
+    async fn heartbeat(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 15)] every_seconds: i32,
+    ) -> Result<impl Stream<Item = Heartbeat> + use<>> {
+        if !(1..=3600).contains(&every_seconds) {
+            return Err(ApiError::invalid(
+                "everySeconds",
+                format!("must be between 1 and 3600, got {every_seconds}"),
+            ))
+            .gql();
+        }
+        let clock = store(ctx).clock().clone();
+        let period = Duration::from_secs(every_seconds as u64);
+        let ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        Ok(IntervalStream::new(ticks)
+            .enumerate()
+            .map(move |(beat, _)| Heartbeat {
+                sequence: beat as u64 + 1,
+                at: clock.now(),
+            }))
+    }
+}
+
+/// Gives every error a stable `extensions.code`: resolver errors already carry theirs; a
+/// document that does not parse is `GRAPHQL_PARSE_FAILED`; one that breaks the schema's rules
+/// (unknown field, wrong argument type, too deep) is `GRAPHQL_VALIDATION_FAILED`.
+struct ErrorCodes;
+
+impl ExtensionFactory for ErrorCodes {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(ErrorCodesExtension)
+    }
+}
+
+struct ErrorCodesExtension;
+
+fn with_code(mut error: ServerError, code: &str) -> ServerError {
+    let has_code = error
+        .extensions
+        .as_ref()
+        .is_some_and(|extensions| extensions.get("code").is_some());
+    if !has_code {
+        error
+            .extensions
+            .get_or_insert_with(Default::default)
+            .set("code", code);
+    }
+    error
+}
+
+#[async_graphql::async_trait::async_trait]
+impl Extension for ErrorCodesExtension {
+    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
+        let mut response = next.run(ctx).await;
+        response.errors = std::mem::take(&mut response.errors)
+            .into_iter()
+            .map(|error| with_code(error, "GRAPHQL_VALIDATION_FAILED"))
+            .collect();
+        response
+    }
+
+    async fn parse_query(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        query: &str,
+        variables: &Variables,
+        next: NextParseQuery<'_>,
+    ) -> ServerResult<ExecutableDocument> {
+        next.run(ctx, query, variables)
+            .await
+            .map_err(|error| with_code(error, "GRAPHQL_PARSE_FAILED"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tasker_domain::ManualClock;
+    use tasker_store::testing::TestDatabase;
+
+    #[tokio::test]
+    async fn heartbeats_are_numbered_and_stamped_by_the_clock() {
+        let start = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let clock = Arc::new(ManualClock::new(start));
+        let db = TestDatabase::sqlite(clock.clone()).await;
+        let schema = build_schema(db.store.clone());
+        // Time stands still unless the runtime is idle, then jumps to the next timer.
+        tokio::time::pause();
+        let mut stream =
+            schema.execute_stream("subscription { heartbeat(everySeconds: 5) { sequence at } }");
+        for sequence in 1..=3 {
+            let response = stream.next().await.unwrap();
+            assert!(response.errors.is_empty(), "{:?}", response.errors);
+            let data = response.data.into_json().unwrap();
+            assert_eq!(data["heartbeat"]["sequence"], sequence);
+            assert_eq!(data["heartbeat"]["at"], "2026-01-01T00:00:00+00:00");
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Configuration: command-line flags, each with a `TASKER_*` environment variable, over an
+//! optional TOML file, over defaults that need nothing (SQLite under `./tasker-data`,
+//! 127.0.0.1:8080).
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tasker",
+    version,
+    about = "A GraphQL-first workflow control plane"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// A TOML file with any of the settings below (flags and environment win over it).
+    #[arg(long, env = "TASKER_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, env = "TASKER_BIND", global = true)]
+    pub bind: Option<SocketAddr>,
+
+    /// Database URL: `postgres://user@host/db` or `sqlite://path/file.db`. Default: a SQLite
+    /// file in the data directory.
+    #[arg(
+        long,
+        env = "TASKER_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+
+    /// Directory for the default SQLite database.
+    #[arg(long, env = "TASKER_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+
+    /// Do not register the example templates on an empty database.
+    #[arg(long, env = "TASKER_NO_EXAMPLES", global = true)]
+    pub no_examples: bool,
+
+    /// Log format.
+    #[arg(long, env = "TASKER_LOG_FORMAT", global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// PostgreSQL connection pool size.
+    #[arg(long, env = "TASKER_DB_MAX_CONNECTIONS", global = true)]
+    pub db_max_connections: Option<u32>,
+
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "TASKER_MAX_BODY_BYTES", global = true)]
+    pub max_body_bytes: Option<usize>,
+
+    /// Longest a query or mutation may run, in seconds.
+    #[arg(long, env = "TASKER_REQUEST_TIMEOUT_SECONDS", global = true)]
+    pub request_timeout_seconds: Option<u64>,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the GraphQL schema (SDL).
+    Schema,
+}
+
+#[derive(ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The TOML file: the same settings, all optional.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    bind: Option<SocketAddr>,
+    database_url: Option<String>,
+    data_dir: Option<PathBuf>,
+    examples: Option<bool>,
+    log_format: Option<LogFormat>,
+    db_max_connections: Option<u32>,
+    max_body_bytes: Option<usize>,
+    request_timeout_seconds: Option<u64>,
+}
+
+/// The settings in force.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bind: SocketAddr,
+    database_url: Option<String>,
+    data_dir: PathBuf,
+    pub examples: bool,
+    pub log_format: LogFormat,
+    pub db_max_connections: u32,
+    max_body_bytes: usize,
+    request_timeout: Duration,
+}
+
+impl Settings {
+    pub fn load(cli: &Cli) -> anyhow::Result<Settings> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str::<FileSettings>(&text)
+                    .with_context(|| format!("reading {}", path.display()))?
+            }
+            None => FileSettings::default(),
+        };
+        let defaults = tasker_api::HttpLimits::default();
+        Ok(Settings {
+            bind: cli
+                .bind
+                .or(file.bind)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            database_url: cli.database_url.clone().or(file.database_url),
+            data_dir: cli
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("tasker-data")),
+            examples: !cli.no_examples && file.examples.unwrap_or(true),
+            log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+            db_max_connections: cli
+                .db_max_connections
+                .or(file.db_max_connections)
+                .unwrap_or(16),
+            max_body_bytes: cli
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(defaults.max_body_bytes),
+            request_timeout: cli
+                .request_timeout_seconds
+                .or(file.request_timeout_seconds)
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.request_timeout),
+        })
+    }
+
+    /// The database URL, creating the data directory for the default SQLite file.
+    pub fn database_url(&self) -> anyhow::Result<String> {
+        if let Some(url) = &self.database_url {
+            return Ok(url.clone());
+        }
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("creating the data directory {}", self.data_dir.display()))?;
+        Ok(format!(
+            "sqlite://{}",
+            self.data_dir.join("tasker.db").display()
+        ))
+    }
+
+    /// The database for logs: the SQLite path, or the PostgreSQL host and database without
+    /// credentials.
+    pub fn database_description(&self) -> String {
+        match &self.database_url {
+            None => format!("sqlite:{}", self.data_dir.join("tasker.db").display()),
+            Some(url) => match url.split_once('@') {
+                Some((scheme_and_credentials, rest)) => {
+                    let scheme = scheme_and_credentials
+                        .split_once("://")
+                        .map_or("", |(scheme, _)| scheme);
+                    format!("{scheme}://{rest}")
+                }
+                None => url.clone(),
+            },
+        }
+    }
+
+    pub fn http_limits(&self) -> tasker_api::HttpLimits {
+        tasker_api::HttpLimits {
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: self.request_timeout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("tasker").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_need_no_configuration() {
+        let settings = Settings::load(&parse(&[])).unwrap();
+        assert_eq!(settings.bind.to_string(), "127.0.0.1:8080");
+        assert!(settings.examples);
+        assert_eq!(
+            settings.database_description(),
+            "sqlite:tasker-data/tasker.db"
+        );
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_credentials_are_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasker.toml");
+        std::fs::write(
+            &path,
+            "bind = \"127.0.0.1:9000\"\nexamples = false\ndatabase_url = \"postgres://admin:secret@db:5432/tasker\"\n",
+        )
+        .unwrap();
+        let config = path.to_str().unwrap();
+        let settings = Settings::load(&parse(&["serve", "--config", config])).unwrap();
+        assert_eq!(settings.bind.to_string(), "127.0.0.1:9000");
+        assert!(!settings.examples);
+        assert_eq!(settings.database_description(), "postgres://db:5432/tasker");
+        let settings =
+            Settings::load(&parse(&["--config", config, "--bind", "127.0.0.1:0"])).unwrap();
+        assert_eq!(settings.bind.port(), 0);
+    }
+
+    #[test]
+    fn unknown_file_settings_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasker.toml");
+        std::fs::write(&path, "bnid = \"127.0.0.1:9000\"\n").unwrap();
+        let cli = parse(&["--config", path.to_str().unwrap()]);
+        assert!(Settings::load(&cli).is_err());
+    }
+}

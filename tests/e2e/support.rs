@@ -1,0 +1,141 @@
+//! A server per test on its own database, and a small GraphQL client.
+
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tasker_domain::SystemClock;
+use tasker_store::testing::TestDatabase;
+use tokio::sync::oneshot;
+
+pub const DIAMOND: &str = r#"
+namespace: shop
+name: fulfil
+version: 1.0.0
+context_schema:
+  type: object
+  required: [order_id]
+  properties: { order_id: { type: integer } }
+steps:
+  - { name: validate, handler: noop }
+  - { name: reserve, handler: noop, depends_on: [validate] }
+  - { name: charge, handler: noop, depends_on: [validate] }
+  - { name: ship, handler: noop, depends_on: [reserve, charge] }
+"#;
+
+/// A running server; stopped (and its database dropped) at the end of the test.
+pub struct TestServer {
+    pub address: SocketAddr,
+    pub db: TestDatabase,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    /// One server per backend under test.
+    pub async fn all() -> Vec<TestServer> {
+        let mut servers = Vec::new();
+        for db in TestDatabase::all(Arc::new(SystemClock)).await {
+            servers.push(Self::start(db).await);
+        }
+        servers
+    }
+
+    pub async fn start(db: TestDatabase) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let app = tasker_api::router(db.store.clone(), tasker_api::HttpLimits::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(tasker_api::serve(listener, app, async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            address,
+            db,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.db.backend()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.address, path)
+    }
+
+    /// Sends one GraphQL operation; returns the whole response body.
+    pub async fn graphql(&self, query: &str, variables: Value) -> Value {
+        let response = self
+            .client
+            .post(self.url("/graphql"))
+            .json(&json!({ "query": query, "variables": variables }))
+            .send()
+            .await
+            .expect("request sent");
+        assert_eq!(response.status(), 200, "{}", self.backend());
+        response.json().await.expect("a JSON body")
+    }
+
+    /// The `data` of an operation that must succeed.
+    pub async fn data(&self, query: &str, variables: Value) -> Value {
+        let body = self.graphql(query, variables).await;
+        assert!(
+            body.get("errors").is_none(),
+            "{}: unexpected errors: {body:#}",
+            self.backend()
+        );
+        body["data"].clone()
+    }
+
+    /// The first error of an operation that must fail: its code and the whole error.
+    pub async fn error(&self, query: &str, variables: Value) -> (String, Value) {
+        let body = self.graphql(query, variables).await;
+        let error = body["errors"][0].clone();
+        assert!(
+            error.is_object(),
+            "{}: expected an error: {body:#}",
+            self.backend()
+        );
+        let code = error["extensions"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("an error without a code: {error:#}"))
+            .to_owned();
+        (code, error)
+    }
+
+    pub async fn register(&self, definition: &str) -> Value {
+        self.data(
+            "mutation($d: String!) { registerTemplate(input: { definition: $d }) { result template { id key } } }",
+            json!({ "d": definition }),
+        )
+        .await["registerTemplate"]
+            .clone()
+    }
+
+    pub async fn create_task(&self, input: Value) -> Value {
+        self.data(
+            "mutation($i: CreateTaskInput!) { createTask(input: $i) { created task { id state } } }",
+            json!({ "i": input }),
+        )
+        .await["createTask"]
+            .clone()
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
