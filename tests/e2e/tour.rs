@@ -320,3 +320,24 @@ fn schema_graphql_matches_the_schema_the_server_builds() {
         "schema.graphql is out of date: run `cargo run -- schema > schema.graphql`"
     );
 }
+
+#[tokio::test]
+async fn namespaces_with_their_templates_cost_two_statements() {
+    for server in TestServer::all().await {
+        for namespace in ["alpha", "beta", "gamma"] {
+            server
+                .register(&DIAMOND.replace("namespace: shop", &format!("namespace: {namespace}")))
+                .await;
+        }
+        let before = server.db.store.statement_count();
+        let data = server
+            .data("{ namespaces { name templates { key } } }", json!({}))
+            .await;
+        assert_eq!(server.db.store.statement_count() - before, 2);
+        assert_eq!(data["namespaces"][1]["name"], "beta");
+        assert_eq!(
+            data["namespaces"][1]["templates"],
+            json!([{ "key": "beta/fulfil@1.0.0" }])
+        );
+    }
+}

@@ -3,7 +3,7 @@
 
 use crate::batch::TaskSet;
 use crate::error::{ApiError, GqlResultExt};
-use async_graphql::{ComplexObject, Context, Enum, ID, Json, Object, Result, SimpleObject};
+use async_graphql::{ComplexObject, Enum, ID, Json, Object, Result, SimpleObject};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -13,6 +13,7 @@ use tasker_store::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
     TaskTransitionRecord, TemplateRecord,
 };
+use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 fn id(uuid: Uuid) -> ID {
@@ -85,27 +86,54 @@ impl From<StepState> for StepStateValue {
 }
 
 /// A group of templates and their tasks; the unit of ownership.
-pub struct Namespace(pub NamespaceRecord);
+pub struct Namespace {
+    record: NamespaceRecord,
+    /// Every template, read once for all the namespaces of one response.
+    templates: Arc<OnceCell<Vec<TemplateRecord>>>,
+    store: tasker_store::Store,
+}
+
+impl Namespace {
+    pub fn all(store: &tasker_store::Store, records: Vec<NamespaceRecord>) -> Vec<Namespace> {
+        let templates = Arc::new(OnceCell::new());
+        records
+            .into_iter()
+            .map(|record| Namespace {
+                record,
+                templates: templates.clone(),
+                store: store.clone(),
+            })
+            .collect()
+    }
+}
 
 #[Object]
 impl Namespace {
     async fn id(&self) -> ID {
-        id(self.0.id)
+        id(self.record.id)
     }
 
     async fn name(&self) -> &str {
-        &self.0.name
+        &self.record.name
     }
 
     async fn created_at(&self) -> DateTime<Utc> {
-        self.0.created_at
+        self.record.created_at
     }
 
     /// Every registered template version in this namespace, newest version first per name.
-    async fn templates(&self, ctx: &Context<'_>) -> Result<Vec<Template>> {
-        let store = ctx.data_unchecked::<tasker_store::Store>();
-        let records = store.templates(Some(&self.0.name), None).await.gql()?;
-        Ok(records.into_iter().map(Template).collect())
+    async fn templates(&self) -> Result<Vec<Template>> {
+        let all = self
+            .templates
+            .get_or_try_init(|| self.store.templates(None, None))
+            .await
+            .gql()?;
+        Ok(all
+            .iter()
+            .filter(|record| record.template.namespace == self.record.name)
+            .cloned()
+            .map(Template)
+            .collect())
     }
 }
 

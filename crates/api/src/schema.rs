@@ -54,7 +54,7 @@ impl Query {
     /// Every namespace that has templates.
     async fn namespaces(&self, ctx: &Context<'_>) -> Result<Vec<Namespace>> {
         let records = store(ctx).namespaces().await.gql()?;
-        Ok(records.into_iter().map(Namespace).collect())
+        Ok(Namespace::all(store(ctx), records))
     }
 
     /// Registered templates, every version (newest first per name), optionally of one
