@@ -16,7 +16,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use event::EventName;
 pub use graph::Dag;
 pub use problem::Problem;
-pub use state::{StepState, TaskState};
+pub use state::{StateMachine, StepState, TaskState};
 pub use task::TaskRequest;
 pub use template::{Backoff, RetryPolicy, StepTemplate, TaskTemplate};
 

@@ -4,6 +4,48 @@
 
 use crate::{Error, Result};
 
+/// What the task and step machines share: named states and a table of allowed successors.
+pub trait StateMachine: Copy + PartialEq + 'static {
+    /// "task" or "step", for error messages.
+    const ENTITY: &'static str;
+    /// Every state, in declaration order.
+    fn all() -> &'static [Self];
+    /// The stored name (`in_progress`).
+    fn as_str(self) -> &'static str;
+    /// The allowed next states.
+    fn successors(self) -> &'static [Self];
+
+    /// Reads a stored name back.
+    fn parse(value: &str) -> Result<Self> {
+        Self::all()
+            .iter()
+            .copied()
+            .find(|state| state.as_str() == value)
+            .ok_or_else(|| Error::UnknownState {
+                entity: Self::ENTITY,
+                value: value.to_owned(),
+            })
+    }
+
+    /// No further transition is possible.
+    fn is_terminal(self) -> bool {
+        self.successors().is_empty()
+    }
+
+    /// Checks a state change against the table.
+    fn transition_to(self, to: Self) -> Result<Self> {
+        if self.successors().contains(&to) {
+            Ok(to)
+        } else {
+            Err(Error::InvalidTransition {
+                entity: Self::ENTITY,
+                from: self.as_str(),
+                to: to.as_str(),
+            })
+        }
+    }
+}
+
 /// The life of a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TaskState {
@@ -36,8 +78,16 @@ impl TaskState {
         TaskState::Cancelled,
         TaskState::ResolvedManually,
     ];
+}
 
-    pub fn as_str(self) -> &'static str {
+impl StateMachine for TaskState {
+    const ENTITY: &'static str = "task";
+
+    fn all() -> &'static [Self] {
+        &Self::ALL
+    }
+
+    fn as_str(self) -> &'static str {
         match self {
             TaskState::Pending => "pending",
             TaskState::InProgress => "in_progress",
@@ -48,43 +98,15 @@ impl TaskState {
         }
     }
 
-    pub fn parse(value: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|state| state.as_str() == value)
-            .ok_or_else(|| Error::UnknownState {
-                entity: "task",
-                value: value.to_owned(),
-            })
-    }
-
-    /// The allowed next states. A failed task can be retried (back to pending or straight to
-    /// in progress), resolved by a person, or cancelled; finished tasks stay finished.
-    pub fn successors(self) -> &'static [TaskState] {
+    /// A failed task can be retried (back to pending or straight to in progress), resolved by
+    /// a person, or cancelled; finished tasks stay finished.
+    fn successors(self) -> &'static [TaskState] {
         use TaskState::*;
         match self {
             Pending => &[InProgress, Cancelled],
             InProgress => &[Complete, Error, Cancelled],
             Error => &[Pending, InProgress, Cancelled, ResolvedManually],
             Complete | Cancelled | ResolvedManually => &[],
-        }
-    }
-
-    /// No further transition is possible.
-    pub fn is_terminal(self) -> bool {
-        self.successors().is_empty()
-    }
-
-    /// Checks a state change against the table.
-    pub fn transition_to(self, to: TaskState) -> Result<TaskState> {
-        if self.successors().contains(&to) {
-            Ok(to)
-        } else {
-            Err(crate::Error::InvalidTransition {
-                entity: "task",
-                from: self.as_str(),
-                to: to.as_str(),
-            })
         }
     }
 }
@@ -100,7 +122,23 @@ impl StepState {
         StepState::Skipped,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    /// Whether a child may start once this parent is in this state.
+    pub fn satisfies_dependency(self) -> bool {
+        matches!(
+            self,
+            StepState::Complete | StepState::Skipped | StepState::ResolvedManually
+        )
+    }
+}
+
+impl StateMachine for StepState {
+    const ENTITY: &'static str = "step";
+
+    fn all() -> &'static [Self] {
+        &Self::ALL
+    }
+
+    fn as_str(self) -> &'static str {
         match self {
             StepState::Pending => "pending",
             StepState::InProgress => "in_progress",
@@ -112,51 +150,16 @@ impl StepState {
         }
     }
 
-    pub fn parse(value: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|state| state.as_str() == value)
-            .ok_or_else(|| Error::UnknownState {
-                entity: "step",
-                value: value.to_owned(),
-            })
-    }
-
-    /// The allowed next states. `error` is where a failed attempt waits for its retry (back to
-    /// in progress when claimed again, or pending when a person reopens it); a step that ran out
-    /// of attempts is skipped only if its template says it is skippable (decided by the engine).
-    pub fn successors(self) -> &'static [StepState] {
+    /// `error` is where a failed attempt waits for its retry (back to in progress when claimed
+    /// again, or pending when a person reopens it); a step that ran out of attempts is skipped
+    /// only if its template says it is skippable (decided by the engine).
+    fn successors(self) -> &'static [StepState] {
         use StepState::*;
         match self {
             Pending => &[InProgress, Cancelled, ResolvedManually, Skipped],
             InProgress => &[Complete, Error, Cancelled, ResolvedManually, Skipped],
             Error => &[InProgress, Pending, Cancelled, ResolvedManually, Skipped],
             Complete | Cancelled | ResolvedManually | Skipped => &[],
-        }
-    }
-
-    pub fn is_terminal(self) -> bool {
-        self.successors().is_empty()
-    }
-
-    /// Whether a child may start once this parent is in this state.
-    pub fn satisfies_dependency(self) -> bool {
-        matches!(
-            self,
-            StepState::Complete | StepState::Skipped | StepState::ResolvedManually
-        )
-    }
-
-    /// Checks a state change against the table.
-    pub fn transition_to(self, to: StepState) -> Result<StepState> {
-        if self.successors().contains(&to) {
-            Ok(to)
-        } else {
-            Err(crate::Error::InvalidTransition {
-                entity: "step",
-                from: self.as_str(),
-                to: to.as_str(),
-            })
         }
     }
 }

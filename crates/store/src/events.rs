@@ -5,7 +5,7 @@ use crate::entities::{event, step_transition, task_transition};
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::{NotSet, Set};
 use serde_json::{Map, Value, json};
-use tasker_domain::{EventName, StepState, TaskState};
+use tasker_domain::{EventName, StateMachine, StepState, TaskState};
 use uuid::Uuid;
 
 /// Where an event happened; the common payload fields of every lifecycle event.

@@ -14,7 +14,7 @@ use sea_orm::sea_query::Query;
 use sea_orm::{
     ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
-use tasker_domain::TaskState;
+use tasker_domain::{StateMachine, TaskState};
 use uuid::Uuid;
 
 /// Ids per `IN (...)` list: well below SQLite's and PostgreSQL's parameter limits.

@@ -7,7 +7,7 @@ use crate::entities::{
 };
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use tasker_domain::{Backoff, StepState, TaskState, TaskTemplate};
+use tasker_domain::{Backoff, StateMachine, StepState, TaskState, TaskTemplate};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, PartialEq)]

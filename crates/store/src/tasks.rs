@@ -13,7 +13,7 @@ use sea_orm::{
     TransactionTrait,
 };
 use serde_json::{Value, json};
-use tasker_domain::{StepState, TaskRequest, TaskState};
+use tasker_domain::{StateMachine, StepState, TaskRequest, TaskState};
 use uuid::Uuid;
 
 /// Rows per multi-row INSERT: keeps every statement under the databases' parameter limits.
