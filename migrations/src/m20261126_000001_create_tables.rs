@@ -71,14 +71,16 @@ enum WorkflowSteps {
     Retryable,
     Skippable,
     Backoff,
-    TimeoutSeconds,
+    TimeoutMs,
     PendingParents,
     Results,
     LastError,
-    NextAttemptAt,
+    NextAttemptMs,
+    AttemptStartedMs,
+    DeadlineMs,
     LeaseToken,
     LeaseHolder,
-    LeaseExpiresAt,
+    LeaseExpiresMs,
     Version,
     CreatedAt,
     UpdatedAt,
@@ -302,14 +304,17 @@ impl MigrationTrait for Migration {
                     .col(boolean(WorkflowSteps::Retryable))
                     .col(boolean(WorkflowSteps::Skippable))
                     .col(json_binary(WorkflowSteps::Backoff))
-                    .col(double_null(WorkflowSteps::TimeoutSeconds))
+                    .col(big_integer_null(WorkflowSteps::TimeoutMs))
                     .col(integer(WorkflowSteps::PendingParents))
                     .col(json_binary_null(WorkflowSteps::Results))
                     .col(text_null(WorkflowSteps::LastError))
-                    .col(timestamp_with_time_zone_null(WorkflowSteps::NextAttemptAt))
+                    // Engine timing in epoch milliseconds: the same arithmetic on both databases.
+                    .col(big_integer_null(WorkflowSteps::NextAttemptMs))
+                    .col(big_integer_null(WorkflowSteps::AttemptStartedMs))
+                    .col(big_integer_null(WorkflowSteps::DeadlineMs))
                     .col(uuid_null(WorkflowSteps::LeaseToken))
                     .col(string_null(WorkflowSteps::LeaseHolder))
-                    .col(timestamp_with_time_zone_null(WorkflowSteps::LeaseExpiresAt))
+                    .col(big_integer_null(WorkflowSteps::LeaseExpiresMs))
                     .col(integer(WorkflowSteps::Version))
                     .col(timestamp_with_time_zone(WorkflowSteps::CreatedAt))
                     .col(timestamp_with_time_zone(WorkflowSteps::UpdatedAt))
@@ -339,7 +344,7 @@ impl MigrationTrait for Migration {
                 WorkflowSteps::State,
                 WorkflowSteps::PendingParents,
                 WorkflowSteps::Handler,
-                WorkflowSteps::NextAttemptAt,
+                WorkflowSteps::NextAttemptMs,
             ],
             false,
         )
@@ -348,8 +353,16 @@ impl MigrationTrait for Migration {
             manager,
             "ix_steps_lease_expiry",
             WorkflowSteps::Table,
-            [WorkflowSteps::LeaseExpiresAt],
+            [WorkflowSteps::State, WorkflowSteps::LeaseExpiresMs],
             false,
+        )
+        .await?;
+        create_index(
+            manager,
+            "uq_steps_lease_token",
+            WorkflowSteps::Table,
+            [WorkflowSteps::LeaseToken],
+            true,
         )
         .await?;
 

@@ -17,6 +17,9 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Conflict(String),
+    /// A worker's lease token no longer holds its step; nothing was recorded.
+    #[error("{0}")]
+    LeaseLost(String),
     #[error("internal error; the server log has the details")]
     Internal,
 }
@@ -28,6 +31,7 @@ impl ApiError {
             ApiError::NotFound(_) => "NOT_FOUND",
             ApiError::Validation { .. } => "VALIDATION_FAILED",
             ApiError::Conflict(_) => "CONFLICT",
+            ApiError::LeaseLost(_) => "LEASE_LOST",
             ApiError::Internal => "INTERNAL",
         }
     }
@@ -75,6 +79,7 @@ impl From<tasker_store::Error> for ApiError {
         match err {
             Store::NotFound { .. } => ApiError::NotFound(err.to_string()),
             Store::Conflict(message) => ApiError::Conflict(message),
+            Store::LeaseLost => ApiError::LeaseLost(err.to_string()),
             Store::Domain(domain) => match domain {
                 Domain::InvalidTemplate(ref problems)
                 | Domain::InvalidContext(ref problems)

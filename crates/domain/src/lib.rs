@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod event;
+pub mod execution;
 pub mod graph;
 pub mod state;
 pub mod task;
@@ -14,6 +15,7 @@ mod problem;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use event::EventName;
+pub use execution::{ExecutionStatus, Failure, FailureOutcome, StepProgress};
 pub use graph::Dag;
 pub use problem::Problem;
 pub use state::{StateMachine, StepState, TaskState};

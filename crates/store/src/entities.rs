@@ -117,16 +117,20 @@ pub mod workflow_step {
         pub skippable: bool,
         #[sea_orm(column_type = "JsonBinary")]
         pub backoff: Json,
-        pub timeout_seconds: Option<f64>,
+        pub timeout_ms: Option<i64>,
         /// Parents not yet complete, skipped or resolved: the step is blocked while above zero.
         pub pending_parents: i32,
         #[sea_orm(column_type = "JsonBinary", nullable)]
         pub results: Option<Json>,
         pub last_error: Option<String>,
-        pub next_attempt_at: Option<DateTimeUtc>,
+        /// When a failed step may run again (epoch ms); empty for a failure that is final.
+        pub next_attempt_ms: Option<i64>,
+        pub attempt_started_ms: Option<i64>,
+        /// When the running attempt times out (epoch ms), if the step has a timeout.
+        pub deadline_ms: Option<i64>,
         pub lease_token: Option<Uuid>,
         pub lease_holder: Option<String>,
-        pub lease_expires_at: Option<DateTimeUtc>,
+        pub lease_expires_ms: Option<i64>,
         pub version: i32,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,

@@ -5,13 +5,19 @@
 
 mod entities;
 mod events;
+mod execution;
 mod queries;
 mod records;
+mod sql;
 mod tasks;
 mod templates;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use execution::{
+    AttemptFailure, ClaimRequest, ClaimedStep, Completion, CompletionReport, FailureReport,
+    StepInputs,
+};
 pub use queries::TaskFilter;
 pub use records::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
@@ -40,6 +46,11 @@ pub enum Error {
     /// version, a task already finished, a concurrent change).
     #[error("{0}")]
     Conflict(String),
+    /// The lease token is unknown, expired, or its step already finished: nothing changed.
+    #[error(
+        "the lease is no longer held (it expired, or the step was finished, cancelled or reassigned)"
+    )]
+    LeaseLost,
     /// The database failed; the details are for the log, never for clients.
     #[error("the database failed")]
     Database(#[from] DbErr),

@@ -65,6 +65,8 @@ pub struct StepRecord {
     pub results: Option<Value>,
     pub last_error: Option<String>,
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// When the current (or last) attempt started.
+    pub attempt_started_at: Option<DateTime<Utc>>,
     pub lease_holder: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
@@ -196,12 +198,13 @@ impl TryFrom<workflow_step::Model> for StepRecord {
             retryable: model.retryable,
             skippable: model.skippable,
             backoff: serde_json::from_value(model.backoff).unwrap_or_default(),
-            timeout_seconds: model.timeout_seconds,
+            timeout_seconds: model.timeout_ms.map(|ms| ms as f64 / 1000.0),
             results: model.results,
             last_error: model.last_error,
-            next_attempt_at: model.next_attempt_at,
+            next_attempt_at: model.next_attempt_ms.and_then(from_millis),
+            attempt_started_at: model.attempt_started_ms.and_then(from_millis),
             lease_holder: model.lease_holder,
-            lease_expires_at: model.lease_expires_at,
+            lease_expires_at: model.lease_expires_ms.and_then(from_millis),
             created_at: model.created_at,
             updated_at: model.updated_at,
             completed_at: model.completed_at,
@@ -258,6 +261,11 @@ impl TryFrom<step_transition::Model> for StepTransitionRecord {
             created_at: model.created_at,
         })
     }
+}
+
+/// Engine timing columns are epoch milliseconds.
+pub(crate) fn from_millis(ms: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms)
 }
 
 /// Converts a list of models, failing on the first unreadable one.

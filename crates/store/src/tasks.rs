@@ -148,14 +148,18 @@ impl Store {
                 retryable: Set(step.retry.retryable),
                 skippable: Set(step.skippable),
                 backoff: Set(serde_json::to_value(&step.retry.backoff).unwrap_or(Value::Null)),
-                timeout_seconds: Set(step.timeout),
+                timeout_ms: Set(step
+                    .timeout
+                    .map(|seconds| (seconds * 1000.0).round() as i64)),
                 pending_parents: Set(step.depends_on.len() as i32),
                 results: Set(None),
                 last_error: Set(None),
-                next_attempt_at: Set(None),
+                next_attempt_ms: Set(None),
+                attempt_started_ms: Set(None),
+                deadline_ms: Set(None),
                 lease_token: Set(None),
                 lease_holder: Set(None),
-                lease_expires_at: Set(None),
+                lease_expires_ms: Set(None),
                 version: Set(1),
                 created_at: Set(now),
                 updated_at: Set(now),
@@ -298,8 +302,16 @@ impl Store {
                     Expr::value(Option::<String>::None),
                 )
                 .col_expr(
-                    workflow_step::Column::LeaseExpiresAt,
-                    Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+                    workflow_step::Column::LeaseExpiresMs,
+                    Expr::value(Option::<i64>::None),
+                )
+                .col_expr(
+                    workflow_step::Column::DeadlineMs,
+                    Expr::value(Option::<i64>::None),
+                )
+                .col_expr(
+                    workflow_step::Column::NextAttemptMs,
+                    Expr::value(Option::<i64>::None),
                 )
                 .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now))
                 .col_expr(workflow_step::Column::CompletedAt, Expr::value(now))
@@ -330,7 +342,10 @@ impl Store {
 }
 
 /// Inserts rows in multi-row statements of at most [`INSERT_CHUNK`] rows.
-async fn insert_all<A>(txn: &DatabaseTransaction, rows: impl IntoIterator<Item = A>) -> Result<()>
+pub(crate) async fn insert_all<A>(
+    txn: &DatabaseTransaction,
+    rows: impl IntoIterator<Item = A>,
+) -> Result<()>
 where
     A: ActiveModelTrait + Send,
     A: IntoActiveModel<A>,

@@ -8,7 +8,9 @@ use tasker_domain::{ManualClock, StepState, TaskRequest, TaskState};
 use tasker_store::testing::TestDatabase;
 use tasker_store::{Error, NewTask, RegistrationOutcome, Store, TaskFilter};
 
-const DIAMOND: &str = r#"
+mod execution;
+
+pub const DIAMOND: &str = r#"
 namespace: shop
 name: fulfil
 version: 1.0.0
@@ -23,19 +25,19 @@ steps:
   - { name: ship, handler: noop, depends_on: [reserve, charge] }
 "#;
 
-fn start() -> DateTime<Utc> {
+pub fn start() -> DateTime<Utc> {
     DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
         .unwrap()
         .with_timezone(&Utc)
 }
 
-async fn databases() -> (Arc<ManualClock>, Vec<TestDatabase>) {
+pub async fn databases() -> (Arc<ManualClock>, Vec<TestDatabase>) {
     let clock = Arc::new(ManualClock::new(start()));
     let databases = TestDatabase::all(clock.clone()).await;
     (clock, databases)
 }
 
-fn order(namespace: &str, template: &str, order_id: i64) -> NewTask {
+pub fn order(namespace: &str, template: &str, order_id: i64) -> NewTask {
     NewTask {
         namespace: namespace.into(),
         template: template.into(),

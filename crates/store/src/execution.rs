@@ -1,0 +1,788 @@
+//! Running steps: claiming ready steps under a lease, heartbeats, completing and failing
+//! attempts, expiring lost leases, and finishing tasks. Each operation is one transaction that
+//! also appends its transitions and events.
+//!
+//! Readiness (DESIGN.md invariant 5) is one indexed condition: a step whose parents are all
+//! done has `pending_parents = 0` (the counter drops as parents complete), and it is `pending`,
+//! or `error` with a retry time that has come. A step in `error` with no retry time failed for
+//! good. A claimed step whose attempt count is 1 came from `pending`, any later one from
+//! `error` (reopening a step resets its attempts).
+
+use crate::entities::{event, task, task_transition, workflow_step, workflow_step_edge};
+use crate::events::{
+    Subject, metadata, step_transition as step_rows, task_transition as task_rows,
+};
+use crate::records::{StepRecord, TaskRecord, convert_all};
+use crate::sql::Sql;
+use crate::{Error, Result, Store};
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ColumnTrait, DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    TransactionTrait,
+};
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tasker_domain::execution::{Failure, FailureOutcome, StepProgress, task_outcome};
+use tasker_domain::{Backoff, Dag, StateMachine, StepState, TaskState};
+use uuid::Uuid;
+
+/// What a worker asks for.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub worker_id: String,
+    /// Only steps with these handlers; empty means any.
+    pub handlers: Vec<String>,
+    /// Only steps of tasks in these namespaces; empty means any.
+    pub namespaces: Vec<String>,
+    pub limit: u32,
+    pub lease: Duration,
+}
+
+/// A step leased to a worker.
+#[derive(Debug, Clone)]
+pub struct ClaimedStep {
+    pub step: StepRecord,
+    pub lease_token: Uuid,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+/// A finished attempt to record.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub lease_token: Uuid,
+    pub results: Value,
+}
+
+/// What completing a batch did.
+#[derive(Debug, Clone, Default)]
+pub struct CompletionReport {
+    pub completed: Vec<StepRecord>,
+    /// Tokens that no longer hold a lease: nothing was recorded for them.
+    pub lost: Vec<Uuid>,
+    /// Steps that became claimable because of these completions.
+    pub newly_ready: usize,
+    /// Tasks that finished (complete or error) as a result.
+    pub finished_tasks: Vec<TaskRecord>,
+}
+
+/// A failed attempt to record.
+#[derive(Debug, Clone)]
+pub struct AttemptFailure {
+    pub lease_token: Uuid,
+    pub message: String,
+    /// Whether another attempt may help (a timeout may; a 404 may not).
+    pub retryable: bool,
+    /// The handler's own wait before a retry, in seconds (HTTP Retry-After).
+    pub retry_after_seconds: Option<f64>,
+}
+
+/// What a failure led to.
+#[derive(Debug, Clone)]
+pub struct FailureReport {
+    pub step: StepRecord,
+    pub newly_ready: usize,
+    pub finished_task: Option<TaskRecord>,
+}
+
+/// Inputs a worker needs besides the step itself.
+#[derive(Debug, Clone, Default)]
+pub struct StepInputs {
+    pub context: Value,
+    pub namespace: String,
+    pub template: String,
+    /// Results of the parent steps, by step name.
+    pub parent_results: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct TaskStepCounts {
+    task_id: Uuid,
+    total: i64,
+    done: i64,
+    failed: i64,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct ReadyChild {
+    pending_parents: i32,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct Wakeup {
+    due: Option<i64>,
+}
+
+const DONE_STATES: &str = "('complete', 'skipped', 'resolved_manually')";
+
+impl Store {
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.clock.now().timestamp_millis()
+    }
+
+    /// Leases up to `limit` ready steps to a worker in one statement, then records their
+    /// transitions and events, and starts their tasks if they were pending.
+    pub async fn claim_steps(&self, request: &ClaimRequest) -> Result<Vec<ClaimedStep>> {
+        let now = self.now();
+        let now_ms = now.timestamp_millis();
+        let lease_ms = i64::try_from(request.lease.as_millis()).unwrap_or(i64::MAX / 4);
+        let txn = self.db.begin().await?;
+        let mut sql = Sql::new(self.db.get_database_backend());
+        let postgres = sql.is_postgres();
+        if postgres {
+            sql.push("WITH ready AS (SELECT s.id FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
+        } else {
+            sql.push("UPDATE workflow_steps SET state = 'in_progress', attempts = attempts + 1, lease_token = randomblob(16), lease_holder = ")
+                .bind(request.worker_id.clone())
+                .push(", lease_expires_ms = ")
+                .bind(now_ms + lease_ms)
+                .push(", attempt_started_ms = ")
+                .bind(now_ms)
+                .push(", deadline_ms = CASE WHEN timeout_ms IS NULL THEN NULL ELSE ")
+                .bind(now_ms)
+                .push(" + timeout_ms END, next_attempt_ms = NULL, version = version + 1, updated_at = ")
+                .bind(now)
+                .push(" WHERE id IN (SELECT s.id FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
+        }
+        sql.push("s.pending_parents = 0 AND (s.state = 'pending' OR (s.state = 'error' AND s.next_attempt_ms <= ")
+            .bind(now_ms)
+            .push(")) AND t.state IN ('pending', 'in_progress')");
+        if !request.handlers.is_empty() {
+            sql.push(" AND s.handler IN ")
+                .bind_list(request.handlers.iter().cloned());
+        }
+        if !request.namespaces.is_empty() {
+            sql.push(" AND t.namespace IN ")
+                .bind_list(request.namespaces.iter().cloned());
+        }
+        sql.push(" ORDER BY s.id LIMIT ")
+            .bind(i64::from(request.limit));
+        if postgres {
+            sql.push(" FOR UPDATE OF s SKIP LOCKED) UPDATE workflow_steps AS s SET state = 'in_progress', attempts = s.attempts + 1, lease_token = gen_random_uuid(), lease_holder = ")
+                .bind(request.worker_id.clone())
+                .push(", lease_expires_ms = ")
+                .bind(now_ms + lease_ms)
+                .push(", attempt_started_ms = ")
+                .bind(now_ms)
+                .push(", deadline_ms = CASE WHEN s.timeout_ms IS NULL THEN NULL ELSE ")
+                .bind(now_ms)
+                .push(" + s.timeout_ms END, next_attempt_ms = NULL, version = s.version + 1, updated_at = ")
+                .bind(now)
+                .push(" FROM ready WHERE s.id = ready.id RETURNING s.*");
+        } else {
+            sql.push(") RETURNING *");
+        }
+        let claimed = workflow_step::Model::find_by_statement(sql.build())
+            .all(&txn)
+            .await?;
+        if claimed.is_empty() {
+            txn.commit().await?;
+            return Ok(Vec::new());
+        }
+        let task_ids: Vec<Uuid> = distinct(claimed.iter().map(|step| step.task_id));
+        let started = task::Entity::update_many()
+            .col_expr(
+                task::Column::State,
+                Expr::value(TaskState::InProgress.as_str()),
+            )
+            .col_expr(
+                task::Column::Version,
+                Expr::col(task::Column::Version).add(1),
+            )
+            .col_expr(task::Column::UpdatedAt, Expr::value(now))
+            .filter(task::Column::Id.is_in(task_ids.clone()))
+            .filter(task::Column::State.eq(TaskState::Pending.as_str()))
+            .exec_with_returning(&txn)
+            .await?;
+        let subjects = self.subjects(&txn, &task_ids, &started).await?;
+        let mut events = Vec::new();
+        let mut task_transitions = Vec::new();
+        for task in &started {
+            let (row, event) = task_rows(
+                subjects.subject(task.id),
+                Some(TaskState::Pending),
+                TaskState::InProgress,
+                task.version,
+                json!({}),
+                now,
+            );
+            task_transitions.push(row);
+            events.push(event);
+        }
+        let mut step_transitions = Vec::with_capacity(claimed.len());
+        let mut leases = Vec::with_capacity(claimed.len());
+        for model in claimed {
+            let from = if model.attempts == 1 {
+                StepState::Pending
+            } else {
+                StepState::Error
+            };
+            let (row, event) = step_rows(
+                subjects.subject(model.task_id),
+                model.id,
+                &model.name,
+                Some(from),
+                StepState::InProgress,
+                model.version,
+                json!({ "attempt": model.attempts, "worker_id": request.worker_id }),
+                now,
+            );
+            step_transitions.push(row);
+            events.push(event);
+            let lease_token = model.lease_token.unwrap_or_default();
+            let lease_expires_at =
+                DateTime::from_timestamp_millis(now_ms + lease_ms).unwrap_or(now);
+            leases.push(ClaimedStep {
+                step: model.try_into()?,
+                lease_token,
+                lease_expires_at,
+            });
+        }
+        crate::tasks::insert_all(&txn, task_transitions).await?;
+        crate::tasks::insert_all(&txn, step_transitions).await?;
+        crate::tasks::insert_all(&txn, events).await?;
+        txn.commit().await?;
+        Ok(leases)
+    }
+
+    /// Extends the leases still held; returns the new expiry for each live token (tokens
+    /// missing from the answer have lost their lease).
+    pub async fn heartbeat(
+        &self,
+        tokens: &[Uuid],
+        lease: Duration,
+    ) -> Result<HashMap<Uuid, DateTime<Utc>>> {
+        if tokens.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let now_ms = self.now_ms();
+        let expires_ms = now_ms + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
+        let updated = workflow_step::Entity::update_many()
+            .col_expr(
+                workflow_step::Column::LeaseExpiresMs,
+                Expr::value(expires_ms),
+            )
+            .filter(workflow_step::Column::LeaseToken.is_in(tokens.iter().copied()))
+            .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+            .filter(workflow_step::Column::LeaseExpiresMs.gte(now_ms))
+            .exec_with_returning(&self.db)
+            .await?;
+        let expires_at = DateTime::from_timestamp_millis(expires_ms).unwrap_or_default();
+        Ok(updated
+            .into_iter()
+            .filter_map(|step| step.lease_token)
+            .map(|token| (token, expires_at))
+            .collect())
+    }
+
+    /// Records finished attempts in one transaction: steps complete, their children's
+    /// dependency counters drop, and tasks whose steps are all done complete.
+    pub async fn complete_steps(&self, completions: &[Completion]) -> Result<CompletionReport> {
+        if completions.is_empty() {
+            return Ok(CompletionReport::default());
+        }
+        let now = self.now();
+        let now_ms = now.timestamp_millis();
+        let txn = self.db.begin().await?;
+        let mut sql = Sql::new(self.db.get_database_backend());
+        let postgres = sql.is_postgres();
+        sql.push("WITH v(token, results) AS (VALUES ");
+        for (i, completion) in completions.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.push("(").bind(completion.lease_token);
+            sql.push(if postgres { "::uuid, " } else { ", " });
+            sql.bind(completion.results.clone());
+            sql.push(if postgres { "::jsonb)" } else { ")" });
+        }
+        sql.push(") UPDATE workflow_steps AS s SET state = 'complete', results = v.results, lease_expires_ms = NULL, deadline_ms = NULL, last_error = NULL, version = s.version + 1, updated_at = ")
+            .bind(now)
+            .push(", completed_at = ")
+            .bind(now)
+            .push(" FROM v WHERE s.lease_token = v.token AND s.state = 'in_progress' AND s.lease_expires_ms >= ")
+            .bind(now_ms)
+            .push(if postgres { " RETURNING s.*" } else { " RETURNING *" });
+        let completed = workflow_step::Model::find_by_statement(sql.build())
+            .all(&txn)
+            .await?;
+        let done_ids: Vec<Uuid> = completed.iter().map(|step| step.id).collect();
+        let mut report = CompletionReport::default();
+        if completed.is_empty() {
+            txn.commit().await?;
+            report.lost = completions.iter().map(|c| c.lease_token).collect();
+            return Ok(report);
+        }
+        let task_ids = distinct(completed.iter().map(|step| step.task_id));
+        let subjects = self.subjects(&txn, &task_ids, &[]).await?;
+        let mut transitions = Vec::with_capacity(completed.len());
+        let mut events = Vec::with_capacity(completed.len());
+        for step in &completed {
+            let (row, event) = step_rows(
+                subjects.subject(step.task_id),
+                step.id,
+                &step.name,
+                Some(StepState::InProgress),
+                StepState::Complete,
+                step.version,
+                json!({ "attempt": step.attempts, "duration_ms": step.attempt_started_ms.map(|started| now_ms - started) }),
+                now,
+            );
+            transitions.push(row);
+            events.push(event);
+        }
+        report.newly_ready = self.release_children(&txn, &done_ids).await?;
+        let finished = self
+            .finalize_tasks(&txn, &task_ids, &subjects, now, &mut events)
+            .await?;
+        crate::tasks::insert_all(&txn, transitions).await?;
+        crate::tasks::insert_all(&txn, finished.1).await?;
+        crate::tasks::insert_all(&txn, events).await?;
+        txn.commit().await?;
+        // A completed step keeps the token that completed it; the others were lost.
+        let completed_tokens: HashSet<Uuid> = completed
+            .iter()
+            .filter_map(|step| step.lease_token)
+            .collect();
+        report.lost = completions
+            .iter()
+            .map(|c| c.lease_token)
+            .filter(|token| !completed_tokens.contains(token))
+            .collect();
+        report.completed = convert_all(completed)?;
+        report.finished_tasks = finished.0;
+        Ok(report)
+    }
+
+    /// Records a failed attempt: a retry after the backoff (or the handler's Retry-After), or,
+    /// with no attempts left or a final failure, `skipped` for a skippable step and `error`
+    /// otherwise. A token that no longer holds a lease changes nothing.
+    pub async fn fail_step(&self, failure: &AttemptFailure) -> Result<FailureReport> {
+        let now_ms = self.now_ms();
+        let txn = self.db.begin().await?;
+        let step = workflow_step::Entity::find()
+            .filter(workflow_step::Column::LeaseToken.eq(failure.lease_token))
+            .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+            .filter(workflow_step::Column::LeaseExpiresMs.gte(now_ms))
+            .one(&txn)
+            .await?
+            .ok_or(Error::LeaseLost)?;
+        let report = self
+            .record_failure(
+                &txn,
+                step,
+                &failure.message,
+                failure.retryable,
+                failure.retry_after_seconds,
+            )
+            .await?;
+        txn.commit().await?;
+        Ok(report)
+    }
+
+    /// Fails the attempts whose lease expired without a heartbeat, or that ran past their
+    /// step's timeout, as retryable failures. Returns how many it failed.
+    pub async fn expire_leases(&self) -> Result<usize> {
+        let now_ms = self.now_ms();
+        let txn = self.db.begin().await?;
+        let expired = workflow_step::Entity::find()
+            .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+            .filter(
+                sea_orm::Condition::any()
+                    .add(workflow_step::Column::LeaseExpiresMs.lt(now_ms))
+                    .add(workflow_step::Column::DeadlineMs.lt(now_ms)),
+            )
+            .order_by_asc(workflow_step::Column::Id)
+            .all(&txn)
+            .await?;
+        let count = expired.len();
+        for step in expired {
+            let message = match (step.deadline_ms, step.timeout_ms) {
+                (Some(deadline), Some(timeout)) if deadline < now_ms => {
+                    format!("the attempt timed out after {} s", timeout as f64 / 1000.0)
+                }
+                _ => {
+                    "the lease expired without a heartbeat (the worker is gone or stuck)".to_owned()
+                }
+            };
+            self.record_failure(&txn, step, &message, true, None)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(count)
+    }
+
+    /// The earliest time (epoch ms) at which a retry becomes due or a lease or attempt runs
+    /// out, so the engine can sleep until then instead of polling.
+    pub async fn next_wakeup_ms(&self) -> Result<Option<i64>> {
+        let mut sql = Sql::new(self.db.get_database_backend());
+        sql.push("SELECT MIN(due) AS due FROM (\
+            SELECT MIN(next_attempt_ms) AS due FROM workflow_steps WHERE state = 'error' AND next_attempt_ms IS NOT NULL \
+            UNION ALL SELECT MIN(lease_expires_ms) AS due FROM workflow_steps WHERE state = 'in_progress' \
+            UNION ALL SELECT MIN(deadline_ms) AS due FROM workflow_steps WHERE state = 'in_progress') AS wakeups");
+        let row = Wakeup::find_by_statement(sql.build()).one(&self.db).await?;
+        Ok(row.and_then(|row| row.due))
+    }
+
+    /// The task context and parent results each claimed step runs with.
+    pub async fn step_inputs(&self, steps: &[StepRecord]) -> Result<HashMap<Uuid, StepInputs>> {
+        if steps.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let task_ids = distinct(steps.iter().map(|step| step.task_id));
+        let tasks: HashMap<Uuid, TaskRecord> = self
+            .tasks_by_ids(&task_ids)
+            .await?
+            .into_iter()
+            .map(|task| (task.id, task))
+            .collect();
+        let mut sql = Sql::new(self.db.get_database_backend());
+        sql.push("SELECT e.child_step_id AS child_id, p.name AS name, p.results AS results FROM workflow_step_edges e JOIN workflow_steps p ON p.id = e.parent_step_id WHERE e.child_step_id IN ")
+            .bind_list(steps.iter().map(|step| step.id));
+        let parents = ParentResult::find_by_statement(sql.build())
+            .all(&self.db)
+            .await?;
+        let mut inputs: HashMap<Uuid, StepInputs> = steps
+            .iter()
+            .map(|step| {
+                let task = tasks.get(&step.task_id);
+                (
+                    step.id,
+                    StepInputs {
+                        context: task.map(|t| t.context.clone()).unwrap_or(Value::Null),
+                        namespace: task.map(|t| t.namespace.clone()).unwrap_or_default(),
+                        template: task.map(|t| t.template_name.clone()).unwrap_or_default(),
+                        parent_results: serde_json::Map::new(),
+                    },
+                )
+            })
+            .collect();
+        for parent in parents {
+            if let Some(input) = inputs.get_mut(&parent.child_id) {
+                input
+                    .parent_results
+                    .insert(parent.name, parent.results.unwrap_or(Value::Null));
+            }
+        }
+        Ok(inputs)
+    }
+
+    /// The failure path shared by workers' reports and expired leases.
+    async fn record_failure(
+        &self,
+        txn: &DatabaseTransaction,
+        step: workflow_step::Model,
+        message: &str,
+        retryable: bool,
+        retry_after_seconds: Option<f64>,
+    ) -> Result<FailureReport> {
+        let now = self.now();
+        let now_ms = now.timestamp_millis();
+        let backoff: Backoff = serde_json::from_value(step.backoff.clone()).unwrap_or_default();
+        let outcome = Failure {
+            attempts: u32::try_from(step.attempts).unwrap_or(0),
+            max_attempts: u32::try_from(step.max_attempts).unwrap_or(1),
+            step_retryable: step.retryable,
+            failure_retryable: retryable,
+            skippable: step.skippable,
+            backoff: &backoff,
+            retry_after_seconds,
+        }
+        .outcome(now_ms, unit_sample());
+        let (to, next_attempt_ms) = match outcome {
+            FailureOutcome::RetryAt(at) => (StepState::Error, Some(at)),
+            FailureOutcome::Skip => (StepState::Skipped, None),
+            FailureOutcome::Fail => (StepState::Error, None),
+        };
+        let message = truncate(message);
+        let version = step.version + 1;
+        let mut update = workflow_step::Entity::update_many()
+            .col_expr(workflow_step::Column::State, Expr::value(to.as_str()))
+            .col_expr(
+                workflow_step::Column::NextAttemptMs,
+                Expr::value(next_attempt_ms),
+            )
+            .col_expr(
+                workflow_step::Column::LastError,
+                Expr::value(message.clone()),
+            )
+            .col_expr(
+                workflow_step::Column::LeaseExpiresMs,
+                Expr::value(Option::<i64>::None),
+            )
+            .col_expr(
+                workflow_step::Column::DeadlineMs,
+                Expr::value(Option::<i64>::None),
+            )
+            .col_expr(workflow_step::Column::Version, Expr::value(version))
+            .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now));
+        if to == StepState::Skipped {
+            update = update.col_expr(workflow_step::Column::CompletedAt, Expr::value(now));
+        }
+        let updated = update
+            .filter(workflow_step::Column::Id.eq(step.id))
+            .filter(workflow_step::Column::Version.eq(step.version))
+            .exec_with_returning(txn)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or(Error::LeaseLost)?;
+        let subjects = self.subjects(txn, &[step.task_id], &[]).await?;
+        let mut events = Vec::new();
+        let (row, event) = step_rows(
+            subjects.subject(step.task_id),
+            step.id,
+            &step.name,
+            Some(StepState::InProgress),
+            to,
+            version,
+            metadata(&[
+                ("attempt", Some(json!(step.attempts))),
+                ("error", Some(json!(message))),
+                ("retry_at_ms", next_attempt_ms.map(|at| json!(at))),
+                ("retryable", Some(json!(retryable))),
+            ]),
+            now,
+        );
+        events.push(event);
+        let newly_ready = if to == StepState::Skipped {
+            self.release_children(txn, &[step.id]).await?
+        } else {
+            0
+        };
+        let (mut finished, task_transitions) = self
+            .finalize_tasks(txn, &[step.task_id], &subjects, now, &mut events)
+            .await?;
+        crate::tasks::insert_all(txn, [row]).await?;
+        crate::tasks::insert_all(txn, task_transitions).await?;
+        crate::tasks::insert_all(txn, events).await?;
+        Ok(FailureReport {
+            step: updated.try_into()?,
+            newly_ready,
+            finished_task: finished.pop(),
+        })
+    }
+
+    /// Drops the dependency counters of the children of steps that just became done;
+    /// returns how many children became claimable.
+    pub(crate) async fn release_children(
+        &self,
+        txn: &DatabaseTransaction,
+        parent_ids: &[Uuid],
+    ) -> Result<usize> {
+        if parent_ids.is_empty() {
+            return Ok(0);
+        }
+        let mut sql = Sql::new(self.db.get_database_backend());
+        sql.push("UPDATE workflow_steps SET pending_parents = pending_parents - (SELECT COUNT(*) FROM workflow_step_edges e WHERE e.child_step_id = workflow_steps.id AND e.parent_step_id IN ")
+            .bind_list(parent_ids.iter().copied())
+            .push(") WHERE id IN (SELECT child_step_id FROM workflow_step_edges WHERE parent_step_id IN ")
+            .bind_list(parent_ids.iter().copied())
+            .push(") RETURNING pending_parents");
+        let children = ReadyChild::find_by_statement(sql.build()).all(txn).await?;
+        Ok(children.iter().filter(|c| c.pending_parents == 0).count())
+    }
+
+    /// Moves running tasks whose steps are all done to `complete`, and those where a step
+    /// failed for good and nothing else can run to `error`. Their events are appended to
+    /// `events`; their transition rows are returned for the caller to insert.
+    pub(crate) async fn finalize_tasks(
+        &self,
+        txn: &DatabaseTransaction,
+        task_ids: &[Uuid],
+        subjects: &Subjects,
+        now: DateTime<Utc>,
+        events: &mut Vec<event::ActiveModel>,
+    ) -> Result<(Vec<TaskRecord>, Vec<task_transition::ActiveModel>)> {
+        let mut sql = Sql::new(self.db.get_database_backend());
+        sql.push("SELECT task_id, COUNT(*) AS total, SUM(CASE WHEN state IN ")
+            .push(DONE_STATES)
+            .push(" THEN 1 ELSE 0 END) AS done, SUM(CASE WHEN state = 'error' AND next_attempt_ms IS NULL THEN 1 ELSE 0 END) AS failed FROM workflow_steps WHERE task_id IN ")
+            .bind_list(task_ids.iter().copied())
+            .push(" GROUP BY task_id");
+        let counts = TaskStepCounts::find_by_statement(sql.build())
+            .all(txn)
+            .await?;
+        let complete: Vec<Uuid> = counts
+            .iter()
+            .filter(|c| c.done == c.total)
+            .map(|c| c.task_id)
+            .collect();
+        let suspects: Vec<Uuid> = counts
+            .iter()
+            .filter(|c| c.done < c.total && c.failed > 0)
+            .map(|c| c.task_id)
+            .collect();
+        let failed = self.blocked_tasks(txn, &suspects).await?;
+        let mut finished = Vec::new();
+        let mut transitions = Vec::new();
+        for (ids, to) in [(complete, TaskState::Complete), (failed, TaskState::Error)] {
+            if ids.is_empty() {
+                continue;
+            }
+            let updated = task::Entity::update_many()
+                .col_expr(task::Column::State, Expr::value(to.as_str()))
+                .col_expr(
+                    task::Column::Version,
+                    Expr::col(task::Column::Version).add(1),
+                )
+                .col_expr(task::Column::UpdatedAt, Expr::value(now))
+                .col_expr(task::Column::CompletedAt, Expr::value(now))
+                .filter(task::Column::Id.is_in(ids))
+                .filter(task::Column::State.eq(TaskState::InProgress.as_str()))
+                .exec_with_returning(txn)
+                .await?;
+            for task in updated {
+                let (row, event) = task_rows(
+                    subjects.subject(task.id),
+                    Some(TaskState::InProgress),
+                    to,
+                    task.version,
+                    json!({}),
+                    now,
+                );
+                transitions.push(row);
+                events.push(event);
+                finished.push(task.try_into()?);
+            }
+        }
+        Ok((finished, transitions))
+    }
+
+    /// Of tasks with a step that failed for good, those where nothing else can run.
+    async fn blocked_tasks(
+        &self,
+        txn: &DatabaseTransaction,
+        task_ids: &[Uuid],
+    ) -> Result<Vec<Uuid>> {
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let steps = workflow_step::Entity::find()
+            .filter(workflow_step::Column::TaskId.is_in(task_ids.iter().copied()))
+            .order_by_asc(workflow_step::Column::Position)
+            .all(txn)
+            .await?;
+        let edges = workflow_step_edge::Entity::find()
+            .filter(workflow_step_edge::Column::TaskId.is_in(task_ids.iter().copied()))
+            .all(txn)
+            .await?;
+        let mut blocked = Vec::new();
+        for &task_id in task_ids {
+            let own: Vec<&workflow_step::Model> =
+                steps.iter().filter(|s| s.task_id == task_id).collect();
+            let index: HashMap<Uuid, usize> =
+                own.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+            let dag = Dag::new(
+                own.len(),
+                edges
+                    .iter()
+                    .filter(|e| e.task_id == task_id)
+                    .filter_map(|e| {
+                        Some((
+                            *index.get(&e.parent_step_id)?,
+                            *index.get(&e.child_step_id)?,
+                        ))
+                    }),
+            );
+            let progress: Vec<StepProgress> = own
+                .iter()
+                .map(|s| {
+                    Ok(StepProgress {
+                        state: StepState::parse(&s.state)?,
+                        next_attempt_ms: s.next_attempt_ms,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            if task_outcome(&progress, &dag) == Some(TaskState::Error) {
+                blocked.push(task_id);
+            }
+        }
+        Ok(blocked)
+    }
+
+    /// Namespace and template of each task, for event payloads.
+    pub(crate) async fn subjects(
+        &self,
+        txn: &DatabaseTransaction,
+        task_ids: &[Uuid],
+        known: &[task::Model],
+    ) -> Result<Subjects> {
+        let mut names: HashMap<Uuid, (String, String)> = known
+            .iter()
+            .map(|t| (t.id, (t.namespace.clone(), t.template_name.clone())))
+            .collect();
+        let missing: Vec<Uuid> = task_ids
+            .iter()
+            .copied()
+            .filter(|id| !names.contains_key(id))
+            .collect();
+        if !missing.is_empty() {
+            let mut sql = Sql::new(self.db.get_database_backend());
+            sql.push("SELECT id, namespace, template_name FROM tasks WHERE id IN ")
+                .bind_list(missing);
+            for row in TaskNames::find_by_statement(sql.build()).all(txn).await? {
+                names.insert(row.id, (row.namespace, row.template_name));
+            }
+        }
+        Ok(Subjects { names })
+    }
+}
+
+#[derive(Debug, FromQueryResult)]
+struct TaskNames {
+    id: Uuid,
+    namespace: String,
+    template_name: String,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct ParentResult {
+    child_id: Uuid,
+    name: String,
+    results: Option<Value>,
+}
+
+/// Namespace and template names by task id.
+pub(crate) struct Subjects {
+    names: HashMap<Uuid, (String, String)>,
+}
+
+impl Subjects {
+    pub fn subject(&self, task_id: Uuid) -> Subject<'_> {
+        let (namespace, template) = self
+            .names
+            .get(&task_id)
+            .map_or(("", ""), |(n, t)| (n.as_str(), t.as_str()));
+        Subject {
+            namespace,
+            template,
+            task_id,
+        }
+    }
+}
+
+/// A uniform sample in [0, 1) for backoff jitter.
+fn unit_sample() -> f64 {
+    (Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
+}
+
+fn truncate(message: &str) -> String {
+    const LIMIT: usize = 4096;
+    if message.len() <= LIMIT {
+        return message.to_owned();
+    }
+    let mut end = LIMIT;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_owned()
+}
+
+fn distinct(ids: impl Iterator<Item = Uuid>) -> Vec<Uuid> {
+    let mut ids: Vec<Uuid> = ids.collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}

@@ -1,0 +1,423 @@
+//! Claiming, leases, completion, failure, retries and task finishing, with a manual clock.
+
+use crate::{DIAMOND, databases, order};
+use chrono::Duration as Minutes;
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::Duration;
+use tasker_domain::{StepState, TaskState};
+use tasker_store::{
+    AttemptFailure, ClaimRequest, ClaimedStep, Completion, Error, Store, TaskFilter,
+};
+
+fn claim(limit: u32) -> ClaimRequest {
+    ClaimRequest {
+        worker_id: "worker-1".into(),
+        handlers: vec![],
+        namespaces: vec![],
+        limit,
+        lease: Duration::from_secs(30),
+    }
+}
+
+fn names(claimed: &[ClaimedStep]) -> Vec<String> {
+    let mut names: Vec<String> = claimed.iter().map(|c| c.step.name.clone()).collect();
+    names.sort();
+    names
+}
+
+async fn complete(store: &Store, claimed: &[ClaimedStep]) -> tasker_store::CompletionReport {
+    let completions: Vec<Completion> = claimed
+        .iter()
+        .map(|c| Completion {
+            lease_token: c.lease_token,
+            results: json!({ "done": c.step.name }),
+        })
+        .collect();
+    store.complete_steps(&completions).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_diamond_runs_in_dependency_order_and_completes_its_task() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let task = store
+            .create_task(order("shop", "fulfil", 1))
+            .await
+            .unwrap()
+            .task;
+
+        let first = store.claim_steps(&claim(10)).await.unwrap();
+        assert_eq!(names(&first), ["validate"], "{}", db.backend());
+        assert_eq!(first[0].step.attempts, 1);
+        assert_eq!(first[0].step.state, StepState::InProgress);
+        assert_eq!(
+            store.task(task.id).await.unwrap().state,
+            TaskState::InProgress
+        );
+        assert!(store.claim_steps(&claim(10)).await.unwrap().is_empty());
+
+        let report = complete(store, &first).await;
+        assert_eq!(report.completed.len(), 1);
+        assert_eq!(report.newly_ready, 2);
+        let middle = store.claim_steps(&claim(10)).await.unwrap();
+        assert_eq!(names(&middle), ["charge", "reserve"]);
+        let inputs = store.step_inputs(&[middle[0].step.clone()]).await.unwrap();
+        let input = &inputs[&middle[0].step.id];
+        assert_eq!(input.context, json!({ "order_id": 1 }));
+        assert_eq!(
+            input.parent_results["validate"],
+            json!({ "done": "validate" })
+        );
+
+        complete(store, &middle).await;
+        let last = store.claim_steps(&claim(10)).await.unwrap();
+        assert_eq!(names(&last), ["ship"]);
+        let report = complete(store, &last).await;
+        assert_eq!(report.finished_tasks.len(), 1);
+        assert_eq!(report.finished_tasks[0].state, TaskState::Complete);
+
+        let transitions = store.task_transitions(&[task.id]).await.unwrap();
+        let states: Vec<_> = transitions.iter().map(|t| t.to_state).collect();
+        assert_eq!(
+            states,
+            [
+                TaskState::Pending,
+                TaskState::InProgress,
+                TaskState::Complete
+            ]
+        );
+        let steps = store.steps_for_tasks(&[task.id]).await.unwrap();
+        assert!(steps.iter().all(|s| s.state == StepState::Complete));
+        let ids: Vec<_> = steps.iter().map(|s| s.id).collect();
+        let step_transitions = store.step_transitions(&ids).await.unwrap();
+        assert_eq!(
+            step_transitions.len(),
+            12,
+            "created, started, completed per step"
+        );
+        let events = store.events_for_tasks(&[task.id]).await.unwrap();
+        let count = |name: &str| events.iter().filter(|e| e.name == name).count();
+        assert_eq!(
+            (
+                count("task.started"),
+                count("step.started"),
+                count("step.completed"),
+                count("task.completed")
+            ),
+            (1, 4, 4, 1)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_lease_fences_a_worker_that_lost_it() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+        let claimed = store.claim_steps(&claim(1)).await.unwrap();
+        let token = claimed[0].lease_token;
+
+        // A heartbeat keeps it; past its expiry the worker has lost it.
+        clock.advance(Minutes::seconds(20));
+        let alive = store
+            .heartbeat(&[token], Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(alive.contains_key(&token));
+        clock.advance(Minutes::seconds(31));
+        assert!(
+            store
+                .heartbeat(&[token], Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let report = complete(store, &claimed).await;
+        assert!(report.completed.is_empty());
+        assert_eq!(report.lost, vec![token]);
+        assert!(matches!(
+            store
+                .fail_step(&AttemptFailure {
+                    lease_token: token,
+                    message: "late".into(),
+                    retryable: true,
+                    retry_after_seconds: None
+                })
+                .await,
+            Err(Error::LeaseLost)
+        ));
+
+        // The reaper turns the expired lease into a retryable failure with backoff.
+        assert_eq!(store.expire_leases().await.unwrap(), 1);
+        let step = store.step(claimed[0].step.id).await.unwrap();
+        assert_eq!(step.state, StepState::Error);
+        assert!(
+            step.last_error
+                .as_deref()
+                .unwrap()
+                .contains("lease expired")
+        );
+        assert!(
+            store.claim_steps(&claim(1)).await.unwrap().is_empty(),
+            "backoff not yet elapsed"
+        );
+        assert_eq!(
+            store.next_wakeup_ms().await.unwrap(),
+            step.next_attempt_at.map(|at| at.timestamp_millis())
+        );
+        clock.advance(Minutes::seconds(2));
+        let again = store.claim_steps(&claim(1)).await.unwrap();
+        assert_eq!(again[0].step.id, claimed[0].step.id);
+        assert_eq!(again[0].step.attempts, 2);
+        assert_ne!(again[0].lease_token, token);
+        // The old token still cannot complete the new attempt.
+        assert_eq!(complete(store, &claimed).await.lost, vec![token]);
+        assert_eq!(complete(store, &again).await.completed.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn failures_retry_then_fail_the_task_or_skip_and_let_dependents_run() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let template = DIAMOND
+            .replace("name: fulfil", "name: flaky")
+            .replace(
+                "{ name: charge, handler: noop, depends_on: [validate] }",
+                "{ name: charge, handler: noop, depends_on: [validate], retry: { max_attempts: 2, backoff: { base: 1, jitter: 0 } } }",
+            )
+            .replace(
+                "{ name: reserve, handler: noop, depends_on: [validate] }",
+                "{ name: reserve, handler: noop, depends_on: [validate], skippable: true, retry: { retryable: false } }",
+            );
+        store.register_template(&template, false).await.unwrap();
+        let task = store
+            .create_task(order("shop", "flaky", 1))
+            .await
+            .unwrap()
+            .task;
+        let root = store.claim_steps(&claim(10)).await.unwrap();
+        complete(store, &root).await;
+        let middle = store.claim_steps(&claim(10)).await.unwrap();
+        let by_name = |name: &str| {
+            middle
+                .iter()
+                .find(|c| c.step.name == name)
+                .unwrap()
+                .lease_token
+        };
+        let fail = |token, retryable| AttemptFailure {
+            lease_token: token,
+            message: "boom".into(),
+            retryable,
+            retry_after_seconds: None,
+        };
+
+        // reserve: one attempt only, skippable: skipped at once.
+        let skipped = store
+            .fail_step(&fail(by_name("reserve"), true))
+            .await
+            .unwrap();
+        assert_eq!(skipped.step.state, StepState::Skipped);
+        assert_eq!(skipped.newly_ready, 0, "ship still waits for charge");
+
+        // charge: retried once after its backoff, then fails for good.
+        let failed = store
+            .fail_step(&fail(by_name("charge"), true))
+            .await
+            .unwrap();
+        assert_eq!(failed.step.state, StepState::Error);
+        assert!(failed.step.next_attempt_at.is_some());
+        assert!(failed.finished_task.is_none());
+        clock.advance(Minutes::seconds(1));
+        let retry = store.claim_steps(&claim(10)).await.unwrap();
+        assert_eq!(names(&retry), ["charge"]);
+        let last = store
+            .fail_step(&fail(retry[0].lease_token, true))
+            .await
+            .unwrap();
+        assert_eq!(last.step.state, StepState::Error);
+        assert!(last.step.next_attempt_at.is_none());
+        let finished = last.finished_task.expect("the task fails");
+        assert_eq!(finished.state, TaskState::Error);
+        assert_eq!(store.task(task.id).await.unwrap().state, TaskState::Error);
+        assert!(store.claim_steps(&claim(10)).await.unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_skipped_step_lets_its_dependents_run() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let template = DIAMOND.replace(
+            "{ name: validate, handler: noop }",
+            "{ name: validate, handler: noop, skippable: true, retry: { retryable: false } }",
+        );
+        store.register_template(&template, false).await.unwrap();
+        store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+        let root = store.claim_steps(&claim(10)).await.unwrap();
+        let report = store
+            .fail_step(&AttemptFailure {
+                lease_token: root[0].lease_token,
+                message: "HTTP 404".into(),
+                retryable: false,
+                retry_after_seconds: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(report.step.state, StepState::Skipped);
+        assert_eq!(report.newly_ready, 2);
+        assert_eq!(
+            names(&store.claim_steps(&claim(10)).await.unwrap()),
+            ["charge", "reserve"]
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_attempt_past_its_timeout_fails_even_with_heartbeats() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let template = DIAMOND.replace(
+            "{ name: validate, handler: noop }",
+            "{ name: validate, handler: noop, timeout: 5s }",
+        );
+        store.register_template(&template, false).await.unwrap();
+        store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+        let claimed = store.claim_steps(&claim(1)).await.unwrap();
+        clock.advance(Minutes::seconds(4));
+        store
+            .heartbeat(&[claimed[0].lease_token], Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(store.expire_leases().await.unwrap(), 0);
+        clock.advance(Minutes::seconds(2));
+        assert_eq!(store.expire_leases().await.unwrap(), 1);
+        let step = store.step(claimed[0].step.id).await.unwrap();
+        assert_eq!(step.state, StepState::Error);
+        assert!(step.last_error.unwrap().contains("timed out after 5 s"));
+    }
+}
+
+#[tokio::test]
+async fn cancelled_tasks_and_foreign_handlers_are_not_claimed() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let cancelled = store
+            .create_task(order("shop", "fulfil", 1))
+            .await
+            .unwrap()
+            .task;
+        store.cancel_task(cancelled.id, None).await.unwrap();
+        let other = ClaimRequest {
+            handlers: vec!["payments.charge".into()],
+            ..claim(10)
+        };
+        store.create_task(order("shop", "fulfil", 2)).await.unwrap();
+        assert!(store.claim_steps(&other).await.unwrap().is_empty());
+        let elsewhere = ClaimRequest {
+            namespaces: vec!["billing".into()],
+            ..claim(10)
+        };
+        assert!(store.claim_steps(&elsewhere).await.unwrap().is_empty());
+        let claimed = store.claim_steps(&claim(10)).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_ne!(claimed[0].step.task_id, cancelled.id);
+    }
+}
+
+/// Claiming a batch costs the same few statements whatever its size.
+#[tokio::test]
+async fn claiming_and_completing_cost_a_constant_number_of_statements() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let mut costs = Vec::new();
+        for batch in [5, 50] {
+            // Each round in its own namespace, so both rounds have the same shape.
+            let namespace = format!("round{batch}");
+            let template = DIAMOND.replace("namespace: shop", &format!("namespace: {namespace}"));
+            store.register_template(&template, false).await.unwrap();
+            for i in 0..batch {
+                store
+                    .create_task(order(&namespace, "fulfil", i))
+                    .await
+                    .unwrap();
+            }
+            let request = ClaimRequest {
+                namespaces: vec![namespace],
+                ..claim(batch as u32)
+            };
+            let before = store.statement_count();
+            let claimed = store.claim_steps(&request).await.unwrap();
+            let claim_cost = store.statement_count() - before;
+            assert_eq!(claimed.len(), batch as usize);
+            let before = store.statement_count();
+            complete(store, &claimed).await;
+            let complete_cost = store.statement_count() - before;
+            println!(
+                "{}: claiming {batch} steps: {claim_cost} statements (one claim statement); completing them: {complete_cost}",
+                db.backend()
+            );
+            costs.push((claim_cost, complete_cost));
+        }
+        assert_eq!(costs[0], costs[1], "{}", db.backend());
+    }
+}
+
+/// Many workers claiming at once never share a step.
+#[tokio::test]
+async fn concurrent_claims_never_lease_a_step_twice() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = db.store.clone();
+        store.register_template(DIAMOND, false).await.unwrap();
+        for i in 0..100 {
+            store.create_task(order("shop", "fulfil", i)).await.unwrap();
+        }
+        let workers: Vec<_> = (0..8)
+            .map(|w| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut mine = Vec::new();
+                    loop {
+                        let request = ClaimRequest {
+                            worker_id: format!("w{w}"),
+                            ..claim(7)
+                        };
+                        let claimed = store.claim_steps(&request).await.unwrap();
+                        if claimed.is_empty() {
+                            break mine;
+                        }
+                        mine.extend(claimed.iter().map(|c| c.step.id));
+                        complete(&store, &claimed).await;
+                    }
+                })
+            })
+            .collect();
+        let mut seen = HashSet::new();
+        let mut total = 0;
+        for worker in workers {
+            for id in worker.await.unwrap() {
+                total += 1;
+                assert!(seen.insert(id), "step {id} was leased twice");
+            }
+        }
+        assert_eq!(total, 400, "{}", db.backend());
+        let complete = tasker_store::TaskFilter {
+            states: vec![TaskState::Complete],
+            ..TaskFilter::default()
+        };
+        assert_eq!(store.count_tasks(&complete).await.unwrap(), 100);
+    }
+}
