@@ -45,6 +45,10 @@ pub struct Cli {
     #[arg(long, env = "TASKER_NO_EXAMPLES", global = true)]
     pub no_examples: bool,
 
+    /// Steps the embedded worker pool runs at once (built-in handlers); 0 turns it off.
+    #[arg(long, env = "TASKER_WORKERS", global = true)]
+    pub workers: Option<usize>,
+
     /// Log format.
     #[arg(long, env = "TASKER_LOG_FORMAT", global = true, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -88,6 +92,7 @@ struct FileSettings {
     database_url: Option<String>,
     data_dir: Option<PathBuf>,
     examples: Option<bool>,
+    workers: Option<usize>,
     log_format: Option<LogFormat>,
     db_max_connections: Option<u32>,
     max_body_bytes: Option<usize>,
@@ -101,6 +106,7 @@ pub struct Settings {
     database_url: Option<String>,
     data_dir: PathBuf,
     pub examples: bool,
+    pub workers: usize,
     pub log_format: LogFormat,
     pub db_max_connections: u32,
     max_body_bytes: usize,
@@ -131,6 +137,7 @@ impl Settings {
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("tasker-data")),
             examples: !cli.no_examples && file.examples.unwrap_or(true),
+            workers: cli.workers.or(file.workers).unwrap_or(64),
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
             db_max_connections: cli
                 .db_max_connections

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use config::{Cli, Command, LogFormat, Settings};
 use std::sync::Arc;
-use tasker_engine::BundledTemplate;
+use tasker_engine::{BundledTemplate, Engine, WorkerPoolConfig};
 use tasker_store::{Store, StoreOptions};
 use tracing_subscriber::EnvFilter;
 
@@ -99,8 +99,28 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         database = %settings.database_description(),
         "listening; open http://{address}/ for the playground"
     );
-    let app = tasker_api::router(store.clone(), settings.http_limits());
+    let engine = Engine::new(store.clone());
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut background = Vec::new();
+    if settings.workers > 0 {
+        let config = WorkerPoolConfig {
+            concurrency: settings.workers,
+            ..WorkerPoolConfig::default()
+        };
+        background.push(tokio::spawn(
+            engine.clone().run_workers(config, stopping.clone()),
+        ));
+    }
+    background.push(tokio::spawn(engine.clone().run_maintenance(stopping)));
+    let app = tasker_api::router(engine, settings.http_limits());
     tasker_api::serve(listener, app, shutdown_signal()).await?;
+    // Stop claiming, let the batch in hand be recorded, then close the pool.
+    let _ = stop.send(true);
+    for task in background {
+        if let Err(err) = task.await {
+            tracing::error!(error = %err, "a background task ended abnormally");
+        }
+    }
     store.close().await?;
     tracing::info!("stopped");
     Ok(())

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod binary;
+mod execution;
 mod support;
 mod tour;
 mod websocket;

@@ -4,8 +4,9 @@ use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tasker_domain::SystemClock;
+use tasker_engine::{Engine, WorkerPoolConfig};
 use tasker_store::testing::TestDatabase;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 pub const DIAMOND: &str = r#"
 namespace: shop
@@ -25,6 +26,7 @@ steps:
 /// A running server; stopped (and its database dropped) at the end of the test.
 pub struct TestServer {
     pub address: SocketAddr,
+    pub engine: Arc<Engine>,
     pub db: TestDatabase,
     client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
@@ -41,16 +43,38 @@ impl TestServer {
         servers
     }
 
+    /// A server with no embedded workers: steps stay where the test puts them.
     pub async fn start(db: TestDatabase) -> TestServer {
+        Self::start_with(db, false).await
+    }
+
+    /// A server whose embedded worker pool and timers run built-in steps.
+    pub async fn start_running(db: TestDatabase) -> TestServer {
+        Self::start_with(db, true).await
+    }
+
+    async fn start_with(db: TestDatabase, run_steps: bool) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let app = tasker_api::router(db.store.clone(), tasker_api::HttpLimits::default());
+        let engine = Engine::new(db.store.clone());
+        let (stop_engine, stopping) = watch::channel(false);
+        if run_steps {
+            tokio::spawn(
+                engine
+                    .clone()
+                    .run_workers(WorkerPoolConfig::default(), stopping.clone()),
+            );
+            tokio::spawn(engine.clone().run_maintenance(stopping));
+        }
+        let app = tasker_api::router(engine.clone(), tasker_api::HttpLimits::default());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(tasker_api::serve(listener, app, async {
+        let task = tokio::spawn(tasker_api::serve(listener, app, async move {
             let _ = stopped.await;
+            let _ = stop_engine.send(true);
         }));
         TestServer {
             address,
+            engine,
             db,
             client: reqwest::Client::new(),
             stop: Some(stop),

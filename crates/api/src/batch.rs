@@ -54,6 +54,10 @@ impl TaskSet {
         })
     }
 
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn tasks(&self) -> &[TaskRecord] {
         &self.tasks
     }

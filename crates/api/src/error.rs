@@ -101,6 +101,18 @@ impl From<tasker_store::Error> for ApiError {
     }
 }
 
+impl From<tasker_engine::Error> for ApiError {
+    fn from(err: tasker_engine::Error) -> Self {
+        match err {
+            tasker_engine::Error::Store(err) => err.into(),
+            other => {
+                tracing::error!(error = %other, "engine operation failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
 /// Turns any store or API result into a GraphQL result carrying its code. Resolvers use
 /// `.gql()?` so that no error reaches a client without one.
 pub trait GqlResultExt<T> {

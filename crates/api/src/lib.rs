@@ -9,6 +9,7 @@ mod objects;
 mod playground;
 mod schema;
 mod server;
+mod workers;
 
 pub use error::ApiError;
 pub use schema::{MAX_PAGE_SIZE, TaskerSchema, build_schema, sdl};

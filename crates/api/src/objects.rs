@@ -8,6 +8,9 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
+use tasker_domain::execution::{
+    ExecutionStatus, StepProgress, completion_percentage, execution_status,
+};
 use tasker_domain::{Dag, StepState, TaskState, TaskTemplate};
 use tasker_store::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
@@ -367,6 +370,20 @@ impl Task {
         Ok(records.iter().cloned().map(TaskTransition).collect())
     }
 
+    /// Where execution stands: ready steps, processing, waiting for a retry, blocked by a
+    /// failure, or all complete.
+    async fn execution_status(&self) -> Result<ExecutionStatusValue> {
+        let (progress, dag) = self.progress().await?;
+        let now = self.set.store().clock().now().timestamp_millis();
+        Ok(execution_status(&progress, &dag, now).into())
+    }
+
+    /// The share of steps complete, skipped or resolved, 0 to 100.
+    async fn completion_percentage(&self) -> Result<f64> {
+        let (progress, _) = self.progress().await?;
+        Ok(completion_percentage(&progress))
+    }
+
     /// How many steps are in each state.
     async fn step_counts(&self) -> Result<StepCounts> {
         Ok(StepCounts::of(self.set.steps(self.record.id).await.gql()?))
@@ -383,6 +400,66 @@ impl Task {
     async fn events(&self) -> Result<Vec<Event>> {
         let records = self.set.events(self.record.id).await.gql()?;
         Ok(records.iter().cloned().map(Event).collect())
+    }
+}
+
+impl Task {
+    async fn progress(&self) -> Result<(Vec<StepProgress>, Dag)> {
+        let steps = self.set.steps(self.record.id).await.gql()?;
+        let edges = self.set.edges(self.record.id).await.gql()?;
+        let progress = steps
+            .iter()
+            .map(|step| StepProgress {
+                state: step.state,
+                next_attempt_ms: step.next_attempt_at.map(|at| at.timestamp_millis()),
+            })
+            .collect();
+        Ok((progress, step_dag(steps, edges)))
+    }
+}
+
+/// A task's steps as a DAG over their positions in `steps`.
+fn step_dag(steps: &[StepRecord], edges: &[EdgeRecord]) -> Dag {
+    let index: HashMap<Uuid, usize> = steps.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+    Dag::new(
+        steps.len(),
+        edges.iter().filter_map(|edge| {
+            Some((
+                *index.get(&edge.parent_step_id)?,
+                *index.get(&edge.child_step_id)?,
+            ))
+        }),
+    )
+}
+
+/// Where a task's execution stands.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "ExecutionStatus")]
+pub enum ExecutionStatusValue {
+    /// At least one step can be claimed now.
+    HasReadySteps,
+    /// Steps are running and nothing else can start yet.
+    Processing,
+    /// Nothing runs; failed steps wait for their retry time.
+    WaitingForRetry,
+    /// A step failed for good and nothing else can run.
+    BlockedByFailures,
+    /// Every step is complete, skipped or resolved.
+    AllComplete,
+    /// Nothing can run and nothing failed: the remaining steps were cancelled.
+    Halted,
+}
+
+impl From<ExecutionStatus> for ExecutionStatusValue {
+    fn from(status: ExecutionStatus) -> Self {
+        match status {
+            ExecutionStatus::HasReadySteps => Self::HasReadySteps,
+            ExecutionStatus::Processing => Self::Processing,
+            ExecutionStatus::WaitingForRetry => Self::WaitingForRetry,
+            ExecutionStatus::BlockedByFailures => Self::BlockedByFailures,
+            ExecutionStatus::AllComplete => Self::AllComplete,
+            ExecutionStatus::Halted => Self::Halted,
+        }
     }
 }
 
@@ -767,17 +844,7 @@ pub struct GraphLevel {
 
 impl TaskGraph {
     fn build(steps: &[StepRecord], edges: &[EdgeRecord]) -> Self {
-        let index: HashMap<Uuid, usize> =
-            steps.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
-        let dag = Dag::new(
-            steps.len(),
-            edges.iter().filter_map(|edge| {
-                Some((
-                    *index.get(&edge.parent_step_id)?,
-                    *index.get(&edge.child_step_id)?,
-                ))
-            }),
-        );
+        let dag = step_dag(steps, edges);
         // A stored task's graph is acyclic (templates are validated); fall back to flat levels.
         let levels = dag.levels().unwrap_or_else(|| vec![0; steps.len()]);
         let by_level = dag

@@ -10,8 +10,8 @@ use async_graphql::extensions::{
 };
 use async_graphql::parser::types::ExecutableDocument;
 use async_graphql::{
-    Context, Enum, ID, InputObject, Json, Object, Response, Result, Schema, ServerError,
-    ServerResult, SimpleObject, Subscription, Variables,
+    Context, Enum, ID, InputObject, Json, MergedObject, Object, Response, Result, Schema,
+    ServerError, ServerResult, SimpleObject, Subscription, Variables,
 };
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
@@ -19,19 +19,25 @@ use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tasker_domain::TaskRequest;
+use tasker_engine::Engine;
 use tasker_store::{NewTask, RegistrationOutcome, Store, TaskFilter};
 use tokio_stream::wrappers::IntervalStream;
 
 /// The whole schema type.
 pub type TaskerSchema = Schema<Query, Mutation, Subscription>;
 
+/// Every mutation: task lifecycle and the worker protocol.
+#[derive(MergedObject, Default)]
+pub struct Mutation(TaskMutation, crate::workers::WorkerMutation);
+
 /// The most tasks one page may hold.
 pub const MAX_PAGE_SIZE: i32 = 100;
 
-/// Builds the schema around a store. Loaders are added per request by the server.
-pub fn build_schema(store: Store) -> TaskerSchema {
-    Schema::build(Query, Mutation, Subscription)
-        .data(store)
+/// Builds the schema around the engine (and its store).
+pub fn build_schema(engine: Arc<Engine>) -> TaskerSchema {
+    Schema::build(Query, Mutation::default(), Subscription)
+        .data(engine.store().clone())
+        .data(engine)
         .extension(ErrorCodes)
         .limit_depth(32)
         .limit_recursive_depth(32)
@@ -40,11 +46,17 @@ pub fn build_schema(store: Store) -> TaskerSchema {
 
 /// The SDL that `tasker schema` prints and `schema.graphql` holds.
 pub fn sdl() -> String {
-    Schema::build(Query, Mutation, Subscription).finish().sdl()
+    Schema::build(Query, Mutation::default(), Subscription)
+        .finish()
+        .sdl()
 }
 
-fn store<'a>(ctx: &'a Context<'_>) -> &'a Store {
+pub(crate) fn store<'a>(ctx: &'a Context<'_>) -> &'a Store {
     ctx.data_unchecked::<Store>()
+}
+
+pub(crate) fn engine<'a>(ctx: &'a Context<'_>) -> &'a Arc<Engine> {
+    ctx.data_unchecked::<Arc<Engine>>()
 }
 
 pub struct Query;
@@ -233,7 +245,8 @@ pub struct PageInfo {
     end_cursor: Option<String>,
 }
 
-pub struct Mutation;
+#[derive(Default)]
+pub struct TaskMutation;
 
 #[derive(InputObject)]
 pub struct RegisterTemplateInput {
@@ -297,7 +310,7 @@ pub struct CancelTaskPayload {
 }
 
 #[Object]
-impl Mutation {
+impl TaskMutation {
     /// Registers a template version. Identical content is accepted again without change; a
     /// different definition under an existing version is a CONFLICT unless `replace` is true.
     async fn register_template(
@@ -325,7 +338,7 @@ impl Mutation {
         ctx: &Context<'_>,
         input: CreateTaskInput,
     ) -> Result<CreateTaskPayload> {
-        let creation = store(ctx)
+        let creation = engine(ctx)
             .create_task(NewTask {
                 namespace: input.namespace,
                 template: input.template,
@@ -357,7 +370,7 @@ impl Mutation {
         input: CancelTaskInput,
     ) -> Result<CancelTaskPayload> {
         let id = parse_id(&input.id, "input.id").gql()?;
-        let task = store(ctx).cancel_task(id, input.reason).await.gql()?;
+        let task = engine(ctx).cancel_task(id, input.reason).await.gql()?;
         Ok(CancelTaskPayload {
             task: Task::single(store(ctx).clone(), task),
         })
@@ -466,7 +479,7 @@ mod tests {
             .with_timezone(&Utc);
         let clock = Arc::new(ManualClock::new(start));
         let db = TestDatabase::sqlite(clock.clone()).await;
-        let schema = build_schema(db.store.clone());
+        let schema = build_schema(Engine::new(db.store.clone()));
         // Time stands still unless the runtime is idle, then jumps to the next timer.
         tokio::time::pause();
         let mut stream =

@@ -13,7 +13,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+use tasker_engine::Engine;
 use tasker_store::Store;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -46,10 +48,10 @@ struct AppState {
 }
 
 /// The whole application as an axum router.
-pub fn router(store: Store, limits: HttpLimits) -> Router {
+pub fn router(engine: Arc<Engine>, limits: HttpLimits) -> Router {
     let state = AppState {
-        schema: build_schema(store.clone()),
-        store,
+        schema: build_schema(engine.clone()),
+        store: engine.store().clone(),
         limits: limits.clone(),
         playground: playground::page().into(),
     };

@@ -1,7 +1,24 @@
-//! Tasker's running orchestrator. Today it prepares a fresh installation (the example
-//! templates); the worker pool, lease reaper, timers and event pump build on it.
+//! Tasker's running orchestrator: the operations that change what can run (so they wake whoever
+//! waits for work), the embedded worker pool that runs built-in handlers, and the maintenance
+//! loop that fails lost leases and wakes steps whose retry time has come. Nothing polls on a
+//! fixed interval on the hot path: a completion that makes children ready wakes the workers at
+//! once; timers sleep until the earliest due time; a slow safety sweep backs them up.
 
-use tasker_store::{RegistrationOutcome, Store};
+mod handlers;
+mod seed;
+mod workers;
+
+pub use handlers::BUILT_IN_HANDLERS;
+pub use seed::{BundledTemplate, seed_templates};
+pub use workers::WorkerPoolConfig;
+
+use std::sync::Arc;
+use std::time::Duration;
+use tasker_store::{
+    AttemptFailure, ClaimRequest, ClaimedStep, Completion, CompletionReport, FailureReport,
+    NewTask, Store, TaskCreation, TaskRecord,
+};
+use tokio::sync::{Notify, watch};
 
 /// Every way an engine operation can fail.
 #[derive(Debug, thiserror::Error)]
@@ -19,72 +36,278 @@ pub enum Error {
 /// Result alias for engine operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A template shipped with the binary: a file name and its YAML.
-#[derive(Debug, Clone, Copy)]
-pub struct BundledTemplate {
-    pub file: &'static str,
-    pub source: &'static str,
+/// The longest a claim may wait for work.
+pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(60);
+/// The slow safety sweep behind the timers.
+const SAFETY_SWEEP: Duration = Duration::from_secs(5);
+
+/// The orchestrator shared by the API, the worker pool and the maintenance loop.
+pub struct Engine {
+    store: Store,
+    /// Bumped whenever work may have become claimable; waiters compare generations, so a
+    /// wake-up between "found nothing" and "wait" is never lost.
+    work: watch::Sender<u64>,
+    /// Poked when a new retry time may be earlier than the one the timer sleeps toward.
+    timers: Notify,
+    /// Bumped whenever tasks finish (complete, error or cancelled), for those who wait on
+    /// outcomes.
+    finished: watch::Sender<u64>,
 }
 
-/// On a database with no templates at all, registers the bundled ones so a first start has
-/// something to explore. Returns how many were registered (0 when templates already exist:
-/// an operator's deletions or replacements are never undone).
-pub async fn seed_templates(store: &Store, templates: &[BundledTemplate]) -> Result<usize> {
-    if store.has_templates().await? {
-        return Ok(0);
+impl Engine {
+    pub fn new(store: Store) -> Arc<Engine> {
+        Arc::new(Engine {
+            store,
+            work: watch::Sender::new(0),
+            timers: Notify::new(),
+            finished: watch::Sender::new(0),
+        })
     }
-    let mut registered = 0;
-    for template in templates {
-        let registration = store
-            .register_template(template.source, false)
-            .await
-            .map_err(|source| Error::Template {
-                name: template.file.to_owned(),
-                source,
-            })?;
-        if registration.outcome == RegistrationOutcome::Created {
-            registered += 1;
-            tracing::info!(template = %registration.template.template.key(), "registered example template");
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// How many are subscribed to work wake-ups: parked long-poll claims, plus the embedded
+    /// pool when it runs. A gauge for operators, and how tests know a claim is parked.
+    pub fn work_listeners(&self) -> usize {
+        self.work.receiver_count()
+    }
+
+    /// Tells every waiting claimer to look again.
+    pub fn work_available(&self) {
+        self.work
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever tasks finish.
+    pub fn finished_tasks(&self) -> watch::Receiver<u64> {
+        self.finished.subscribe()
+    }
+
+    fn tasks_finished(&self, count: usize) {
+        if count > 0 {
+            self.finished
+                .send_modify(|generation| *generation = generation.wrapping_add(count as u64));
         }
     }
-    Ok(registered)
+
+    /// Starts a task; its root steps are claimable at once.
+    pub async fn create_task(&self, new: NewTask) -> Result<TaskCreation> {
+        let creation = self.store.create_task(new).await?;
+        if creation.created {
+            self.work_available();
+        }
+        Ok(creation)
+    }
+
+    /// Leases ready steps; with `wait`, returns as soon as some are ready or, at the deadline,
+    /// empty (a long poll with no busy loop).
+    pub async fn claim(&self, request: &ClaimRequest, wait: Duration) -> Result<Vec<ClaimedStep>> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_CLAIM_WAIT);
+        let mut signal = self.work.subscribe();
+        loop {
+            signal.borrow_and_update();
+            let claimed = self.store.claim_steps(request).await?;
+            if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
+                if !claimed.is_empty() {
+                    self.timers.notify_one();
+                }
+                return Ok(claimed);
+            }
+            if tokio::time::timeout_at(deadline, signal.changed())
+                .await
+                .is_err()
+            {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    /// Records finished attempts and wakes claimers when children became ready.
+    pub async fn complete(&self, completions: &[Completion]) -> Result<CompletionReport> {
+        let report = self.store.complete_steps(completions).await?;
+        if report.newly_ready > 0 {
+            self.work_available();
+        }
+        self.tasks_finished(report.finished_tasks.len());
+        Ok(report)
+    }
+
+    /// Records a failed attempt; a scheduled retry re-arms the timer.
+    pub async fn fail(&self, failure: &AttemptFailure) -> Result<FailureReport> {
+        let report = self.store.fail_step(failure).await?;
+        if report.newly_ready > 0 {
+            self.work_available();
+        }
+        if report.step.next_attempt_at.is_some() {
+            self.timers.notify_one();
+        }
+        self.tasks_finished(usize::from(report.finished_task.is_some()));
+        Ok(report)
+    }
+
+    /// Cancels a task; its running leases are lost.
+    pub async fn cancel_task(&self, id: uuid::Uuid, reason: Option<String>) -> Result<TaskRecord> {
+        let task = self.store.cancel_task(id, reason).await?;
+        self.tasks_finished(1);
+        Ok(task)
+    }
+
+    /// Fails expired leases and wakes claimers when retries are due, sleeping until the next
+    /// due time in between. Runs until `shutdown` changes.
+    pub async fn run_maintenance(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let mut sleep_for = SAFETY_SWEEP;
+            match self.store.expire_leases().await {
+                Ok(expired) if expired > 0 => {
+                    tracing::info!(expired, "failed attempts whose lease expired");
+                    self.work_available();
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = %err, "lease sweep failed"),
+            }
+            match self.store.next_wakeup_ms().await {
+                Ok(Some(due)) => {
+                    let now = self.store.clock().now().timestamp_millis();
+                    if due <= now {
+                        // A retry is due (or a lease runs out now): claimers look again, and
+                        // the next pass handles expiries.
+                        self.work_available();
+                        sleep_for = Duration::from_millis(50);
+                    } else {
+                        let wait = u64::try_from(due - now).unwrap_or(0);
+                        sleep_for = sleep_for.min(Duration::from_millis(wait));
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => tracing::warn!(error = %err, "timer query failed"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(sleep_for) => {}
+                () = self.timers.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use serde_json::json;
+    use tasker_domain::{SystemClock, TaskRequest, TaskState};
+    use tasker_store::TaskFilter;
     use tasker_store::testing::TestDatabase;
 
-    const ONE: BundledTemplate = BundledTemplate {
-        file: "one.yaml",
-        source: "namespace: a\nname: one\nversion: 1.0.0\nsteps:\n  - {name: x, handler: noop}\n",
-    };
+    const FLAKY_CHAIN: &str = r#"
+namespace: demo
+name: chain
+version: 1.0.0
+steps:
+  - { name: a, handler: noop, config: { result: { n: 1 } } }
+  - { name: b, handler: noop, depends_on: [a], config: { fail_attempts: 2 },
+      retry: { max_attempts: 3, backoff: { base: 0, jitter: 0 } } }
+  - { name: c, handler: noop, depends_on: [b] }
+"#;
 
-    #[tokio::test]
-    async fn seeds_only_an_empty_database() {
-        for db in TestDatabase::all(Arc::new(tasker_domain::SystemClock)).await {
-            assert_eq!(seed_templates(&db.store, &[ONE]).await.unwrap(), 1);
-            let other = BundledTemplate {
-                file: "two.yaml",
-                source: "namespace: a\nname: two\nversion: 1.0.0\nsteps:\n  - {name: y, handler: noop}\n",
+    fn new_task() -> NewTask {
+        NewTask {
+            namespace: "demo".into(),
+            template: "chain".into(),
+            version: None,
+            request: TaskRequest {
+                context: json!({}),
+                ..TaskRequest::default()
+            },
+        }
+    }
+
+    /// The embedded pool runs built-in steps to completion, retries included, woken by
+    /// completions and timers rather than by polling.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_worker_pool_runs_tasks_to_completion() {
+        for db in TestDatabase::all(Arc::new(SystemClock)).await {
+            db.store
+                .register_template(FLAKY_CHAIN, false)
+                .await
+                .unwrap();
+            let engine = Engine::new(db.store.clone());
+            let (stop, stopped) = watch::channel(false);
+            let workers = tokio::spawn(
+                engine
+                    .clone()
+                    .run_workers(WorkerPoolConfig::default(), stopped.clone()),
+            );
+            let timers = tokio::spawn(engine.clone().run_maintenance(stopped));
+            let mut ids = Vec::new();
+            for _ in 0..20 {
+                ids.push(engine.create_task(new_task()).await.unwrap().task.id);
+            }
+            let complete = TaskFilter {
+                states: vec![TaskState::Complete],
+                ..TaskFilter::default()
             };
-            assert_eq!(seed_templates(&db.store, &[ONE, other]).await.unwrap(), 0);
-            assert_eq!(db.store.templates(None, None).await.unwrap().len(), 1);
+            // Wait on the engine's own signal, not on a clock.
+            let mut signal = engine.finished_tasks();
+            while engine.store().count_tasks(&complete).await.unwrap() < 20 {
+                tokio::time::timeout(Duration::from_secs(30), signal.changed())
+                    .await
+                    .expect("progress within 30 s")
+                    .unwrap();
+            }
+            let steps = engine.store().steps_for_tasks(&ids).await.unwrap();
+            let b: Vec<_> = steps.iter().filter(|s| s.name == "b").collect();
+            assert!(
+                b.iter().all(|s| s.attempts == 3),
+                "two failures then success"
+            );
+            let a = steps.iter().find(|s| s.name == "a").unwrap();
+            assert_eq!(a.results, Some(json!({ "n": 1 })));
+            stop.send(true).unwrap();
+            workers.await.unwrap();
+            timers.await.unwrap();
         }
     }
 
     #[tokio::test]
-    async fn a_broken_bundled_template_names_its_file() {
-        let db = TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await;
-        let broken = BundledTemplate {
-            file: "broken.yaml",
-            source: "namespace: a\n",
+    async fn a_long_poll_returns_as_soon_as_work_appears() {
+        let db = TestDatabase::sqlite(Arc::new(SystemClock)).await;
+        db.store
+            .register_template(FLAKY_CHAIN, false)
+            .await
+            .unwrap();
+        let engine = Engine::new(db.store.clone());
+        let request = ClaimRequest {
+            worker_id: "external".into(),
+            handlers: vec!["noop".into()],
+            namespaces: vec![],
+            limit: 5,
+            lease: Duration::from_secs(30),
         };
-        let err = seed_templates(&db.store, &[broken]).await.unwrap_err();
+        let waiting = {
+            let engine = engine.clone();
+            let request = request.clone();
+            tokio::spawn(async move { engine.claim(&request, Duration::from_secs(50)).await })
+        };
+        while engine.work_listeners() == 0 {
+            tokio::task::yield_now().await;
+        }
+        engine.create_task(new_task()).await.unwrap();
+        let claimed = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the long poll answers when work appears, not at its deadline")
+            .unwrap()
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].step.name, "a");
+        // With nothing ready and no wait, the answer is immediate and empty.
         assert!(
-            err.to_string().starts_with("template broken.yaml:"),
-            "{err}"
+            engine
+                .claim(&request, Duration::ZERO)
+                .await
+                .unwrap()
+                .is_empty()
         );
     }
 }

@@ -1,0 +1,296 @@
+//! The worker protocol: external workers (any language, plain GraphQL) claim ready steps under
+//! a lease, heartbeat long attempts, and report each attempt's outcome.
+
+use crate::error::{ApiError, GqlResultExt};
+use crate::objects::Step;
+use crate::schema::{engine, store};
+use async_graphql::{Context, ID, InputObject, Json, Object, Result, SimpleObject};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::time::Duration;
+use tasker_store::{AttemptFailure, ClaimRequest, Completion};
+use uuid::Uuid;
+
+const MAX_CLAIM: i32 = 100;
+const MAX_LEASE_SECONDS: i32 = 3600;
+const MAX_WAIT_SECONDS: i32 = 60;
+const MAX_FILTER_ENTRIES: usize = 100;
+
+#[derive(Default)]
+pub struct WorkerMutation;
+
+#[derive(InputObject)]
+pub struct ClaimStepsInput {
+    /// Who claims; shown as the lease holder.
+    worker_id: String,
+    /// Only steps with these handlers; all handlers when omitted.
+    handlers: Option<Vec<String>>,
+    /// Only steps of tasks in these namespaces; all when omitted.
+    namespaces: Option<Vec<String>>,
+    /// At most this many steps (1 to 100, default 10).
+    limit: Option<i32>,
+    /// How long the lease lasts without a heartbeat (1 to 3600 s, default 60).
+    lease_seconds: Option<i32>,
+    /// Wait up to this long for work when none is ready (0 to 60 s, default 0).
+    wait_seconds: Option<i32>,
+}
+
+/// A step leased to a worker, with everything needed to run it.
+#[derive(SimpleObject)]
+pub struct Lease {
+    /// Pass it back to heartbeat, complete or fail the attempt.
+    lease_token: ID,
+    lease_expires_at: DateTime<Utc>,
+    step_id: ID,
+    task_id: ID,
+    name: String,
+    handler: String,
+    config: Json<Value>,
+    /// This attempt's number, from 1.
+    attempt: u32,
+    max_attempts: u32,
+    namespace: String,
+    template: String,
+    /// The task's context.
+    context: Json<Value>,
+    /// The results of the steps this one depends on, by step name.
+    parent_results: Json<Value>,
+}
+
+#[derive(SimpleObject)]
+pub struct ClaimStepsPayload {
+    leases: Vec<Lease>,
+}
+
+#[derive(InputObject)]
+pub struct HeartbeatStepsInput {
+    lease_tokens: Vec<ID>,
+    /// The new lease length from now (1 to 3600 s, default 60).
+    lease_seconds: Option<i32>,
+}
+
+#[derive(SimpleObject)]
+pub struct LeaseStatus {
+    lease_token: ID,
+    /// False when the lease was lost: stop working on the step.
+    alive: bool,
+    lease_expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(SimpleObject)]
+pub struct HeartbeatStepsPayload {
+    leases: Vec<LeaseStatus>,
+}
+
+#[derive(InputObject)]
+pub struct CompleteStepInput {
+    lease_token: ID,
+    /// What the step produced; its dependents receive it as parent results.
+    results: Option<Json<Value>>,
+}
+
+#[derive(InputObject)]
+pub struct FailStepInput {
+    lease_token: ID,
+    message: String,
+    /// Whether another attempt may help (default true).
+    retryable: Option<bool>,
+    /// Wait at least this long before the retry, instead of the backoff.
+    retry_after_seconds: Option<f64>,
+}
+
+#[derive(SimpleObject)]
+pub struct StepPayload {
+    step: Step,
+}
+
+fn bounded(value: Option<i32>, default: i32, range: (i32, i32), field: &str) -> Result<i32> {
+    let value = value.unwrap_or(default);
+    if (range.0..=range.1).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("must be between {} and {}, got {value}", range.0, range.1),
+        ))
+        .gql()
+    }
+}
+
+fn token(id: &ID, field: &str) -> Result<Uuid> {
+    crate::ids::parse_id(id, field).gql()
+}
+
+async fn step_payload(ctx: &Context<'_>, step: tasker_store::StepRecord) -> Result<StepPayload> {
+    let task = store(ctx).task(step.task_id).await.gql()?;
+    Ok(StepPayload {
+        step: Step::single(store(ctx).clone(), step, task),
+    })
+}
+
+#[Object]
+impl WorkerMutation {
+    /// Leases ready steps. With `waitSeconds`, answers as soon as work is ready, or empty at
+    /// the deadline.
+    async fn claim_steps(
+        &self,
+        ctx: &Context<'_>,
+        input: ClaimStepsInput,
+    ) -> Result<ClaimStepsPayload> {
+        let limit = bounded(input.limit, 10, (1, MAX_CLAIM), "input.limit")?;
+        let lease = bounded(
+            input.lease_seconds,
+            60,
+            (1, MAX_LEASE_SECONDS),
+            "input.leaseSeconds",
+        )?;
+        let wait = bounded(
+            input.wait_seconds,
+            0,
+            (0, MAX_WAIT_SECONDS),
+            "input.waitSeconds",
+        )?;
+        if input.worker_id.trim().is_empty() || input.worker_id.chars().count() > 255 {
+            return Err(ApiError::invalid(
+                "input.workerId",
+                "must have 1 to 255 characters",
+            ))
+            .gql();
+        }
+        let handlers = input.handlers.unwrap_or_default();
+        let namespaces = input.namespaces.unwrap_or_default();
+        if handlers.len() > MAX_FILTER_ENTRIES || namespaces.len() > MAX_FILTER_ENTRIES {
+            return Err(ApiError::invalid(
+                "input",
+                format!("at most {MAX_FILTER_ENTRIES} handlers and namespaces"),
+            ))
+            .gql();
+        }
+        let request = ClaimRequest {
+            worker_id: input.worker_id,
+            handlers,
+            namespaces,
+            limit: limit as u32,
+            lease: Duration::from_secs(lease as u64),
+        };
+        let claimed = engine(ctx)
+            .claim(&request, Duration::from_secs(wait as u64))
+            .await
+            .gql()?;
+        let steps: Vec<_> = claimed.iter().map(|c| c.step.clone()).collect();
+        let mut inputs = store(ctx).step_inputs(&steps).await.gql()?;
+        let leases = claimed
+            .into_iter()
+            .map(|claim| {
+                let input = inputs.remove(&claim.step.id).unwrap_or_default();
+                Lease {
+                    lease_token: ID::from(claim.lease_token.to_string()),
+                    lease_expires_at: claim.lease_expires_at,
+                    step_id: ID::from(claim.step.id.to_string()),
+                    task_id: ID::from(claim.step.task_id.to_string()),
+                    name: claim.step.name,
+                    handler: claim.step.handler,
+                    config: Json(claim.step.config),
+                    attempt: claim.step.attempts,
+                    max_attempts: claim.step.max_attempts,
+                    namespace: input.namespace,
+                    template: input.template,
+                    context: Json(input.context),
+                    parent_results: Json(Value::Object(input.parent_results)),
+                }
+            })
+            .collect();
+        Ok(ClaimStepsPayload { leases })
+    }
+
+    /// Extends leases; a lease that was lost answers `alive: false`.
+    async fn heartbeat_steps(
+        &self,
+        ctx: &Context<'_>,
+        input: HeartbeatStepsInput,
+    ) -> Result<HeartbeatStepsPayload> {
+        let lease = bounded(
+            input.lease_seconds,
+            60,
+            (1, MAX_LEASE_SECONDS),
+            "input.leaseSeconds",
+        )?;
+        if input.lease_tokens.len() > MAX_CLAIM as usize {
+            return Err(ApiError::invalid(
+                "input.leaseTokens",
+                format!("at most {MAX_CLAIM} tokens per call"),
+            ))
+            .gql();
+        }
+        let tokens = input
+            .lease_tokens
+            .iter()
+            .map(|id| token(id, "input.leaseTokens"))
+            .collect::<Result<Vec<_>>>()?;
+        let alive = store(ctx)
+            .heartbeat(&tokens, Duration::from_secs(lease as u64))
+            .await
+            .gql()?;
+        Ok(HeartbeatStepsPayload {
+            leases: tokens
+                .into_iter()
+                .map(|token| LeaseStatus {
+                    lease_token: ID::from(token.to_string()),
+                    alive: alive.contains_key(&token),
+                    lease_expires_at: alive.get(&token).copied(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Records a successful attempt. A lost lease answers LEASE_LOST and records nothing.
+    async fn complete_step(
+        &self,
+        ctx: &Context<'_>,
+        input: CompleteStepInput,
+    ) -> Result<StepPayload> {
+        let lease_token = token(&input.lease_token, "input.leaseToken")?;
+        let report = engine(ctx)
+            .complete(&[Completion {
+                lease_token,
+                results: input
+                    .results
+                    .map(|json| json.0)
+                    .unwrap_or_else(|| Value::Object(Default::default())),
+            }])
+            .await
+            .gql()?;
+        let step = report
+            .completed
+            .into_iter()
+            .next()
+            .ok_or(tasker_store::Error::LeaseLost)
+            .gql()?;
+        step_payload(ctx, step).await
+    }
+
+    /// Records a failed attempt: retried after the backoff (or `retryAfterSeconds`) while
+    /// attempts remain and the failure is retryable.
+    async fn fail_step(&self, ctx: &Context<'_>, input: FailStepInput) -> Result<StepPayload> {
+        let lease_token = token(&input.lease_token, "input.leaseToken")?;
+        if let Some(wait) = input.retry_after_seconds
+            && !(wait.is_finite() && (0.0..=tasker_domain::template::MAX_SECONDS).contains(&wait))
+        {
+            return Err(ApiError::invalid(
+                "input.retryAfterSeconds",
+                "must be a number of seconds from 0 to 30 days",
+            ))
+            .gql();
+        }
+        let report = engine(ctx)
+            .fail(&AttemptFailure {
+                lease_token,
+                message: input.message,
+                retryable: input.retryable.unwrap_or(true),
+                retry_after_seconds: input.retry_after_seconds,
+            })
+            .await
+            .gql()?;
+        step_payload(ctx, report.step).await
+    }
+}

@@ -1,0 +1,167 @@
+//! Steps running: the embedded pool on built-in handlers, and external workers over GraphQL.
+
+use crate::support::TestServer;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tasker_store::testing::TestDatabase;
+
+const BUILT_IN: &str = r#"
+namespace: demo
+name: builtin
+version: 1.0.0
+steps:
+  - { name: a, handler: noop, config: { result: { greeting: hello } } }
+  - { name: b, handler: noop, depends_on: [a], config: { fail_attempts: 1 }, retry: { backoff: { base: 0, jitter: 0 } } }
+  - { name: c, handler: noop, depends_on: [a] }
+  - { name: d, handler: noop, depends_on: [b, c] }
+"#;
+
+const EXTERNAL: &str = r#"
+namespace: payments
+name: charge
+version: 1.0.0
+steps:
+  - { name: quote, handler: payments.quote }
+  - { name: charge, handler: payments.charge, depends_on: [quote], retry: { max_attempts: 2 } }
+"#;
+
+const TASK: &str = "query($id: ID!) { task(id: $id) { state executionStatus completionPercentage steps { name state attempts results } } }";
+const CLAIM: &str = "mutation($i: ClaimStepsInput!) { claimSteps(input: $i) { leases { leaseToken stepId name handler attempt namespace template context parentResults } } }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_pool_runs_built_in_steps_to_completion() {
+    for db in TestDatabase::all(std::sync::Arc::new(tasker_domain::SystemClock)).await {
+        let server = TestServer::start_running(db).await;
+        server.register(BUILT_IN).await;
+        let mut finished = server.engine.finished_tasks();
+        let created = server
+            .create_task(json!({ "namespace": "demo", "template": "builtin" }))
+            .await;
+        let id = created["task"]["id"].clone();
+        let task = loop {
+            let task = server.data(TASK, json!({ "id": id })).await["task"].clone();
+            if task["state"] == "COMPLETE" {
+                break task;
+            }
+            tokio::time::timeout(Duration::from_secs(30), finished.changed())
+                .await
+                .expect("the task finishes")
+                .unwrap();
+        };
+        assert_eq!(task["executionStatus"], "ALL_COMPLETE");
+        assert_eq!(task["completionPercentage"], 100.0);
+        assert_eq!(task["steps"][0]["results"], json!({ "greeting": "hello" }));
+        assert_eq!(task["steps"][1]["attempts"], 2, "{}", server.backend());
+    }
+}
+
+#[tokio::test]
+async fn external_workers_claim_heartbeat_complete_and_fail_over_graphql() {
+    for server in TestServer::all().await {
+        server.register(EXTERNAL).await;
+        let created = server
+            .create_task(json!({ "namespace": "payments", "template": "charge", "context": { "amount": 42 } }))
+            .await;
+        let id = created["task"]["id"].clone();
+        let status =
+            server.data(TASK, json!({ "id": id })).await["task"]["executionStatus"].clone();
+        assert_eq!(status, "HAS_READY_STEPS");
+
+        let claim = |handlers: Value| json!({ "i": { "workerId": "py-worker-1", "handlers": handlers, "limit": 5, "leaseSeconds": 30 } });
+        let leases =
+            server.data(CLAIM, claim(json!(["payments.quote"]))).await["claimSteps"]["leases"]
+                .clone();
+        assert_eq!(leases.as_array().unwrap().len(), 1);
+        let lease = &leases[0];
+        assert_eq!(lease["name"], "quote");
+        assert_eq!(lease["attempt"], 1);
+        assert_eq!(lease["context"], json!({ "amount": 42 }));
+        assert_eq!(lease["namespace"], "payments");
+        let token = lease["leaseToken"].clone();
+
+        let task = server.data(TASK, json!({ "id": id })).await["task"].clone();
+        assert_eq!(task["state"], "IN_PROGRESS");
+        assert_eq!(task["executionStatus"], "PROCESSING");
+
+        let beat = server
+            .data(
+                "mutation($t: [ID!]!) { heartbeatSteps(input: { leaseTokens: $t, leaseSeconds: 60 }) { leases { alive leaseExpiresAt } } }",
+                json!({ "t": [token, uuid::Uuid::now_v7().to_string()] }),
+            )
+            .await;
+        assert_eq!(beat["heartbeatSteps"]["leases"][0]["alive"], true);
+        assert_eq!(beat["heartbeatSteps"]["leases"][1]["alive"], false);
+
+        let complete = "mutation($t: ID!, $r: JSON) { completeStep(input: { leaseToken: $t, results: $r }) { step { name state results } } }";
+        let done = server
+            .data(complete, json!({ "t": token, "r": { "quote": 40 } }))
+            .await;
+        assert_eq!(done["completeStep"]["step"]["state"], "COMPLETE");
+        let (code, _) = server.error(complete, json!({ "t": token, "r": {} })).await;
+        assert_eq!(code, "LEASE_LOST", "a second completion records nothing");
+
+        let leases =
+            server.data(CLAIM, claim(json!(["payments.charge"]))).await["claimSteps"]["leases"]
+                .clone();
+        assert_eq!(
+            leases[0]["parentResults"],
+            json!({ "quote": { "quote": 40 } })
+        );
+        let fail = "mutation($t: ID!) { failStep(input: { leaseToken: $t, message: \"card declined\", retryable: false }) { step { state attempts } } }";
+        let failed = server
+            .data(fail, json!({ "t": leases[0]["leaseToken"] }))
+            .await;
+        assert_eq!(failed["failStep"]["step"]["state"], "ERROR");
+        let (code, _) = server
+            .error(fail, json!({ "t": leases[0]["leaseToken"] }))
+            .await;
+        assert_eq!(code, "LEASE_LOST");
+
+        let task = server.data(TASK, json!({ "id": id })).await["task"].clone();
+        assert_eq!(task["state"], "ERROR");
+        assert_eq!(task["executionStatus"], "BLOCKED_BY_FAILURES");
+        assert_eq!(task["completionPercentage"], 50.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_claim_answers_when_work_appears() {
+    let server = std::sync::Arc::new(
+        TestServer::start(
+            TestDatabase::sqlite(std::sync::Arc::new(tasker_domain::SystemClock)).await,
+        )
+        .await,
+    );
+    server.register(EXTERNAL).await;
+    let waiting = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .data(
+                    CLAIM,
+                    json!({ "i": { "workerId": "w", "waitSeconds": 30 } }),
+                )
+                .await
+        })
+    };
+    // The claim is parked before the task exists; creating it wakes the claim.
+    while server.engine.work_listeners() == 0 {
+        tokio::task::yield_now().await;
+    }
+    server
+        .create_task(json!({ "namespace": "payments", "template": "charge" }))
+        .await;
+    let answer = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("answered before its 30 s deadline")
+        .unwrap();
+    assert_eq!(answer["claimSteps"]["leases"][0]["name"], "quote");
+    for bad in [
+        json!({ "workerId": "w", "limit": 0 }),
+        json!({ "workerId": "w", "waitSeconds": 61 }),
+        json!({ "workerId": "" }),
+    ] {
+        let (code, _) = server.error(CLAIM, json!({ "i": bad })).await;
+        assert_eq!(code, "VALIDATION_FAILED");
+    }
+}
