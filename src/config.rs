@@ -66,7 +66,7 @@ pub struct Cli {
     pub request_timeout_seconds: Option<u64>,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum Command {
     /// Run the server (the default).
     Serve,
@@ -74,6 +74,21 @@ pub enum Command {
     Migrate,
     /// Print the GraphQL schema (SDL).
     Schema,
+    /// Measure the engine on fresh databases (SQLite; PostgreSQL with --postgres-url).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Also run on PostgreSQL, in a temporary schema of this database.
+    #[arg(long, env = "TASKER_BENCH_POSTGRES_URL")]
+    pub postgres_url: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Steps in flight at once in the worker pool.
+    #[arg(long, default_value_t = 256)]
+    pub workers: usize,
 }
 
 #[derive(ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]

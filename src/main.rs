@@ -1,5 +1,6 @@
 //! The `tasker` binary: command line, configuration, logging and start-up.
 
+mod bench;
 mod config;
 
 use anyhow::Context as _;
@@ -38,6 +39,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Migrate) => runtime.block_on(migrate(&settings)),
         Some(Command::Serve) | None => runtime.block_on(serve(settings)),
+        Some(Command::Bench(args)) => {
+            runtime.block_on(bench::run(args.postgres_url, args.json, args.workers))
+        }
         Some(Command::Schema) => Ok(()),
     }
 }
