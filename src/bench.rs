@@ -25,14 +25,27 @@ fn scenarios() -> Vec<Scenario> {
     let noop = |name: String, depends: Vec<String>| json!({ "name": name, "handler": "noop", "depends_on": depends });
     let chain = |n: usize| -> Vec<serde_json::Value> {
         (0..n)
-            .map(|i| noop(format!("s{i}"), if i == 0 { vec![] } else { vec![format!("s{}", i - 1)] }))
+            .map(|i| {
+                noop(
+                    format!("s{i}"),
+                    if i == 0 {
+                        vec![]
+                    } else {
+                        vec![format!("s{}", i - 1)]
+                    },
+                )
+            })
             .collect()
     };
     let mut diamond = vec![noop("top".into(), vec![])];
     diamond.extend((0..50).map(|i| noop(format!("m{i}"), vec!["top".into()])));
-    diamond.push(noop("bottom".into(), (0..50).map(|i| format!("m{i}")).collect()));
+    diamond.push(noop(
+        "bottom".into(),
+        (0..50).map(|i| format!("m{i}")).collect(),
+    ));
     let template = |name: &str, steps: Vec<serde_json::Value>| {
-        json!({ "namespace": "bench", "name": name, "version": "1.0.0", "steps": steps }).to_string()
+        json!({ "namespace": "bench", "name": name, "version": "1.0.0", "steps": steps })
+            .to_string()
     };
     vec![
         Scenario {
@@ -79,7 +92,11 @@ pub struct Measurement {
 }
 
 /// Runs every scenario on SQLite and, when given, PostgreSQL; prints text or JSON.
-pub async fn run(postgres_url: Option<String>, json_output: bool, workers: usize) -> anyhow::Result<()> {
+pub async fn run(
+    postgres_url: Option<String>,
+    json_output: bool,
+    workers: usize,
+) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
@@ -121,7 +138,12 @@ pub async fn run(postgres_url: Option<String>, json_output: bool, workers: usize
     Ok(())
 }
 
-async fn measure(store: &Store, backend: &str, scenario: &Scenario, workers: usize) -> anyhow::Result<Measurement> {
+async fn measure(
+    store: &Store,
+    backend: &str,
+    scenario: &Scenario,
+    workers: usize,
+) -> anyhow::Result<Measurement> {
     let registration = store.register_template(&scenario.template, false).await?;
     let template = registration.template.template;
     let create_started = Instant::now();
@@ -181,7 +203,10 @@ async fn measure(store: &Store, backend: &str, scenario: &Scenario, workers: usi
 
     let complete = store.count_tasks(&done).await?;
     if complete != expected {
-        bail!("scenario {}: {complete} of {expected} tasks completed", scenario.key);
+        bail!(
+            "scenario {}: {complete} of {expected} tasks completed",
+            scenario.key
+        );
     }
     let steps = template.steps.len() * ids.len();
     let (p50, p99) = handoff_latencies(store, &ids).await?;
@@ -201,7 +226,10 @@ async fn measure(store: &Store, backend: &str, scenario: &Scenario, workers: usi
 
 /// For every step with parents: its start minus its last parent's completion, from the
 /// persisted events.
-async fn handoff_latencies(store: &Store, task_ids: &[Uuid]) -> anyhow::Result<(Option<f64>, Option<f64>)> {
+async fn handoff_latencies(
+    store: &Store,
+    task_ids: &[Uuid],
+) -> anyhow::Result<(Option<f64>, Option<f64>)> {
     let events = store.events_for_tasks(task_ids).await?;
     let edges = store.edges_for_tasks(task_ids).await?;
     let mut completed = HashMap::new();
@@ -253,13 +281,18 @@ impl Database {
         let url = url_base.replace("bench.db", &format!("bench-{key}.db"));
         let store = Store::connect(&StoreOptions::new(url), Arc::new(SystemClock)).await?;
         store.migrate().await?;
-        Ok(Database { store, cleanup: None })
+        Ok(Database {
+            store,
+            cleanup: None,
+        })
     }
 
     async fn postgres(url: &str) -> anyhow::Result<Database> {
         let schema = format!("tasker_bench_{}", Uuid::new_v4().simple());
         let admin = Store::connect(&StoreOptions::new(url), Arc::new(SystemClock)).await?;
-        admin.execute_unprepared(&format!("CREATE SCHEMA {schema}")).await?;
+        admin
+            .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
+            .await?;
         admin.close().await?;
         let mut options = StoreOptions::new(url);
         options.schema = Some(schema.clone());

@@ -49,6 +49,11 @@ pub struct Cli {
     #[arg(long, env = "TASKER_WORKERS", global = true)]
     pub workers: Option<usize>,
 
+    /// Lease of the embedded pool's attempts: how soon a step held by a crashed server runs
+    /// again elsewhere.
+    #[arg(long, env = "TASKER_WORKER_LEASE_SECONDS", global = true)]
+    pub worker_lease_seconds: Option<u64>,
+
     /// Log format.
     #[arg(long, env = "TASKER_LOG_FORMAT", global = true, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -108,6 +113,7 @@ struct FileSettings {
     data_dir: Option<PathBuf>,
     examples: Option<bool>,
     workers: Option<usize>,
+    worker_lease_seconds: Option<u64>,
     log_format: Option<LogFormat>,
     db_max_connections: Option<u32>,
     max_body_bytes: Option<usize>,
@@ -122,6 +128,7 @@ pub struct Settings {
     data_dir: PathBuf,
     pub examples: bool,
     pub workers: usize,
+    pub worker_lease: Duration,
     pub log_format: LogFormat,
     pub db_max_connections: u32,
     max_body_bytes: usize,
@@ -153,6 +160,12 @@ impl Settings {
                 .unwrap_or_else(|| PathBuf::from("tasker-data")),
             examples: !cli.no_examples && file.examples.unwrap_or(true),
             workers: cli.workers.or(file.workers).unwrap_or(64),
+            worker_lease: Duration::from_secs(
+                cli.worker_lease_seconds
+                    .or(file.worker_lease_seconds)
+                    .unwrap_or(60)
+                    .max(1),
+            ),
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
             db_max_connections: cli
                 .db_max_connections

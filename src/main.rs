@@ -109,6 +109,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     if settings.workers > 0 {
         let config = WorkerPoolConfig {
             concurrency: settings.workers,
+            lease: settings.worker_lease,
             ..WorkerPoolConfig::default()
         };
         background.push(tokio::spawn(

@@ -11,6 +11,13 @@ const BINARY: &str = env!("CARGO_BIN_EXE_tasker");
 
 /// Starts `tasker serve` on port 0 and reads the address it logged.
 fn start(data_dir: &std::path::Path) -> (Child, String, mpsc::Receiver<String>) {
+    start_with(data_dir, &[])
+}
+
+fn start_with(
+    data_dir: &std::path::Path,
+    extra: &[&str],
+) -> (Child, String, mpsc::Receiver<String>) {
     let mut child = Command::new(BINARY)
         .args([
             "serve",
@@ -21,6 +28,7 @@ fn start(data_dir: &std::path::Path) -> (Child, String, mpsc::Receiver<String>) 
             "--data-dir",
         ])
         .arg(data_dir)
+        .args(extra)
         .env_remove("TASKER_DATABASE_URL")
         .env_remove("TASKER_CONFIG")
         .stdout(Stdio::null())
@@ -130,6 +138,144 @@ async fn serve_loads_the_examples_and_stops_cleanly_on_sigterm() {
             .try_iter()
             .any(|line| line.contains("registered example template"))
     );
+}
+
+async fn graphql(client: &reqwest::Client, address: &str, query: &str, variables: Value) -> Value {
+    let body: Value = client
+        .post(format!("http://{address}/graphql"))
+        .json(&json!({ "query": query, "variables": variables }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(body.get("errors").is_none(), "{body:#}");
+    body["data"].clone()
+}
+
+const CRASH_DIAMOND: &str = r#"
+namespace: crash
+name: diamond
+version: 1.0.0
+steps:
+  - { name: top, handler: noop }
+  - { name: left, handler: noop, depends_on: [top], config: { fail_attempts: 1 },
+      retry: { backoff: { base: 0.3, jitter: 0 } } }
+  - { name: right, handler: noop, depends_on: [top] }
+  - { name: bottom, handler: noop, depends_on: [left, right] }
+"#;
+
+/// Kill -9 in the middle of 200 running tasks, start again: every task completes, every
+/// step is recorded complete exactly once, and every transition is there.
+#[tokio::test]
+async fn a_killed_server_finishes_every_task_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let lease = ["--worker-lease-seconds", "1", "--no-examples"];
+    let (mut child, address, _logs) = start_with(dir.path(), &lease);
+    let client = reqwest::Client::new();
+    graphql(
+        &client,
+        &address,
+        "mutation($d: String!) { registerTemplate(input: { definition: $d }) { result } }",
+        json!({ "d": CRASH_DIAMOND }),
+    )
+    .await;
+    for i in 0..200 {
+        graphql(
+            &client,
+            &address,
+            "mutation($i: CreateTaskInput!) { createTask(input: $i) { task { id } } }",
+            json!({ "i": { "namespace": "crash", "template": "diamond", "context": { "n": i } } }),
+        )
+        .await;
+    }
+    // Mid-run: every task's `left` step waits out a backoff after its first failure.
+    let status = Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    child.wait().unwrap();
+
+    let (mut child, address, _logs) = start_with(dir.path(), &lease);
+    let count =
+        "{ tasks(filter: { states: [COMPLETE] }) { totalCount } all: tasks { totalCount } }";
+    let started = std::time::Instant::now();
+    loop {
+        let data = graphql(&client, &address, count, json!({})).await;
+        assert_eq!(data["all"]["totalCount"], 200, "no task was lost");
+        if data["tasks"]["totalCount"] == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "tasks stalled: {data}"
+        );
+        // The server is another process: watch it from outside at a modest pace.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let page = r#"query($after: String) { tasks(first: 100, after: $after) {
+        pageInfo { endCursor hasNextPage }
+        nodes { state transitions { toState sortKey }
+                steps { id name state transitions { toState sortKey } }
+                events { name stepId } } } }"#;
+    let mut after = Value::Null;
+    let mut tasks = Vec::new();
+    loop {
+        let data = graphql(&client, &address, page, json!({ "after": after })).await;
+        tasks.extend(data["tasks"]["nodes"].as_array().unwrap().iter().cloned());
+        if data["tasks"]["pageInfo"]["hasNextPage"] == false {
+            break;
+        }
+        after = data["tasks"]["pageInfo"]["endCursor"].clone();
+    }
+    assert_eq!(tasks.len(), 200);
+    let contiguous = |transitions: &Value| {
+        transitions
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .all(|(i, t)| t["sortKey"] == i as u64 + 1)
+    };
+    for task in &tasks {
+        assert_eq!(task["state"], "COMPLETE");
+        assert!(contiguous(&task["transitions"]), "{task}");
+        let states: Vec<&str> = task["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["toState"].as_str().unwrap())
+            .collect();
+        assert_eq!(states, ["PENDING", "IN_PROGRESS", "COMPLETE"]);
+        let events = task["events"].as_array().unwrap();
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| e["name"] == "task.completed")
+                .count(),
+            1
+        );
+        for step in task["steps"].as_array().unwrap() {
+            assert_eq!(step["state"], "COMPLETE");
+            assert!(contiguous(&step["transitions"]), "{step}");
+            let completions = step["transitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["toState"] == "COMPLETE")
+                .count();
+            assert_eq!(completions, 1, "{step}");
+            let completed_events = events
+                .iter()
+                .filter(|e| e["name"] == "step.completed" && e["stepId"] == step["id"])
+                .count();
+            assert_eq!(completed_events, 1, "{step}");
+        }
+    }
+    assert!(terminate(&mut child).success());
 }
 
 #[test]

@@ -165,3 +165,134 @@ async fn a_long_poll_claim_answers_when_work_appears() {
         assert_eq!(code, "VALIDATION_FAILED");
     }
 }
+
+const TWO_STEPS: &str = r#"
+namespace: ops
+name: pair
+version: 1.0.0
+steps:
+  - { name: a, handler: ext.a }
+  - { name: b, handler: ext.b, depends_on: [a], retry: { retryable: false } }
+"#;
+
+const STATE: &str =
+    "query($id: ID!) { task(id: $id) { state steps { id name state attempts results } } }";
+
+async fn claim_one(server: &TestServer, handler: &str) -> Value {
+    let leases = server
+        .data(
+            CLAIM,
+            json!({ "i": { "workerId": "w", "handlers": [handler] } }),
+        )
+        .await["claimSteps"]["leases"]
+        .clone();
+    assert_eq!(
+        leases.as_array().unwrap().len(),
+        1,
+        "one {handler} step ready"
+    );
+    leases[0].clone()
+}
+
+async fn complete(server: &TestServer, token: &Value) -> (Option<String>, Value) {
+    let body = server
+        .graphql(
+            "mutation($t: ID!) { completeStep(input: { leaseToken: $t }) { step { state } } }",
+            json!({ "t": token }),
+        )
+        .await;
+    let code = body["errors"][0]["extensions"]["code"]
+        .as_str()
+        .map(str::to_owned);
+    (code, body)
+}
+
+#[tokio::test]
+async fn people_retry_resolve_skip_and_cancel_with_state_checks() {
+    for server in TestServer::all().await {
+        server.register(TWO_STEPS).await;
+        let id = server
+            .create_task(json!({ "namespace": "ops", "template": "pair" }))
+            .await["task"]["id"]
+            .clone();
+        let a = claim_one(&server, "ext.a").await;
+        assert_eq!(complete(&server, &a["leaseToken"]).await.0, None);
+        let b = claim_one(&server, "ext.b").await;
+        server
+            .data(
+                "mutation($t: ID!) { failStep(input: { leaseToken: $t, message: \"no\" }) { step { state } } }",
+                json!({ "t": b["leaseToken"] }),
+            )
+            .await;
+        let task = server.data(STATE, json!({ "id": id })).await["task"].clone();
+        assert_eq!(task["state"], "ERROR", "{}", server.backend());
+        let a_id = task["steps"][0]["id"].clone();
+        let b_id = task["steps"][1]["id"].clone();
+
+        let retry_step = "mutation($id: ID!) { retryStep(input: { id: $id }) { step { state attempts } task { state } } }";
+        let (code, error) = server.error(retry_step, json!({ "id": a_id })).await;
+        assert_eq!(code, "CONFLICT");
+        assert!(error["message"].as_str().unwrap().contains("complete"));
+
+        let retried = server
+            .data("mutation($id: ID!) { retryTask(input: { id: $id, reason: \"fixed the card\" }) { task { state steps { state attempts } } } }", json!({ "id": id }))
+            .await;
+        let task = &retried["retryTask"]["task"];
+        assert_eq!(task["state"], "IN_PROGRESS");
+        assert_eq!(
+            task["steps"][1],
+            json!({ "state": "PENDING", "attempts": 0 })
+        );
+        let b = claim_one(&server, "ext.b").await;
+        assert_eq!(b["attempt"], 1);
+
+        // Resolving the running step by hand finishes the task; the worker's lease is gone.
+        let resolved = server
+            .data(
+                "mutation($id: ID!) { resolveStepManually(input: { id: $id, results: { paid: true }, reason: \"paid by phone\" }) { step { state results } task { state } } }",
+                json!({ "id": b_id }),
+            )
+            .await;
+        assert_eq!(
+            resolved["resolveStepManually"]["step"]["state"],
+            "RESOLVED_MANUALLY"
+        );
+        assert_eq!(resolved["resolveStepManually"]["task"]["state"], "COMPLETE");
+        assert_eq!(
+            complete(&server, &b["leaseToken"]).await.0.as_deref(),
+            Some("LEASE_LOST")
+        );
+        let (code, _) = server
+            .error(
+                "mutation($id: ID!) { retryTask(input: { id: $id }) { task { state } } }",
+                json!({ "id": id }),
+            )
+            .await;
+        assert_eq!(code, "CONFLICT");
+
+        // Skipping a pending root lets its dependent run; skipping that finishes the task.
+        let other = server
+            .create_task(json!({ "namespace": "ops", "template": "pair" }))
+            .await["task"]["id"]
+            .clone();
+        let steps = server.data(STATE, json!({ "id": other })).await["task"]["steps"].clone();
+        let skip = "mutation($id: ID!) { skipStep(input: { id: $id, reason: \"not needed\" }) { step { state } task { state } } }";
+        let skipped = server.data(skip, json!({ "id": steps[0]["id"] })).await;
+        assert_eq!(skipped["skipStep"]["task"]["state"], "IN_PROGRESS");
+        let b = claim_one(&server, "ext.b").await;
+        assert_eq!(b["name"], "b");
+        // Cancelling drops the running lease: the worker's completion is refused.
+        server
+            .data(
+                "mutation($id: ID!) { cancelTask(input: { id: $id }) { task { state } } }",
+                json!({ "id": other }),
+            )
+            .await;
+        assert_eq!(
+            complete(&server, &b["leaseToken"]).await.0.as_deref(),
+            Some("LEASE_LOST")
+        );
+        let (code, _) = server.error(skip, json!({ "id": steps[1]["id"] })).await;
+        assert_eq!(code, "CONFLICT", "a cancelled step stays cancelled");
+    }
+}

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tasker_domain::TaskRequest;
 use tasker_engine::Engine;
-use tasker_store::{NewTask, RegistrationOutcome, Store, TaskFilter};
+use tasker_store::{NewTask, RegistrationOutcome, StepAction, Store, TaskFilter};
 use tokio_stream::wrappers::IntervalStream;
 
 /// The whole schema type.
@@ -309,6 +309,44 @@ pub struct CancelTaskPayload {
     task: Task,
 }
 
+#[derive(InputObject)]
+pub struct RetryTaskInput {
+    id: ID,
+    reason: Option<String>,
+}
+
+#[derive(SimpleObject)]
+pub struct RetryTaskPayload {
+    task: Task,
+}
+
+#[derive(InputObject)]
+pub struct RetryStepInput {
+    id: ID,
+    reason: Option<String>,
+}
+
+#[derive(InputObject)]
+pub struct ResolveStepManuallyInput {
+    id: ID,
+    /// The results its dependents should see.
+    results: Option<Json<Value>>,
+    reason: Option<String>,
+}
+
+#[derive(InputObject)]
+pub struct SkipStepInput {
+    id: ID,
+    reason: Option<String>,
+}
+
+/// A step after a person changed it, with its task.
+#[derive(SimpleObject)]
+pub struct StepChangePayload {
+    step: crate::objects::Step,
+    task: Task,
+}
+
 #[Object]
 impl TaskMutation {
     /// Registers a template version. Identical content is accepted again without change; a
@@ -363,6 +401,57 @@ impl TaskMutation {
         })
     }
 
+    /// Runs a failed task again: its failed steps go back to pending with fresh attempts.
+    /// A task that has not failed is a CONFLICT.
+    async fn retry_task(
+        &self,
+        ctx: &Context<'_>,
+        input: RetryTaskInput,
+    ) -> Result<RetryTaskPayload> {
+        let id = parse_id(&input.id, "input.id").gql()?;
+        let task = engine(ctx).retry_task(id, input.reason).await.gql()?;
+        Ok(RetryTaskPayload {
+            task: Task::single(store(ctx).clone(), task),
+        })
+    }
+
+    /// Reopens a failed step with fresh attempts. A step that has not failed is a CONFLICT.
+    async fn retry_step(
+        &self,
+        ctx: &Context<'_>,
+        input: RetryStepInput,
+    ) -> Result<StepChangePayload> {
+        change_step(ctx, &input.id, StepAction::Retry, input.reason).await
+    }
+
+    /// Marks a step done by hand, with the results its dependents should see.
+    async fn resolve_step_manually(
+        &self,
+        ctx: &Context<'_>,
+        input: ResolveStepManuallyInput,
+    ) -> Result<StepChangePayload> {
+        let results = input
+            .results
+            .map(|json| json.0)
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        change_step(
+            ctx,
+            &input.id,
+            StepAction::Resolve { results },
+            input.reason,
+        )
+        .await
+    }
+
+    /// Skips a step that has not finished: its dependents proceed without it.
+    async fn skip_step(
+        &self,
+        ctx: &Context<'_>,
+        input: SkipStepInput,
+    ) -> Result<StepChangePayload> {
+        change_step(ctx, &input.id, StepAction::Skip, input.reason).await
+    }
+
     /// Cancels a task and its unfinished steps. A finished task is a CONFLICT.
     async fn cancel_task(
         &self,
@@ -375,6 +464,21 @@ impl TaskMutation {
             task: Task::single(store(ctx).clone(), task),
         })
     }
+}
+
+async fn change_step(
+    ctx: &Context<'_>,
+    id: &ID,
+    action: StepAction,
+    reason: Option<String>,
+) -> Result<StepChangePayload> {
+    let id = parse_id(id, "input.id").gql()?;
+    let change = engine(ctx).change_step(id, action, reason).await.gql()?;
+    let store = store(ctx).clone();
+    Ok(StepChangePayload {
+        step: crate::objects::Step::single(store.clone(), change.step, change.task.clone()),
+        task: Task::single(store, change.task),
+    })
 }
 
 pub struct Subscription;

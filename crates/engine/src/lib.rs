@@ -14,9 +14,10 @@ pub use workers::WorkerPoolConfig;
 
 use std::sync::Arc;
 use std::time::Duration;
+use tasker_domain::StateMachine;
 use tasker_store::{
     AttemptFailure, ClaimRequest, ClaimedStep, Completion, CompletionReport, FailureReport,
-    NewTask, Store, TaskCreation, TaskRecord,
+    NewTask, StepAction, StepChange, Store, TaskCreation, TaskRecord,
 };
 use tokio::sync::{Notify, watch};
 
@@ -151,6 +152,33 @@ impl Engine {
     pub async fn cancel_task(&self, id: uuid::Uuid, reason: Option<String>) -> Result<TaskRecord> {
         let task = self.store.cancel_task(id, reason).await?;
         self.tasks_finished(1);
+        Ok(task)
+    }
+
+    /// Applies a person's change to a step (retry, resolve, skip); dependents that became
+    /// ready are claimable at once.
+    pub async fn change_step(
+        &self,
+        step_id: uuid::Uuid,
+        action: StepAction,
+        reason: Option<String>,
+    ) -> Result<StepChange> {
+        let change = self.store.change_step(step_id, action, reason).await?;
+        self.work_available();
+        if change.task.state.is_terminal() || change.task.state == tasker_domain::TaskState::Error {
+            self.tasks_finished(1);
+        }
+        Ok(change)
+    }
+
+    /// Retries a failed task: its failed steps run again with fresh attempts.
+    pub async fn retry_task(
+        &self,
+        task_id: uuid::Uuid,
+        reason: Option<String>,
+    ) -> Result<TaskRecord> {
+        let task = self.store.retry_task(task_id, reason).await?;
+        self.work_available();
         Ok(task)
     }
 

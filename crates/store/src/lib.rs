@@ -6,6 +6,7 @@
 mod entities;
 mod events;
 mod execution;
+mod lifecycle;
 mod queries;
 mod records;
 mod sql;
@@ -18,6 +19,7 @@ pub use execution::{
     AttemptFailure, ClaimRequest, ClaimedStep, Completion, CompletionReport, FailureReport,
     StepInputs,
 };
+pub use lifecycle::{StepAction, StepChange};
 pub use queries::TaskFilter;
 pub use records::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,

@@ -1,0 +1,284 @@
+//! What people do to running tasks: retry a failed task or step, resolve a step by hand, skip
+//! it. Each checks the state machine (a refused change is a conflict), records transitions and
+//! events, and reopens the task for execution when it had stopped.
+
+use crate::entities::{task, workflow_step};
+use crate::events::{metadata, step_transition as step_rows, task_transition as task_rows};
+use crate::records::{StepRecord, TaskRecord};
+use crate::{Error, Result, Store};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, TransactionTrait};
+use serde_json::{Value, json};
+use tasker_domain::{StateMachine, StepState, TaskState};
+use uuid::Uuid;
+
+/// A change a person makes to one step.
+#[derive(Debug, Clone)]
+pub enum StepAction {
+    /// Back to pending with fresh attempts.
+    Retry,
+    /// Done by hand, with the results its dependents should see.
+    Resolve { results: Value },
+    /// Not needed: its dependents proceed without it.
+    Skip,
+}
+
+/// The step after the change, and whether it made other steps claimable.
+#[derive(Debug, Clone)]
+pub struct StepChange {
+    pub step: StepRecord,
+    pub task: TaskRecord,
+    pub newly_ready: usize,
+}
+
+impl Store {
+    /// Applies a person's change to a step, in one transaction.
+    pub async fn change_step(
+        &self,
+        step_id: Uuid,
+        action: StepAction,
+        reason: Option<String>,
+    ) -> Result<StepChange> {
+        let now = self.now();
+        let txn = self.db.begin().await?;
+        let step = workflow_step::Entity::find_by_id(step_id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: "step",
+                key: step_id.to_string(),
+            })?;
+        let from = StepState::parse(&step.state)?;
+        let to = match action {
+            StepAction::Retry => StepState::Pending,
+            StepAction::Resolve { .. } => StepState::ResolvedManually,
+            StepAction::Skip => StepState::Skipped,
+        };
+        from.transition_to(to)?;
+        let version = step.version + 1;
+        let mut update = workflow_step::Entity::update_many()
+            .col_expr(workflow_step::Column::State, Expr::value(to.as_str()))
+            .col_expr(workflow_step::Column::Version, Expr::value(version))
+            .col_expr(
+                workflow_step::Column::NextAttemptMs,
+                Expr::value(Option::<i64>::None),
+            )
+            .col_expr(
+                workflow_step::Column::LeaseExpiresMs,
+                Expr::value(Option::<i64>::None),
+            )
+            .col_expr(
+                workflow_step::Column::DeadlineMs,
+                Expr::value(Option::<i64>::None),
+            )
+            .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now));
+        update = match &action {
+            StepAction::Retry => update
+                .col_expr(workflow_step::Column::Attempts, Expr::value(0))
+                .col_expr(
+                    workflow_step::Column::LastError,
+                    Expr::value(Option::<String>::None),
+                ),
+            StepAction::Resolve { results } => update
+                .col_expr(workflow_step::Column::Results, Expr::value(results.clone()))
+                .col_expr(workflow_step::Column::CompletedAt, Expr::value(now)),
+            StepAction::Skip => {
+                update.col_expr(workflow_step::Column::CompletedAt, Expr::value(now))
+            }
+        };
+        let updated = update
+            .filter(workflow_step::Column::Id.eq(step_id))
+            .filter(workflow_step::Column::Version.eq(step.version))
+            .exec_with_returning(&txn)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::Conflict(format!(
+                    "step {step_id} changed while it was being updated; read it again and retry"
+                ))
+            })?;
+        let subjects = self.subjects(&txn, &[step.task_id], &[]).await?;
+        let (row, event) = step_rows(
+            subjects.subject(step.task_id),
+            step.id,
+            &step.name,
+            Some(from),
+            to,
+            version,
+            metadata(&[
+                ("reason", reason.clone().map(Value::from)),
+                ("triggered_by", Some(json!("manual"))),
+            ]),
+            now,
+        );
+        let mut events = vec![event];
+        let newly_ready = if to.satisfies_dependency() {
+            self.release_children(&txn, &[step.id]).await?
+        } else {
+            0
+        };
+        let mut task_transitions = self
+            .reopen_task(&txn, step.task_id, reason.as_deref(), &mut events)
+            .await?;
+        let (_, finished) = self
+            .finalize_tasks(&txn, &[step.task_id], &subjects, now, &mut events)
+            .await?;
+        task_transitions.extend(finished);
+        crate::tasks::insert_all(&txn, [row]).await?;
+        crate::tasks::insert_all(&txn, task_transitions).await?;
+        crate::tasks::insert_all(&txn, events).await?;
+        let task = task::Entity::find_by_id(step.task_id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: "task",
+                key: step.task_id.to_string(),
+            })?;
+        txn.commit().await?;
+        Ok(StepChange {
+            step: updated.try_into()?,
+            task: task.try_into()?,
+            newly_ready,
+        })
+    }
+
+    /// Retries a failed task: every failed step goes back to pending with fresh attempts, and
+    /// the task runs again.
+    pub async fn retry_task(&self, task_id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
+        let now = self.now();
+        let txn = self.db.begin().await?;
+        let current = task::Entity::find_by_id(task_id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: "task",
+                key: task_id.to_string(),
+            })?;
+        let state = TaskState::parse(&current.state)?;
+        if state != TaskState::Error {
+            return Err(Error::Conflict(format!(
+                "only a failed task can be retried; task {task_id} is {state}"
+            )));
+        }
+        let reopened = workflow_step::Entity::update_many()
+            .col_expr(
+                workflow_step::Column::State,
+                Expr::value(StepState::Pending.as_str()),
+            )
+            .col_expr(workflow_step::Column::Attempts, Expr::value(0))
+            .col_expr(
+                workflow_step::Column::NextAttemptMs,
+                Expr::value(Option::<i64>::None),
+            )
+            .col_expr(
+                workflow_step::Column::LastError,
+                Expr::value(Option::<String>::None),
+            )
+            .col_expr(
+                workflow_step::Column::Version,
+                Expr::col(workflow_step::Column::Version).add(1),
+            )
+            .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now))
+            .filter(workflow_step::Column::TaskId.eq(task_id))
+            .filter(workflow_step::Column::State.eq(StepState::Error.as_str()))
+            .exec_with_returning(&txn)
+            .await?;
+        let subjects = self
+            .subjects(&txn, &[task_id], std::slice::from_ref(&current))
+            .await?;
+        let mut events = Vec::new();
+        let mut step_transitions = Vec::new();
+        for step in &reopened {
+            let (row, event) = step_rows(
+                subjects.subject(task_id),
+                step.id,
+                &step.name,
+                Some(StepState::Error),
+                StepState::Pending,
+                step.version,
+                metadata(&[
+                    ("reason", reason.clone().map(Value::from)),
+                    ("triggered_by", Some(json!("manual"))),
+                ]),
+                now,
+            );
+            step_transitions.push(row);
+            events.push(event);
+        }
+        let task_transitions = self
+            .reopen_task(&txn, task_id, reason.as_deref(), &mut events)
+            .await?;
+        crate::tasks::insert_all(&txn, step_transitions).await?;
+        crate::tasks::insert_all(&txn, task_transitions).await?;
+        crate::tasks::insert_all(&txn, events).await?;
+        let task = task::Entity::find_by_id(task_id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: "task",
+                key: task_id.to_string(),
+            })?;
+        txn.commit().await?;
+        task.try_into()
+    }
+
+    /// A task that stopped (failed) or never started is put back in progress so its steps can
+    /// run and it can finish; a running task is left as it is.
+    async fn reopen_task(
+        &self,
+        txn: &DatabaseTransaction,
+        task_id: Uuid,
+        reason: Option<&str>,
+        events: &mut Vec<crate::entities::event::ActiveModel>,
+    ) -> Result<Vec<crate::entities::task_transition::ActiveModel>> {
+        let now = self.now();
+        let reopened = task::Entity::update_many()
+            .col_expr(
+                task::Column::State,
+                Expr::value(TaskState::InProgress.as_str()),
+            )
+            .col_expr(
+                task::Column::Version,
+                Expr::col(task::Column::Version).add(1),
+            )
+            .col_expr(task::Column::UpdatedAt, Expr::value(now))
+            .col_expr(
+                task::Column::CompletedAt,
+                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
+            )
+            .filter(task::Column::Id.eq(task_id))
+            .filter(
+                task::Column::State.is_in([TaskState::Pending.as_str(), TaskState::Error.as_str()]),
+            )
+            .exec_with_returning(txn)
+            .await?;
+        let mut transitions = Vec::new();
+        for task in reopened {
+            let subjects = self
+                .subjects(txn, &[task.id], std::slice::from_ref(&task))
+                .await?;
+            // Versions count transitions: a task at version 2 was created (1) and is now
+            // starting; any later one is coming back from `error`.
+            let from = if task.version == 2 {
+                TaskState::Pending
+            } else {
+                TaskState::Error
+            };
+            let (row, event) = task_rows(
+                subjects.subject(task.id),
+                Some(from),
+                TaskState::InProgress,
+                task.version,
+                metadata(&[
+                    ("reason", reason.map(Value::from)),
+                    ("triggered_by", Some(json!("manual"))),
+                ]),
+                now,
+            );
+            transitions.push(row);
+            events.push(event);
+        }
+        Ok(transitions)
+    }
+}
