@@ -116,7 +116,10 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             engine.clone().run_workers(config, stopping.clone()),
         ));
     }
-    background.push(tokio::spawn(engine.clone().run_maintenance(stopping)));
+    background.push(tokio::spawn(
+        engine.clone().run_maintenance(stopping.clone()),
+    ));
+    background.push(tokio::spawn(engine.clone().run_listener(stopping)));
     let app = tasker_api::router(engine, settings.http_limits());
     tasker_api::serve(listener, app, shutdown_signal()).await?;
     // Stop claiming, let the batch in hand be recorded, then close the pool.

@@ -278,6 +278,101 @@ async fn a_killed_server_finishes_every_task_after_a_restart() {
     assert!(terminate(&mut child).success());
 }
 
+const SHARED_DIAMOND: &str = r#"
+namespace: shared
+name: diamond
+version: 1.0.0
+steps:
+  - { name: top, handler: noop }
+  - { name: left, handler: noop, depends_on: [top] }
+  - { name: right, handler: noop, depends_on: [top] }
+  - { name: bottom, handler: noop, depends_on: [left, right] }
+"#;
+
+/// Two `tasker serve` replicas on one PostgreSQL database run 500 tasks together: each step is
+/// leased once, every task completes, and both replicas take part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_postgres_without_double_leases() {
+    let Ok(url) = std::env::var(tasker_store::testing::POSTGRES_URL_VAR) else {
+        eprintln!("skipped: set TASKER_TEST_DATABASE_URL to run the replica test");
+        return;
+    };
+    let db = tasker_store::testing::TestDatabase::postgres(
+        &url,
+        std::sync::Arc::new(tasker_domain::SystemClock),
+    )
+    .await;
+    let schema = db.options.schema.clone().unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let replica_url = format!("{url}{separator}options=-csearch_path%3D{schema}");
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--database-url",
+        replica_url.as_str(),
+        "--no-examples",
+        "--worker-lease-seconds",
+        "5",
+    ];
+    let (mut first, a, _first_logs) = start_with(dir.path(), &args);
+    let (mut second, b, _second_logs) = start_with(dir.path(), &args);
+    let client = reqwest::Client::new();
+    graphql(
+        &client,
+        &a,
+        "mutation($d: String!) { registerTemplate(input: { definition: $d }) { result } }",
+        json!({ "d": SHARED_DIAMOND }),
+    )
+    .await;
+    for i in 0..500 {
+        let address = if i % 2 == 0 { &a } else { &b };
+        graphql(
+            &client,
+            address,
+            "mutation($i: CreateTaskInput!) { createTask(input: $i) { task { id } } }",
+            json!({ "i": { "namespace": "shared", "template": "diamond", "context": { "n": i } } }),
+        )
+        .await;
+    }
+    let count = "{ tasks(filter: { states: [COMPLETE] }) { totalCount } }";
+    let started = std::time::Instant::now();
+    while graphql(&client, &b, count, json!({})).await["tasks"]["totalCount"] != 500 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the replicas stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let events = db
+        .store
+        .events_for_tasks(
+            &db.store
+                .list_tasks(&tasker_store::TaskFilter::default(), None, 1000)
+                .await
+                .unwrap()
+                .iter()
+                .map(|t| t.id)
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    let mut starts: std::collections::HashMap<uuid::Uuid, Vec<String>> = Default::default();
+    for event in events.iter().filter(|e| e.name == "step.started") {
+        starts
+            .entry(event.step_id.unwrap())
+            .or_default()
+            .push(event.payload["worker_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(starts.len(), 2000, "every step started");
+    assert!(
+        starts.values().all(|holders| holders.len() == 1),
+        "a step was leased twice"
+    );
+    let holders: std::collections::HashSet<&String> = starts.values().flatten().collect();
+    assert_eq!(holders.len(), 2, "both replicas ran steps: {holders:?}");
+    assert!(terminate(&mut first).success());
+    assert!(terminate(&mut second).success());
+}
+
 #[test]
 fn migrate_and_schema_commands() {
     let dir = tempfile::tempdir().unwrap();

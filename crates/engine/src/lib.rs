@@ -75,10 +75,51 @@ impl Engine {
         self.work.receiver_count()
     }
 
-    /// Tells every waiting claimer to look again.
+    /// Tells every waiting claimer in this process to look again.
     pub fn work_available(&self) {
         self.work
             .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// Tells every waiting claimer, in this process and on every other replica, to look again.
+    async fn announce(&self) {
+        self.work_available();
+        if let Err(err) = self.store.announce_work().await {
+            tracing::warn!(error = %err, "could not tell other replicas about new work");
+        }
+    }
+
+    /// Wakes this process's claimers when another replica announces work (PostgreSQL).
+    /// Returns at once on SQLite. Runs until `shutdown` changes.
+    pub async fn run_listener(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut listener = loop {
+            match self.store.listen_for_work().await {
+                Ok(Some(listener)) => break listener,
+                Ok(None) => return,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot listen for other replicas' work; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                woke = listener.next() => {
+                    if let Err(err) = woke {
+                        tracing::warn!(error = %err, "lost the connection listening for work");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                    self.work_available();
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 
     /// A receiver that changes whenever tasks finish.
@@ -97,7 +138,7 @@ impl Engine {
     pub async fn create_task(&self, new: NewTask) -> Result<TaskCreation> {
         let creation = self.store.create_task(new).await?;
         if creation.created {
-            self.work_available();
+            self.announce().await;
         }
         Ok(creation)
     }
@@ -129,7 +170,7 @@ impl Engine {
     pub async fn complete(&self, completions: &[Completion]) -> Result<CompletionReport> {
         let report = self.store.complete_steps(completions).await?;
         if report.newly_ready > 0 {
-            self.work_available();
+            self.announce().await;
         }
         self.tasks_finished(report.finished_tasks.len());
         Ok(report)
@@ -139,7 +180,7 @@ impl Engine {
     pub async fn fail(&self, failure: &AttemptFailure) -> Result<FailureReport> {
         let report = self.store.fail_step(failure).await?;
         if report.newly_ready > 0 {
-            self.work_available();
+            self.announce().await;
         }
         if report.step.next_attempt_at.is_some() {
             self.timers.notify_one();
@@ -164,7 +205,7 @@ impl Engine {
         reason: Option<String>,
     ) -> Result<StepChange> {
         let change = self.store.change_step(step_id, action, reason).await?;
-        self.work_available();
+        self.announce().await;
         if change.task.state.is_terminal() || change.task.state == tasker_domain::TaskState::Error {
             self.tasks_finished(1);
         }
@@ -178,7 +219,7 @@ impl Engine {
         reason: Option<String>,
     ) -> Result<TaskRecord> {
         let task = self.store.retry_task(task_id, reason).await?;
-        self.work_available();
+        self.announce().await;
         Ok(task)
     }
 

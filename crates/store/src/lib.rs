@@ -7,6 +7,7 @@ mod entities;
 mod events;
 mod execution;
 mod lifecycle;
+mod notify;
 mod queries;
 mod records;
 mod sql;
@@ -20,6 +21,7 @@ pub use execution::{
     StepInputs,
 };
 pub use lifecycle::{StepAction, StepChange};
+pub use notify::WorkListener;
 pub use queries::TaskFilter;
 pub use records::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
@@ -91,6 +93,8 @@ pub struct Store {
     db: DatabaseConnection,
     clock: Arc<dyn Clock>,
     statements: Arc<AtomicU64>,
+    /// The PostgreSQL NOTIFY channel replicas share; one per schema.
+    work_channel: String,
 }
 
 impl Store {
@@ -126,10 +130,15 @@ impl Store {
         db.set_metric_callback(move |_info| {
             counter.fetch_add(1, Ordering::Relaxed);
         });
+        let work_channel = match &options.schema {
+            Some(schema) => format!("tasker_work_{schema}"),
+            None => "tasker_work".to_owned(),
+        };
         Ok(Store {
             db,
             clock,
             statements,
+            work_channel,
         })
     }
 
