@@ -296,3 +296,84 @@ async fn people_retry_resolve_skip_and_cancel_with_state_checks() {
         assert_eq!(code, "CONFLICT", "a cancelled step stays cancelled");
     }
 }
+
+const APPROVAL: &str = r#"
+namespace: ops
+name: release
+version: 1.0.0
+steps:
+  - { name: build, handler: noop, config: { result: { artifact: v1 } } }
+  - { name: wait, handler: sleep, depends_on: [build], config: { seconds: 0 } }
+  - { name: sign_off, handler: approval, depends_on: [wait] }
+  - { name: deploy, handler: noop, depends_on: [sign_off] }
+"#;
+
+/// Waits until the embedded pool has parked the task's approval step.
+async fn parked_approval(server: &TestServer, task: &Value) -> Value {
+    let query = "query($id: ID!) { task(id: $id) { steps { id name state leaseHolder } } }";
+    let started = std::time::Instant::now();
+    loop {
+        let steps = server.data(query, json!({ "id": task })).await["task"]["steps"].clone();
+        let step = steps[2].clone();
+        if step["leaseHolder"] == "awaiting-decision" {
+            assert_eq!(step["state"], "IN_PROGRESS");
+            return step["id"].clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never parked: {steps}"
+        );
+        // The pool works in the background of this process; look again shortly.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approval_steps_wait_for_a_person_and_timers_complete() {
+    let server = TestServer::start_running(
+        TestDatabase::sqlite(std::sync::Arc::new(tasker_domain::SystemClock)).await,
+    )
+    .await;
+    server.register(APPROVAL).await;
+    let approve = "mutation($id: ID!) { approveStep(input: { id: $id, results: { by: \"ada\" } }) { step { state results } task { id } } }";
+    let reject = "mutation($id: ID!) { rejectStep(input: { id: $id, reason: \"not today\" }) { step { state lastError } task { state } } }";
+
+    let first = server
+        .create_task(json!({ "namespace": "ops", "template": "release" }))
+        .await["task"]["id"]
+        .clone();
+    let step = parked_approval(&server, &first).await;
+    let mut finished = server.engine.finished_tasks();
+    let approved = server.data(approve, json!({ "id": step })).await;
+    assert_eq!(approved["approveStep"]["step"]["state"], "COMPLETE");
+    assert_eq!(
+        approved["approveStep"]["step"]["results"],
+        json!({ "by": "ada" })
+    );
+    let (code, _) = server.error(approve, json!({ "id": step })).await;
+    assert_eq!(code, "CONFLICT", "a decided step takes no second decision");
+    loop {
+        let task = server.data(TASK, json!({ "id": first })).await["task"].clone();
+        if task["state"] == "COMPLETE" {
+            assert_eq!(task["steps"][1]["results"], json!({ "slept_seconds": 0.0 }));
+            break;
+        }
+        tokio::time::timeout(Duration::from_secs(20), finished.changed())
+            .await
+            .expect("the task completes after the approval")
+            .unwrap();
+    }
+
+    let second = server
+        .create_task(json!({ "namespace": "ops", "template": "release" }))
+        .await["task"]["id"]
+        .clone();
+    let step = parked_approval(&server, &second).await;
+    let rejected = server.data(reject, json!({ "id": step })).await;
+    assert_eq!(rejected["rejectStep"]["step"]["state"], "ERROR");
+    assert_eq!(
+        rejected["rejectStep"]["step"]["lastError"],
+        "rejected: not today"
+    );
+    assert_eq!(rejected["rejectStep"]["task"]["state"], "ERROR");
+}

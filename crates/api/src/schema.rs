@@ -19,7 +19,7 @@ use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tasker_domain::TaskRequest;
-use tasker_engine::Engine;
+use tasker_engine::{Decision, Engine};
 use tasker_store::{NewTask, RegistrationOutcome, StepAction, Store, TaskFilter};
 use tokio_stream::wrappers::IntervalStream;
 
@@ -340,6 +340,19 @@ pub struct SkipStepInput {
     reason: Option<String>,
 }
 
+#[derive(InputObject)]
+pub struct ApproveStepInput {
+    id: ID,
+    /// The results its dependents should see.
+    results: Option<Json<Value>>,
+}
+
+#[derive(InputObject)]
+pub struct RejectStepInput {
+    id: ID,
+    reason: String,
+}
+
 /// A step after a person changed it, with its task.
 #[derive(SimpleObject)]
 pub struct StepChangePayload {
@@ -452,6 +465,36 @@ impl TaskMutation {
         change_step(ctx, &input.id, StepAction::Skip, input.reason).await
     }
 
+    /// Approves a step waiting for a person (handler `approval`): it completes with `results`.
+    /// A step not waiting for a decision is a CONFLICT.
+    async fn approve_step(
+        &self,
+        ctx: &Context<'_>,
+        input: ApproveStepInput,
+    ) -> Result<StepChangePayload> {
+        let results = input
+            .results
+            .map(|json| json.0)
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        decide(ctx, &input.id, Decision::Approve { results }).await
+    }
+
+    /// Rejects a step waiting for a person: it fails for good (or is skipped when skippable).
+    async fn reject_step(
+        &self,
+        ctx: &Context<'_>,
+        input: RejectStepInput,
+    ) -> Result<StepChangePayload> {
+        decide(
+            ctx,
+            &input.id,
+            Decision::Reject {
+                reason: input.reason,
+            },
+        )
+        .await
+    }
+
     /// Cancels a task and its unfinished steps. A finished task is a CONFLICT.
     async fn cancel_task(
         &self,
@@ -478,6 +521,17 @@ async fn change_step(
     Ok(StepChangePayload {
         step: crate::objects::Step::single(store.clone(), change.step, change.task.clone()),
         task: Task::single(store, change.task),
+    })
+}
+
+async fn decide(ctx: &Context<'_>, id: &ID, decision: Decision) -> Result<StepChangePayload> {
+    let id = parse_id(id, "input.id").gql()?;
+    let step = engine(ctx).decide(id, decision).await.gql()?;
+    let store = store(ctx).clone();
+    let task = store.task(step.task_id).await.gql()?;
+    Ok(StepChangePayload {
+        step: crate::objects::Step::single(store.clone(), step, task.clone()),
+        task: Task::single(store, task),
     })
 }
 

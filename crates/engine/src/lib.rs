@@ -37,6 +37,13 @@ pub enum Error {
 /// Result alias for engine operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A person's decision on a step waiting for one.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    Approve { results: serde_json::Value },
+    Reject { reason: String },
+}
+
 /// The longest a claim may wait for work.
 pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(60);
 /// The slow safety sweep behind the timers.
@@ -223,11 +230,64 @@ impl Engine {
         Ok(task)
     }
 
-    /// Fails expired leases and wakes claimers when retries are due, sleeping until the next
-    /// due time in between. Runs until `shutdown` changes.
+    /// Records a person's decision on a step waiting for one (an `approval` step): approving
+    /// completes it with `results`; rejecting fails it for good (or skips it when skippable).
+    pub async fn decide(
+        &self,
+        step_id: uuid::Uuid,
+        decision: Decision,
+    ) -> Result<tasker_store::StepRecord> {
+        let lease_token = self.store.awaiting_decision(step_id).await?;
+        match decision {
+            Decision::Approve { results } => {
+                let report = self
+                    .complete(&[Completion {
+                        lease_token,
+                        results,
+                    }])
+                    .await?;
+                report
+                    .completed
+                    .into_iter()
+                    .next()
+                    .ok_or(Error::Store(tasker_store::Error::LeaseLost))
+            }
+            Decision::Reject { reason } => {
+                let failure = AttemptFailure {
+                    lease_token,
+                    message: format!("rejected: {reason}"),
+                    retryable: false,
+                    retry_after_seconds: None,
+                };
+                Ok(self.fail(&failure).await?.step)
+            }
+        }
+    }
+
+    /// Completes parked steps whose wake time has come (durable timers).
+    async fn wake_parked_steps(&self) -> Result<usize> {
+        let due = self.store.due_parked_steps(500).await?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let completions: Vec<Completion> = due
+            .iter()
+            .map(|(lease_token, step)| Completion {
+                lease_token: *lease_token,
+                results: handlers::woken_results(&step.config),
+            })
+            .collect();
+        Ok(self.complete(&completions).await?.completed.len())
+    }
+
+    /// Wakes parked timers, fails expired leases and wakes claimers when retries are due,
+    /// sleeping until the next due time in between. Runs until `shutdown` changes.
     pub async fn run_maintenance(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
             let mut sleep_for = SAFETY_SWEEP;
+            if let Err(err) = self.wake_parked_steps().await {
+                tracing::warn!(error = %err, "waking timers failed");
+            }
             match self.store.expire_leases().await {
                 Ok(expired) if expired > 0 => {
                     tracing::info!(expired, "failed attempts whose lease expired");
@@ -236,18 +296,13 @@ impl Engine {
                 Ok(_) => {}
                 Err(err) => tracing::warn!(error = %err, "lease sweep failed"),
             }
-            match self.store.next_wakeup_ms().await {
+            // Retries whose time has come are claimable now.
+            self.work_available();
+            let now = self.store.clock().now().timestamp_millis();
+            match self.store.next_wakeup_ms(now).await {
                 Ok(Some(due)) => {
-                    let now = self.store.clock().now().timestamp_millis();
-                    if due <= now {
-                        // A retry is due (or a lease runs out now): claimers look again, and
-                        // the next pass handles expiries.
-                        self.work_available();
-                        sleep_for = Duration::from_millis(50);
-                    } else {
-                        let wait = u64::try_from(due - now).unwrap_or(0);
-                        sleep_for = sleep_for.min(Duration::from_millis(wait));
-                    }
+                    let wait = u64::try_from(due - now).unwrap_or(0).max(1);
+                    sleep_for = sleep_for.min(Duration::from_millis(wait));
                 }
                 Ok(None) => {}
                 Err(err) => tracing::warn!(error = %err, "timer query failed"),

@@ -5,7 +5,7 @@ use crate::Engine;
 use crate::handlers::{BUILT_IN_HANDLERS, Outcome, run_immediate};
 use std::sync::Arc;
 use std::time::Duration;
-use tasker_store::{AttemptFailure, ClaimRequest, Completion};
+use tasker_store::{AWAITING_DECISION, AttemptFailure, ClaimRequest, Completion};
 use tokio::sync::watch;
 
 /// How the embedded pool works.
@@ -61,6 +61,7 @@ impl Engine {
             let full = claimed.len() == request.limit as usize;
             let mut completions = Vec::new();
             let mut failures = Vec::new();
+            let mut parked = 0;
             for step in &claimed {
                 match run_immediate(step) {
                     Outcome::Complete(results) => completions.push(Completion {
@@ -77,10 +78,28 @@ impl Engine {
                         retryable,
                         retry_after_seconds,
                     }),
+                    Outcome::Park { wake_at_ms } => {
+                        let holder = match wake_at_ms {
+                            Some(_) => "timer",
+                            None => AWAITING_DECISION,
+                        };
+                        match self
+                            .store
+                            .park_step(step.lease_token, wake_at_ms, holder)
+                            .await
+                        {
+                            Ok(()) => parked += 1,
+                            Err(err) => tracing::warn!(error = %err, "parking a step failed"),
+                        }
+                    }
                 }
             }
             if let Err(err) = self.complete(&completions).await {
                 tracing::warn!(error = %err, "recording completed steps failed; their leases will expire and they will run again");
+            }
+            if parked > 0 {
+                // A wake time may be earlier than the one the timer sleeps toward.
+                self.timers.notify_one();
             }
             for failure in &failures {
                 if let Err(err) = self.fail(failure).await {

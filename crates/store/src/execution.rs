@@ -297,7 +297,7 @@ impl Store {
             sql.bind(completion.results.clone());
             sql.push(if postgres { "::jsonb)" } else { ")" });
         }
-        sql.push(") UPDATE workflow_steps AS s SET state = 'complete', results = v.results, lease_expires_ms = NULL, deadline_ms = NULL, last_error = NULL, version = s.version + 1, updated_at = ")
+        sql.push(") UPDATE workflow_steps AS s SET state = 'complete', results = v.results, lease_expires_ms = NULL, deadline_ms = NULL, next_attempt_ms = NULL, last_error = NULL, version = s.version + 1, updated_at = ")
             .bind(now)
             .push(", completed_at = ")
             .bind(now)
@@ -413,14 +413,17 @@ impl Store {
         Ok(count)
     }
 
-    /// The earliest time (epoch ms) at which a retry becomes due or a lease or attempt runs
-    /// out, so the engine can sleep until then instead of polling.
-    pub async fn next_wakeup_ms(&self) -> Result<Option<i64>> {
+    /// The earliest time (epoch ms) after `after_ms` at which a retry becomes due, a parked
+    /// step wakes, or a lease or attempt runs out, so the engine can sleep until then instead of polling.
+    pub async fn next_wakeup_ms(&self, after_ms: i64) -> Result<Option<i64>> {
         let mut sql = Sql::new(self.db.get_database_backend());
-        sql.push("SELECT MIN(due) AS due FROM (\
-            SELECT MIN(next_attempt_ms) AS due FROM workflow_steps WHERE state = 'error' AND next_attempt_ms IS NOT NULL \
-            UNION ALL SELECT MIN(lease_expires_ms) AS due FROM workflow_steps WHERE state = 'in_progress' \
-            UNION ALL SELECT MIN(deadline_ms) AS due FROM workflow_steps WHERE state = 'in_progress') AS wakeups");
+        sql.push("SELECT MIN(due) AS due FROM (SELECT MIN(next_attempt_ms) AS due FROM workflow_steps WHERE state IN ('error', 'in_progress') AND next_attempt_ms > ")
+            .bind(after_ms)
+            .push(" UNION ALL SELECT MIN(lease_expires_ms) AS due FROM workflow_steps WHERE state = 'in_progress' AND lease_expires_ms > ")
+            .bind(after_ms)
+            .push(" UNION ALL SELECT MIN(deadline_ms) AS due FROM workflow_steps WHERE state = 'in_progress' AND deadline_ms > ")
+            .bind(after_ms)
+            .push(") AS wakeups");
         let row = Wakeup::find_by_statement(sql.build()).one(&self.db).await?;
         Ok(row.and_then(|row| row.due))
     }

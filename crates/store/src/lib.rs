@@ -8,6 +8,7 @@ mod events;
 mod execution;
 mod lifecycle;
 mod notify;
+mod parking;
 mod queries;
 mod records;
 mod sql;
@@ -22,6 +23,7 @@ pub use execution::{
 };
 pub use lifecycle::{StepAction, StepChange};
 pub use notify::WorkListener;
+pub use parking::AWAITING_DECISION;
 pub use queries::TaskFilter;
 pub use records::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,

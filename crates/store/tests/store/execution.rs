@@ -5,7 +5,7 @@ use chrono::Duration as Minutes;
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::Duration;
-use tasker_domain::{StepState, TaskState};
+use tasker_domain::{Clock, StepState, TaskState};
 use tasker_store::{
     AttemptFailure, ClaimRequest, ClaimedStep, Completion, Error, Store, TaskFilter,
 };
@@ -166,8 +166,9 @@ async fn a_lease_fences_a_worker_that_lost_it() {
             store.claim_steps(&claim(1)).await.unwrap().is_empty(),
             "backoff not yet elapsed"
         );
+        let now = clock.now().timestamp_millis();
         assert_eq!(
-            store.next_wakeup_ms().await.unwrap(),
+            store.next_wakeup_ms(now).await.unwrap(),
             step.next_attempt_at.map(|at| at.timestamp_millis())
         );
         clock.advance(Minutes::seconds(2));
@@ -419,5 +420,58 @@ async fn concurrent_claims_never_lease_a_step_twice() {
             ..TaskFilter::default()
         };
         assert_eq!(store.count_tasks(&complete).await.unwrap(), 100);
+    }
+}
+
+/// A parked timer holds no lease that can expire, survives a new store connection (a
+/// restart), and comes due by the clock.
+#[tokio::test]
+async fn a_parked_timer_comes_due_by_the_clock_and_survives_a_restart() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let template = DIAMOND.replace(
+            "{ name: validate, handler: noop }",
+            "{ name: validate, handler: sleep, config: { seconds: 3600 } }",
+        );
+        store.register_template(&template, false).await.unwrap();
+        store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+        let claimed = store.claim_steps(&claim(1)).await.unwrap();
+        let wake = clock.now().timestamp_millis() + 3_600_000;
+        store
+            .park_step(claimed[0].lease_token, Some(wake), "timer")
+            .await
+            .unwrap();
+
+        let restarted = Store::connect(&db.options, clock.clone()).await.unwrap();
+        clock.advance(Minutes::minutes(59));
+        assert_eq!(
+            restarted.expire_leases().await.unwrap(),
+            0,
+            "a parked lease does not expire"
+        );
+        assert!(restarted.due_parked_steps(10).await.unwrap().is_empty());
+        assert_eq!(
+            restarted
+                .next_wakeup_ms(clock.now().timestamp_millis())
+                .await
+                .unwrap(),
+            Some(wake)
+        );
+        clock.advance(Minutes::minutes(1));
+        let due = restarted.due_parked_steps(10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].0, claimed[0].lease_token);
+        let report = restarted
+            .complete_steps(&[Completion {
+                lease_token: due[0].0,
+                results: json!({ "slept_seconds": 3600 }),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(report.completed.len(), 1);
+        assert_eq!(report.newly_ready, 2);
+        assert!(restarted.due_parked_steps(10).await.unwrap().is_empty());
+        restarted.close().await.unwrap();
     }
 }
