@@ -69,7 +69,7 @@ fn terminate(child: &mut Child) -> std::process::ExitStatus {
 async fn serve_loads_the_examples_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, address, logs) = start(dir.path());
-    let client = reqwest::Client::new();
+    let client = crate::support::http_client();
     let body: Value = client
         .post(format!("http://{address}/graphql"))
         .json(&json!({ "query": "{ templates { key } }" }))
@@ -173,7 +173,7 @@ async fn a_killed_server_finishes_every_task_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let lease = ["--worker-lease-seconds", "1", "--no-examples"];
     let (mut child, address, _logs) = start_with(dir.path(), &lease);
-    let client = reqwest::Client::new();
+    let client = crate::support::http_client();
     graphql(
         &client,
         &address,
@@ -315,7 +315,7 @@ async fn two_replicas_share_one_postgres_without_double_leases() {
     ];
     let (mut first, a, _first_logs) = start_with(dir.path(), &args);
     let (mut second, b, _second_logs) = start_with(dir.path(), &args);
-    let client = reqwest::Client::new();
+    let client = crate::support::http_client();
     graphql(
         &client,
         &a,

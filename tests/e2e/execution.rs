@@ -377,3 +377,154 @@ async fn approval_steps_wait_for_a_person_and_timers_complete() {
     );
     assert_eq!(rejected["rejectStep"]["task"]["state"], "ERROR");
 }
+
+/// A local HTTP service for the `http` handler: an echo, a flaky endpoint (503 once), a
+/// missing one (404) and a busy one (429 with a long Retry-After).
+async fn http_service() -> String {
+    use axum::extract::{Path, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::{get, post};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route(
+            "/orders/{id}",
+            post(
+                |Path(id): Path<String>, headers: HeaderMap, body: axum::Json<Value>| async move {
+                    let token = headers
+                        .get("x-token")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    axum::Json(json!({ "id": id, "token": token, "body": body.0 }))
+                },
+            ),
+        )
+        .route(
+            "/flaky",
+            get(
+                |State(calls): State<std::sync::Arc<AtomicUsize>>| async move {
+                    if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            [("retry-after", "0")],
+                            "try again",
+                        )
+                            .into_response()
+                    } else {
+                        axum::Json(json!({ "ok": true })).into_response()
+                    }
+                },
+            ),
+        )
+        .route(
+            "/gone",
+            get(|| async { (StatusCode::NOT_FOUND, "no such thing") }),
+        )
+        .route(
+            "/busy",
+            get(|| async {
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "3600")],
+                    "slow down",
+                )
+            }),
+        )
+        .with_state(calls);
+    use axum::response::IntoResponse;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    address.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_handler_calls_services_with_placeholders_and_retries_by_status() {
+    let service = http_service().await;
+    let server = TestServer::start_running(
+        TestDatabase::sqlite(std::sync::Arc::new(tasker_domain::SystemClock)).await,
+    )
+    .await;
+    let template = r#"
+namespace: web
+name: calls
+version: 1.0.0
+steps:
+  - { name: quote, handler: noop, config: { result: { total: 42 } } }
+  - name: post
+    handler: http
+    depends_on: [quote]
+    config:
+      url: "http://SERVICE/orders/{{ context.order_id }}"
+      headers: { x-token: "{{ context.token }}" }
+      body: { total: "{{ steps.quote.results.total }}" }
+  - { name: flaky, handler: http, depends_on: [quote], config: { url: "http://SERVICE/flaky" },
+      retry: { max_attempts: 3, backoff: { base: 0, jitter: 0 } } }
+"#
+    .replace("SERVICE", &service);
+    server.register(&template).await;
+    let mut finished = server.engine.finished_tasks();
+    let id = server
+        .create_task(json!({ "namespace": "web", "template": "calls", "context": { "order_id": 7, "token": "s3cret" } }))
+        .await["task"]["id"]
+        .clone();
+    let task = loop {
+        let task = server.data(TASK, json!({ "id": id })).await["task"].clone();
+        if task["state"] != "IN_PROGRESS" && task["state"] != "PENDING" {
+            break task;
+        }
+        tokio::time::timeout(Duration::from_secs(30), finished.changed())
+            .await
+            .expect("the task finishes")
+            .unwrap();
+    };
+    assert_eq!(task["state"], "COMPLETE", "{task:#}");
+    assert_eq!(
+        task["steps"][1]["results"],
+        json!({ "id": "7", "token": "s3cret", "body": { "total": 42 } })
+    );
+    assert_eq!(task["steps"][2]["attempts"], 2, "a 503 is retried");
+    assert_eq!(task["steps"][2]["results"], json!({ "ok": true }));
+
+    let failing = r#"
+namespace: web
+name: failing
+version: 1.0.0
+steps:
+  - { name: gone, handler: http, config: { url: "http://SERVICE/gone" } }
+  - { name: busy, handler: http, config: { url: "http://SERVICE/busy" } }
+"#
+    .replace("SERVICE", &service);
+    server.register(&failing).await;
+    let id = server
+        .create_task(json!({ "namespace": "web", "template": "failing" }))
+        .await["task"]["id"]
+        .clone();
+    let query = "query($id: ID!) { task(id: $id) { steps { name state attempts lastError nextAttemptAt } } }";
+    let started = std::time::Instant::now();
+    let steps = loop {
+        let steps = server.data(query, json!({ "id": id })).await["task"]["steps"].clone();
+        if steps
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["state"] == "ERROR")
+        {
+            break steps;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{steps}");
+        // The pool calls the service in the background; look again shortly.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(steps[0]["attempts"], 1);
+    assert!(steps[0]["nextAttemptAt"].is_null(), "a 404 is not retried");
+    assert!(steps[0]["lastError"].as_str().unwrap().contains("404"));
+    let retry_at =
+        chrono::DateTime::parse_from_rfc3339(steps[1]["nextAttemptAt"].as_str().unwrap()).unwrap();
+    let wait = (retry_at.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_seconds();
+    assert!(
+        (3500..=3600).contains(&wait),
+        "429 honours Retry-After: {wait} s"
+    );
+}

@@ -76,7 +76,7 @@ impl TestServer {
             address,
             engine,
             db,
-            client: reqwest::Client::new(),
+            client: http_client(),
             stop: Some(stop),
             task: Some(task),
         }
@@ -162,4 +162,10 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// An HTTP client for the tests; TLS (unused on loopback) needs the process's crypto provider.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }

@@ -4,7 +4,7 @@ use serde_json::Value;
 use tasker_store::ClaimedStep;
 
 /// The handlers the embedded worker pool serves; any other name is for external workers.
-pub const BUILT_IN_HANDLERS: &[&str] = &["noop", "sleep", "approval"];
+pub const BUILT_IN_HANDLERS: &[&str] = &["noop", "sleep", "approval", "http"];
 
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,7 +31,8 @@ impl Outcome {
     }
 }
 
-/// Runs a built-in handler that finishes at once (no I/O).
+/// Runs a built-in handler that finishes at once (no I/O); `http` runs in the background
+/// (see `http.rs`).
 pub fn run_immediate(claimed: &ClaimedStep) -> Outcome {
     match claimed.step.handler.as_str() {
         "noop" => noop(claimed),

@@ -5,6 +5,7 @@
 //! once; timers sleep until the earliest due time; a slow safety sweep backs them up.
 
 mod handlers;
+mod http;
 mod seed;
 mod workers;
 

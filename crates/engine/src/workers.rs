@@ -1,12 +1,14 @@
-//! The embedded worker pool: claims steps of built-in handlers in batches, runs them, and
-//! records their outcomes in batches (one transaction for many completions).
+//! The embedded worker pool: claims steps of built-in handlers in batches, runs them (at once,
+//! or as background requests for `http`), and records their outcomes in batches (one
+//! transaction for many completions).
 
 use crate::Engine;
 use crate::handlers::{BUILT_IN_HANDLERS, Outcome, run_immediate};
 use std::sync::Arc;
 use std::time::Duration;
-use tasker_store::{AWAITING_DECISION, AttemptFailure, ClaimRequest, Completion};
-use tokio::sync::watch;
+use tasker_store::{AWAITING_DECISION, AttemptFailure, ClaimRequest, ClaimedStep, Completion};
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
 
 /// How the embedded pool works.
 #[derive(Debug, Clone)]
@@ -28,92 +30,165 @@ impl Default for WorkerPoolConfig {
     }
 }
 
+type Finished = (Uuid, Outcome);
+
 impl Engine {
-    /// Runs the embedded worker pool until `shutdown` changes.
+    /// Runs the embedded worker pool until `shutdown` changes. Requests in flight at shutdown
+    /// are abandoned: their leases expire and the steps run again (at least once).
     pub async fn run_workers(
         self: Arc<Self>,
         config: WorkerPoolConfig,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut signal = self.work.subscribe();
-        let request = ClaimRequest {
-            worker_id: config.worker_id.clone(),
-            handlers: BUILT_IN_HANDLERS.iter().map(|h| (*h).to_owned()).collect(),
-            namespaces: Vec::new(),
-            limit: u32::try_from(config.concurrency.max(1)).unwrap_or(u32::MAX),
-            lease: config.lease,
-        };
+        let concurrency = config.concurrency.max(1);
+        let (done, mut finished) = mpsc::unbounded_channel::<Finished>();
+        let client = crate::http::client();
+        // A request must end well before the lease it runs under.
+        let max_request = config
+            .lease
+            .saturating_sub(Duration::from_secs(5))
+            .max(Duration::from_secs(1));
+        let mut in_flight = 0usize;
+        let mut outcomes: Vec<Finished> = Vec::new();
         loop {
             if *shutdown.borrow() {
                 return;
             }
             signal.borrow_and_update();
-            let claimed = match self.store.claim_steps(&request).await {
-                Ok(claimed) => claimed,
-                Err(err) => {
-                    tracing::warn!(error = %err, "the worker pool could not claim steps");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
-                        _ = shutdown.changed() => return,
-                    }
-                }
-            };
-            let full = claimed.len() == request.limit as usize;
-            let mut completions = Vec::new();
-            let mut failures = Vec::new();
-            let mut parked = 0;
-            for step in &claimed {
-                match run_immediate(step) {
-                    Outcome::Complete(results) => completions.push(Completion {
-                        lease_token: step.lease_token,
-                        results,
-                    }),
-                    Outcome::Fail {
-                        message,
-                        retryable,
-                        retry_after_seconds,
-                    } => failures.push(AttemptFailure {
-                        lease_token: step.lease_token,
-                        message,
-                        retryable,
-                        retry_after_seconds,
-                    }),
-                    Outcome::Park { wake_at_ms } => {
-                        let holder = match wake_at_ms {
-                            Some(_) => "timer",
-                            None => AWAITING_DECISION,
-                        };
-                        match self
-                            .store
-                            .park_step(step.lease_token, wake_at_ms, holder)
-                            .await
-                        {
-                            Ok(()) => parked += 1,
-                            Err(err) => tracing::warn!(error = %err, "parking a step failed"),
+            let capacity = concurrency - in_flight;
+            let mut claimed = Vec::new();
+            if capacity > 0 {
+                let request = ClaimRequest {
+                    worker_id: config.worker_id.clone(),
+                    handlers: BUILT_IN_HANDLERS.iter().map(|h| (*h).to_owned()).collect(),
+                    namespaces: Vec::new(),
+                    limit: u32::try_from(capacity).unwrap_or(u32::MAX),
+                    lease: config.lease,
+                };
+                match self.store.claim_steps(&request).await {
+                    Ok(steps) => claimed = steps,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "the worker pool could not claim steps");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                            _ = shutdown.changed() => return,
                         }
                     }
                 }
             }
-            if let Err(err) = self.complete(&completions).await {
-                tracing::warn!(error = %err, "recording completed steps failed; their leases will expire and they will run again");
+            let full = capacity > 0 && claimed.len() == capacity;
+            in_flight += self
+                .start_requests(&claimed, &client, max_request, &done)
+                .await;
+            outcomes.extend(
+                claimed
+                    .iter()
+                    .filter(|step| step.step.handler != "http")
+                    .map(|step| (step.lease_token, run_immediate(step))),
+            );
+            while let Ok(outcome) = finished.try_recv() {
+                in_flight -= 1;
+                outcomes.push(outcome);
             }
-            if parked > 0 {
-                // A wake time may be earlier than the one the timer sleeps toward.
-                self.timers.notify_one();
-            }
-            for failure in &failures {
-                if let Err(err) = self.fail(failure).await {
-                    tracing::warn!(error = %err, "recording a failed attempt failed");
-                }
-            }
-            if full || !claimed.is_empty() {
+            let worked = !claimed.is_empty() || !outcomes.is_empty();
+            self.record(std::mem::take(&mut outcomes)).await;
+            if full || worked {
                 // More may be ready (a full batch, or children of what just completed).
                 continue;
             }
             tokio::select! {
                 _ = signal.changed() => {}
+                Some(outcome) = finished.recv() => {
+                    in_flight -= 1;
+                    outcomes.push(outcome);
+                }
                 _ = shutdown.changed() => return,
             }
+        }
+    }
+
+    /// Starts the `http` steps in the background; returns how many.
+    async fn start_requests(
+        &self,
+        claimed: &[ClaimedStep],
+        client: &reqwest::Client,
+        max_request: Duration,
+        done: &mpsc::UnboundedSender<Finished>,
+    ) -> usize {
+        let requests: Vec<&ClaimedStep> = claimed
+            .iter()
+            .filter(|step| step.step.handler == "http")
+            .collect();
+        if requests.is_empty() {
+            return 0;
+        }
+        let steps: Vec<_> = requests.iter().map(|c| c.step.clone()).collect();
+        let mut inputs = match self.store.step_inputs(&steps).await {
+            Ok(inputs) => inputs,
+            Err(err) => {
+                tracing::warn!(error = %err, "reading the inputs of http steps failed; their leases will expire and they will run again");
+                return 0;
+            }
+        };
+        for claimed in requests {
+            let claimed = claimed.clone();
+            let input = inputs.remove(&claimed.step.id).unwrap_or_default();
+            let client = client.clone();
+            let done = done.clone();
+            tokio::spawn(async move {
+                let outcome = crate::http::run(&client, &claimed, &input, max_request).await;
+                // The pool stopped: the lease will expire and the step run again.
+                let _ = done.send((claimed.lease_token, outcome));
+            });
+        }
+        steps.len()
+    }
+
+    /// Records outcomes: completions in one batch, then failures and parked steps.
+    async fn record(&self, outcomes: Vec<Finished>) {
+        let mut completions = Vec::new();
+        let mut parked = 0;
+        for (lease_token, outcome) in outcomes {
+            match outcome {
+                Outcome::Complete(results) => completions.push(Completion {
+                    lease_token,
+                    results,
+                }),
+                Outcome::Fail {
+                    message,
+                    retryable,
+                    retry_after_seconds,
+                } => {
+                    let failure = AttemptFailure {
+                        lease_token,
+                        message,
+                        retryable,
+                        retry_after_seconds,
+                    };
+                    if let Err(err) = self.fail(&failure).await {
+                        tracing::warn!(error = %err, "recording a failed attempt failed");
+                    }
+                }
+                Outcome::Park { wake_at_ms } => {
+                    let holder = if wake_at_ms.is_some() {
+                        "timer"
+                    } else {
+                        AWAITING_DECISION
+                    };
+                    match self.store.park_step(lease_token, wake_at_ms, holder).await {
+                        Ok(()) => parked += 1,
+                        Err(err) => tracing::warn!(error = %err, "parking a step failed"),
+                    }
+                }
+            }
+        }
+        if parked > 0 {
+            // A wake time may be earlier than the one the timer sleeps toward.
+            self.timers.notify_one();
+        }
+        if let Err(err) = self.complete(&completions).await {
+            tracing::warn!(error = %err, "recording completed steps failed; their leases will expire and they will run again");
         }
     }
 }
