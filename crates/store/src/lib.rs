@@ -188,6 +188,36 @@ impl Store {
         chrono::DateTime::from_timestamp_micros(micros).unwrap_or(now)
     }
 
+    /// A task row by id, or `NotFound`.
+    pub(crate) async fn task_row<C: ConnectionTrait>(
+        conn: &C,
+        id: uuid::Uuid,
+    ) -> Result<entities::task::Model> {
+        use sea_orm::EntityTrait;
+        entities::task::Entity::find_by_id(id)
+            .one(conn)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: "task",
+                key: id.to_string(),
+            })
+    }
+
+    /// A step row by id, or `NotFound`.
+    pub(crate) async fn step_row<C: ConnectionTrait>(
+        conn: &C,
+        id: uuid::Uuid,
+    ) -> Result<entities::workflow_step::Model> {
+        use sea_orm::EntityTrait;
+        entities::workflow_step::Entity::find_by_id(id)
+            .one(conn)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: "step",
+                key: id.to_string(),
+            })
+    }
+
     fn is_unique_violation(err: &DbErr) -> bool {
         matches!(
             err.sql_err(),

@@ -41,13 +41,7 @@ impl Store {
     ) -> Result<StepChange> {
         let now = self.now();
         let txn = self.db.begin().await?;
-        let step = workflow_step::Entity::find_by_id(step_id)
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "step",
-                key: step_id.to_string(),
-            })?;
+        let step = Self::step_row(&txn, step_id).await?;
         let from = StepState::parse(&step.state)?;
         let to = match action {
             StepAction::Retry => StepState::Pending,
@@ -128,13 +122,7 @@ impl Store {
         crate::tasks::insert_all(&txn, [row]).await?;
         crate::tasks::insert_all(&txn, task_transitions).await?;
         crate::tasks::insert_all(&txn, events).await?;
-        let task = task::Entity::find_by_id(step.task_id)
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "task",
-                key: step.task_id.to_string(),
-            })?;
+        let task = Self::task_row(&txn, step.task_id).await?;
         txn.commit().await?;
         Ok(StepChange {
             step: updated.try_into()?,
@@ -148,13 +136,7 @@ impl Store {
     pub async fn retry_task(&self, task_id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
         let now = self.now();
         let txn = self.db.begin().await?;
-        let current = task::Entity::find_by_id(task_id)
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "task",
-                key: task_id.to_string(),
-            })?;
+        let current = Self::task_row(&txn, task_id).await?;
         let state = TaskState::parse(&current.state)?;
         if state != TaskState::Error {
             return Err(Error::Conflict(format!(
@@ -212,13 +194,7 @@ impl Store {
         crate::tasks::insert_all(&txn, step_transitions).await?;
         crate::tasks::insert_all(&txn, task_transitions).await?;
         crate::tasks::insert_all(&txn, events).await?;
-        let task = task::Entity::find_by_id(task_id)
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "task",
-                key: task_id.to_string(),
-            })?;
+        let task = Self::task_row(&txn, task_id).await?;
         txn.commit().await?;
         task.try_into()
     }

@@ -67,13 +67,7 @@ impl Store {
 
     /// The lease token of a step waiting for a person's decision.
     pub async fn awaiting_decision(&self, step_id: Uuid) -> Result<Uuid> {
-        let step = workflow_step::Entity::find_by_id(step_id)
-            .one(&self.db)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "step",
-                key: step_id.to_string(),
-            })?;
+        let step = Self::step_row(&self.db, step_id).await?;
         match step.lease_token {
             Some(token)
                 if step.state == StepState::InProgress.as_str()

@@ -8,7 +8,7 @@ use crate::records::{
     EdgeRecord, EventRecord, StepRecord, StepTransitionRecord, TaskRecord, TaskTransitionRecord,
     convert_all,
 };
-use crate::{Error, Result, Store};
+use crate::{Result, Store};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Query;
 use sea_orm::{
@@ -72,14 +72,7 @@ impl TaskFilter {
 
 impl Store {
     pub async fn task(&self, id: Uuid) -> Result<TaskRecord> {
-        task::Entity::find_by_id(id)
-            .one(&self.db)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "task",
-                key: id.to_string(),
-            })?
-            .try_into()
+        Self::task_row(&self.db, id).await?.try_into()
     }
 
     /// Tasks by id, in no particular order; ids not found are left out.
@@ -139,14 +132,7 @@ impl Store {
     }
 
     pub async fn step(&self, id: Uuid) -> Result<StepRecord> {
-        workflow_step::Entity::find_by_id(id)
-            .one(&self.db)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "step",
-                key: id.to_string(),
-            })?
-            .try_into()
+        Self::step_row(&self.db, id).await?.try_into()
     }
 
     /// Steps by id, in no particular order; ids not found are left out.

@@ -235,13 +235,7 @@ impl Store {
     pub async fn cancel_task(&self, id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
         let now = self.now();
         let txn = self.db.begin().await?;
-        let current = task::Entity::find_by_id(id)
-            .one(&txn)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "task",
-                key: id.to_string(),
-            })?;
+        let current = Self::task_row(&txn, id).await?;
         let from = TaskState::parse(&current.state)?;
         from.transition_to(TaskState::Cancelled)?;
         let version = current.version + 1;
