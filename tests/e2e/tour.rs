@@ -341,3 +341,59 @@ async fn namespaces_with_their_templates_cost_two_statements() {
         );
     }
 }
+
+/// A task of 1,000 steps answers its whole graph, critical path and bottlenecks included, with
+/// the same few statements as a small one.
+#[tokio::test]
+async fn a_thousand_step_graph_with_insight_costs_a_constant_number_of_statements() {
+    for server in TestServer::all().await {
+        // 100 chains of 10 under one root.
+        let mut steps = vec![json!({ "name": "root", "handler": "noop" })];
+        for chain in 0..100 {
+            for level in 0..10 {
+                let parent = if level == 0 {
+                    "root".to_owned()
+                } else {
+                    format!("c{chain}_{}", level - 1)
+                };
+                steps.push(json!({ "name": format!("c{chain}_{level}"), "handler": "noop", "depends_on": [parent] }));
+            }
+        }
+        steps.truncate(1000);
+        let template =
+            json!({ "namespace": "big", "name": "wide", "version": "1.0.0", "steps": steps });
+        server.register(&template.to_string()).await;
+        let id = server
+            .create_task(json!({ "namespace": "big", "template": "wide" }))
+            .await["task"]["id"]
+            .clone();
+        let query = r#"query($id: ID!) { task(id: $id) { graph {
+            nodes { stepId level } edges { from to } levels { level stepIds }
+            criticalPath { stepNames totalSeconds estimated } parallelism
+            bottlenecks { name blockedSteps } } } }"#;
+        let before = server.db.store.statement_count();
+        let started = std::time::Instant::now();
+        let graph = server.data(query, json!({ "id": id })).await["task"]["graph"].clone();
+        let elapsed = started.elapsed();
+        let statements = server.db.store.statement_count() - before;
+        println!(
+            "{}: 1,000-step graph with critical path and bottlenecks: {statements} statements, {:.1} ms (debug build)",
+            server.backend(),
+            elapsed.as_secs_f64() * 1000.0
+        );
+        assert_eq!(statements, 3, "task, steps, edges");
+        assert_eq!(graph["nodes"].as_array().unwrap().len(), 1000);
+        assert_eq!(graph["edges"].as_array().unwrap().len(), 999);
+        assert_eq!(graph["levels"].as_array().unwrap().len(), 11);
+        assert_eq!(graph["parallelism"], 100);
+        assert_eq!(
+            graph["criticalPath"]["stepNames"].as_array().unwrap().len(),
+            11
+        );
+        assert_eq!(graph["criticalPath"]["estimated"], true);
+        assert_eq!(
+            graph["bottlenecks"][0],
+            json!({ "name": "root", "blockedSteps": 999 })
+        );
+    }
+}

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tasker_domain::execution::{
     ExecutionStatus, StepProgress, completion_percentage, execution_status,
 };
+use tasker_domain::insight::{StepTiming, analyze};
 use tasker_domain::{Dag, StepState, TaskState, TaskTemplate};
 use tasker_store::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
@@ -393,7 +394,11 @@ impl Task {
     async fn graph(&self) -> Result<TaskGraph> {
         let steps = self.set.steps(self.record.id).await.gql()?;
         let edges = self.set.edges(self.record.id).await.gql()?;
-        Ok(TaskGraph::build(steps, edges))
+        Ok(TaskGraph::build(
+            steps,
+            edges,
+            self.set.store().clock().now(),
+        ))
     }
 
     /// This task's entries in the event log, in order.
@@ -808,6 +813,32 @@ pub struct TaskGraph {
     leaves: Vec<ID>,
     /// Every step, parents before children.
     topological_order: Vec<ID>,
+    /// The chain of steps that decides how long the run takes.
+    critical_path: CriticalPath,
+    /// The most steps that can run at once (the widest level).
+    parallelism: usize,
+    /// Unfinished steps holding back the most unfinished steps after them, most first.
+    bottlenecks: Vec<Bottleneck>,
+}
+
+/// The longest path through the graph, weighted by how long each step took (or is taking);
+/// steps that have not run count the mean of similar steps.
+#[derive(SimpleObject)]
+pub struct CriticalPath {
+    step_ids: Vec<ID>,
+    step_names: Vec<String>,
+    total_seconds: f64,
+    /// True when some steps on it have not run and their durations are estimates.
+    estimated: bool,
+}
+
+#[derive(SimpleObject)]
+pub struct Bottleneck {
+    step_id: ID,
+    name: String,
+    state: StepStateValue,
+    /// How many unfinished steps wait on it, directly or not.
+    blocked_steps: usize,
 }
 
 #[ComplexObject]
@@ -843,8 +874,23 @@ pub struct GraphLevel {
 }
 
 impl TaskGraph {
-    fn build(steps: &[StepRecord], edges: &[EdgeRecord]) -> Self {
+    fn build(steps: &[StepRecord], edges: &[EdgeRecord], now: DateTime<Utc>) -> Self {
         let dag = step_dag(steps, edges);
+        let timings: Vec<StepTiming> = steps
+            .iter()
+            .map(|step| StepTiming {
+                state: step.state,
+                handler: step.handler.clone(),
+                seconds: step.attempt_started_at.and_then(|started| {
+                    let end = match step.state {
+                        StepState::InProgress => Some(now),
+                        _ => step.completed_at,
+                    }?;
+                    Some((end - started).num_milliseconds().max(0) as f64 / 1000.0)
+                }),
+            })
+            .collect();
+        let insight = analyze(&dag, &timings);
         // A stored task's graph is acyclic (templates are validated); fall back to flat levels.
         let levels = dag.levels().unwrap_or_else(|| vec![0; steps.len()]);
         let by_level = dag
@@ -885,6 +931,35 @@ impl TaskGraph {
             roots: dag.roots().into_iter().map(step_id).collect(),
             leaves: dag.leaves().into_iter().map(step_id).collect(),
             topological_order: order.into_iter().map(step_id).collect(),
+            critical_path: CriticalPath {
+                step_ids: insight
+                    .as_ref()
+                    .map(|i| i.critical_path.iter().map(|&n| step_id(n)).collect())
+                    .unwrap_or_default(),
+                step_names: insight
+                    .as_ref()
+                    .map(|i| {
+                        i.critical_path
+                            .iter()
+                            .map(|&n| steps[n].name.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                total_seconds: insight.as_ref().map_or(0.0, |i| i.critical_seconds),
+                estimated: insight.as_ref().is_some_and(|i| i.estimated),
+            },
+            parallelism: insight.as_ref().map_or(0, |i| i.parallelism),
+            bottlenecks: insight
+                .map(|i| i.bottlenecks)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(n, blocked_steps)| Bottleneck {
+                    step_id: step_id(n),
+                    name: steps[n].name.clone(),
+                    state: steps[n].state.into(),
+                    blocked_steps,
+                })
+                .collect(),
         }
     }
 }

@@ -105,6 +105,59 @@ impl Dag {
         Some(grouped)
     }
 
+    /// The heaviest path from a root to a leaf, where each node weighs `weights[node]`, and
+    /// its total. `None` when the graph has a cycle. Ties go to the lower index.
+    pub fn longest_path(&self, weights: &[f64]) -> Option<(Vec<usize>, f64)> {
+        let order = self.topological_order()?;
+        let weight = |node: usize| weights.get(node).copied().unwrap_or(0.0).max(0.0);
+        let mut best = vec![0.0; self.node_count()];
+        let mut via: Vec<Option<usize>> = vec![None; self.node_count()];
+        for &node in &order {
+            let mut incoming = 0.0;
+            for &parent in &self.parents[node] {
+                if via[node].is_none() || best[parent] > incoming {
+                    incoming = best[parent];
+                    via[node] = Some(parent);
+                }
+            }
+            best[node] = incoming + weight(node);
+        }
+        let end = self
+            .leaves()
+            .into_iter()
+            .fold(None, |best_end: Option<usize>, node| match best_end {
+                Some(current) if best[current] >= best[node] => Some(current),
+                _ => Some(node),
+            })?;
+        let mut path = vec![end];
+        while let Some(previous) = via[*path.last().unwrap_or(&end)] {
+            path.push(previous);
+        }
+        path.reverse();
+        Some((path, best[end]))
+    }
+
+    /// For every node, how many nodes depend on it directly or transitively.
+    pub fn descendant_counts(&self) -> Vec<usize> {
+        let n = self.node_count();
+        let mut seen = vec![usize::MAX; n];
+        (0..n)
+            .map(|start| {
+                let mut stack = self.children[start].clone();
+                let mut count = 0;
+                while let Some(node) = stack.pop() {
+                    if seen[node] == start {
+                        continue;
+                    }
+                    seen[node] = start;
+                    count += 1;
+                    stack.extend(self.children[node].iter().copied());
+                }
+                count
+            })
+            .collect()
+    }
+
     /// One cycle for every strongly connected component that has one, each given as the nodes
     /// along it with the first node repeated at the end (`a -> b -> c -> a`). Empty for a DAG.
     pub fn cycles(&self) -> Vec<Vec<usize>> {
@@ -273,6 +326,35 @@ mod tests {
         let cycles = Dag::new(n, looped).cycles();
         assert_eq!(cycles.len(), 1);
         assert_eq!(cycles[0].len(), n + 1);
+    }
+
+    #[test]
+    fn the_longest_path_follows_the_heaviest_branch() {
+        let dag = diamond();
+        let (path, total) = dag.longest_path(&[1.0, 5.0, 2.0, 1.0]).unwrap();
+        assert_eq!(path, vec![0, 1, 3]);
+        assert_eq!(total, 7.0);
+        let (path, total) = dag.longest_path(&[1.0, 1.0, 9.0, 1.0]).unwrap();
+        assert_eq!((path, total), (vec![0, 2, 3], 11.0));
+        // Two disconnected chains: the heavier one wins.
+        let dag = Dag::new(4, [(0, 1), (2, 3)]);
+        assert_eq!(
+            dag.longest_path(&[1.0, 1.0, 3.0, 0.0]).unwrap(),
+            (vec![2, 3], 3.0)
+        );
+        assert!(
+            Dag::new(2, [(0, 1), (1, 0)])
+                .longest_path(&[1.0, 1.0])
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn descendants_are_counted_once_each() {
+        assert_eq!(diamond().descendant_counts(), vec![3, 1, 1, 0]);
+        let n = 2_000;
+        let chain = Dag::new(n, (1..n).map(|i| (i - 1, i)));
+        assert_eq!(chain.descendant_counts()[0], n - 1);
     }
 
     #[test]

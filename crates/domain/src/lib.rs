@@ -7,6 +7,7 @@ pub mod clock;
 pub mod event;
 pub mod execution;
 pub mod graph;
+pub mod insight;
 pub mod state;
 pub mod task;
 pub mod template;
