@@ -116,3 +116,140 @@ async fn the_legacy_graphql_ws_subprotocol_works_too() {
     assert_eq!(data["type"], "data");
     assert_eq!(data["payload"]["data"]["tasks"]["totalCount"], 0);
 }
+
+async fn subscribe_events(server: &TestServer, after: Option<&str>) -> Socket {
+    let mut socket = connect(server, "graphql-transport-ws").await;
+    send(&mut socket, json!({ "type": "connection_init" })).await;
+    assert_eq!(receive(&mut socket).await["type"], "connection_ack");
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "id": "events", "payload": {
+            "query": "subscription($after: String) { events(filter: { namespaces: [\"shop\"] }, after: $after) { cursor name taskId } }",
+            "variables": { "after": after } } }),
+    )
+    .await;
+    socket
+}
+
+async fn next_event(socket: &mut Socket) -> Value {
+    let message = receive(socket).await;
+    assert_eq!(message["type"], "next", "{message}");
+    message["payload"]["data"]["events"].clone()
+}
+
+const SHOP: &str = "namespace: shop\nname: fulfil\nversion: 1.0.0\nsteps:\n  - {name: a, handler: noop}\n  - {name: b, handler: noop, depends_on: [a]}\n";
+
+/// Subscribe, receive, disconnect mid-stream, reconnect with the last cursor: exactly the
+/// missing events arrive, in the order the `events` query gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_subscription_resumes_from_a_cursor_without_gaps_or_repeats() {
+    for server in TestServer::all().await {
+        server.register(SHOP).await;
+        let head = server
+            .data(
+                "{ events(first: 500) { pageInfo { endCursor } } }",
+                json!({}),
+            )
+            .await["events"]["pageInfo"]["endCursor"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut socket = subscribe_events(&server, Some(&head)).await;
+        server
+            .create_task(json!({ "namespace": "shop", "template": "fulfil" }))
+            .await;
+        let mut received = Vec::new();
+        for _ in 0..2 {
+            received.push(next_event(&mut socket).await);
+        }
+        socket.close(None).await.ok();
+
+        // While disconnected, more happens.
+        server
+            .create_task(json!({ "namespace": "shop", "template": "fulfil" }))
+            .await;
+        let resume = received.last().unwrap()["cursor"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut socket = subscribe_events(&server, Some(&resume)).await;
+        for _ in 0..4 {
+            received.push(next_event(&mut socket).await);
+        }
+        let names: Vec<&str> = received
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "task.created",
+                "step.created",
+                "step.created",
+                "task.created",
+                "step.created",
+                "step.created"
+            ],
+            "{}",
+            server.backend()
+        );
+        // Nothing else is pending: the query agrees event for event.
+        let page = server
+            .data(
+                "{ events(filter: { namespaces: [\"shop\"] }, first: 100) { edges { cursor node { name } } pageInfo { hasNextPage } } }",
+                json!({}),
+            )
+            .await;
+        let cursors: Vec<&Value> = page["events"]["edges"].as_array().unwrap()[1..]
+            .iter()
+            .map(|e| &e["cursor"])
+            .collect();
+        let streamed: Vec<&Value> = received.iter().map(|e| &e["cursor"]).collect();
+        assert_eq!(cursors, streamed);
+    }
+}
+
+#[tokio::test]
+async fn bad_event_filters_and_cursors_are_refused_with_codes() {
+    let server = server().await;
+    let catalog = server
+        .data(
+            "{ eventCatalog { name description payloadFields } }",
+            json!({}),
+        )
+        .await;
+    assert!(catalog["eventCatalog"].as_array().unwrap().len() >= 16);
+    for (query, code) in [
+        (
+            "{ events(filter: { names: [\"task.exploded\"] }) { nodes { name } } }",
+            "VALIDATION_FAILED",
+        ),
+        (
+            "{ events(after: \"bm90LWEtY3Vyc29y\") { nodes { name } } }",
+            "VALIDATION_FAILED",
+        ),
+        (
+            "{ events(first: 501) { nodes { name } } }",
+            "VALIDATION_FAILED",
+        ),
+        (
+            "{ events(filter: { taskId: \"0193a000-0000-7000-8000-000000000000\" }) { nodes { name } } }",
+            "NOT_FOUND",
+        ),
+    ] {
+        assert_eq!(server.error(query, json!({})).await.0, code, "{query}");
+    }
+    let mut socket = connect(&server, "graphql-transport-ws").await;
+    send(&mut socket, json!({ "type": "connection_init" })).await;
+    receive(&mut socket).await;
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "id": "1", "payload": { "query": "subscription { events(filter: { taskId: \"0193a000-0000-7000-8000-000000000000\" }) { name } }" } }),
+    )
+    .await;
+    let error = receive(&mut socket).await;
+    assert_eq!(
+        error["payload"]["errors"][0]["extensions"]["code"], "NOT_FOUND",
+        "{error}"
+    );
+}

@@ -4,6 +4,7 @@
 
 mod batch;
 mod error;
+mod events;
 mod ids;
 mod objects;
 mod playground;

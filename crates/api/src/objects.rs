@@ -737,7 +737,12 @@ impl Event {
         id(self.0.id)
     }
 
-    /// The event's place in the whole log; later events have larger positions.
+    /// Where the event is in the log: pass it as `after` to read or follow what comes next.
+    async fn cursor(&self) -> String {
+        crate::events::event_cursor(self.0.cursor())
+    }
+
+    /// The row's insertion number (log order follows `cursor`, which is commit order).
     async fn position(&self) -> String {
         self.0.position.to_string()
     }

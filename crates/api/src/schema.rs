@@ -26,6 +26,10 @@ use tokio_stream::wrappers::IntervalStream;
 /// The whole schema type.
 pub type TaskerSchema = Schema<Query, Mutation, Subscription>;
 
+/// Every query: templates and tasks, and the event log.
+#[derive(MergedObject, Default)]
+pub struct Query(TaskQuery, crate::events::EventQuery);
+
 /// Every mutation: task lifecycle and the worker protocol.
 #[derive(MergedObject, Default)]
 pub struct Mutation(TaskMutation, crate::workers::WorkerMutation);
@@ -35,7 +39,7 @@ pub const MAX_PAGE_SIZE: i32 = 100;
 
 /// Builds the schema around the engine (and its store).
 pub fn build_schema(engine: Arc<Engine>) -> TaskerSchema {
-    Schema::build(Query, Mutation::default(), Subscription)
+    Schema::build(Query::default(), Mutation::default(), Subscription)
         .data(engine.store().clone())
         .data(engine)
         .extension(ErrorCodes)
@@ -46,7 +50,7 @@ pub fn build_schema(engine: Arc<Engine>) -> TaskerSchema {
 
 /// The SDL that `tasker schema` prints and `schema.graphql` holds.
 pub fn sdl() -> String {
-    Schema::build(Query, Mutation::default(), Subscription)
+    Schema::build(Query::default(), Mutation::default(), Subscription)
         .finish()
         .sdl()
 }
@@ -59,10 +63,11 @@ pub(crate) fn engine<'a>(ctx: &'a Context<'_>) -> &'a Arc<Engine> {
     ctx.data_unchecked::<Arc<Engine>>()
 }
 
-pub struct Query;
+#[derive(Default)]
+pub struct TaskQuery;
 
 #[Object]
-impl Query {
+impl TaskQuery {
     /// Every namespace that has templates.
     async fn namespaces(&self, ctx: &Context<'_>) -> Result<Vec<Namespace>> {
         let records = store(ctx).namespaces().await.gql()?;
@@ -243,6 +248,22 @@ pub struct PageInfo {
     has_previous_page: bool,
     start_cursor: Option<String>,
     end_cursor: Option<String>,
+}
+
+impl PageInfo {
+    pub fn new(
+        has_next_page: bool,
+        has_previous_page: bool,
+        start_cursor: Option<String>,
+        end_cursor: Option<String>,
+    ) -> Self {
+        Self {
+            has_next_page,
+            has_previous_page,
+            start_cursor,
+            end_cursor,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -547,6 +568,18 @@ pub struct Heartbeat {
 
 #[Subscription]
 impl Subscription {
+    /// The event log, live: replays the events after `after` (or starts now), then follows new
+    /// ones as they commit — in log order, with no gap and no duplicate, on any replica. Keep
+    /// the last `cursor` you received to resume after a disconnect.
+    async fn events(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<crate::events::EventFilterInput>,
+        after: Option<String>,
+    ) -> Result<impl Stream<Item = crate::objects::Event> + use<>> {
+        crate::events::subscribe(ctx, filter, after).await
+    }
+
     /// Beats every `everySeconds` (1 to 3600) so a client can tell a quiet stream from a
     /// dead connection.
     async fn heartbeat(

@@ -66,6 +66,90 @@ impl EventName {
         }
     }
 
+    /// What the event means, for the catalog.
+    pub fn description(self) -> &'static str {
+        use EventName::*;
+        match self {
+            TemplateRegistered => {
+                "A template version was registered, or replaced with replace: true."
+            }
+            TaskCreated => "A task was created with its steps, all pending.",
+            TaskStarted => {
+                "A task started running: its first step was claimed, or a person reopened it."
+            }
+            TaskCompleted => "Every step of a task is complete, skipped or resolved.",
+            TaskFailed => "A step failed for good and nothing else in the task can run.",
+            TaskRetryRequested => "A failed task was sent back to pending.",
+            TaskCancelled => "A task was cancelled; its unfinished steps were cancelled with it.",
+            TaskResolvedManually => "A person marked a failed task as resolved.",
+            StepCreated => "A step was created, pending, with its task.",
+            StepStarted => "A step was claimed under a lease and an attempt began.",
+            StepCompleted => "An attempt succeeded; the step's results are recorded.",
+            StepFailed => {
+                "An attempt failed; the payload says whether and when it will be retried."
+            }
+            StepRetryRequested => "A person reopened a failed step with fresh attempts.",
+            StepCancelled => "A step was cancelled with its task.",
+            StepResolvedManually => {
+                "A person marked a step done, with the results its dependents see."
+            }
+            StepSkipped => {
+                "A step was skipped (by a person, or when a skippable step ran out of attempts)."
+            }
+        }
+    }
+
+    /// The fields its payload carries (those that apply).
+    pub fn payload_fields(self) -> &'static [&'static str] {
+        use EventName::*;
+        match self {
+            TemplateRegistered => &[
+                "template_id",
+                "namespace",
+                "template",
+                "version",
+                "replaced",
+                "steps",
+            ],
+            TaskCreated | TaskStarted | TaskCompleted | TaskFailed | TaskRetryRequested
+            | TaskCancelled | TaskResolvedManually => &[
+                "task_id",
+                "namespace",
+                "template",
+                "from_state",
+                "to_state",
+                "reason",
+                "initiator",
+                "source_system",
+                "version",
+                "triggered_by",
+            ],
+            StepCreated | StepStarted | StepCompleted | StepFailed | StepRetryRequested
+            | StepCancelled | StepResolvedManually | StepSkipped => &[
+                "task_id",
+                "step_id",
+                "step",
+                "namespace",
+                "template",
+                "from_state",
+                "to_state",
+                "attempt",
+                "worker_id",
+                "duration_ms",
+                "error",
+                "retryable",
+                "retry_at_ms",
+                "reason",
+                "triggered_by",
+            ],
+        }
+    }
+
+    /// The catalog entry with this name.
+    pub fn parse(name: &str) -> Option<EventName> {
+        Self::ALL.into_iter().find(|event| event.as_str() == name)
+    }
+
     /// The event a task's arrival in `to` (from `from`, or newly created) stands for.
     pub fn of_task_transition(from: Option<TaskState>, to: TaskState) -> EventName {
         use EventName::*;

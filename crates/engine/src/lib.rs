@@ -97,7 +97,8 @@ impl Engine {
         }
     }
 
-    /// Wakes this process's claimers when another replica announces work (PostgreSQL).
+    /// Wakes this process's claimers and event subscribers when another replica announces
+    /// work or appends events (PostgreSQL).
     /// Returns at once on SQLite. Runs until `shutdown` changes.
     pub async fn run_listener(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut listener = loop {
@@ -123,7 +124,9 @@ impl Engine {
                             _ = shutdown.changed() => return,
                         }
                     }
+                    // Work may be claimable, and new events may be readable.
                     self.work_available();
+                    self.store.note_events_appended();
                 }
                 _ = shutdown.changed() => return,
             }
@@ -288,6 +291,12 @@ impl Engine {
             let mut sleep_for = SAFETY_SWEEP;
             if let Err(err) = self.wake_parked_steps().await {
                 tracing::warn!(error = %err, "waking timers failed");
+            }
+            // Events a crashed writer committed but could not number yet.
+            match self.store.sequence_events().await {
+                Ok(0) => {}
+                Ok(_) => self.store.note_events_appended(),
+                Err(err) => tracing::warn!(error = %err, "numbering events failed"),
             }
             match self.store.expire_leases().await {
                 Ok(expired) if expired > 0 => {

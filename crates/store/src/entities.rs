@@ -226,6 +226,8 @@ pub mod event {
         #[sea_orm(column_type = "JsonBinary")]
         pub payload: Json,
         pub occurred_at: DateTimeUtc,
+        /// PostgreSQL: the commit-ordered number the sequencer gave it; SQLite: empty.
+        pub sequence: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

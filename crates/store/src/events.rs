@@ -33,6 +33,7 @@ pub(crate) fn event_row(
         step_id: Set(step_id),
         payload: Set(payload),
         occurred_at: Set(at),
+        sequence: NotSet,
     }
 }
 

@@ -242,7 +242,7 @@ impl Store {
         crate::tasks::insert_all(&txn, task_transitions).await?;
         crate::tasks::insert_all(&txn, step_transitions).await?;
         crate::tasks::insert_all(&txn, events).await?;
-        txn.commit().await?;
+        self.commit_events(txn).await?;
         Ok(leases)
     }
 
@@ -339,7 +339,7 @@ impl Store {
         crate::tasks::insert_all(&txn, transitions).await?;
         crate::tasks::insert_all(&txn, finished.1).await?;
         crate::tasks::insert_all(&txn, events).await?;
-        txn.commit().await?;
+        self.commit_events(txn).await?;
         // A completed step keeps the token that completed it; the others were lost.
         let completed_tokens: HashSet<Uuid> = completed
             .iter()
@@ -377,7 +377,7 @@ impl Store {
                 failure.retry_after_seconds,
             )
             .await?;
-        txn.commit().await?;
+        self.commit_events(txn).await?;
         Ok(report)
     }
 
@@ -409,7 +409,11 @@ impl Store {
             self.record_failure(&txn, step, &message, true, None)
                 .await?;
         }
-        txn.commit().await?;
+        if count > 0 {
+            self.commit_events(txn).await?;
+        } else {
+            txn.commit().await?;
+        }
         Ok(count)
     }
 

@@ -4,6 +4,7 @@
 //! mode, the default) and PostgreSQL.
 
 mod entities;
+mod event_log;
 mod events;
 mod execution;
 mod lifecycle;
@@ -17,6 +18,7 @@ mod templates;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use event_log::{EventCursor, EventFilter};
 pub use execution::{
     AttemptFailure, ClaimRequest, ClaimedStep, Completion, CompletionReport, FailureReport,
     StepInputs,
@@ -97,6 +99,8 @@ pub struct Store {
     statements: Arc<AtomicU64>,
     /// The PostgreSQL NOTIFY channel replicas share; one per schema.
     work_channel: String,
+    /// Bumped after every commit that appended events.
+    appended: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Store {
@@ -141,6 +145,7 @@ impl Store {
             clock,
             statements,
             work_channel,
+            appended: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 

@@ -123,7 +123,7 @@ impl Store {
         crate::tasks::insert_all(&txn, task_transitions).await?;
         crate::tasks::insert_all(&txn, events).await?;
         let task = Self::task_row(&txn, step.task_id).await?;
-        txn.commit().await?;
+        self.commit_events(txn).await?;
         Ok(StepChange {
             step: updated.try_into()?,
             task: task.try_into()?,
@@ -195,7 +195,7 @@ impl Store {
         crate::tasks::insert_all(&txn, task_transitions).await?;
         crate::tasks::insert_all(&txn, events).await?;
         let task = Self::task_row(&txn, task_id).await?;
-        txn.commit().await?;
+        self.commit_events(txn).await?;
         task.try_into()
     }
 

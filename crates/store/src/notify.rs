@@ -33,7 +33,8 @@ impl Store {
         Ok(())
     }
 
-    /// Listens for announcements from every replica; `None` on SQLite.
+    /// Listens for work announcements and appended events from every replica; `None` on
+    /// SQLite.
     pub async fn listen_for_work(&self) -> Result<Option<WorkListener>> {
         if self.db.get_database_backend() != DbBackend::Postgres {
             return Ok(None);
@@ -43,7 +44,7 @@ impl Store {
             .await
             .map_err(connection_error)?;
         listener
-            .listen(&self.work_channel)
+            .listen_all([self.work_channel.as_str(), self.events_channel().as_str()])
             .await
             .map_err(connection_error)?;
         Ok(Some(WorkListener { listener }))

@@ -116,6 +116,8 @@ pub struct EventRecord {
     pub step_id: Option<Uuid>,
     pub payload: Value,
     pub occurred_at: DateTime<Utc>,
+    /// PostgreSQL: the commit-ordered number readers follow.
+    pub sequence: Option<i64>,
 }
 
 impl From<event::Model> for EventRecord {
@@ -129,6 +131,7 @@ impl From<event::Model> for EventRecord {
             step_id: model.step_id,
             payload: model.payload,
             occurred_at: model.occurred_at,
+            sequence: model.sequence,
         }
     }
 }

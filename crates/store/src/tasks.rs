@@ -226,7 +226,7 @@ impl Store {
             .await?;
         insert_all(&txn, step_transitions).await?;
         insert_all(&txn, events).await?;
-        txn.commit().await?;
+        self.commit_events(txn).await?;
         task_model.try_into()
     }
 
@@ -330,7 +330,7 @@ impl Store {
         }
         insert_all(&txn, transitions).await?;
         insert_all(&txn, events).await?;
-        txn.commit().await?;
+        self.commit_events(txn).await?;
         updated.try_into()
     }
 }

@@ -121,7 +121,7 @@ impl Store {
         ))
         .exec_without_returning(&txn)
         .await?;
-        txn.commit().await?;
+        self.commit_events(txn).await?;
         Ok(Registration {
             template: model.try_into()?,
             outcome,

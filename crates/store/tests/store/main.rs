@@ -8,6 +8,7 @@ use tasker_domain::{ManualClock, StepState, TaskRequest, TaskState};
 use tasker_store::testing::TestDatabase;
 use tasker_store::{Error, NewTask, RegistrationOutcome, Store, TaskFilter};
 
+mod event_log;
 mod execution;
 
 pub const DIAMOND: &str = r#"

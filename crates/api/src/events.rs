@@ -1,0 +1,284 @@
+//! The event log over GraphQL: the catalog, a cursor-paginated query for clients that poll,
+//! and a subscription that replays from a cursor and then follows live — the same cursors,
+//! the same order, no gap and no duplicate.
+
+use crate::error::{ApiError, GqlResultExt};
+use crate::objects::Event;
+use crate::schema::store;
+use async_graphql::{Context, ID, InputObject, Object, Result, SimpleObject};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures::Stream;
+use std::collections::VecDeque;
+use std::time::Duration;
+use tasker_domain::EventName;
+use tasker_store::{EventCursor, EventFilter, EventRecord, Store};
+
+const CURSOR_PREFIX: &str = "ev2:";
+/// Events read from the log per round trip by a subscription.
+const SUBSCRIPTION_PAGE: u64 = 200;
+/// How often an idle subscription looks at the log even without a signal (a safety net for
+/// commits it was not told about).
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+const MAX_PAGE: i32 = 500;
+
+/// The opaque cursor of an event.
+pub fn event_cursor(cursor: EventCursor) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{CURSOR_PREFIX}{}", cursor.0))
+}
+
+fn parse_event_cursor(text: &str, field: &str) -> Result<EventCursor, ApiError> {
+    let invalid = || {
+        ApiError::invalid(
+            field,
+            "malformed event cursor: pass the cursor of an event you received",
+        )
+    };
+    let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| invalid())?;
+    let decoded = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let number = decoded.strip_prefix(CURSOR_PREFIX).ok_or_else(invalid)?;
+    number.parse().map(EventCursor).map_err(|_| invalid())
+}
+
+/// Which events; every given field must match.
+#[derive(InputObject, Default, Clone)]
+pub struct EventFilterInput {
+    /// Any of these namespaces.
+    namespaces: Option<Vec<String>>,
+    /// One task's events.
+    task_id: Option<ID>,
+    /// Any of these event names (see `eventCatalog`).
+    names: Option<Vec<String>>,
+}
+
+impl EventFilterInput {
+    /// Checks names against the catalog and that the task exists.
+    async fn resolve(self, store: &Store) -> Result<EventFilter> {
+        let names = self.names.unwrap_or_default();
+        for (i, name) in names.iter().enumerate() {
+            if EventName::parse(name).is_none() {
+                return Err(ApiError::invalid(
+                    &format!("filter.names[{i}]"),
+                    format!("{name:?} is not in the event catalog (query eventCatalog)"),
+                ))
+                .gql();
+            }
+        }
+        let task_id = match self.task_id {
+            Some(id) => {
+                let id = crate::ids::parse_id(&id, "filter.taskId").gql()?;
+                store.task(id).await.gql()?;
+                Some(id)
+            }
+            None => None,
+        };
+        Ok(EventFilter {
+            namespaces: self.namespaces.unwrap_or_default(),
+            task_id,
+            names,
+        })
+    }
+}
+
+/// One kind of event.
+#[derive(SimpleObject)]
+pub struct EventDefinition {
+    name: String,
+    description: String,
+    payload_fields: Vec<String>,
+}
+
+pub struct EventConnection {
+    events: Vec<EventRecord>,
+    has_next_page: bool,
+}
+
+#[Object]
+impl EventConnection {
+    async fn edges(&self) -> Vec<EventEdge> {
+        self.events
+            .iter()
+            .map(|event| EventEdge {
+                cursor: event_cursor(event.cursor()),
+                node: Event(event.clone()),
+            })
+            .collect()
+    }
+
+    async fn nodes(&self) -> Vec<Event> {
+        self.events.iter().cloned().map(Event).collect()
+    }
+
+    async fn page_info(&self) -> crate::schema::PageInfo {
+        crate::schema::PageInfo::new(
+            self.has_next_page,
+            false,
+            self.events.first().map(|e| event_cursor(e.cursor())),
+            self.events.last().map(|e| event_cursor(e.cursor())),
+        )
+    }
+}
+
+pub struct EventEdge {
+    cursor: String,
+    node: Event,
+}
+
+#[Object]
+impl EventEdge {
+    async fn cursor(&self) -> &str {
+        &self.cursor
+    }
+
+    async fn node(&self) -> &Event {
+        &self.node
+    }
+}
+
+#[derive(Default)]
+pub struct EventQuery;
+
+#[Object]
+impl EventQuery {
+    /// Every event this server emits, with its payload fields.
+    async fn event_catalog(&self) -> Vec<EventDefinition> {
+        EventName::ALL
+            .into_iter()
+            .map(|event| EventDefinition {
+                name: event.as_str().to_owned(),
+                description: event.description().to_owned(),
+                payload_fields: event
+                    .payload_fields()
+                    .iter()
+                    .map(|f| (*f).to_owned())
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The event log in order, `first` at a time (at most 500) after a cursor; the same
+    /// cursors as the `events` subscription, for clients that cannot keep a WebSocket.
+    async fn events(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<EventFilterInput>,
+        #[graphql(default = 50)] first: i32,
+        after: Option<String>,
+    ) -> Result<EventConnection> {
+        if !(0..=MAX_PAGE).contains(&first) {
+            return Err(ApiError::invalid(
+                "first",
+                format!("must be between 0 and {MAX_PAGE}, got {first}"),
+            ))
+            .gql();
+        }
+        let after = after
+            .as_deref()
+            .map(|text| parse_event_cursor(text, "after"))
+            .transpose()
+            .gql()?;
+        let filter = filter.unwrap_or_default().resolve(store(ctx)).await?;
+        let mut events = store(ctx)
+            .events_page(&filter, after, first as u64 + 1)
+            .await
+            .gql()?;
+        let has_next_page = events.len() > first as usize;
+        events.truncate(first as usize);
+        Ok(EventConnection {
+            events,
+            has_next_page,
+        })
+    }
+}
+
+/// The `events` subscription: replay from `after` (or from now), then follow live.
+pub async fn subscribe(
+    ctx: &Context<'_>,
+    filter: Option<EventFilterInput>,
+    after: Option<String>,
+) -> Result<impl Stream<Item = Event> + use<>> {
+    let store = store(ctx).clone();
+    let after = after
+        .as_deref()
+        .map(|text| parse_event_cursor(text, "after"))
+        .transpose()
+        .gql()?;
+    let filter = filter.unwrap_or_default().resolve(&store).await?;
+    let start = match after {
+        Some(cursor) => Some(cursor),
+        None => store.event_head().await.gql()?,
+    };
+    let appended = store.events_appended();
+    let state = Follow {
+        store,
+        filter,
+        cursor: start,
+        buffer: VecDeque::new(),
+        appended,
+    };
+    Ok(futures::stream::unfold(state, |mut state| async move {
+        let event = state.next().await?;
+        Some((Event(event), state))
+    }))
+}
+
+/// A subscription's position: it only ever holds one page in memory, so a slow client
+/// cannot make the server's memory grow; it simply reads further back in the log.
+struct Follow {
+    store: Store,
+    filter: EventFilter,
+    cursor: Option<EventCursor>,
+    buffer: VecDeque<EventRecord>,
+    appended: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Follow {
+    async fn next(&mut self) -> Option<EventRecord> {
+        loop {
+            if let Some(event) = self.buffer.pop_front() {
+                self.cursor = Some(event.cursor());
+                return Some(event);
+            }
+            self.appended.borrow_and_update();
+            match self
+                .store
+                .events_page(&self.filter, self.cursor, SUBSCRIPTION_PAGE)
+                .await
+            {
+                Ok(page) if !page.is_empty() => {
+                    self.buffer.extend(page);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "reading the event log for a subscription failed");
+                }
+            }
+            if let Ok(Err(_)) = tokio::time::timeout(IDLE_RECHECK, self.appended.changed()).await {
+                // The store is gone: the server is shutting down.
+                return None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_foreign_ones_are_refused() {
+        let cursor = EventCursor(42);
+        assert_eq!(
+            parse_event_cursor(&event_cursor(cursor), "after").unwrap(),
+            cursor
+        );
+        let task = crate::ids::task_cursor(uuid::Uuid::now_v7());
+        for bad in ["", "%%", task.as_str(), &URL_SAFE_NO_PAD.encode("ev2:x")] {
+            assert_eq!(
+                parse_event_cursor(bad, "after").unwrap_err().code(),
+                "VALIDATION_FAILED"
+            );
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Reading the event log in order, from a cursor, and knowing when it grew.
+//!
+//! Order and completeness: on SQLite (one writer) positions are commit order. On PostgreSQL a
+//! position is drawn when a row is inserted, so a transaction that commits later can hold a
+//! smaller one. There, a sequencer numbers committed events again (`sequence`), under an
+//! advisory lock, in the order it finds them committed; a transaction still open is invisible
+//! to it, so its events are numbered after it commits, never behind a reader's cursor. Writers
+//! run the sequencer right after they commit; every replica runs it again when told of new
+//! events, so a writer that crashed in between loses nothing.
+
+use crate::entities::event;
+use crate::records::EventRecord;
+use crate::sql::Sql;
+use crate::{Result, Store};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, FromQueryResult, TransactionTrait};
+use uuid::Uuid;
+
+/// A place in the event log: everything up to and including it has been seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventCursor(pub i64);
+
+/// Which events to read; empty fields do not filter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EventFilter {
+    pub namespaces: Vec<String>,
+    pub task_id: Option<Uuid>,
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct Head {
+    head: Option<i64>,
+}
+
+/// The advisory lock that serializes sequencing across replicas ("tasker" in ASCII).
+const SEQUENCER_LOCK: i64 = 0x7461_736b_6572;
+
+impl EventRecord {
+    /// Its place in the log (PostgreSQL: the commit-ordered number; SQLite: the position).
+    pub fn cursor(&self) -> EventCursor {
+        EventCursor(self.sequence.unwrap_or(self.position))
+    }
+}
+
+impl Store {
+    /// Up to `limit` events after `after` (from the start when `None`), in log order.
+    pub async fn events_page(
+        &self,
+        filter: &EventFilter,
+        after: Option<EventCursor>,
+        limit: u64,
+    ) -> Result<Vec<EventRecord>> {
+        let mut sql = Sql::new(self.db.get_database_backend());
+        let order = if sql.is_postgres() {
+            "sequence"
+        } else {
+            "position"
+        };
+        sql.push("SELECT * FROM events WHERE ")
+            .push(order)
+            .push(" > ")
+            .bind(after.map_or(0, |cursor| cursor.0));
+        if !filter.namespaces.is_empty() {
+            sql.push(" AND namespace IN ")
+                .bind_list(filter.namespaces.iter().cloned());
+        }
+        if let Some(task_id) = filter.task_id {
+            sql.push(" AND task_id = ").bind(task_id);
+        }
+        if !filter.names.is_empty() {
+            sql.push(" AND name IN ")
+                .bind_list(filter.names.iter().cloned());
+        }
+        sql.push(" ORDER BY ")
+            .push(order)
+            .push(" LIMIT ")
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let models = event::Model::find_by_statement(sql.build())
+            .all(&self.db)
+            .await?;
+        Ok(models.into_iter().map(EventRecord::from).collect())
+    }
+
+    /// The cursor of the newest readable event: "start from now".
+    pub async fn event_head(&self) -> Result<Option<EventCursor>> {
+        let mut sql = Sql::new(self.db.get_database_backend());
+        sql.push(if sql.is_postgres() {
+            "SELECT MAX(sequence) AS head FROM events"
+        } else {
+            "SELECT MAX(position) AS head FROM events"
+        });
+        let head = Head::find_by_statement(sql.build()).one(&self.db).await?;
+        Ok(head.and_then(|head| head.head).map(EventCursor))
+    }
+
+    /// PostgreSQL: numbers the committed events that have no number yet, in position order,
+    /// after every number given before, and NOTIFYs the replicas. Returns how many it numbered
+    /// (always 0 on SQLite).
+    pub async fn sequence_events(&self) -> Result<u64> {
+        if self.db.get_database_backend() != DbBackend::Postgres {
+            return Ok(0);
+        }
+        let txn = self.db.begin().await?;
+        let mut lock = Sql::new(DbBackend::Postgres);
+        lock.push("SELECT pg_advisory_xact_lock(")
+            .bind(SEQUENCER_LOCK)
+            .push(")");
+        txn.execute_raw(lock.build()).await?;
+        let numbered = txn
+            .execute_unprepared(
+                "UPDATE events AS e SET sequence = numbered.base + numbered.n \
+                 FROM (SELECT p.position, ROW_NUMBER() OVER (ORDER BY p.position) AS n, \
+                              (SELECT COALESCE(MAX(sequence), 0) FROM events) AS base \
+                       FROM events p WHERE p.sequence IS NULL) AS numbered \
+                 WHERE e.position = numbered.position",
+            )
+            .await?
+            .rows_affected();
+        if numbered > 0 {
+            // Delivered when the numbers commit: other replicas' readers look again.
+            let mut notify = Sql::new(DbBackend::Postgres);
+            notify
+                .push("SELECT pg_notify(")
+                .bind(self.events_channel())
+                .push(", '')");
+            txn.execute_raw(notify.build()).await?;
+        }
+        txn.commit().await?;
+        Ok(numbered)
+    }
+
+    /// Changes whenever events were appended (in this process, or, once the engine relays
+    /// NOTIFY, on another replica).
+    pub fn events_appended(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    /// Marks that events were appended (called by the engine for other replicas' commits).
+    pub fn note_events_appended(&self) {
+        self.appended
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// The NOTIFY channel for appended events; one per schema.
+    pub fn events_channel(&self) -> String {
+        format!("{}_events", self.work_channel)
+    }
+
+    /// Commits a transaction that appended events and tells readers: on PostgreSQL it numbers
+    /// them (which NOTIFYs the other replicas); then the in-process signal.
+    pub(crate) async fn commit_events(&self, txn: DatabaseTransaction) -> Result<()> {
+        txn.commit().await?;
+        self.sequence_events().await?;
+        self.note_events_appended();
+        Ok(())
+    }
+}
