@@ -37,6 +37,10 @@ const OPERATIONS: &[(&str, Option<&str>)] = &[
         include_str!("../../../playground/operations/07-heartbeat.graphql"),
         None,
     ),
+    (
+        include_str!("../../../playground/operations/08-follow-events.graphql"),
+        None,
+    ),
 ];
 
 const PAGE: &str = include_str!("../../../playground/index.html");

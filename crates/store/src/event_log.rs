@@ -141,9 +141,11 @@ impl Store {
             .send_modify(|generation| *generation = generation.wrapping_add(1));
     }
 
-    /// The NOTIFY channel for appended events; one per schema.
+    /// The NOTIFY channel for appended events; one per schema (`tasker_work_…` becomes
+    /// `tasker_events_…`, within PostgreSQL's 63-byte limit).
     pub fn events_channel(&self) -> String {
-        format!("{}_events", self.work_channel)
+        self.work_channel
+            .replacen("tasker_work", "tasker_events", 1)
     }
 
     /// Commits a transaction that appended events and tells readers: on PostgreSQL it numbers

@@ -64,6 +64,20 @@ pub enum Error {
     Database(#[from] DbErr),
 }
 
+/// A PostgreSQL NOTIFY channel name for a schema: identifiers stop at 63 bytes, so a schema
+/// is represented by a stable 64-bit hash of its name.
+fn channel_name(base: &str, schema: Option<&str>) -> String {
+    match schema {
+        None => base.to_owned(),
+        Some(schema) => {
+            let hash = schema.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+            });
+            format!("{base}_{hash:016x}")
+        }
+    }
+}
+
 /// Result alias for store operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -136,10 +150,7 @@ impl Store {
         db.set_metric_callback(move |_info| {
             counter.fetch_add(1, Ordering::Relaxed);
         });
-        let work_channel = match &options.schema {
-            Some(schema) => format!("tasker_work_{schema}"),
-            None => "tasker_work".to_owned(),
-        };
+        let work_channel = channel_name("tasker_work", options.schema.as_deref());
         Ok(Store {
             db,
             clock,
@@ -234,5 +245,20 @@ impl Store {
     pub async fn execute_unprepared(&self, sql: &str) -> Result<()> {
         self.db.execute_unprepared(sql).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::channel_name;
+
+    #[test]
+    fn channel_names_fit_postgres_identifiers_and_differ_per_schema() {
+        let long = format!("tasker_bench_{}", "f".repeat(32));
+        let name = channel_name("tasker_work", Some(&long));
+        assert!(name.len() <= 63, "{name}");
+        assert_ne!(name, channel_name("tasker_work", Some("other")));
+        assert_eq!(name, channel_name("tasker_work", Some(&long)), "stable");
+        assert_eq!(channel_name("tasker_work", None), "tasker_work");
     }
 }
