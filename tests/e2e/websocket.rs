@@ -253,3 +253,100 @@ async fn bad_event_filters_and_cursors_are_refused_with_codes() {
         "{error}"
     );
 }
+
+const PAIR: &str = "namespace: ops\nname: pair\nversion: 1.0.0\nsteps:\n  - {name: a, handler: ext.a}\n  - {name: b, handler: ext.b, depends_on: [a]}\n";
+
+async fn subscribe(server: &TestServer, id: &str, query: &str, variables: Value) -> Socket {
+    let mut socket = connect(server, "graphql-transport-ws").await;
+    send(&mut socket, json!({ "type": "connection_init" })).await;
+    assert_eq!(receive(&mut socket).await["type"], "connection_ack");
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "id": id, "payload": { "query": query, "variables": variables } }),
+    )
+    .await;
+    socket
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_hear_of_new_work_and_dashboards_follow_a_task() {
+    let server = server().await;
+    server.register(PAIR).await;
+    let mut available = subscribe(
+        &server,
+        "work",
+        "subscription { stepsAvailable(input: { handlers: [\"ext.a\"] }) { readySteps } }",
+        json!({}),
+    )
+    .await;
+    while server.engine.work_listeners() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let id = server
+        .create_task(json!({ "namespace": "ops", "template": "pair" }))
+        .await["task"]["id"]
+        .clone();
+    let message = receive(&mut available).await;
+    assert_eq!(
+        message["payload"]["data"]["stepsAvailable"]["readySteps"], 1,
+        "{message}"
+    );
+
+    let mut updates = subscribe(
+        &server,
+        "task",
+        "subscription($id: ID!) { taskUpdated(id: $id) { task { state executionStatus stepCounts { complete } } changedSteps { name state } events { name } } }",
+        json!({ "id": id }),
+    )
+    .await;
+    let first = receive(&mut updates).await["payload"]["data"]["taskUpdated"].clone();
+    assert_eq!(first["task"]["state"], "PENDING");
+    assert_eq!(first["changedSteps"], json!([]));
+
+    let leases = server
+        .data(
+            "mutation { claimSteps(input: { workerId: \"w\", handlers: [\"ext.a\"] }) { leases { leaseToken } } }",
+            json!({}),
+        )
+        .await;
+    let update = receive(&mut updates).await["payload"]["data"]["taskUpdated"].clone();
+    assert_eq!(update["task"]["state"], "IN_PROGRESS");
+    assert_eq!(
+        update["changedSteps"],
+        json!([{ "name": "a", "state": "IN_PROGRESS" }])
+    );
+    let names: Vec<&str> = update["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["task.started", "step.started"]);
+
+    server
+        .data(
+            "mutation($t: ID!) { completeStep(input: { leaseToken: $t }) { step { state } } }",
+            json!({ "t": leases["claimSteps"]["leases"][0]["leaseToken"] }),
+        )
+        .await;
+    let update = receive(&mut updates).await["payload"]["data"]["taskUpdated"].clone();
+    assert_eq!(
+        update["changedSteps"],
+        json!([{ "name": "a", "state": "COMPLETE" }])
+    );
+    assert_eq!(update["task"]["stepCounts"]["complete"], 1);
+    assert_eq!(update["task"]["executionStatus"], "HAS_READY_STEPS");
+
+    let mut bad = subscribe(
+        &server,
+        "bad",
+        "subscription { taskUpdated(id: \"nope\") { task { state } } }",
+        json!({}),
+    )
+    .await;
+    let error = receive(&mut bad).await;
+    assert_eq!(
+        error["payload"]["errors"][0]["extensions"]["code"], "VALIDATION_FAILED",
+        "{error}"
+    );
+}

@@ -8,7 +8,7 @@ use crate::schema::store;
 use async_graphql::{Context, ID, InputObject, Object, Result, SimpleObject};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
 use std::time::Duration;
 use tasker_domain::EventName;
@@ -222,6 +222,75 @@ pub async fn subscribe(
     }))
 }
 
+/// A snapshot of a task after something about it changed.
+#[derive(SimpleObject)]
+pub struct TaskUpdate {
+    task: crate::objects::Task,
+    /// The steps the new events are about (empty in the first snapshot).
+    changed_steps: Vec<crate::objects::Step>,
+    /// The events since the previous snapshot, in log order.
+    events: Vec<Event>,
+}
+
+/// The `taskUpdated` subscription: the task now, then a new snapshot whenever events about it
+/// commit.
+pub async fn task_updates(
+    ctx: &Context<'_>,
+    id: ID,
+) -> Result<impl Stream<Item = TaskUpdate> + use<>> {
+    let store = store(ctx).clone();
+    let task_id = crate::ids::parse_id(&id, "id").gql()?;
+    let record = store.task(task_id).await.gql()?;
+    let start = store.event_head().await.gql()?;
+    let follow = Follow {
+        appended: store.events_appended(),
+        store: store.clone(),
+        filter: EventFilter {
+            task_id: Some(task_id),
+            ..EventFilter::default()
+        },
+        cursor: start,
+        buffer: VecDeque::new(),
+    };
+    let first = TaskUpdate {
+        task: crate::objects::Task::single(store, record),
+        changed_steps: Vec::new(),
+        events: Vec::new(),
+    };
+    let updates = futures::stream::unfold(follow, |mut follow| async move {
+        loop {
+            let batch = follow.next_batch().await?;
+            match snapshot(&follow.store, batch).await {
+                Ok(update) => return Some((update, follow)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "reading a task snapshot failed");
+                }
+            }
+        }
+    });
+    Ok(futures::stream::once(async move { first }).chain(updates))
+}
+
+async fn snapshot(
+    store: &Store,
+    events: Vec<EventRecord>,
+) -> Result<TaskUpdate, tasker_store::Error> {
+    let task_id = events.first().and_then(|e| e.task_id).unwrap_or_default();
+    let task = store.task(task_id).await?;
+    let mut step_ids: Vec<uuid::Uuid> = events.iter().filter_map(|e| e.step_id).collect();
+    step_ids.sort_unstable();
+    step_ids.dedup();
+    let steps = store.steps_by_ids(&step_ids).await?;
+    Ok(TaskUpdate {
+        changed_steps: steps
+            .into_iter()
+            .map(|step| crate::objects::Step::single(store.clone(), step, task.clone()))
+            .collect(),
+        task: crate::objects::Task::single(store.clone(), task),
+        events: events.into_iter().map(Event).collect(),
+    })
+}
+
 /// A subscription's position: it only ever holds one page in memory, so a slow client
 /// cannot make the server's memory grow; it simply reads further back in the log.
 struct Follow {
@@ -233,6 +302,17 @@ struct Follow {
 }
 
 impl Follow {
+    /// Everything new since the last call: waits for at least one event, then takes the rest
+    /// of the page already read.
+    async fn next_batch(&mut self) -> Option<Vec<EventRecord>> {
+        let mut batch = vec![self.next().await?];
+        while let Some(event) = self.buffer.pop_front() {
+            self.cursor = Some(event.cursor());
+            batch.push(event);
+        }
+        Some(batch)
+    }
+
     async fn next(&mut self) -> Option<EventRecord> {
         loop {
             if let Some(event) = self.buffer.pop_front() {

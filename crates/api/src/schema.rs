@@ -568,6 +568,26 @@ pub struct Heartbeat {
 
 #[Subscription]
 impl Subscription {
+    /// Wakes workers: a message whenever claimable steps for these handlers and namespaces
+    /// exist after something changed (and at once if some already do).
+    async fn steps_available(
+        &self,
+        ctx: &Context<'_>,
+        input: Option<crate::workers::StepsAvailableInput>,
+    ) -> Result<impl Stream<Item = crate::workers::StepsAvailable> + use<>> {
+        crate::workers::steps_available(ctx, input).await
+    }
+
+    /// A task now, then a fresh snapshot (state, execution status, counts, completion, the
+    /// steps that changed and the events) each time something about it changes.
+    async fn task_updated(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> Result<impl Stream<Item = crate::events::TaskUpdate> + use<>> {
+        crate::events::task_updates(ctx, id).await
+    }
+
     /// The event log, live: replays the events after `after` (or starts now), then follows new
     /// ones as they commit — in log order, with no gap and no duplicate, on any replica. Keep
     /// the last `cursor` you received to resume after a disconnect.

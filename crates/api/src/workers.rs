@@ -294,3 +294,70 @@ impl WorkerMutation {
         step_payload(ctx, report.step).await
     }
 }
+
+/// Which work a worker waits for.
+#[derive(InputObject, Default)]
+pub struct StepsAvailableInput {
+    /// Only steps with these handlers; all when omitted.
+    handlers: Option<Vec<String>>,
+    /// Only steps of tasks in these namespaces; all when omitted.
+    namespaces: Option<Vec<String>>,
+}
+
+/// Claimable work exists.
+#[derive(SimpleObject)]
+pub struct StepsAvailable {
+    /// How many steps are claimable (counted up to 1,000).
+    ready_steps: u64,
+    at: DateTime<Utc>,
+}
+
+/// The `stepsAvailable` subscription: a message whenever claimable work for the filter
+/// exists after something changed (and at once if some already does), so workers can claim
+/// instead of polling.
+pub async fn steps_available(
+    ctx: &Context<'_>,
+    input: Option<StepsAvailableInput>,
+) -> Result<impl futures::Stream<Item = StepsAvailable> + use<>> {
+    let input = input.unwrap_or_default();
+    let handlers = input.handlers.unwrap_or_default();
+    let namespaces = input.namespaces.unwrap_or_default();
+    if handlers.len() > MAX_FILTER_ENTRIES || namespaces.len() > MAX_FILTER_ENTRIES {
+        return Err(ApiError::invalid(
+            "input",
+            format!("at most {MAX_FILTER_ENTRIES} handlers and namespaces"),
+        ))
+        .gql();
+    }
+    let store = store(ctx).clone();
+    let signal = engine(ctx).work_signal();
+    let state = (store, signal, handlers, namespaces, true);
+    Ok(futures::stream::unfold(
+        state,
+        |(store, mut signal, handlers, namespaces, mut first)| async move {
+            loop {
+                if !first {
+                    // The safety sweep's cadence backs up the signal.
+                    let changed =
+                        tokio::time::timeout(Duration::from_secs(5), signal.changed()).await;
+                    if let Ok(Err(_)) = changed {
+                        return None;
+                    }
+                }
+                first = false;
+                signal.borrow_and_update();
+                match store.count_ready_steps(&handlers, &namespaces, 1000).await {
+                    Ok(0) => {}
+                    Ok(ready_steps) => {
+                        let message = StepsAvailable {
+                            ready_steps,
+                            at: store.clock().now(),
+                        };
+                        return Some((message, (store, signal, handlers, namespaces, first)));
+                    }
+                    Err(err) => tracing::warn!(error = %err, "counting ready steps failed"),
+                }
+            }
+        },
+    ))
+}

@@ -83,6 +83,11 @@ impl Engine {
         self.work.receiver_count()
     }
 
+    /// A receiver that changes whenever work may have become claimable.
+    pub fn work_signal(&self) -> watch::Receiver<u64> {
+        self.work.subscribe()
+    }
+
     /// Tells every waiting claimer in this process to look again.
     pub fn work_available(&self) {
         self.work

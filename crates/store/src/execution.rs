@@ -145,17 +145,7 @@ impl Store {
                 .bind(now)
                 .push(" WHERE id IN (SELECT s.id FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
         }
-        sql.push("s.pending_parents = 0 AND (s.state = 'pending' OR (s.state = 'error' AND s.next_attempt_ms <= ")
-            .bind(now_ms)
-            .push(")) AND t.state IN ('pending', 'in_progress')");
-        if !request.handlers.is_empty() {
-            sql.push(" AND s.handler IN ")
-                .bind_list(request.handlers.iter().cloned());
-        }
-        if !request.namespaces.is_empty() {
-            sql.push(" AND t.namespace IN ")
-                .bind_list(request.namespaces.iter().cloned());
-        }
+        push_ready_condition(&mut sql, now_ms, &request.handlers, &request.namespaces);
         sql.push(" ORDER BY s.id LIMIT ")
             .bind(i64::from(request.limit));
         if postgres {
@@ -785,6 +775,49 @@ fn truncate(message: &str) -> String {
         end -= 1;
     }
     message[..end].to_owned()
+}
+
+/// The readiness rule over `workflow_steps s JOIN tasks t`, narrowed to handlers and
+/// namespaces when given.
+fn push_ready_condition(sql: &mut Sql, now_ms: i64, handlers: &[String], namespaces: &[String]) {
+    sql.push("s.pending_parents = 0 AND (s.state = 'pending' OR (s.state = 'error' AND s.next_attempt_ms <= ")
+        .bind(now_ms)
+        .push(")) AND t.state IN ('pending', 'in_progress')");
+    if !handlers.is_empty() {
+        sql.push(" AND s.handler IN ")
+            .bind_list(handlers.iter().cloned());
+    }
+    if !namespaces.is_empty() {
+        sql.push(" AND t.namespace IN ")
+            .bind_list(namespaces.iter().cloned());
+    }
+}
+
+#[derive(Debug, FromQueryResult)]
+struct ReadyCount {
+    ready: i64,
+}
+
+impl Store {
+    /// How many steps are claimable now for these handlers and namespaces (empty: any),
+    /// counting at most `cap`.
+    pub async fn count_ready_steps(
+        &self,
+        handlers: &[String],
+        namespaces: &[String],
+        cap: u32,
+    ) -> Result<u64> {
+        let mut sql = Sql::new(self.db.get_database_backend());
+        sql.push("SELECT COUNT(*) AS ready FROM (SELECT s.id FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
+        push_ready_condition(&mut sql, self.now_ms(), handlers, namespaces);
+        sql.push(" LIMIT ")
+            .bind(i64::from(cap))
+            .push(") AS ready_steps");
+        let row = ReadyCount::find_by_statement(sql.build())
+            .one(&self.db)
+            .await?;
+        Ok(row.map_or(0, |row| u64::try_from(row.ready).unwrap_or(0)))
+    }
 }
 
 fn distinct(ids: impl Iterator<Item = Uuid>) -> Vec<Uuid> {
