@@ -22,10 +22,14 @@ pub enum EventName {
     StepCancelled,
     StepResolvedManually,
     StepSkipped,
+    StepBackoff,
+    StepMaxRetriesReached,
+    StepLeaseExpired,
+    StepTimedOut,
 }
 
 impl EventName {
-    pub const ALL: [EventName; 16] = [
+    pub const ALL: [EventName; 20] = [
         EventName::TemplateRegistered,
         EventName::TaskCreated,
         EventName::TaskStarted,
@@ -42,6 +46,10 @@ impl EventName {
         EventName::StepCancelled,
         EventName::StepResolvedManually,
         EventName::StepSkipped,
+        EventName::StepBackoff,
+        EventName::StepMaxRetriesReached,
+        EventName::StepLeaseExpired,
+        EventName::StepTimedOut,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +71,10 @@ impl EventName {
             StepCancelled => "step.cancelled",
             StepResolvedManually => "step.resolved_manually",
             StepSkipped => "step.skipped",
+            StepBackoff => "step.backoff",
+            StepMaxRetriesReached => "step.max_retries_reached",
+            StepLeaseExpired => "step.lease_expired",
+            StepTimedOut => "step.timed_out",
         }
     }
 
@@ -96,6 +108,16 @@ impl EventName {
             StepSkipped => {
                 "A step was skipped (by a person, or when a skippable step ran out of attempts)."
             }
+            StepBackoff => {
+                "A failed step waits before its next attempt; the payload says until when."
+            }
+            StepMaxRetriesReached => {
+                "A step used its last allowed attempt and will not be retried."
+            }
+            StepLeaseExpired => {
+                "A worker's lease ran out without a heartbeat; the attempt counts as failed."
+            }
+            StepTimedOut => "An attempt ran past its step's timeout and counts as failed.",
         }
     }
 
@@ -124,8 +146,18 @@ impl EventName {
                 "version",
                 "triggered_by",
             ],
-            StepCreated | StepStarted | StepCompleted | StepFailed | StepRetryRequested
-            | StepCancelled | StepResolvedManually | StepSkipped => &[
+            StepCreated
+            | StepStarted
+            | StepCompleted
+            | StepFailed
+            | StepRetryRequested
+            | StepCancelled
+            | StepResolvedManually
+            | StepSkipped
+            | StepBackoff
+            | StepMaxRetriesReached
+            | StepLeaseExpired
+            | StepTimedOut => &[
                 "task_id",
                 "step_id",
                 "step",

@@ -10,7 +10,7 @@
 
 use crate::entities::{event, task, task_transition, workflow_step, workflow_step_edge};
 use crate::events::{
-    Subject, metadata, step_transition as step_rows, task_transition as task_rows,
+    Subject, event_row, metadata, step_transition as step_rows, task_transition as task_rows,
 };
 use crate::records::{StepRecord, TaskRecord, convert_all};
 use crate::sql::Sql;
@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tasker_domain::execution::{Failure, FailureOutcome, StepProgress, task_outcome};
-use tasker_domain::{Backoff, Dag, StateMachine, StepState, TaskState};
+use tasker_domain::{Backoff, Dag, EventName, StateMachine, StepState, TaskState};
 use uuid::Uuid;
 
 /// What a worker asks for.
@@ -365,6 +365,7 @@ impl Store {
                 &failure.message,
                 failure.retryable,
                 failure.retry_after_seconds,
+                None,
             )
             .await?;
         self.commit_events(txn).await?;
@@ -388,15 +389,18 @@ impl Store {
             .await?;
         let count = expired.len();
         for step in expired {
-            let message = match (step.deadline_ms, step.timeout_ms) {
-                (Some(deadline), Some(timeout)) if deadline < now_ms => {
-                    format!("the attempt timed out after {} s", timeout as f64 / 1000.0)
-                }
-                _ => {
-                    "the lease expired without a heartbeat (the worker is gone or stuck)".to_owned()
-                }
+            let (message, cause) = match (step.deadline_ms, step.timeout_ms) {
+                (Some(deadline), Some(timeout)) if deadline < now_ms => (
+                    format!("the attempt timed out after {} s", timeout as f64 / 1000.0),
+                    EventName::StepTimedOut,
+                ),
+                _ => (
+                    "the lease expired without a heartbeat (the worker is gone or stuck)"
+                        .to_owned(),
+                    EventName::StepLeaseExpired,
+                ),
             };
-            self.record_failure(&txn, step, &message, true, None)
+            self.record_failure(&txn, step, &message, true, None, Some(cause))
                 .await?;
         }
         if count > 0 {
@@ -473,6 +477,7 @@ impl Store {
         message: &str,
         retryable: bool,
         retry_after_seconds: Option<f64>,
+        cause: Option<EventName>,
     ) -> Result<FailureReport> {
         let now = self.now();
         let now_ms = now.timestamp_millis();
@@ -542,7 +547,43 @@ impl Store {
             ]),
             now,
         );
+        // What led to the failure, and what follows from it, as events of their own.
+        let subject = subjects.subject(step.task_id);
+        let detail = |name: EventName, fields: Value| {
+            let mut payload = json!({
+                "task_id": step.task_id, "step_id": step.id, "step": step.name,
+                "namespace": subject.namespace, "template": subject.template,
+                "attempt": step.attempts,
+            });
+            if let (Value::Object(target), Value::Object(extra)) = (&mut payload, fields) {
+                target.extend(extra);
+            }
+            event_row(
+                name,
+                Some(subject.namespace),
+                Some(step.task_id),
+                Some(step.id),
+                payload,
+                now,
+            )
+        };
+        if let Some(cause) = cause {
+            events.push(detail(cause, json!({ "error": message })));
+        }
         events.push(event);
+        match outcome {
+            FailureOutcome::RetryAt(at) => events.push(detail(
+                EventName::StepBackoff,
+                json!({ "retry_at_ms": at, "delay_ms": at - now_ms }),
+            )),
+            _ if step.attempts >= step.max_attempts && step.retryable && retryable => {
+                events.push(detail(
+                    EventName::StepMaxRetriesReached,
+                    json!({ "max_attempts": step.max_attempts }),
+                ))
+            }
+            _ => {}
+        }
         let newly_ready = if to == StepState::Skipped {
             self.release_children(txn, &[step.id]).await?
         } else {

@@ -154,6 +154,18 @@ async fn a_lease_fences_a_worker_that_lost_it() {
 
         // The reaper turns the expired lease into a retryable failure with backoff.
         assert_eq!(store.expire_leases().await.unwrap(), 1);
+        let events = store
+            .events_for_tasks(&[claimed[0].step.task_id])
+            .await
+            .unwrap();
+        let tail: Vec<&str> = events
+            .iter()
+            .rev()
+            .take(3)
+            .rev()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(tail, ["step.lease_expired", "step.failed", "step.backoff"]);
         let step = store.step(claimed[0].step.id).await.unwrap();
         assert_eq!(step.state, StepState::Error);
         assert!(
@@ -246,6 +258,16 @@ async fn failures_retry_then_fail_the_task_or_skip_and_let_dependents_run() {
         assert_eq!(last.step.state, StepState::Error);
         assert!(last.step.next_attempt_at.is_none());
         let finished = last.finished_task.expect("the task fails");
+        let events = store.events_for_tasks(&[task.id]).await.unwrap();
+        let names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| **n == "step.max_retries_reached")
+                .count(),
+            1
+        );
+        assert_eq!(names.last(), Some(&"task.failed"));
         assert_eq!(finished.state, TaskState::Error);
         assert_eq!(store.task(task.id).await.unwrap().state, TaskState::Error);
         assert!(store.claim_steps(&claim(10)).await.unwrap().is_empty());
