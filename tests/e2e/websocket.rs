@@ -12,7 +12,11 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(server: &TestServer, protocol: &str) -> Socket {
-    let mut request = format!("ws://{}/graphql", server.address)
+    connect_to(server.address, protocol).await
+}
+
+async fn connect_to(address: std::net::SocketAddr, protocol: &str) -> Socket {
+    let mut request = format!("ws://{address}/graphql")
         .into_client_request()
         .unwrap();
     request
@@ -349,4 +353,61 @@ async fn workers_hear_of_new_work_and_dashboards_follow_a_task() {
         error["payload"]["errors"][0]["extensions"]["code"], "VALIDATION_FAILED",
         "{error}"
     );
+}
+
+/// A subscriber on replica B hears of events written through replica A (PostgreSQL): the log
+/// is shared, and NOTIFY wakes B's subscribers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_one_replica_receives_events_written_on_another() {
+    let Ok(url) = std::env::var(tasker_store::testing::POSTGRES_URL_VAR) else {
+        eprintln!("skipped: set TASKER_TEST_DATABASE_URL to run the cross-replica test");
+        return;
+    };
+    let clock = std::sync::Arc::new(tasker_domain::SystemClock);
+    let a = TestServer::start(TestDatabase::postgres(&url, clock.clone()).await).await;
+    // Replica B: its own store, engine and listener on the same schema.
+    let store_b = tasker_store::Store::connect(&a.db.options, clock)
+        .await
+        .unwrap();
+    let engine_b = tasker_engine::Engine::new(store_b.clone());
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(engine_b.clone().run_listener(stopping));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = listener.local_addr().unwrap();
+    let app = tasker_api::router(engine_b, tasker_api::HttpLimits::default());
+    tokio::spawn(tasker_api::serve(listener, app, std::future::pending()));
+
+    a.register(PAIR).await;
+    let head = a
+        .data(
+            "{ events(first: 500) { pageInfo { endCursor } } }",
+            json!({}),
+        )
+        .await["events"]["pageInfo"]["endCursor"]
+        .clone();
+    let mut socket = connect_to(b, "graphql-transport-ws").await;
+    send(&mut socket, json!({ "type": "connection_init" })).await;
+    assert_eq!(receive(&mut socket).await["type"], "connection_ack");
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "id": "1", "payload": {
+            "query": "subscription($after: String) { events(after: $after) { name } }",
+            "variables": { "after": head } } }),
+    )
+    .await;
+    a.create_task(json!({ "namespace": "ops", "template": "pair" }))
+        .await;
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        let message = receive(&mut socket).await;
+        names.push(
+            message["payload"]["data"]["events"]["name"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(names, ["task.created", "step.created", "step.created"]);
+    let _ = stop.send(true);
+    store_b.close().await.ok();
 }
