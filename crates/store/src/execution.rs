@@ -499,7 +499,7 @@ impl Store {
         };
         let message = truncate(message);
         let version = step.version + 1;
-        let mut update = workflow_step::Entity::update_many()
+        let mut update = ending_attempt(workflow_step::Entity::update_many())
             .col_expr(workflow_step::Column::State, Expr::value(to.as_str()))
             .col_expr(
                 workflow_step::Column::NextAttemptMs,
@@ -508,14 +508,6 @@ impl Store {
             .col_expr(
                 workflow_step::Column::LastError,
                 Expr::value(message.clone()),
-            )
-            .col_expr(
-                workflow_step::Column::LeaseExpiresMs,
-                Expr::value(Option::<i64>::None),
-            )
-            .col_expr(
-                workflow_step::Column::DeadlineMs,
-                Expr::value(Option::<i64>::None),
             )
             .col_expr(workflow_step::Column::Version, Expr::value(version))
             .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now));
@@ -816,6 +808,21 @@ fn truncate(message: &str) -> String {
         end -= 1;
     }
     message[..end].to_owned()
+}
+
+/// An update that ends the step's running attempt: no live lease, no attempt deadline.
+pub(crate) fn ending_attempt(
+    update: sea_orm::UpdateMany<workflow_step::Entity>,
+) -> sea_orm::UpdateMany<workflow_step::Entity> {
+    update
+        .col_expr(
+            workflow_step::Column::LeaseExpiresMs,
+            Expr::value(Option::<i64>::None),
+        )
+        .col_expr(
+            workflow_step::Column::DeadlineMs,
+            Expr::value(Option::<i64>::None),
+        )
 }
 
 /// The readiness rule over `workflow_steps s JOIN tasks t`, narrowed to handlers and

@@ -50,19 +50,11 @@ impl Store {
         };
         from.transition_to(to)?;
         let version = step.version + 1;
-        let mut update = workflow_step::Entity::update_many()
+        let mut update = crate::execution::ending_attempt(workflow_step::Entity::update_many())
             .col_expr(workflow_step::Column::State, Expr::value(to.as_str()))
             .col_expr(workflow_step::Column::Version, Expr::value(version))
             .col_expr(
                 workflow_step::Column::NextAttemptMs,
-                Expr::value(Option::<i64>::None),
-            )
-            .col_expr(
-                workflow_step::Column::LeaseExpiresMs,
-                Expr::value(Option::<i64>::None),
-            )
-            .col_expr(
-                workflow_step::Column::DeadlineMs,
                 Expr::value(Option::<i64>::None),
             )
             .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now));

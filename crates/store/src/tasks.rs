@@ -278,7 +278,7 @@ impl Store {
         let mut transitions = Vec::new();
         // One guarded UPDATE per unfinished state: each re-checks its rows' state under lock.
         for step_from in [StepState::Pending, StepState::InProgress, StepState::Error] {
-            let cancelled = workflow_step::Entity::update_many()
+            let cancelled = crate::execution::ending_attempt(workflow_step::Entity::update_many())
                 .col_expr(
                     workflow_step::Column::State,
                     Expr::value(StepState::Cancelled.as_str()),
@@ -294,14 +294,6 @@ impl Store {
                 .col_expr(
                     workflow_step::Column::LeaseHolder,
                     Expr::value(Option::<String>::None),
-                )
-                .col_expr(
-                    workflow_step::Column::LeaseExpiresMs,
-                    Expr::value(Option::<i64>::None),
-                )
-                .col_expr(
-                    workflow_step::Column::DeadlineMs,
-                    Expr::value(Option::<i64>::None),
                 )
                 .col_expr(
                     workflow_step::Column::NextAttemptMs,
