@@ -528,3 +528,66 @@ steps:
         "429 honours Retry-After: {wait} s"
     );
 }
+
+#[tokio::test]
+async fn workers_publish_the_custom_events_their_template_declares() {
+    for server in TestServer::all().await {
+        let template = "namespace: pay\nname: card\nversion: 1.0.0\ncustom_events:\n  - { name: fraud_checked, description: The fraud score is known }\nsteps:\n  - {name: charge, handler: ext.charge}\n";
+        server.register(template).await;
+        let catalog = server
+            .data("{ eventCatalog { name template } }", json!({}))
+            .await;
+        assert!(
+            catalog["eventCatalog"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({ "name": "custom.fraud_checked", "template": "pay/card@1.0.0" }))
+        );
+        server
+            .create_task(json!({ "namespace": "pay", "template": "card" }))
+            .await;
+        let lease = claim_one(&server, "ext.charge").await;
+        let publish = "mutation($t: ID!, $n: String!, $p: JSON) { publishEvent(input: { leaseToken: $t, name: $n, payload: $p }) { event { name payload } } }";
+        let published = server
+            .data(
+                publish,
+                json!({ "t": lease["leaseToken"], "n": "fraud_checked", "p": { "score": 0.2 } }),
+            )
+            .await;
+        let event = &published["publishEvent"]["event"];
+        assert_eq!(event["name"], "custom.fraud_checked");
+        assert_eq!(event["payload"]["data"], json!({ "score": 0.2 }));
+        assert_eq!(event["payload"]["step"], "charge");
+
+        let (code, error) = server
+            .error(
+                publish,
+                json!({ "t": lease["leaseToken"], "n": "made_up", "p": {} }),
+            )
+            .await;
+        assert_eq!(code, "VALIDATION_FAILED");
+        assert!(error["message"].as_str().unwrap().contains("fraud_checked"));
+        let big = "x".repeat(70 * 1024);
+        let (code, _) = server
+            .error(
+                publish,
+                json!({ "t": lease["leaseToken"], "n": "fraud_checked", "p": { "big": big } }),
+            )
+            .await;
+        assert_eq!(code, "VALIDATION_FAILED");
+        let (code, _) = server
+            .error(
+                publish,
+                json!({ "t": uuid::Uuid::now_v7().to_string(), "n": "fraud_checked", "p": {} }),
+            )
+            .await;
+        assert_eq!(code, "LEASE_LOST");
+        let custom = server
+            .data(
+                "{ events(filter: { names: [\"custom.fraud_checked\"] }) { nodes { name } } }",
+                json!({}),
+            )
+            .await;
+        assert_eq!(custom["events"]["nodes"].as_array().unwrap().len(), 1);
+    }
+}

@@ -56,10 +56,13 @@ impl EventFilterInput {
     async fn resolve(self, store: &Store) -> Result<EventFilter> {
         let names = self.names.unwrap_or_default();
         for (i, name) in names.iter().enumerate() {
-            if EventName::parse(name).is_none() {
+            let custom = name
+                .strip_prefix(tasker_domain::template::CUSTOM_EVENT_PREFIX)
+                .is_some_and(|custom| tasker_domain::template::check_name(custom).is_ok());
+            if EventName::parse(name).is_none() && !custom {
                 return Err(ApiError::invalid(
                     &format!("filter.names[{i}]"),
-                    format!("{name:?} is not in the event catalog (query eventCatalog)"),
+                    format!("{name:?} is not in the event catalog (query eventCatalog; custom events are custom.<name>)"),
                 ))
                 .gql();
             }
@@ -86,6 +89,8 @@ pub struct EventDefinition {
     name: String,
     description: String,
     payload_fields: Vec<String>,
+    /// For a custom event: the template that declares it (`namespace/name@version`).
+    template: Option<String>,
 }
 
 pub struct EventConnection {
@@ -140,20 +145,45 @@ pub struct EventQuery;
 
 #[Object]
 impl EventQuery {
-    /// Every event this server emits, with its payload fields.
-    async fn event_catalog(&self) -> Vec<EventDefinition> {
-        EventName::ALL
+    /// Every event this server emits, with its payload fields, then the custom events the
+    /// registered templates declare.
+    async fn event_catalog(&self, ctx: &Context<'_>) -> Result<Vec<EventDefinition>> {
+        let fields = |list: &[&str]| list.iter().map(|f| (*f).to_owned()).collect::<Vec<_>>();
+        let mut catalog: Vec<EventDefinition> = EventName::ALL
             .into_iter()
             .map(|event| EventDefinition {
                 name: event.as_str().to_owned(),
                 description: event.description().to_owned(),
-                payload_fields: event
-                    .payload_fields()
-                    .iter()
-                    .map(|f| (*f).to_owned())
-                    .collect(),
+                payload_fields: fields(event.payload_fields()),
+                template: None,
             })
-            .collect()
+            .collect();
+        for record in store(ctx).templates(None, None).await.gql()? {
+            for custom in &record.template.custom_events {
+                catalog.push(EventDefinition {
+                    name: format!(
+                        "{}{}",
+                        tasker_domain::template::CUSTOM_EVENT_PREFIX,
+                        custom.name
+                    ),
+                    description: custom
+                        .description
+                        .clone()
+                        .unwrap_or_else(|| "Published by a worker of this template.".to_owned()),
+                    payload_fields: fields(&[
+                        "task_id",
+                        "step_id",
+                        "step",
+                        "namespace",
+                        "template",
+                        "attempt",
+                        "data",
+                    ]),
+                    template: Some(record.template.key()),
+                });
+            }
+        }
+        Ok(catalog)
     }
 
     /// The event log in order, `first` at a time (at most 500) after a cursor; the same

@@ -99,6 +99,21 @@ pub struct FailStepInput {
     retry_after_seconds: Option<f64>,
 }
 
+#[derive(InputObject)]
+pub struct PublishEventInput {
+    /// The lease of the step the event is about.
+    lease_token: ID,
+    /// A name from the template's `custom_events` (published as `custom.<name>`).
+    name: String,
+    /// Up to 64 KiB of JSON.
+    payload: Option<Json<Value>>,
+}
+
+#[derive(SimpleObject)]
+pub struct PublishEventPayload {
+    event: crate::objects::Event,
+}
+
 #[derive(SimpleObject)]
 pub struct StepPayload {
     step: Step,
@@ -267,6 +282,24 @@ impl WorkerMutation {
             .ok_or(tasker_store::Error::LeaseLost)
             .gql()?;
         step_payload(ctx, step).await
+    }
+
+    /// Publishes one of the template's custom events while the lease is held. A lost lease is
+    /// LEASE_LOST; an undeclared name or an oversized payload is VALIDATION_FAILED.
+    async fn publish_event(
+        &self,
+        ctx: &Context<'_>,
+        input: PublishEventInput,
+    ) -> Result<PublishEventPayload> {
+        let lease_token = token(&input.lease_token, "input.leaseToken")?;
+        let payload = input.payload.map_or(Value::Null, |json| json.0);
+        let event = store(ctx)
+            .publish_event(lease_token, &input.name, payload)
+            .await
+            .gql()?;
+        Ok(PublishEventPayload {
+            event: crate::objects::Event(event),
+        })
     }
 
     /// Records a failed attempt: retried after the backoff (or `retryAfterSeconds`) while

@@ -37,7 +37,24 @@ pub struct TaskTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_schema: Option<Value>,
     pub steps: Vec<StepTemplate>,
+    /// Events its workers may publish (as `custom.<name>`) while they hold a lease.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub custom_events: Vec<CustomEvent>,
 }
+
+/// An event a template declares for its workers to publish.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CustomEvent {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// The prefix that keeps custom event names apart from the catalog's.
+pub const CUSTOM_EVENT_PREFIX: &str = "custom.";
+
+/// The largest payload a custom event may carry, serialized.
+pub const MAX_CUSTOM_PAYLOAD_BYTES: usize = 64 * 1024;
 
 /// One node of the template's DAG.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -474,7 +491,9 @@ const TEMPLATE_FIELDS: &[&str] = &[
     "description",
     "context_schema",
     "steps",
+    "custom_events",
 ];
+const CUSTOM_EVENT_FIELDS: &[&str] = &["name", "description"];
 const STEP_FIELDS: &[&str] = &[
     "name",
     "handler",
@@ -513,6 +532,7 @@ fn read_template(value: &Value, problems: &mut Problems) -> Option<TaskTemplate>
         check_schema(schema, problems);
     }
     let steps = read_steps(reader.get("steps"), problems);
+    let custom_events = read_custom_events(reader.get("custom_events"), problems);
     Some(TaskTemplate {
         namespace: namespace?,
         name: name?,
@@ -520,7 +540,61 @@ fn read_template(value: &Value, problems: &mut Problems) -> Option<TaskTemplate>
         description,
         context_schema,
         steps: steps?,
+        custom_events,
     })
+}
+
+/// Events the template's workers may publish: names (`payment_authorized`) or objects with a
+/// name and a description.
+fn read_custom_events(value: Option<&Value>, problems: &mut Problems) -> Vec<CustomEvent> {
+    let list = match value {
+        None => return Vec::new(),
+        Some(Value::Array(list)) => list,
+        Some(other) => {
+            problems.push(
+                "custom_events",
+                format!("expected a list of event names, found {}", kind(other)),
+            );
+            return Vec::new();
+        }
+    };
+    let mut events: Vec<CustomEvent> = Vec::new();
+    for (i, item) in list.iter().enumerate() {
+        let path = format!("custom_events[{i}]");
+        let event = match item {
+            Value::String(name) => Some(CustomEvent {
+                name: name.clone(),
+                description: None,
+            }),
+            object @ Value::Object(_) => {
+                ObjectReader::new(object, &path, CUSTOM_EVENT_FIELDS, problems).and_then(|reader| {
+                    let description = reader.description(problems);
+                    reader
+                        .string("name", true, problems)
+                        .map(|name| CustomEvent { name, description })
+                })
+            }
+            other => {
+                problems.push(
+                    &path,
+                    format!("expected a name or an object, found {}", kind(other)),
+                );
+                None
+            }
+        };
+        let Some(event) = event else { continue };
+        if let Err(message) = check_name(&event.name) {
+            problems.push(format!("{path}.name"), message);
+        } else if events.iter().any(|e| e.name == event.name) {
+            problems.push(
+                format!("{path}.name"),
+                format!("{:?} is declared twice", event.name),
+            );
+        } else {
+            events.push(event);
+        }
+    }
+    events
 }
 
 fn check_schema(schema: &Value, problems: &mut Problems) {

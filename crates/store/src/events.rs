@@ -24,10 +24,22 @@ pub(crate) fn event_row(
     payload: Value,
     at: DateTime<Utc>,
 ) -> event::ActiveModel {
+    named_event_row(name.as_str(), namespace, task_id, step_id, payload, at)
+}
+
+/// An event row under any name (the catalog's, or a template's custom event).
+pub(crate) fn named_event_row(
+    name: &str,
+    namespace: Option<&str>,
+    task_id: Option<Uuid>,
+    step_id: Option<Uuid>,
+    payload: Value,
+    at: DateTime<Utc>,
+) -> event::ActiveModel {
     event::ActiveModel {
         position: NotSet,
         id: Set(Uuid::now_v7()),
-        name: Set(name.as_str().to_owned()),
+        name: Set(name.to_owned()),
         namespace: Set(namespace.map(str::to_owned)),
         task_id: Set(task_id),
         step_id: Set(step_id),

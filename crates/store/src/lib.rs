@@ -3,6 +3,7 @@
 //! rows (an event exists if and only if its change committed). Runs on SQLite (a file in WAL
 //! mode, the default) and PostgreSQL.
 
+mod custom_events;
 mod entities;
 mod event_log;
 mod events;

@@ -352,3 +352,24 @@ fn names_follow_the_rules() {
     assert!(check_handler("billing/charge.v2").is_ok());
     assert!(check_handler("rm -rf").is_err());
 }
+
+#[test]
+fn custom_events_are_declared_by_name_or_with_a_description() {
+    let base = "namespace: a\nname: b\nversion: 1.0.0\nsteps:\n  - {name: x, handler: noop}\n";
+    let template = TaskTemplate::parse(&format!(
+        "{base}custom_events:\n  - payment_authorized\n  - {{ name: fraud_flagged, description: A score over 0.9 }}\n"
+    ))
+    .unwrap();
+    assert_eq!(template.custom_events.len(), 2);
+    assert_eq!(
+        template.custom_events[1].description.as_deref(),
+        Some("A score over 0.9")
+    );
+    let problems = problems_of(&format!("{base}custom_events: [ok, ok, Bad, 7]\n"));
+    assert!(
+        has(&problems, "custom_events[1].name", "declared twice"),
+        "{problems:?}"
+    );
+    assert!(has(&problems, "custom_events[2].name", "lowercase"));
+    assert!(has(&problems, "custom_events[3]", "expected a name"));
+}
