@@ -1,7 +1,6 @@
 //! Events a worker publishes while it holds a lease, as its template declares them.
 
 use crate::entities::{event, workflow_step};
-use crate::events::named_event_row;
 use crate::records::EventRecord;
 use crate::{Error, Result, Store};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
@@ -75,16 +74,16 @@ impl Store {
                 ),
             ));
         }
-        let row = named_event_row(
+        let subject = crate::events::Subject {
+            namespace: &task.namespace,
+            template: &task.template_name,
+            task_id: task.id,
+        };
+        let row = subject.event(
             &format!("{CUSTOM_EVENT_PREFIX}{name}"),
-            Some(&task.namespace),
-            Some(task.id),
-            Some(step.id),
-            json!({
-                "task_id": task.id, "step_id": step.id, "step": step.name,
-                "namespace": task.namespace, "template": task.template_name,
-                "attempt": step.attempts, "data": payload,
-            }),
+            Some((step.id, &step.name)),
+            json!({ "attempt": step.attempts, "data": payload }),
+            &Value::Null,
             now,
         );
         let inserted = event::Entity::insert(row).exec_with_returning(&txn).await?;

@@ -49,6 +49,41 @@ pub(crate) fn named_event_row(
     }
 }
 
+impl Subject<'_> {
+    /// An event about this task (and one of its steps): the common fields, then `fields`,
+    /// then the metadata's fields that are not already there.
+    pub(crate) fn event(
+        &self,
+        name: &str,
+        step: Option<(Uuid, &str)>,
+        fields: Value,
+        metadata: &Value,
+        at: DateTime<Utc>,
+    ) -> event::ActiveModel {
+        let mut payload = json!({
+            "task_id": self.task_id,
+            "namespace": self.namespace,
+            "template": self.template,
+        });
+        if let Some((step_id, step_name)) = step {
+            merge(
+                &mut payload,
+                &json!({ "step_id": step_id, "step": step_name }),
+            );
+        }
+        merge(&mut payload, &fields);
+        merge(&mut payload, metadata);
+        named_event_row(
+            name,
+            Some(self.namespace),
+            Some(self.task_id),
+            step.map(|(step_id, _)| step_id),
+            payload,
+            at,
+        )
+    }
+}
+
 /// The transition row and event of one task state change.
 pub(crate) fn task_transition(
     subject: Subject<'_>,
@@ -59,14 +94,8 @@ pub(crate) fn task_transition(
     at: DateTime<Utc>,
 ) -> (task_transition::ActiveModel, event::ActiveModel) {
     let name = EventName::of_task_transition(from, to);
-    let mut payload = json!({
-        "task_id": subject.task_id,
-        "namespace": subject.namespace,
-        "template": subject.template,
-        "from_state": from.map(TaskState::as_str),
-        "to_state": to.as_str(),
-    });
-    merge(&mut payload, &metadata);
+    let states = json!({ "from_state": from.map(TaskState::as_str), "to_state": to.as_str() });
+    let event = subject.event(name.as_str(), None, states, &metadata, at);
     let row = task_transition::ActiveModel {
         id: Set(Uuid::now_v7()),
         task_id: Set(subject.task_id),
@@ -76,14 +105,6 @@ pub(crate) fn task_transition(
         metadata: Set(metadata),
         created_at: Set(at),
     };
-    let event = event_row(
-        name,
-        Some(subject.namespace),
-        Some(subject.task_id),
-        None,
-        payload,
-        at,
-    );
     (row, event)
 }
 
@@ -100,16 +121,14 @@ pub(crate) fn step_transition(
     at: DateTime<Utc>,
 ) -> (step_transition::ActiveModel, event::ActiveModel) {
     let name = EventName::of_step_transition(from, to);
-    let mut payload = json!({
-        "task_id": subject.task_id,
-        "step_id": step_id,
-        "step": step_name,
-        "namespace": subject.namespace,
-        "template": subject.template,
-        "from_state": from.map(StepState::as_str),
-        "to_state": to.as_str(),
-    });
-    merge(&mut payload, &metadata);
+    let states = json!({ "from_state": from.map(StepState::as_str), "to_state": to.as_str() });
+    let event = subject.event(
+        name.as_str(),
+        Some((step_id, step_name)),
+        states,
+        &metadata,
+        at,
+    );
     let row = step_transition::ActiveModel {
         id: Set(Uuid::now_v7()),
         step_id: Set(step_id),
@@ -120,14 +139,6 @@ pub(crate) fn step_transition(
         metadata: Set(metadata),
         created_at: Set(at),
     };
-    let event = event_row(
-        name,
-        Some(subject.namespace),
-        Some(subject.task_id),
-        Some(step_id),
-        payload,
-        at,
-    );
     (row, event)
 }
 

@@ -10,7 +10,7 @@
 
 use crate::entities::{event, task, task_transition, workflow_step, workflow_step_edge};
 use crate::events::{
-    Subject, event_row, metadata, step_transition as step_rows, task_transition as task_rows,
+    Subject, metadata, step_transition as step_rows, task_transition as task_rows,
 };
 use crate::records::{StepRecord, TaskRecord, convert_all};
 use crate::sql::Sql;
@@ -541,21 +541,13 @@ impl Store {
         );
         // What led to the failure, and what follows from it, as events of their own.
         let subject = subjects.subject(step.task_id);
+        let attempt = json!({ "attempt": step.attempts });
         let detail = |name: EventName, fields: Value| {
-            let mut payload = json!({
-                "task_id": step.task_id, "step_id": step.id, "step": step.name,
-                "namespace": subject.namespace, "template": subject.template,
-                "attempt": step.attempts,
-            });
-            if let (Value::Object(target), Value::Object(extra)) = (&mut payload, fields) {
-                target.extend(extra);
-            }
-            event_row(
-                name,
-                Some(subject.namespace),
-                Some(step.task_id),
-                Some(step.id),
-                payload,
+            subject.event(
+                name.as_str(),
+                Some((step.id, &step.name)),
+                fields,
+                &attempt,
                 now,
             )
         };
