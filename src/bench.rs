@@ -99,9 +99,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
     for scenario in scenarios() {
-        let database = Database::sqlite(&sqlite, scenario.key).await?;
+        let database = Database::sqlite(dir.path(), scenario.key).await?;
         results.push(measure(&database.store, "sqlite", &scenario, workers).await?);
         database.drop().await?;
     }
@@ -277,8 +276,8 @@ struct Database {
 }
 
 impl Database {
-    async fn sqlite(url_base: &str, key: &str) -> anyhow::Result<Database> {
-        let url = url_base.replace("bench.db", &format!("bench-{key}.db"));
+    async fn sqlite(dir: &std::path::Path, key: &str) -> anyhow::Result<Database> {
+        let url = format!("sqlite://{}", dir.join(format!("bench-{key}.db")).display());
         let store = Store::connect(&StoreOptions::new(url), Arc::new(SystemClock)).await?;
         store.migrate().await?;
         Ok(Database {

@@ -154,6 +154,33 @@ async fn graphql(client: &reqwest::Client, address: &str, query: &str, variables
     body["data"].clone()
 }
 
+/// Registers a template (namespace and name taken from it) through the first address, then
+/// starts `count` tasks of it, spread over the addresses in turn.
+async fn start_diamonds(
+    client: &reqwest::Client,
+    addresses: &[&str],
+    definition: &str,
+    count: usize,
+) {
+    let registered = graphql(
+        client,
+        addresses[0],
+        "mutation($d: String!) { registerTemplate(input: { definition: $d }) { template { namespace name } } }",
+        json!({ "d": definition }),
+    )
+    .await;
+    let template = &registered["registerTemplate"]["template"];
+    for i in 0..count {
+        graphql(
+            client,
+            addresses[i % addresses.len()],
+            "mutation($i: CreateTaskInput!) { createTask(input: $i) { task { id } } }",
+            json!({ "i": { "namespace": template["namespace"], "template": template["name"], "context": { "n": i } } }),
+        )
+        .await;
+    }
+}
+
 const CRASH_DIAMOND: &str = r#"
 namespace: crash
 name: diamond
@@ -174,22 +201,7 @@ async fn a_killed_server_finishes_every_task_after_a_restart() {
     let lease = ["--worker-lease-seconds", "1", "--no-examples"];
     let (mut child, address, _logs) = start_with(dir.path(), &lease);
     let client = crate::support::http_client();
-    graphql(
-        &client,
-        &address,
-        "mutation($d: String!) { registerTemplate(input: { definition: $d }) { result } }",
-        json!({ "d": CRASH_DIAMOND }),
-    )
-    .await;
-    for i in 0..200 {
-        graphql(
-            &client,
-            &address,
-            "mutation($i: CreateTaskInput!) { createTask(input: $i) { task { id } } }",
-            json!({ "i": { "namespace": "crash", "template": "diamond", "context": { "n": i } } }),
-        )
-        .await;
-    }
+    start_diamonds(&client, &[&address], CRASH_DIAMOND, 200).await;
     // Mid-run: every task's `left` step waits out a backoff after its first failure.
     let status = Command::new("kill")
         .args(["-KILL", &child.id().to_string()])
@@ -316,23 +328,7 @@ async fn two_replicas_share_one_postgres_without_double_leases() {
     let (mut first, a, _first_logs) = start_with(dir.path(), &args);
     let (mut second, b, _second_logs) = start_with(dir.path(), &args);
     let client = crate::support::http_client();
-    graphql(
-        &client,
-        &a,
-        "mutation($d: String!) { registerTemplate(input: { definition: $d }) { result } }",
-        json!({ "d": SHARED_DIAMOND }),
-    )
-    .await;
-    for i in 0..500 {
-        let address = if i % 2 == 0 { &a } else { &b };
-        graphql(
-            &client,
-            address,
-            "mutation($i: CreateTaskInput!) { createTask(input: $i) { task { id } } }",
-            json!({ "i": { "namespace": "shared", "template": "diamond", "context": { "n": i } } }),
-        )
-        .await;
-    }
+    start_diamonds(&client, &[&a, &b], SHARED_DIAMOND, 500).await;
     let count = "{ tasks(filter: { states: [COMPLETE] }) { totalCount } }";
     let started = std::time::Instant::now();
     while graphql(&client, &b, count, json!({})).await["tasks"]["totalCount"] != 500 {
