@@ -502,7 +502,8 @@ steps:
         .await["task"]["id"]
         .clone();
     let query = "query($id: ID!) { task(id: $id) { steps { name state attempts lastError nextAttemptAt } } }";
-    let started = std::time::Instant::now();
+    // Each failure appends events: wait on that signal, not on a clock.
+    let mut appended = server.db.store.events_appended();
     let steps = loop {
         let steps = server.data(query, json!({ "id": id })).await["task"]["steps"].clone();
         if steps
@@ -513,9 +514,10 @@ steps:
         {
             break steps;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "{steps}");
-        // The pool calls the service in the background; look again shortly.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::timeout(Duration::from_secs(20), appended.changed())
+            .await
+            .unwrap_or_else(|_| panic!("the failures were never recorded: {steps}"))
+            .unwrap();
     };
     assert_eq!(steps[0]["attempts"], 1);
     assert!(steps[0]["nextAttemptAt"].is_null(), "a 404 is not retried");
