@@ -6,14 +6,14 @@ use serde_json::{Value, json};
 const TASK_DETAIL: &str = r#"
 query($id: ID!) {
   task(id: $id) {
-    id namespace templateName templateVersion state context tags initiator
+    id namespace templateName templateVersion state context tags initiator correlationId
     template { key }
     steps { id name handler state attempts maxAttempts parents { name } children { name } transitions { fromState toState } }
     edges { parent { name } child { name } }
     stepCounts { total pending cancelled }
     graph { roots leaves depth topologicalOrder levels { level stepNames } nodes { name level } edges { from to } }
     transitions { fromState toState sortKey metadata }
-    events { name }
+    events { name payload }
   }
 }"#;
 
@@ -36,7 +36,8 @@ async fn register_create_read_list_and_cancel() {
         let created = server
             .create_task(json!({
                 "namespace": "shop", "template": "fulfil",
-                "context": { "order_id": 42 }, "tags": ["vip", "web"], "initiator": "e2e"
+                "context": { "order_id": 42 }, "tags": ["vip", "web"], "initiator": "e2e",
+                "correlationId": "ci-run-42"
             }))
             .await;
         assert_eq!(created["created"], true);
@@ -75,7 +76,17 @@ async fn register_create_read_list_and_cancel() {
         assert_eq!(graph["roots"], json!([task["steps"][0]["id"]]));
         assert_eq!(graph["leaves"], json!([task["steps"][3]["id"]]));
         assert_eq!(graph["topologicalOrder"].as_array().unwrap().len(), 4);
-        assert_eq!(task["events"].as_array().unwrap().len(), 5);
+        // task.created, step.created × 4, task.steps_ready (the root).
+        assert_eq!(task["events"].as_array().unwrap().len(), 6);
+        assert_eq!(task["correlationId"], "ci-run-42");
+        assert!(
+            task["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["payload"]["correlation_id"] == "ci-run-42"),
+            "every event of the task carries its correlation id"
+        );
 
         // The step query and its way back to the task.
         let step_id = task["steps"][1]["id"].clone();

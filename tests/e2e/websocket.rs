@@ -177,7 +177,7 @@ async fn the_events_subscription_resumes_from_a_cursor_without_gaps_or_repeats()
             .unwrap()
             .to_owned();
         let mut socket = subscribe_events(&server, Some(&resume)).await;
-        for _ in 0..4 {
+        for _ in 0..6 {
             received.push(next_event(&mut socket).await);
         }
         let names: Vec<&str> = received
@@ -190,9 +190,11 @@ async fn the_events_subscription_resumes_from_a_cursor_without_gaps_or_repeats()
                 "task.created",
                 "step.created",
                 "step.created",
+                "task.steps_ready",
                 "task.created",
                 "step.created",
-                "step.created"
+                "step.created",
+                "task.steps_ready"
             ],
             "{}",
             server.backend()

@@ -176,6 +176,7 @@ impl EventQuery {
                         "step",
                         "namespace",
                         "template",
+                        "correlation_id",
                         "attempt",
                         "data",
                     ]),

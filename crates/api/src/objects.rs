@@ -332,6 +332,11 @@ impl Task {
         self.record.idempotency_key.as_deref()
     }
 
+    /// Carried by every event about the task, as `correlation_id` in its payload.
+    async fn correlation_id(&self) -> &str {
+        &self.record.correlation_id
+    }
+
     async fn created_at(&self) -> DateTime<Utc> {
         self.record.created_at
     }

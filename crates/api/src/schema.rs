@@ -310,6 +310,9 @@ pub struct CreateTaskInput {
     tags: Option<Vec<String>>,
     /// A second request with the same key (in the namespace) returns the first task.
     idempotency_key: Option<String>,
+    /// Carried by every event about the task, to follow one request through the log; the
+    /// task's id when omitted.
+    correlation_id: Option<String>,
 }
 
 #[derive(SimpleObject)]
@@ -425,6 +428,7 @@ impl TaskMutation {
                     reason: input.reason,
                     tags: input.tags.unwrap_or_default(),
                     idempotency_key: input.idempotency_key,
+                    correlation_id: input.correlation_id,
                 },
             })
             .await

@@ -14,6 +14,9 @@ pub enum EventName {
     TaskRetryRequested,
     TaskCancelled,
     TaskResolvedManually,
+    TaskStepsReady,
+    TaskWaiting,
+    TaskFinalized,
     StepCreated,
     StepStarted,
     StepCompleted,
@@ -29,7 +32,7 @@ pub enum EventName {
 }
 
 impl EventName {
-    pub const ALL: [EventName; 20] = [
+    pub const ALL: [EventName; 23] = [
         EventName::TemplateRegistered,
         EventName::TaskCreated,
         EventName::TaskStarted,
@@ -38,6 +41,9 @@ impl EventName {
         EventName::TaskRetryRequested,
         EventName::TaskCancelled,
         EventName::TaskResolvedManually,
+        EventName::TaskStepsReady,
+        EventName::TaskWaiting,
+        EventName::TaskFinalized,
         EventName::StepCreated,
         EventName::StepStarted,
         EventName::StepCompleted,
@@ -63,6 +69,9 @@ impl EventName {
             TaskRetryRequested => "task.retry_requested",
             TaskCancelled => "task.cancelled",
             TaskResolvedManually => "task.resolved_manually",
+            TaskStepsReady => "task.steps_ready",
+            TaskWaiting => "task.waiting",
+            TaskFinalized => "task.finalized",
             StepCreated => "step.created",
             StepStarted => "step.started",
             StepCompleted => "step.completed",
@@ -94,6 +103,19 @@ impl EventName {
             TaskRetryRequested => "A failed task was sent back to pending.",
             TaskCancelled => "A task was cancelled; its unfinished steps were cancelled with it.",
             TaskResolvedManually => "A person marked a failed task as resolved.",
+            TaskStepsReady => {
+                "Steps of a task became claimable: it was created, their parents finished, \
+                 or a person reopened them. A failed step whose backoff ends is announced by \
+                 its step.backoff event instead."
+            }
+            TaskWaiting => {
+                "After a change, nothing in a running task can be claimed or is running: it \
+                 waits for a failed step's retry time (the payload says the earliest)."
+            }
+            TaskFinalized => {
+                "A task reached its outcome on its own (complete or error): a summary with its \
+                 duration and step counts, following task.completed or task.failed."
+            }
             StepCreated => "A step was created, pending, with its task.",
             StepStarted => "A step was claimed under a lease and an attempt began.",
             StepCompleted => "An attempt succeeded; the step's results are recorded.",
@@ -138,6 +160,7 @@ impl EventName {
                 "task_id",
                 "namespace",
                 "template",
+                "correlation_id",
                 "from_state",
                 "to_state",
                 "reason",
@@ -145,6 +168,34 @@ impl EventName {
                 "source_system",
                 "version",
                 "triggered_by",
+            ],
+            TaskStepsReady => &[
+                "task_id",
+                "namespace",
+                "template",
+                "correlation_id",
+                "steps",
+                "step_ids",
+                "count",
+            ],
+            TaskWaiting => &[
+                "task_id",
+                "namespace",
+                "template",
+                "correlation_id",
+                "waiting_steps",
+                "retry_at_ms",
+            ],
+            TaskFinalized => &[
+                "task_id",
+                "namespace",
+                "template",
+                "correlation_id",
+                "outcome",
+                "duration_ms",
+                "steps_total",
+                "steps_done",
+                "steps_failed",
             ],
             StepCreated
             | StepStarted
@@ -163,6 +214,7 @@ impl EventName {
                 "step",
                 "namespace",
                 "template",
+                "correlation_id",
                 "from_state",
                 "to_state",
                 "attempt",

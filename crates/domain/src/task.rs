@@ -21,6 +21,8 @@ pub struct TaskRequest {
     pub reason: Option<String>,
     pub tags: Vec<String>,
     pub idempotency_key: Option<String>,
+    /// Carried by every event about the task (a CI run, an order, a trace id).
+    pub correlation_id: Option<String>,
 }
 
 impl TaskRequest {
@@ -41,6 +43,7 @@ impl TaskRequest {
             ("initiator", &self.initiator, MAX_SHORT_TEXT),
             ("sourceSystem", &self.source_system, MAX_SHORT_TEXT),
             ("idempotencyKey", &self.idempotency_key, MAX_SHORT_TEXT),
+            ("correlationId", &self.correlation_id, MAX_SHORT_TEXT),
             ("reason", &self.reason, MAX_REASON),
         ] {
             match value.as_deref() {
@@ -109,6 +112,7 @@ mod tests {
         let request = TaskRequest {
             context: json!([1, 2]),
             initiator: Some(String::new()),
+            correlation_id: Some("c".repeat(256)),
             reason: Some("x".repeat(MAX_REASON + 1)),
             tags: vec!["ok".into(), String::new(), "bad\u{7}".into()],
             ..TaskRequest::default()
@@ -119,7 +123,14 @@ mod tests {
         let paths: Vec<_> = problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["context", "initiator", "reason", "tags[1]", "tags[2]"]
+            [
+                "context",
+                "initiator",
+                "correlationId",
+                "reason",
+                "tags[1]",
+                "tags[2]"
+            ]
         );
     }
 }

@@ -74,10 +74,12 @@ impl Store {
                 ),
             ));
         }
+        let correlation_id = crate::tasks::correlation_of(&task);
         let subject = crate::events::Subject {
             namespace: &task.namespace,
             template: &task.template_name,
             task_id: task.id,
+            correlation_id: &correlation_id,
         };
         let row = subject.event(
             &format!("{CUSTOM_EVENT_PREFIX}{name}"),

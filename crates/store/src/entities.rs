@@ -65,6 +65,7 @@ pub mod task {
         #[sea_orm(column_type = "JsonBinary")]
         pub tags: Json,
         pub idempotency_key: Option<String>,
+        pub correlation_id: Option<String>,
         pub version: i32,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,

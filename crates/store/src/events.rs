@@ -14,6 +14,7 @@ pub(crate) struct Subject<'a> {
     pub namespace: &'a str,
     pub template: &'a str,
     pub task_id: Uuid,
+    pub correlation_id: &'a str,
 }
 
 pub(crate) fn event_row(
@@ -64,6 +65,7 @@ impl Subject<'_> {
             "task_id": self.task_id,
             "namespace": self.namespace,
             "template": self.template,
+            "correlation_id": self.correlation_id,
         });
         if let Some((step_id, step_name)) = step {
             merge(
@@ -82,6 +84,23 @@ impl Subject<'_> {
             at,
         )
     }
+}
+
+/// The `task.steps_ready` event of steps of one task that just became claimable.
+pub(crate) fn steps_ready(
+    subject: Subject<'_>,
+    steps: &[(Uuid, &str)],
+    at: DateTime<Utc>,
+) -> event::ActiveModel {
+    let names: Vec<&str> = steps.iter().map(|(_, name)| *name).collect();
+    let ids: Vec<Uuid> = steps.iter().map(|(id, _)| *id).collect();
+    subject.event(
+        EventName::TaskStepsReady.as_str(),
+        None,
+        json!({ "steps": names, "step_ids": ids, "count": steps.len() }),
+        &Value::Null,
+        at,
+    )
 }
 
 /// The transition row and event of one task state change.

@@ -101,11 +101,22 @@ struct TaskStepCounts {
     task_id: Uuid,
     total: i64,
     done: i64,
+    /// Failed for good (no retry time).
     failed: i64,
+    /// Running, or claimable now.
+    active: i64,
+    /// Failed, waiting for a retry time still to come.
+    backing_off: i64,
+    /// The earliest of those retry times.
+    next_retry_ms: Option<i64>,
 }
 
 #[derive(Debug, FromQueryResult)]
 struct ReadyChild {
+    id: Uuid,
+    task_id: Uuid,
+    name: String,
+    position: i32,
     pending_parents: i32,
 }
 
@@ -322,7 +333,9 @@ impl Store {
             transitions.push(row);
             events.push(event);
         }
-        report.newly_ready = self.release_children(&txn, &done_ids).await?;
+        report.newly_ready = self
+            .release_children(&txn, &done_ids, &subjects, now, &mut events)
+            .await?;
         let finished = self
             .finalize_tasks(&txn, &task_ids, &subjects, now, &mut events)
             .await?;
@@ -569,7 +582,8 @@ impl Store {
             _ => {}
         }
         let newly_ready = if to == StepState::Skipped {
-            self.release_children(txn, &[step.id]).await?
+            self.release_children(txn, &[step.id], &subjects, now, &mut events)
+                .await?
         } else {
             0
         };
@@ -586,12 +600,16 @@ impl Store {
         })
     }
 
-    /// Drops the dependency counters of the children of steps that just became done;
-    /// returns how many children became claimable.
+    /// Drops the dependency counters of the children of steps that just became done, and
+    /// appends a `task.steps_ready` event for each task where some became claimable;
+    /// returns how many did.
     pub(crate) async fn release_children(
         &self,
         txn: &DatabaseTransaction,
         parent_ids: &[Uuid],
+        subjects: &Subjects,
+        now: DateTime<Utc>,
+        events: &mut Vec<event::ActiveModel>,
     ) -> Result<usize> {
         if parent_ids.is_empty() {
             return Ok(0);
@@ -601,14 +619,23 @@ impl Store {
             .bind_list(parent_ids.iter().copied())
             .push(") WHERE id IN (SELECT child_step_id FROM workflow_step_edges WHERE parent_step_id IN ")
             .bind_list(parent_ids.iter().copied())
-            .push(") RETURNING pending_parents");
+            .push(") RETURNING id, task_id, name, position, pending_parents");
         let children = ReadyChild::find_by_statement(sql.build()).all(txn).await?;
-        Ok(children.iter().filter(|c| c.pending_parents == 0).count())
+        let mut ready: Vec<&ReadyChild> =
+            children.iter().filter(|c| c.pending_parents == 0).collect();
+        ready.sort_by_key(|c| c.position);
+        events.extend(subjects.steps_ready(
+            ready.iter().map(|c| (c.task_id, c.id, c.name.as_str())),
+            now,
+        ));
+        Ok(ready.len())
     }
 
     /// Moves running tasks whose steps are all done to `complete`, and those where a step
-    /// failed for good and nothing else can run to `error`. Their events are appended to
-    /// `events`; their transition rows are returned for the caller to insert.
+    /// failed for good and nothing else can run to `error` (each with a `task.finalized`
+    /// summary), and notes with `task.waiting` those left with nothing to run until a retry
+    /// time. Their events are appended to `events`; their transition rows are returned for
+    /// the caller to insert.
     pub(crate) async fn finalize_tasks(
         &self,
         txn: &DatabaseTransaction,
@@ -620,7 +647,11 @@ impl Store {
         let mut sql = Sql::new(self.db.get_database_backend());
         sql.push("SELECT task_id, COUNT(*) AS total, SUM(CASE WHEN state IN ")
             .push(DONE_STATES)
-            .push(" THEN 1 ELSE 0 END) AS done, SUM(CASE WHEN state = 'error' AND next_attempt_ms IS NULL THEN 1 ELSE 0 END) AS failed FROM workflow_steps WHERE task_id IN ")
+            .push(" THEN 1 ELSE 0 END) AS done, SUM(CASE WHEN state = 'error' AND next_attempt_ms IS NULL THEN 1 ELSE 0 END) AS failed, SUM(CASE WHEN state = 'in_progress' OR (state = 'pending' AND pending_parents = 0) OR (state = 'error' AND next_attempt_ms <= ")
+            .bind(now.timestamp_millis())
+            .push(") THEN 1 ELSE 0 END) AS active, SUM(CASE WHEN state = 'error' AND next_attempt_ms > ")
+            .bind(now.timestamp_millis())
+            .push(" THEN 1 ELSE 0 END) AS backing_off, MIN(CASE WHEN state = 'error' THEN next_attempt_ms END) AS next_retry_ms FROM workflow_steps WHERE task_id IN ")
             .bind_list(task_ids.iter().copied())
             .push(" GROUP BY task_id");
         let counts = TaskStepCounts::find_by_statement(sql.build())
@@ -637,6 +668,17 @@ impl Store {
             .map(|c| c.task_id)
             .collect();
         let failed = self.blocked_tasks(txn, &suspects).await?;
+        for waiting in counts.iter().filter(|c| {
+            c.done < c.total && c.active == 0 && c.backing_off > 0 && !failed.contains(&c.task_id)
+        }) {
+            events.push(subjects.subject(waiting.task_id).event(
+                EventName::TaskWaiting.as_str(),
+                None,
+                json!({ "waiting_steps": waiting.backing_off, "retry_at_ms": waiting.next_retry_ms }),
+                &Value::Null,
+                now,
+            ));
+        }
         let mut finished = Vec::new();
         let mut transitions = Vec::new();
         for (ids, to) in [(complete, TaskState::Complete), (failed, TaskState::Error)] {
@@ -666,6 +708,21 @@ impl Store {
                 );
                 transitions.push(row);
                 events.push(event);
+                if let Some(count) = counts.iter().find(|c| c.task_id == task.id) {
+                    events.push(subjects.subject(task.id).event(
+                        EventName::TaskFinalized.as_str(),
+                        None,
+                        json!({
+                            "outcome": to.as_str(),
+                            "duration_ms": (now - task.created_at).num_milliseconds(),
+                            "steps_total": count.total,
+                            "steps_done": count.done,
+                            "steps_failed": count.failed,
+                        }),
+                        &Value::Null,
+                        now,
+                    ));
+                }
                 finished.push(task.try_into()?);
             }
         }
@@ -724,16 +781,23 @@ impl Store {
         Ok(blocked)
     }
 
-    /// Namespace and template of each task, for event payloads.
+    /// Namespace, template and correlation id of each task, for event payloads.
     pub(crate) async fn subjects(
         &self,
         txn: &DatabaseTransaction,
         task_ids: &[Uuid],
         known: &[task::Model],
     ) -> Result<Subjects> {
-        let mut names: HashMap<Uuid, (String, String)> = known
+        let mut names: HashMap<Uuid, SubjectNames> = known
             .iter()
-            .map(|t| (t.id, (t.namespace.clone(), t.template_name.clone())))
+            .map(|t| {
+                let names = SubjectNames {
+                    namespace: t.namespace.clone(),
+                    template: t.template_name.clone(),
+                    correlation_id: crate::tasks::correlation_of(t),
+                };
+                (t.id, names)
+            })
             .collect();
         let missing: Vec<Uuid> = task_ids
             .iter()
@@ -742,10 +806,15 @@ impl Store {
             .collect();
         if !missing.is_empty() {
             let mut sql = Sql::new(self.db.get_database_backend());
-            sql.push("SELECT id, namespace, template_name FROM tasks WHERE id IN ")
+            sql.push("SELECT id, namespace, template_name, correlation_id FROM tasks WHERE id IN ")
                 .bind_list(missing);
             for row in TaskNames::find_by_statement(sql.build()).all(txn).await? {
-                names.insert(row.id, (row.namespace, row.template_name));
+                let names_of_row = SubjectNames {
+                    correlation_id: row.correlation_id.unwrap_or_else(|| row.id.to_string()),
+                    namespace: row.namespace,
+                    template: row.template_name,
+                };
+                names.insert(row.id, names_of_row);
             }
         }
         Ok(Subjects { names })
@@ -757,6 +826,7 @@ struct TaskNames {
     id: Uuid,
     namespace: String,
     template_name: String,
+    correlation_id: Option<String>,
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -766,20 +836,46 @@ struct ParentResult {
     results: Option<Value>,
 }
 
-/// Namespace and template names by task id.
+struct SubjectNames {
+    namespace: String,
+    template: String,
+    correlation_id: String,
+}
+
+/// Namespace, template and correlation id by task id.
 pub(crate) struct Subjects {
-    names: HashMap<Uuid, (String, String)>,
+    names: HashMap<Uuid, SubjectNames>,
 }
 
 impl Subjects {
+    /// One `task.steps_ready` event per task among `(task, step, name)` steps.
+    pub fn steps_ready<'s>(
+        &self,
+        steps: impl Iterator<Item = (Uuid, Uuid, &'s str)>,
+        now: DateTime<Utc>,
+    ) -> Vec<event::ActiveModel> {
+        let mut by_task: Vec<(Uuid, Vec<(Uuid, &str)>)> = Vec::new();
+        let mut index: HashMap<Uuid, usize> = HashMap::new();
+        for (task_id, step_id, name) in steps {
+            let slot = *index.entry(task_id).or_insert_with(|| {
+                by_task.push((task_id, Vec::new()));
+                by_task.len() - 1
+            });
+            by_task[slot].1.push((step_id, name));
+        }
+        by_task
+            .into_iter()
+            .map(|(task_id, list)| crate::events::steps_ready(self.subject(task_id), &list, now))
+            .collect()
+    }
+
     pub fn subject(&self, task_id: Uuid) -> Subject<'_> {
-        let (namespace, template) = self
-            .names
-            .get(&task_id)
-            .map_or(("", ""), |(n, t)| (n.as_str(), t.as_str()));
+        let names = self.names.get(&task_id);
+        let text = |field: fn(&SubjectNames) -> &String| names.map_or("", |n| field(n).as_str());
         Subject {
-            namespace,
-            template,
+            namespace: text(|n| &n.namespace),
+            template: text(|n| &n.template),
+            correlation_id: text(|n| &n.correlation_id),
             task_id,
         }
     }

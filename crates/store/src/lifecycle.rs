@@ -99,8 +99,16 @@ impl Store {
             now,
         );
         let mut events = vec![event];
+        if to == StepState::Pending && updated.pending_parents == 0 {
+            events.push(crate::events::steps_ready(
+                subjects.subject(step.task_id),
+                &[(step.id, &step.name)],
+                now,
+            ));
+        }
         let newly_ready = if to.satisfies_dependency() {
-            self.release_children(&txn, &[step.id]).await?
+            self.release_children(&txn, &[step.id], &subjects, now, &mut events)
+                .await?
         } else {
             0
         };
@@ -180,6 +188,15 @@ impl Store {
             step_transitions.push(row);
             events.push(event);
         }
+        events.extend(
+            subjects.steps_ready(
+                reopened
+                    .iter()
+                    .filter(|step| step.pending_parents == 0)
+                    .map(|step| (task_id, step.id, step.name.as_str())),
+                now,
+            ),
+        );
         let task_transitions = self
             .reopen_task(&txn, task_id, reason.as_deref(), &mut events)
             .await?;

@@ -40,6 +40,8 @@ pub struct TaskRecord {
     pub reason: Option<String>,
     pub tags: Vec<String>,
     pub idempotency_key: Option<String>,
+    /// Carried by every event about the task; the task's id unless the creator gave one.
+    pub correlation_id: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
@@ -176,6 +178,7 @@ impl TryFrom<task::Model> for TaskRecord {
             reason: model.reason,
             tags: serde_json::from_value(model.tags).unwrap_or_default(),
             idempotency_key: model.idempotency_key,
+            correlation_id: model.correlation_id.unwrap_or_else(|| model.id.to_string()),
             created_at: model.created_at,
             updated_at: model.updated_at,
             completed_at: model.completed_at,

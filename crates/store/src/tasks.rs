@@ -105,10 +105,15 @@ impl Store {
         let now = self.now();
         let task_id = Uuid::now_v7();
         let tags = request.distinct_tags();
+        let correlation_id = request
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| task_id.to_string());
         let subject = Subject {
             namespace: &template.namespace,
             template: &template.name,
             task_id,
+            correlation_id: &correlation_id,
         };
         let task_model = task::ActiveModel {
             id: Set(task_id),
@@ -123,6 +128,7 @@ impl Store {
             reason: Set(request.reason.clone()),
             tags: Set(json!(tags)),
             idempotency_key: Set(request.idempotency_key.clone()),
+            correlation_id: Set(Some(correlation_id.clone())),
             version: Set(1),
             created_at: Set(now),
             updated_at: Set(now),
@@ -215,6 +221,12 @@ impl Store {
             step_transitions.push(row);
             events.push(event);
         }
+        let roots: Vec<(Uuid, &str)> = dag
+            .roots()
+            .into_iter()
+            .map(|i| (step_ids[i], template.steps[i].name.as_str()))
+            .collect();
+        events.push(crate::events::steps_ready(subject, &roots, now));
 
         let txn = self.db.begin().await?;
         let task_model = task_model.insert(&txn).await?;
@@ -257,10 +269,12 @@ impl Store {
                 "task {id} changed while it was being cancelled; read it again and retry"
             )));
         };
+        let correlation_id = correlation_of(&current);
         let subject = Subject {
             namespace: &current.namespace,
             template: &current.template_name,
             task_id: id,
+            correlation_id: &correlation_id,
         };
         let reason_value = reason.clone().map(Value::from);
         let (transition, event) = task_rows(
@@ -344,4 +358,11 @@ where
             .await?;
     }
     Ok(())
+}
+
+/// A task's correlation id (its own id for tasks from before correlation ids).
+pub(crate) fn correlation_of(task: &task::Model) -> String {
+    task.correlation_id
+        .clone()
+        .unwrap_or_else(|| task.id.to_string())
 }

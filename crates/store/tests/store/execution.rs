@@ -109,6 +109,25 @@ async fn a_diamond_runs_in_dependency_order_and_completes_its_task() {
             ),
             (1, 4, 4, 1)
         );
+        let ready: Vec<&serde_json::Value> = events
+            .iter()
+            .filter(|e| e.name == "task.steps_ready")
+            .map(|e| &e.payload["steps"])
+            .collect();
+        assert_eq!(
+            ready,
+            [
+                &json!(["validate"]),
+                &json!(["reserve", "charge"]),
+                &json!(["ship"])
+            ],
+            "each step is announced once, when its last parent finishes"
+        );
+        let summary = events.last().unwrap();
+        assert_eq!(summary.name, "task.finalized");
+        assert_eq!(summary.payload["outcome"], "complete");
+        assert_eq!(summary.payload["steps_done"], 4);
+        assert_eq!(count("task.waiting"), 0);
     }
 }
 
@@ -161,11 +180,20 @@ async fn a_lease_fences_a_worker_that_lost_it() {
         let tail: Vec<&str> = events
             .iter()
             .rev()
-            .take(3)
+            .take(4)
             .rev()
             .map(|e| e.name.as_str())
             .collect();
-        assert_eq!(tail, ["step.lease_expired", "step.failed", "step.backoff"]);
+        assert_eq!(
+            tail,
+            [
+                "step.lease_expired",
+                "step.failed",
+                "step.backoff",
+                "task.waiting"
+            ],
+            "nothing else can run until the retry time"
+        );
         let step = store.step(claimed[0].step.id).await.unwrap();
         assert_eq!(step.state, StepState::Error);
         assert!(
@@ -248,6 +276,16 @@ async fn failures_retry_then_fail_the_task_or_skip_and_let_dependents_run() {
         assert_eq!(failed.step.state, StepState::Error);
         assert!(failed.step.next_attempt_at.is_some());
         assert!(failed.finished_task.is_none());
+        let events = store.events_for_tasks(&[task.id]).await.unwrap();
+        let waiting = events.last().unwrap();
+        assert_eq!(
+            waiting.name, "task.waiting",
+            "ship waits for charge's retry"
+        );
+        assert_eq!(
+            waiting.payload["retry_at_ms"],
+            failed.step.next_attempt_at.unwrap().timestamp_millis()
+        );
         clock.advance(Minutes::seconds(1));
         let retry = store.claim_steps(&claim(10)).await.unwrap();
         assert_eq!(names(&retry), ["charge"]);
@@ -267,7 +305,18 @@ async fn failures_retry_then_fail_the_task_or_skip_and_let_dependents_run() {
                 .count(),
             1
         );
-        assert_eq!(names.last(), Some(&"task.failed"));
+        assert_eq!(names[names.len() - 2..], ["task.failed", "task.finalized"]);
+        let summary = &events.last().unwrap().payload;
+        assert_eq!(summary["outcome"], "error");
+        assert_eq!(
+            (
+                &summary["steps_total"],
+                &summary["steps_done"],
+                &summary["steps_failed"]
+            ),
+            (&json!(4), &json!(2), &json!(1)),
+            "validate complete and reserve skipped; charge failed; ship never ran"
+        );
         assert_eq!(finished.state, TaskState::Error);
         assert_eq!(store.task(task.id).await.unwrap().state, TaskState::Error);
         assert!(store.claim_steps(&claim(10)).await.unwrap().is_empty());

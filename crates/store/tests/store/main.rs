@@ -175,8 +175,14 @@ async fn creating_a_task_writes_steps_edges_transitions_and_events_together() {
                 "step.created",
                 "step.created",
                 "step.created",
-                "step.created"
+                "step.created",
+                "task.steps_ready"
             ]
+        );
+        assert_eq!(events[5].payload["steps"], serde_json::json!(["validate"]));
+        assert_eq!(
+            events[5].payload["step_ids"],
+            serde_json::json!([steps[0].id])
         );
         assert!(events.windows(2).all(|w| w[0].position < w[1].position));
         assert_eq!(events[0].payload["template"], "fulfil");
