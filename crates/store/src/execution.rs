@@ -916,9 +916,11 @@ pub(crate) fn ending_attempt(
 /// The readiness rule over `workflow_steps s JOIN tasks t`, narrowed to handlers and
 /// namespaces when given.
 fn push_ready_condition(sql: &mut Sql, now_ms: i64, handlers: &[String], namespaces: &[String]) {
-    sql.push("s.pending_parents = 0 AND (s.state = 'pending' OR (s.state = 'error' AND s.next_attempt_ms <= ")
+    // Written so the planner seeks ix_steps_ready (state, pending_parents, handler) and then
+    // joins the tasks; put as one OR, SQLite walked every unfinished task instead.
+    sql.push("s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
         .bind(now_ms)
-        .push(")) AND t.state IN ('pending', 'in_progress')");
+        .push(") AND t.state IN ('pending', 'in_progress')");
     if !handlers.is_empty() {
         sql.push(" AND s.handler IN ")
             .bind_list(handlers.iter().cloned());
