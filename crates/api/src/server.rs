@@ -81,6 +81,14 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
+    // Small messages (events, answers) go out at once instead of waiting, under Nagle's
+    // algorithm, for the client's delayed ACK (up to 40 ms).
+    let listener = listener.tap_io(|socket| {
+        if let Err(err) = socket.set_nodelay(true) {
+            tracing::debug!(error = %err, "TCP_NODELAY could not be set");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -142,6 +150,9 @@ async fn graphql_post(
     }
 }
 
+/// The read buffer of a WebSocket connection.
+const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
+
 /// GET /graphql: a WebSocket upgrade speaks GraphQL (`graphql-transport-ws` or the legacy
 /// `graphql-ws`); a browser gets the playground.
 async fn graphql_get(State(state): State<AppState>, request: axum::extract::Request) -> Response {
@@ -159,6 +170,12 @@ async fn graphql_get(State(state): State<AppState>, request: axum::extract::Requ
     let schema = state.schema.clone();
     upgrade
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
+        // Clients send small messages. tungstenite zero-fills its whole read buffer before
+        // every read (snapview/tungstenite-rs#547), once per message sent to the client: at the
+        // default 128 KiB that memset was the largest cost of delivering events.
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .max_message_size(state.limits.max_body_bytes)
+        .max_frame_size(state.limits.max_body_bytes)
         .on_upgrade(move |socket| async move {
             GraphQLWebSocket::new(socket, schema, protocol)
                 .serve()
