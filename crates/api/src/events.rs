@@ -3,23 +3,17 @@
 //! the same order, no gap and no duplicate.
 
 use crate::error::{ApiError, GqlResultExt};
+use crate::feed::EventFeed;
 use crate::objects::Event;
 use crate::schema::store;
 use async_graphql::{Context, ID, InputObject, Object, Result, SimpleObject};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::{Stream, StreamExt};
-use std::collections::VecDeque;
-use std::time::Duration;
 use tasker_domain::EventName;
 use tasker_store::{EventCursor, EventFilter, EventRecord, Store};
 
 const CURSOR_PREFIX: &str = "ev2:";
-/// Events read from the log per round trip by a subscription.
-const SUBSCRIPTION_PAGE: u64 = 200;
-/// How often an idle subscription looks at the log even without a signal (a safety net for
-/// commits it was not told about).
-const IDLE_RECHECK: Duration = Duration::from_secs(1);
 const MAX_PAGE: i32 = 500;
 
 /// The opaque cursor of an event.
@@ -239,14 +233,7 @@ pub async fn subscribe(
         Some(cursor) => Some(cursor),
         None => store.event_head().await.gql()?,
     };
-    let appended = store.events_appended();
-    let state = Follow {
-        store,
-        filter,
-        cursor: start,
-        buffer: VecDeque::new(),
-        appended,
-    };
+    let state = ctx.data_unchecked::<EventFeed>().follow(filter, start);
     Ok(futures::stream::unfold(state, |mut state| async move {
         let event = state.next().await?;
         Some((Event(event), state))
@@ -273,32 +260,28 @@ pub async fn task_updates(
     let task_id = crate::ids::parse_id(&id, "id").gql()?;
     let record = store.task(task_id).await.gql()?;
     let start = store.event_head().await.gql()?;
-    let follow = Follow {
-        appended: store.events_appended(),
-        store: store.clone(),
-        filter: EventFilter {
-            task_id: Some(task_id),
-            ..EventFilter::default()
-        },
-        cursor: start,
-        buffer: VecDeque::new(),
+    let filter = EventFilter {
+        task_id: Some(task_id),
+        ..EventFilter::default()
     };
+    let follow = ctx.data_unchecked::<EventFeed>().follow(filter, start);
     let first = TaskUpdate {
-        task: crate::objects::Task::single(store, record),
+        task: crate::objects::Task::single(store.clone(), record),
         changed_steps: Vec::new(),
         events: Vec::new(),
     };
-    let updates = futures::stream::unfold(follow, |mut follow| async move {
-        loop {
-            let batch = follow.next_batch().await?;
-            match snapshot(&follow.store, batch).await {
-                Ok(update) => return Some((update, follow)),
-                Err(err) => {
-                    tracing::warn!(error = %err, "reading a task snapshot failed");
+    let updates =
+        futures::stream::unfold((follow, store.clone()), |(mut follow, store)| async move {
+            loop {
+                let batch = follow.next_batch().await?;
+                match snapshot(&store, batch).await {
+                    Ok(update) => return Some((update, (follow, store))),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "reading a task snapshot failed");
+                    }
                 }
             }
-        }
-    });
+        });
     Ok(futures::stream::once(async move { first }).chain(updates))
 }
 
@@ -320,57 +303,6 @@ async fn snapshot(
         task: crate::objects::Task::single(store.clone(), task),
         events: events.into_iter().map(Event).collect(),
     })
-}
-
-/// A subscription's position: it only ever holds one page in memory, so a slow client
-/// cannot make the server's memory grow; it simply reads further back in the log.
-struct Follow {
-    store: Store,
-    filter: EventFilter,
-    cursor: Option<EventCursor>,
-    buffer: VecDeque<EventRecord>,
-    appended: tokio::sync::watch::Receiver<u64>,
-}
-
-impl Follow {
-    /// Everything new since the last call: waits for at least one event, then takes the rest
-    /// of the page already read.
-    async fn next_batch(&mut self) -> Option<Vec<EventRecord>> {
-        let mut batch = vec![self.next().await?];
-        while let Some(event) = self.buffer.pop_front() {
-            self.cursor = Some(event.cursor());
-            batch.push(event);
-        }
-        Some(batch)
-    }
-
-    async fn next(&mut self) -> Option<EventRecord> {
-        loop {
-            if let Some(event) = self.buffer.pop_front() {
-                self.cursor = Some(event.cursor());
-                return Some(event);
-            }
-            self.appended.borrow_and_update();
-            match self
-                .store
-                .events_page(&self.filter, self.cursor, SUBSCRIPTION_PAGE)
-                .await
-            {
-                Ok(page) if !page.is_empty() => {
-                    self.buffer.extend(page);
-                    continue;
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, "reading the event log for a subscription failed");
-                }
-            }
-            if let Ok(Err(_)) = tokio::time::timeout(IDLE_RECHECK, self.appended.changed()).await {
-                // The store is gone: the server is shutting down.
-                return None;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

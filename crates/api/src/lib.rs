@@ -5,6 +5,7 @@
 mod batch;
 mod error;
 mod events;
+mod feed;
 mod ids;
 mod objects;
 mod playground;

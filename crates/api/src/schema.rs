@@ -41,6 +41,7 @@ pub const MAX_PAGE_SIZE: i32 = 100;
 pub fn build_schema(engine: Arc<Engine>) -> TaskerSchema {
     Schema::build(Query::default(), Mutation::default(), Subscription)
         .data(engine.store().clone())
+        .data(crate::feed::EventFeed::new(engine.store().clone()))
         .data(engine)
         .extension(ErrorCodes)
         .limit_depth(32)

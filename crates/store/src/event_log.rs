@@ -27,6 +27,19 @@ pub struct EventFilter {
     pub names: Vec<String>,
 }
 
+impl EventFilter {
+    /// Whether an event passes: the test the log query makes in SQL, for events already read.
+    pub fn matches(&self, event: &EventRecord) -> bool {
+        (self.namespaces.is_empty()
+            || event
+                .namespace
+                .as_ref()
+                .is_some_and(|namespace| self.namespaces.contains(namespace)))
+            && self.task_id.is_none_or(|id| event.task_id == Some(id))
+            && (self.names.is_empty() || self.names.contains(&event.name))
+    }
+}
+
 #[derive(Debug, FromQueryResult)]
 struct Head {
     head: Option<i64>,
