@@ -69,6 +69,38 @@ pub struct Cli {
     /// Longest a query or mutation may run, in seconds.
     #[arg(long, env = "TASKER_REQUEST_TIMEOUT_SECONDS", global = true)]
     pub request_timeout_seconds: Option<u64>,
+
+    /// Turns authentication on with HS256 tokens signed by this shared secret (32 bytes or
+    /// more); `tasker token` mints them.
+    #[arg(long, env = "TASKER_JWT_SECRET", global = true, hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Turns authentication on with RS256, ES256 or EdDSA tokens checked by this public key
+    /// (a PEM file).
+    #[arg(long, env = "TASKER_JWT_PUBLIC_KEY", global = true)]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Turns authentication on with tokens checked by the keys of this JWKS file, chosen by
+    /// each token's `kid`.
+    #[arg(long, env = "TASKER_JWKS_FILE", global = true)]
+    pub jwks_file: Option<PathBuf>,
+
+    /// The `iss` tokens must carry.
+    #[arg(long, env = "TASKER_JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+
+    /// The `aud` tokens must carry.
+    #[arg(long, env = "TASKER_JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds (default 30).
+    #[arg(long, env = "TASKER_JWT_LEEWAY_SECONDS", global = true)]
+    pub jwt_leeway_seconds: Option<u64>,
+
+    /// Serve a non-loopback address without authentication. Anyone who can reach it can
+    /// do anything.
+    #[arg(long, env = "TASKER_INSECURE_NO_AUTH", global = true)]
+    pub insecure_no_auth: bool,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -81,6 +113,24 @@ pub enum Command {
     Schema,
     /// Measure the engine on fresh databases (SQLite; PostgreSQL with --postgres-url).
     Bench(BenchArgs),
+    /// Print an HS256 token signed with the configured --jwt-secret.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TokenArgs {
+    /// Who the token is for (`sub`).
+    #[arg(long, default_value = "tasker-cli")]
+    pub subject: String,
+    /// Permissions, comma-separated: `tasker.task:show`, `tasker.task:*` or `*`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub permissions: Vec<String>,
+    /// Namespaces the token may see, comma-separated; `*` for all.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub namespaces: Vec<String>,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: i64,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -118,6 +168,16 @@ struct FileSettings {
     db_max_connections: Option<u32>,
     max_body_bytes: Option<usize>,
     request_timeout_seconds: Option<u64>,
+    jwt_secret: Option<String>,
+    jwt_public_key: Option<PathBuf>,
+    jwks_file: Option<PathBuf>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
+    jwt_leeway_seconds: Option<u64>,
+    insecure_no_auth: Option<bool>,
+    /// Role name → permission patterns, for tokens that carry `roles`.
+    #[serde(default)]
+    roles: std::collections::HashMap<String, Vec<String>>,
 }
 
 /// The settings in force.
@@ -133,6 +193,9 @@ pub struct Settings {
     pub db_max_connections: u32,
     max_body_bytes: usize,
     request_timeout: Duration,
+    /// How tokens are checked; `None`: no key configured.
+    pub auth: Option<tasker_api::auth::AuthSettings>,
+    pub insecure_no_auth: bool,
 }
 
 impl Settings {
@@ -147,6 +210,8 @@ impl Settings {
             None => FileSettings::default(),
         };
         let defaults = tasker_api::HttpLimits::default();
+        let auth = auth_settings(cli, &file)?;
+        let insecure_no_auth = cli.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
         Ok(Settings {
             bind: cli
                 .bind
@@ -180,6 +245,8 @@ impl Settings {
                 .or(file.request_timeout_seconds)
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.request_timeout),
+            insecure_no_auth,
+            auth,
         })
     }
 
@@ -219,6 +286,46 @@ impl Settings {
             request_timeout: self.request_timeout,
         }
     }
+}
+
+/// The key and checks of token authentication, when a key is configured (one of a secret, a
+/// public key or a JWKS file).
+fn auth_settings(
+    cli: &Cli,
+    file: &FileSettings,
+) -> anyhow::Result<Option<tasker_api::auth::AuthSettings>> {
+    use tasker_api::auth::{AuthSettings, KeySource};
+    let secret = cli.jwt_secret.clone().or_else(|| file.jwt_secret.clone());
+    let public_key = cli
+        .jwt_public_key
+        .clone()
+        .or_else(|| file.jwt_public_key.clone());
+    let jwks = cli.jwks_file.clone().or_else(|| file.jwks_file.clone());
+    let read =
+        |path: &PathBuf| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    let key = match (secret, public_key, jwks) {
+        (None, None, None) => return Ok(None),
+        (Some(secret), None, None) => KeySource::Secret(secret.into_bytes()),
+        (None, Some(path), None) => KeySource::PublicKeyPem(read(&path)?),
+        (None, None, Some(path)) => KeySource::Jwks(
+            String::from_utf8(read(&path)?)
+                .with_context(|| format!("{} is not UTF-8 text", path.display()))?,
+        ),
+        _ => anyhow::bail!("give one of --jwt-secret, --jwt-public-key or --jwks-file"),
+    };
+    Ok(Some(AuthSettings {
+        key,
+        issuer: cli.jwt_issuer.clone().or_else(|| file.jwt_issuer.clone()),
+        audience: cli
+            .jwt_audience
+            .clone()
+            .or_else(|| file.jwt_audience.clone()),
+        leeway_seconds: cli
+            .jwt_leeway_seconds
+            .or(file.jwt_leeway_seconds)
+            .unwrap_or(30),
+        roles: file.roles.clone(),
+    }))
 }
 
 #[cfg(test)]

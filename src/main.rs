@@ -42,8 +42,68 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Bench(args)) => {
             runtime.block_on(bench::run(args.postgres_url, args.json, args.workers))
         }
+        Some(Command::Token(args)) => token(&settings, &args),
         Some(Command::Schema) => Ok(()),
     }
+}
+
+/// `tasker token`: prints an HS256 token signed with the configured secret.
+fn token(settings: &Settings, args: &config::TokenArgs) -> anyhow::Result<()> {
+    let Some(tasker_api::auth::AuthSettings {
+        key: tasker_api::auth::KeySource::Secret(secret),
+        issuer,
+        audience,
+        ..
+    }) = &settings.auth
+    else {
+        anyhow::bail!(
+            "tasker token signs with the shared secret: set --jwt-secret (or TASKER_JWT_SECRET)"
+        );
+    };
+    if args.ttl <= 0 {
+        anyhow::bail!("--ttl must be a positive number of seconds");
+    }
+    let token = tasker_api::auth::mint_token(
+        secret,
+        &tasker_api::auth::TokenRequest {
+            subject: &args.subject,
+            permissions: &args.permissions,
+            namespaces: &args.namespaces,
+            issued_at: chrono::Utc::now().timestamp(),
+            ttl_seconds: args.ttl,
+            issuer: issuer.as_deref(),
+            audience: audience.as_deref(),
+        },
+    )?;
+    println!("{token}");
+    Ok(())
+}
+
+/// How callers are authenticated: with tokens when a key is configured; without, only on a
+/// loopback address unless explicitly told otherwise.
+fn auth_mode(settings: &Settings) -> anyhow::Result<tasker_api::auth::AuthMode> {
+    use tasker_api::auth::{AuthMode, Authenticator};
+    if let Some(auth) = &settings.auth {
+        let authenticator = Authenticator::new(auth)?;
+        tracing::info!("authentication on: bearer tokens required");
+        return Ok(AuthMode::Jwt(Arc::new(authenticator)));
+    }
+    if settings.bind.ip().is_loopback() {
+        tracing::info!(
+            "authentication off: no key is configured, so only this machine can connect (set --jwt-secret to turn it on)"
+        );
+    } else if settings.insecure_no_auth {
+        tracing::warn!(
+            address = %settings.bind,
+            "authentication off beyond loopback (--insecure-no-auth): anyone who can reach this address can use the API"
+        );
+    } else {
+        anyhow::bail!(
+            "refusing to serve {} without authentication: configure --jwt-secret, --jwt-public-key or --jwks-file, or pass --insecure-no-auth",
+            settings.bind
+        );
+    }
+    Ok(AuthMode::Off)
 }
 
 fn init_logging(settings: &Settings) {
@@ -98,18 +158,13 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let auth = auth_mode(&settings)?;
     let store = connect(&settings).await?;
     if settings.examples {
         let seeded = tasker_engine::seed_templates(&store, EXAMPLES).await?;
         if seeded > 0 {
             tracing::info!(count = seeded, "example templates registered");
         }
-    }
-    if !settings.bind.ip().is_loopback() {
-        tracing::warn!(
-            address = %settings.bind,
-            "listening beyond loopback: this version has no authentication, so anyone who can reach this address can use the API"
-        );
     }
     let listener = tokio::net::TcpListener::bind(settings.bind)
         .await
@@ -137,7 +192,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         engine.clone().run_maintenance(stopping.clone()),
     ));
     background.push(tokio::spawn(engine.clone().run_listener(stopping)));
-    let app = tasker_api::router(engine, settings.http_limits());
+    let app = tasker_api::router(engine, settings.http_limits(), auth);
     tasker_api::serve(listener, app, shutdown_signal()).await?;
     // Stop claiming, let the batch in hand be recorded, then close the pool.
     let _ = stop.send(true);

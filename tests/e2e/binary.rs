@@ -386,3 +386,71 @@ fn migrate_and_schema_commands() {
     assert!(output.status.success());
     assert_eq!(String::from_utf8(output.stdout).unwrap(), tasker_api::sdl());
 }
+
+/// Beyond loopback without a key the server refuses to start; `tasker token` mints tokens the
+/// server accepts.
+#[test]
+fn non_loopback_needs_a_key_and_token_mints_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BINARY)
+        .args([
+            "serve",
+            "--bind",
+            "0.0.0.0:0",
+            "--no-examples",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env_remove("TASKER_DATABASE_URL")
+        .env_remove("TASKER_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("refusing to serve 0.0.0.0:0 without authentication"),
+        "{stderr}"
+    );
+
+    let secret = "a-secret-for-the-token-command-test-0123456789";
+    let output = Command::new(BINARY)
+        .args([
+            "token",
+            "--permissions",
+            "tasker.task:*,tasker.event:subscribe",
+        ])
+        .args([
+            "--namespaces",
+            "shop",
+            "--ttl",
+            "600",
+            "--jwt-secret",
+            secret,
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let token = String::from_utf8(output.stdout).unwrap();
+    let settings = tasker_api::auth::AuthSettings {
+        key: tasker_api::auth::KeySource::Secret(secret.as_bytes().to_vec()),
+        issuer: None,
+        audience: None,
+        leeway_seconds: 0,
+        roles: Default::default(),
+    };
+    let principal = tasker_api::auth::Authenticator::new(&settings)
+        .unwrap()
+        .authenticate(token.trim())
+        .unwrap();
+    assert!(
+        principal
+            .permissions
+            .contains(tasker_domain::Permission::TaskCancel)
+    );
+    assert!(
+        !principal
+            .permissions
+            .contains(tasker_domain::Permission::WorkerClaim)
+    );
+    assert!(principal.namespaces.allows("shop") && !principal.namespaces.allows("billing"));
+}

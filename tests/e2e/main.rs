@@ -1,6 +1,7 @@
 //! End-to-end tests: the real server on port 0, spoken to with real HTTP and WebSocket clients,
 //! on SQLite and (with `TASKER_TEST_DATABASE_URL`) PostgreSQL. One test binary for the crate.
 
+mod auth;
 mod bad_input;
 mod binary;
 mod execution;

@@ -45,15 +45,24 @@ impl TestServer {
 
     /// A server with no embedded workers: steps stay where the test puts them.
     pub async fn start(db: TestDatabase) -> TestServer {
-        Self::start_with(db, false).await
+        Self::start_with(db, false, tasker_api::auth::AuthMode::Off).await
+    }
+
+    /// A server that requires bearer tokens checked by `auth`.
+    pub async fn start_secured(db: TestDatabase, auth: tasker_api::auth::AuthMode) -> TestServer {
+        Self::start_with(db, false, auth).await
     }
 
     /// A server whose embedded worker pool and timers run built-in steps.
     pub async fn start_running(db: TestDatabase) -> TestServer {
-        Self::start_with(db, true).await
+        Self::start_with(db, true, tasker_api::auth::AuthMode::Off).await
     }
 
-    async fn start_with(db: TestDatabase, run_steps: bool) -> TestServer {
+    async fn start_with(
+        db: TestDatabase,
+        run_steps: bool,
+        auth: tasker_api::auth::AuthMode,
+    ) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let engine = Engine::new(db.store.clone());
@@ -66,7 +75,7 @@ impl TestServer {
             );
             tokio::spawn(engine.clone().run_maintenance(stopping));
         }
-        let app = tasker_api::router(engine.clone(), tasker_api::HttpLimits::default());
+        let app = tasker_api::router(engine.clone(), tasker_api::HttpLimits::default(), auth);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(tasker_api::serve(listener, app, async move {
             let _ = stopped.await;

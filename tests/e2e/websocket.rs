@@ -376,7 +376,11 @@ async fn a_subscriber_on_one_replica_receives_events_written_on_another() {
     tokio::spawn(engine_b.clone().run_listener(stopping));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let b = listener.local_addr().unwrap();
-    let app = tasker_api::router(engine_b, tasker_api::HttpLimits::default());
+    let app = tasker_api::router(
+        engine_b,
+        tasker_api::HttpLimits::default(),
+        tasker_api::auth::AuthMode::Off,
+    );
     tokio::spawn(tasker_api::serve(listener, app, std::future::pending()));
 
     a.register(PAIR).await;

@@ -20,6 +20,12 @@ pub enum ApiError {
     /// A worker's lease token no longer holds its step; nothing was recorded.
     #[error("{0}")]
     LeaseLost(String),
+    /// No valid credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Valid credentials without the permission this needs.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("internal error; the server log has the details")]
     Internal,
 }
@@ -32,6 +38,8 @@ impl ApiError {
             ApiError::Validation { .. } => "VALIDATION_FAILED",
             ApiError::Conflict(_) => "CONFLICT",
             ApiError::LeaseLost(_) => "LEASE_LOST",
+            ApiError::Unauthenticated(_) => "UNAUTHENTICATED",
+            ApiError::Forbidden(_) => "FORBIDDEN",
             ApiError::Internal => "INTERNAL",
         }
     }

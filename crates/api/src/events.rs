@@ -2,15 +2,15 @@
 //! and a subscription that replays from a cursor and then follows live — the same cursors,
 //! the same order, no gap and no duplicate.
 
+use crate::access::{Granted, grant};
 use crate::error::{ApiError, GqlResultExt};
 use crate::feed::EventFeed;
 use crate::objects::Event;
-use crate::schema::store;
 use async_graphql::{Context, ID, InputObject, Object, Result, SimpleObject};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::{Stream, StreamExt};
-use tasker_domain::EventName;
+use tasker_domain::{EventName, Permission};
 use tasker_store::{EventCursor, EventFilter, EventRecord, Store};
 
 const CURSOR_PREFIX: &str = "ev2:";
@@ -46,8 +46,9 @@ pub struct EventFilterInput {
 }
 
 impl EventFilterInput {
-    /// Checks names against the catalog and that the task exists.
-    async fn resolve(self, store: &Store) -> Result<EventFilter> {
+    /// Checks names against the catalog and that the task exists (in the caller's scope), and
+    /// keeps to the caller's namespaces.
+    async fn resolve(self, granted: &Granted<'_>) -> Result<EventFilter> {
         let names = self.names.unwrap_or_default();
         for (i, name) in names.iter().enumerate() {
             let custom = name
@@ -64,7 +65,7 @@ impl EventFilterInput {
         let task_id = match self.task_id {
             Some(id) => {
                 let id = crate::ids::parse_id(&id, "filter.taskId").gql()?;
-                store.task(id).await.gql()?;
+                granted.task(id).await?;
                 Some(id)
             }
             None => None,
@@ -73,6 +74,7 @@ impl EventFilterInput {
             namespaces: self.namespaces.unwrap_or_default(),
             task_id,
             names,
+            within: granted.narrow(&[]),
         })
     }
 }
@@ -142,6 +144,7 @@ impl EventQuery {
     /// Every event this server emits, with its payload fields, then the custom events the
     /// registered templates declare.
     async fn event_catalog(&self, ctx: &Context<'_>) -> Result<Vec<EventDefinition>> {
+        let granted = grant(ctx, Permission::EventSubscribe)?;
         let fields = |list: &[&str]| list.iter().map(|f| (*f).to_owned()).collect::<Vec<_>>();
         let mut catalog: Vec<EventDefinition> = EventName::ALL
             .into_iter()
@@ -152,7 +155,14 @@ impl EventQuery {
                 template: None,
             })
             .collect();
-        for record in store(ctx).templates(None, None).await.gql()? {
+        for record in granted
+            .store
+            .templates(None, None)
+            .await
+            .gql()?
+            .into_iter()
+            .filter(|record| granted.scope.allows(&record.template.namespace))
+        {
             for custom in &record.template.custom_events {
                 catalog.push(EventDefinition {
                     name: format!(
@@ -202,8 +212,10 @@ impl EventQuery {
             .map(|text| parse_event_cursor(text, "after"))
             .transpose()
             .gql()?;
-        let filter = filter.unwrap_or_default().resolve(store(ctx)).await?;
-        let mut events = store(ctx)
+        let granted = grant(ctx, Permission::EventSubscribe)?;
+        let filter = filter.unwrap_or_default().resolve(&granted).await?;
+        let mut events = granted
+            .store
             .events_page(&filter, after, first as u64 + 1)
             .await
             .gql()?;
@@ -222,13 +234,14 @@ pub async fn subscribe(
     filter: Option<EventFilterInput>,
     after: Option<String>,
 ) -> Result<impl Stream<Item = Event> + use<>> {
-    let store = store(ctx).clone();
+    let granted = grant(ctx, Permission::EventSubscribe)?;
+    let store = granted.store.clone();
     let after = after
         .as_deref()
         .map(|text| parse_event_cursor(text, "after"))
         .transpose()
         .gql()?;
-    let filter = filter.unwrap_or_default().resolve(&store).await?;
+    let filter = filter.unwrap_or_default().resolve(&granted).await?;
     let start = match after {
         Some(cursor) => Some(cursor),
         None => store.event_head().await.gql()?,
@@ -256,9 +269,10 @@ pub async fn task_updates(
     ctx: &Context<'_>,
     id: ID,
 ) -> Result<impl Stream<Item = TaskUpdate> + use<>> {
-    let store = store(ctx).clone();
+    let granted = grant(ctx, Permission::EventSubscribe)?;
+    let store = granted.store.clone();
     let task_id = crate::ids::parse_id(&id, "id").gql()?;
-    let record = store.task(task_id).await.gql()?;
+    let record = granted.task(task_id).await?;
     let start = store.event_head().await.gql()?;
     let filter = EventFilter {
         task_id: Some(task_id),

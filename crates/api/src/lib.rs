@@ -2,6 +2,8 @@
 //! loading nested fields go through, and the axum router that serves GraphQL over HTTP and WebSocket,
 //! the playground and health checks. Resolvers stay thin: they parse input and call the store.
 
+mod access;
+pub mod auth;
 mod batch;
 mod error;
 mod events;

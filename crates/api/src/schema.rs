@@ -1,6 +1,7 @@
 //! The schema's roots: queries, mutations and subscriptions, and the extension that gives every
 //! error a code.
 
+use crate::access::grant;
 use crate::batch::TaskSet;
 use crate::error::{ApiError, GqlResultExt};
 use crate::ids::{parse_id, parse_task_cursor, task_cursor};
@@ -18,7 +19,7 @@ use futures::{Stream, StreamExt};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
-use tasker_domain::TaskRequest;
+use tasker_domain::{Permission, TaskRequest};
 use tasker_engine::{Decision, Engine};
 use tasker_store::{NewTask, RegistrationOutcome, StepAction, Store, TaskFilter};
 use tokio_stream::wrappers::IntervalStream;
@@ -56,14 +57,6 @@ pub fn sdl() -> String {
         .sdl()
 }
 
-pub(crate) fn store<'a>(ctx: &'a Context<'_>) -> &'a Store {
-    ctx.data_unchecked::<Store>()
-}
-
-pub(crate) fn engine<'a>(ctx: &'a Context<'_>) -> &'a Arc<Engine> {
-    ctx.data_unchecked::<Arc<Engine>>()
-}
-
 #[derive(Default)]
 pub struct TaskQuery;
 
@@ -71,8 +64,13 @@ pub struct TaskQuery;
 impl TaskQuery {
     /// Every namespace that has templates.
     async fn namespaces(&self, ctx: &Context<'_>) -> Result<Vec<Namespace>> {
-        let records = store(ctx).namespaces().await.gql()?;
-        Ok(Namespace::all(store(ctx), records))
+        let granted = grant(ctx, Permission::TemplateIndex)?;
+        let records = granted.store.namespaces().await.gql()?;
+        let visible = records
+            .into_iter()
+            .filter(|record| granted.scope.allows(&record.name))
+            .collect();
+        Ok(Namespace::all(granted.store, visible))
     }
 
     /// Registered templates, every version (newest first per name), optionally of one
@@ -83,11 +81,17 @@ impl TaskQuery {
         namespace: Option<String>,
         name: Option<String>,
     ) -> Result<Vec<Template>> {
-        let records = store(ctx)
+        let granted = grant(ctx, Permission::TemplateIndex)?;
+        let records = granted
+            .store
             .templates(namespace.as_deref(), name.as_deref())
             .await
             .gql()?;
-        Ok(records.into_iter().map(Template).collect())
+        Ok(records
+            .into_iter()
+            .filter(|record| granted.scope.allows(&record.template.namespace))
+            .map(Template)
+            .collect())
     }
 
     /// One template version; the newest (by semantic version) when `version` is omitted.
@@ -98,7 +102,14 @@ impl TaskQuery {
         name: String,
         version: Option<String>,
     ) -> Result<Template> {
-        let record = store(ctx)
+        let granted = grant(ctx, Permission::TemplateShow)?;
+        let key = match &version {
+            Some(version) => format!("{namespace}/{name}@{version}"),
+            None => format!("{namespace}/{name}"),
+        };
+        granted.check(&namespace, "template", &key).gql()?;
+        let record = granted
+            .store
             .template(&namespace, &name, version.as_deref())
             .await
             .gql()?;
@@ -106,9 +117,10 @@ impl TaskQuery {
     }
 
     async fn task(&self, ctx: &Context<'_>, id: ID) -> Result<Task> {
+        let granted = grant(ctx, Permission::TaskShow)?;
         let id = parse_id(&id, "id").gql()?;
-        let record = store(ctx).task(id).await.gql()?;
-        Ok(Task::single(store(ctx).clone(), record))
+        let record = granted.task(id).await?;
+        Ok(Task::single(granted.store.clone(), record))
     }
 
     /// Tasks, newest first, filtered, in pages of `first` (at most 100) after a cursor.
@@ -126,10 +138,13 @@ impl TaskQuery {
             ))
             .gql();
         }
+        let granted = grant(ctx, Permission::TaskIndex)?;
         let after = after.as_deref().map(parse_task_cursor).transpose().gql()?;
-        let filter = filter.map(TaskFilter::from).unwrap_or_default();
+        let mut filter = filter.map(TaskFilter::from).unwrap_or_default();
+        filter.within = granted.narrow(&[]);
         let first = first as u64;
-        let mut tasks = store(ctx)
+        let mut tasks = granted
+            .store
             .list_tasks(&filter, after, first + 1)
             .await
             .gql()?;
@@ -137,17 +152,17 @@ impl TaskQuery {
         tasks.truncate(first as usize);
         Ok(TaskConnection {
             filter,
-            tasks: TaskSet::new(store(ctx).clone(), tasks),
+            tasks: TaskSet::new(granted.store.clone(), tasks),
             has_next_page,
             has_previous_page: after.is_some(),
         })
     }
 
     async fn step(&self, ctx: &Context<'_>, id: ID) -> Result<Step> {
+        let granted = grant(ctx, Permission::StepShow)?;
         let id = parse_id(&id, "id").gql()?;
-        let step = store(ctx).step(id).await.gql()?;
-        let task = store(ctx).task(step.task_id).await.gql()?;
-        Ok(Step::single(store(ctx).clone(), step, task))
+        let (step, task) = granted.step(id).await?;
+        Ok(Step::single(granted.store.clone(), step, task))
     }
 }
 
@@ -181,6 +196,7 @@ impl From<TaskFilterInput> for TaskFilter {
             tags: input.tags.unwrap_or_default(),
             created_after: input.created_after,
             created_before: input.created_before,
+            within: None,
         }
     }
 }
@@ -223,7 +239,9 @@ impl TaskConnection {
 
     /// Every task matching the filter, across all pages.
     async fn total_count(&self, ctx: &Context<'_>) -> Result<u64> {
-        store(ctx).count_tasks(&self.filter).await.gql()
+        // The filter already holds the caller's scope.
+        let granted = grant(ctx, Permission::TaskIndex)?;
+        granted.store.count_tasks(&self.filter).await.gql()
     }
 }
 
@@ -394,7 +412,19 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: RegisterTemplateInput,
     ) -> Result<RegisterTemplatePayload> {
-        let registration = store(ctx)
+        let granted = grant(ctx, Permission::TemplateRegister)?;
+        // A definition that does not parse is reported by the registration itself.
+        if let Ok(template) = tasker_domain::TaskTemplate::parse(&input.definition)
+            && !granted.scope.allows(&template.namespace)
+        {
+            return Err(ApiError::Forbidden(format!(
+                "your token may not register templates in namespace {:?}",
+                template.namespace
+            )))
+            .gql();
+        }
+        let registration = granted
+            .store
             .register_template(&input.definition, input.replace.unwrap_or(false))
             .await
             .gql()?;
@@ -414,7 +444,14 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: CreateTaskInput,
     ) -> Result<CreateTaskPayload> {
-        let creation = engine(ctx)
+        let granted = grant(ctx, Permission::TaskCreate)?;
+        let key = match &input.version {
+            Some(version) => format!("{}/{}@{version}", input.namespace, input.template),
+            None => format!("{}/{}", input.namespace, input.template),
+        };
+        granted.check(&input.namespace, "template", &key).gql()?;
+        let creation = granted
+            .engine
             .create_task(NewTask {
                 namespace: input.namespace,
                 template: input.template,
@@ -435,7 +472,7 @@ impl TaskMutation {
             .await
             .gql()?;
         Ok(CreateTaskPayload {
-            task: Task::single(store(ctx).clone(), creation.task),
+            task: Task::single(granted.store.clone(), creation.task),
             created: creation.created,
         })
     }
@@ -447,10 +484,12 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: RetryTaskInput,
     ) -> Result<RetryTaskPayload> {
+        let granted = grant(ctx, Permission::TaskRetry)?;
         let id = parse_id(&input.id, "input.id").gql()?;
-        let task = engine(ctx).retry_task(id, input.reason).await.gql()?;
+        granted.task(id).await?;
+        let task = granted.engine.retry_task(id, input.reason).await.gql()?;
         Ok(RetryTaskPayload {
-            task: Task::single(store(ctx).clone(), task),
+            task: Task::single(granted.store.clone(), task),
         })
     }
 
@@ -527,10 +566,12 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: CancelTaskInput,
     ) -> Result<CancelTaskPayload> {
+        let granted = grant(ctx, Permission::TaskCancel)?;
         let id = parse_id(&input.id, "input.id").gql()?;
-        let task = engine(ctx).cancel_task(id, input.reason).await.gql()?;
+        granted.task(id).await?;
+        let task = granted.engine.cancel_task(id, input.reason).await.gql()?;
         Ok(CancelTaskPayload {
-            task: Task::single(store(ctx).clone(), task),
+            task: Task::single(granted.store.clone(), task),
         })
     }
 }
@@ -541,9 +582,18 @@ async fn change_step(
     action: StepAction,
     reason: Option<String>,
 ) -> Result<StepChangePayload> {
+    let granted = grant(
+        ctx,
+        match action {
+            StepAction::Retry => Permission::StepRetry,
+            StepAction::Resolve { .. } => Permission::StepResolve,
+            StepAction::Skip => Permission::StepUpdate,
+        },
+    )?;
     let id = parse_id(id, "input.id").gql()?;
-    let change = engine(ctx).change_step(id, action, reason).await.gql()?;
-    let store = store(ctx).clone();
+    granted.step(id).await?;
+    let change = granted.engine.change_step(id, action, reason).await.gql()?;
+    let store = granted.store.clone();
     Ok(StepChangePayload {
         step: crate::objects::Step::single(store.clone(), change.step, change.task.clone()),
         task: Task::single(store, change.task),
@@ -551,9 +601,11 @@ async fn change_step(
 }
 
 async fn decide(ctx: &Context<'_>, id: &ID, decision: Decision) -> Result<StepChangePayload> {
+    let granted = grant(ctx, Permission::StepUpdate)?;
     let id = parse_id(id, "input.id").gql()?;
-    let step = engine(ctx).decide(id, decision).await.gql()?;
-    let store = store(ctx).clone();
+    granted.step(id).await?;
+    let step = granted.engine.decide(id, decision).await.gql()?;
+    let store = granted.store.clone();
     let task = store.task(step.task_id).await.gql()?;
     Ok(StepChangePayload {
         step: crate::objects::Step::single(store.clone(), step, task.clone()),
@@ -619,7 +671,8 @@ impl Subscription {
             ))
             .gql();
         }
-        let clock = store(ctx).clock().clone();
+        crate::access::principal(ctx)?;
+        let clock = ctx.data_unchecked::<Store>().clock().clone();
         let period = Duration::from_secs(every_seconds as u64);
         let ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         Ok(IntervalStream::new(ticks)
@@ -698,8 +751,11 @@ mod tests {
         let schema = build_schema(Engine::new(db.store.clone()));
         // Time stands still unless the runtime is idle, then jumps to the next timer.
         tokio::time::pause();
-        let mut stream =
-            schema.execute_stream("subscription { heartbeat(everySeconds: 5) { sequence at } }");
+        let request = async_graphql::Request::new(
+            "subscription { heartbeat(everySeconds: 5) { sequence at } }",
+        )
+        .data(crate::auth::Principal::unrestricted());
+        let mut stream = schema.execute_stream(request);
         for sequence in 1..=3 {
             let response = stream.next().await.unwrap();
             assert!(response.errors.is_empty(), "{:?}", response.errors);

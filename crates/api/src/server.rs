@@ -1,13 +1,14 @@
 //! The HTTP surface: GraphQL over HTTP POST and WebSocket at `/graphql`, the playground at `/`,
 //! and health checks.
 
+use crate::auth::{AuthMode, Principal, bearer, token_of_header};
 use crate::playground;
 use crate::schema::{TaskerSchema, build_schema};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State, WebSocketUpgrade};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -41,6 +42,7 @@ impl Default for HttpLimits {
 
 #[derive(Clone)]
 struct AppState {
+    auth: AuthMode,
     schema: TaskerSchema,
     store: Store,
     limits: HttpLimits,
@@ -48,8 +50,9 @@ struct AppState {
 }
 
 /// The whole application as an axum router.
-pub fn router(engine: Arc<Engine>, limits: HttpLimits) -> Router {
+pub fn router(engine: Arc<Engine>, limits: HttpLimits, auth: AuthMode) -> Router {
     let state = AppState {
+        auth,
         schema: build_schema(engine.clone()),
         store: engine.store().clone(),
         limits: limits.clone(),
@@ -100,10 +103,35 @@ fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// The caller of an HTTP request, or the 401 that refuses it.
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str().unwrap_or_default());
+    token_of_header(header)
+        .and_then(|token| state.auth.principal(token))
+        .map_err(|err| {
+            let mut response = error_response(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHENTICATED",
+                &err.to_string(),
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            Box::new(response)
+        })
+}
+
 async fn graphql_post(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let principal = match authenticate(&state, &headers) {
+        Ok(principal) => principal,
+        Err(response) => return *response,
+    };
     let body = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -135,6 +163,7 @@ async fn graphql_post(
             return error_response(StatusCode::BAD_REQUEST, "BAD_REQUEST", &message);
         }
     };
+    let request = request.data(principal);
     match tokio::time::timeout(state.limits.request_timeout, state.schema.execute(request)).await {
         Ok(response) => {
             let mut http = Json(response).into_response();
@@ -148,6 +177,22 @@ async fn graphql_post(
             "the request took too long and was stopped",
         ),
     }
+}
+
+/// The token of a `connection_init` payload: `{"authorization": "Bearer …"}` (any case) or
+/// `{"token": "…"}`.
+fn init_token(payload: &serde_json::Value) -> Option<String> {
+    let object = payload.as_object()?;
+    object.iter().find_map(|(key, value)| {
+        let text = value.as_str()?;
+        if key.eq_ignore_ascii_case("authorization") {
+            bearer(text).map(str::to_owned)
+        } else if key == "token" {
+            Some(text.to_owned())
+        } else {
+            None
+        }
+    })
 }
 
 /// The read buffer of a WebSocket connection.
@@ -168,6 +213,14 @@ async fn graphql_get(State(state): State<AppState>, request: axum::extract::Requ
         );
     };
     let schema = state.schema.clone();
+    // The token comes in the connection_init payload, or else in the upgrade request.
+    let header_token = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(bearer)
+        .map(str::to_owned);
+    let auth = state.auth.clone();
     upgrade
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
         // Clients send small messages. tungstenite zero-fills its whole read buffer before
@@ -178,6 +231,15 @@ async fn graphql_get(State(state): State<AppState>, request: axum::extract::Requ
         .max_frame_size(state.limits.max_body_bytes)
         .on_upgrade(move |socket| async move {
             GraphQLWebSocket::new(socket, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let token = init_token(&payload).or(header_token);
+                    let principal = auth
+                        .principal(token.as_deref())
+                        .map_err(|err| async_graphql::Error::new(err.to_string()))?;
+                    let mut data = async_graphql::Data::default();
+                    data.insert(principal);
+                    Ok(data)
+                })
                 .serve()
                 .await
         })

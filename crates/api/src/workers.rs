@@ -1,13 +1,14 @@
 //! The worker protocol: external workers (any language, plain GraphQL) claim ready steps under
 //! a lease, heartbeat long attempts, and report each attempt's outcome.
 
+use crate::access::grant;
 use crate::error::{ApiError, GqlResultExt};
 use crate::objects::Step;
-use crate::schema::{engine, store};
 use async_graphql::{Context, ID, InputObject, Json, Object, Result, SimpleObject};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::time::Duration;
+use tasker_domain::Permission;
 use tasker_store::{AttemptFailure, ClaimRequest, Completion};
 use uuid::Uuid;
 
@@ -136,10 +137,13 @@ fn token(id: &ID, field: &str) -> Result<Uuid> {
     crate::ids::parse_id(id, field).gql()
 }
 
+/// The step a worker holds, with its task. Lease tokens are capabilities: only a claim
+/// within the caller's scope hands one out.
 async fn step_payload(ctx: &Context<'_>, step: tasker_store::StepRecord) -> Result<StepPayload> {
-    let task = store(ctx).task(step.task_id).await.gql()?;
+    let granted = grant(ctx, Permission::WorkerClaim)?;
+    let task = granted.store.task(step.task_id).await.gql()?;
     Ok(StepPayload {
-        step: Step::single(store(ctx).clone(), step, task),
+        step: Step::single(granted.store.clone(), step, task),
     })
 }
 
@@ -152,6 +156,7 @@ impl WorkerMutation {
         ctx: &Context<'_>,
         input: ClaimStepsInput,
     ) -> Result<ClaimStepsPayload> {
+        let granted = grant(ctx, Permission::WorkerClaim)?;
         let limit = bounded(input.limit, 10, (1, MAX_CLAIM), "input.limit")?;
         let lease = bounded(
             input.lease_seconds,
@@ -181,6 +186,9 @@ impl WorkerMutation {
             ))
             .gql();
         }
+        let Some(namespaces) = within_scope(&granted, namespaces) else {
+            return Ok(ClaimStepsPayload { leases: Vec::new() });
+        };
         let request = ClaimRequest {
             worker_id: input.worker_id,
             handlers,
@@ -188,12 +196,13 @@ impl WorkerMutation {
             limit: limit as u32,
             lease: Duration::from_secs(lease as u64),
         };
-        let claimed = engine(ctx)
+        let claimed = granted
+            .engine
             .claim(&request, Duration::from_secs(wait as u64))
             .await
             .gql()?;
         let steps: Vec<_> = claimed.iter().map(|c| c.step.clone()).collect();
-        let mut inputs = store(ctx).step_inputs(&steps).await.gql()?;
+        let mut inputs = granted.store.step_inputs(&steps).await.gql()?;
         let leases = claimed
             .into_iter()
             .map(|claim| {
@@ -242,7 +251,8 @@ impl WorkerMutation {
             .iter()
             .map(|id| token(id, "input.leaseTokens"))
             .collect::<Result<Vec<_>>>()?;
-        let alive = store(ctx)
+        let alive = grant(ctx, Permission::WorkerClaim)?
+            .store
             .heartbeat(&tokens, Duration::from_secs(lease as u64))
             .await
             .gql()?;
@@ -264,8 +274,10 @@ impl WorkerMutation {
         ctx: &Context<'_>,
         input: CompleteStepInput,
     ) -> Result<StepPayload> {
+        let granted = grant(ctx, Permission::WorkerClaim)?;
         let lease_token = token(&input.lease_token, "input.leaseToken")?;
-        let report = engine(ctx)
+        let report = granted
+            .engine
             .complete(&[Completion {
                 lease_token,
                 results: input
@@ -293,7 +305,8 @@ impl WorkerMutation {
     ) -> Result<PublishEventPayload> {
         let lease_token = token(&input.lease_token, "input.leaseToken")?;
         let payload = input.payload.map_or(Value::Null, |json| json.0);
-        let event = store(ctx)
+        let event = grant(ctx, Permission::WorkerClaim)?
+            .store
             .publish_event(lease_token, &input.name, payload)
             .await
             .gql()?;
@@ -315,7 +328,8 @@ impl WorkerMutation {
             ))
             .gql();
         }
-        let report = engine(ctx)
+        let report = grant(ctx, Permission::WorkerClaim)?
+            .engine
             .fail(&AttemptFailure {
                 lease_token,
                 message: input.message,
@@ -362,8 +376,11 @@ pub async fn steps_available(
         ))
         .gql();
     }
-    let store = store(ctx).clone();
-    let signal = engine(ctx).work_signal();
+    let granted = grant(ctx, Permission::WorkerClaim)?;
+    // Out of scope entirely: a stream that never reports work.
+    let namespaces = within_scope(&granted, namespaces).unwrap_or_else(|| vec![String::new()]);
+    let store = granted.store.clone();
+    let signal = granted.engine.work_signal();
     let state = (store, signal, handlers, namespaces, true);
     Ok(futures::stream::unfold(
         state,
@@ -393,4 +410,14 @@ pub async fn steps_available(
             }
         },
     ))
+}
+
+/// The namespaces a worker may take work from: those it asked for (all when none) within its
+/// scope, as a claim filter (empty: any); `None` when that leaves nothing.
+fn within_scope(granted: &crate::access::Granted<'_>, asked: Vec<String>) -> Option<Vec<String>> {
+    match granted.narrow(&asked) {
+        None => Some(asked),
+        Some(list) if list.is_empty() => None,
+        Some(list) => Some(list),
+    }
 }

@@ -25,6 +25,8 @@ pub struct EventFilter {
     pub namespaces: Vec<String>,
     pub task_id: Option<Uuid>,
     pub names: Vec<String>,
+    /// Only events in these namespaces (the caller's scope); `None`: any.
+    pub within: Option<Vec<String>>,
 }
 
 impl EventFilter {
@@ -37,6 +39,12 @@ impl EventFilter {
                 .is_some_and(|namespace| self.namespaces.contains(namespace)))
             && self.task_id.is_none_or(|id| event.task_id == Some(id))
             && (self.names.is_empty() || self.names.contains(&event.name))
+            && self.within.as_ref().is_none_or(|within| {
+                event
+                    .namespace
+                    .as_ref()
+                    .is_some_and(|namespace| within.contains(namespace))
+            })
     }
 }
 
@@ -76,6 +84,15 @@ impl Store {
         if !filter.namespaces.is_empty() {
             sql.push(" AND namespace IN ")
                 .bind_list(filter.namespaces.iter().cloned());
+        }
+        if let Some(within) = &filter.within {
+            if within.is_empty() {
+                // An empty scope sees nothing.
+                sql.push(" AND 1 = 0");
+            } else {
+                sql.push(" AND namespace IN ")
+                    .bind_list(within.iter().cloned());
+            }
         }
         if let Some(task_id) = filter.task_id {
             sql.push(" AND task_id = ").bind(task_id);

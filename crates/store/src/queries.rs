@@ -34,6 +34,8 @@ pub struct TaskFilter {
     pub created_after: Option<DateTime<Utc>>,
     /// Created strictly before.
     pub created_before: Option<DateTime<Utc>>,
+    /// Only tasks in these namespaces (the caller's scope); `None`: any.
+    pub within: Option<Vec<String>>,
 }
 
 impl TaskFilter {
@@ -41,6 +43,14 @@ impl TaskFilter {
         let mut condition = Condition::all();
         if let Some(namespace) = &self.namespace {
             condition = condition.add(task::Column::Namespace.eq(namespace.as_str()));
+        }
+        if let Some(within) = &self.within {
+            condition = condition.add(if within.is_empty() {
+                // An empty scope sees nothing.
+                sea_orm::sea_query::Expr::cust("1 = 0")
+            } else {
+                task::Column::Namespace.is_in(within.iter().map(String::as_str))
+            });
         }
         if let Some(template) = &self.template {
             condition = condition.add(task::Column::TemplateName.eq(template.as_str()));

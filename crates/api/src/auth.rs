@@ -1,0 +1,390 @@
+//! Who is calling: bearer tokens (JWT) checked against the configured key, turned into a
+//! [`Principal`] with its permissions and namespace scope.
+//!
+//! The algorithm is pinned by the key: an HS256 secret accepts only HS256, a PEM public key
+//! only its own family's algorithm, a JWKS key only the algorithm it declares, chosen by the
+//! token's `kid`. `alg: none`, HS/RS confusion and unknown `kid`s are therefore refused.
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use tasker_domain::{NamespaceScope, Permissions};
+
+/// The caller of one request or WebSocket connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    pub subject: Option<String>,
+    pub permissions: Permissions,
+    pub namespaces: NamespaceScope,
+    /// When the token stops being valid (seconds since the epoch); `None` without auth.
+    pub expires_at: Option<i64>,
+}
+
+impl Principal {
+    /// Everything, everywhere: the principal of a server running without authentication.
+    pub fn unrestricted() -> Principal {
+        Principal {
+            subject: None,
+            permissions: Permissions::all(),
+            namespaces: NamespaceScope::All,
+            expires_at: None,
+        }
+    }
+}
+
+/// Why a token was refused; the message is safe to show the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("authentication required: send Authorization: Bearer <token>")]
+    Missing,
+    #[error("the bearer token is malformed")]
+    Malformed,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    #[error("the token's algorithm is not the one the server's key uses")]
+    WrongAlgorithm,
+    #[error("the token's key id (kid) is unknown")]
+    UnknownKey,
+    #[error("the token's issuer is not accepted")]
+    WrongIssuer,
+    #[error("the token's audience is not accepted")]
+    WrongAudience,
+    #[error("the token is invalid: {0}")]
+    Invalid(String),
+}
+
+/// A key configuration problem, found at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyError(pub String);
+
+/// Where the verification key comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// HS256 with a shared secret (at least 32 bytes).
+    Secret(Vec<u8>),
+    /// RS256, ES256 or EdDSA with a public key in PEM.
+    PublicKeyPem(Vec<u8>),
+    /// Keys chosen by `kid`, from a JWKS document.
+    Jwks(String),
+}
+
+/// Everything needed to check tokens.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub key: KeySource,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway_seconds: u64,
+    /// Role name → permission patterns (`tasker.task:show`, `tasker.task:*`, `*`).
+    pub roles: HashMap<String, Vec<String>>,
+}
+
+/// The shortest HS256 secret accepted.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+enum Keys {
+    One(Algorithm, DecodingKey),
+    ById(HashMap<String, (Algorithm, DecodingKey)>),
+}
+
+/// Checks bearer tokens.
+pub struct Authenticator {
+    keys: Keys,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway_seconds: u64,
+    roles: HashMap<String, Permissions>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    /// Required; checked by the validation (a missing one is reported as such).
+    exp: Option<i64>,
+    #[serde(default)]
+    permissions: Vec<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+}
+
+impl Authenticator {
+    pub fn new(settings: &AuthSettings) -> Result<Authenticator, KeyError> {
+        let keys = match &settings.key {
+            KeySource::Secret(secret) => {
+                if secret.len() < MIN_SECRET_BYTES {
+                    return Err(KeyError(format!(
+                        "the JWT secret has {} bytes; use at least {MIN_SECRET_BYTES} random bytes",
+                        secret.len()
+                    )));
+                }
+                Keys::One(Algorithm::HS256, DecodingKey::from_secret(secret))
+            }
+            KeySource::PublicKeyPem(pem) => {
+                let (algorithm, key) = DecodingKey::from_rsa_pem(pem)
+                    .map(|key| (Algorithm::RS256, key))
+                    .or_else(|_| DecodingKey::from_ec_pem(pem).map(|key| (Algorithm::ES256, key)))
+                    .or_else(|_| DecodingKey::from_ed_pem(pem).map(|key| (Algorithm::EdDSA, key)))
+                    .map_err(|_| {
+                        KeyError(
+                            "the public key is not an RSA, EC (P-256) or Ed25519 key in PEM"
+                                .to_owned(),
+                        )
+                    })?;
+                Keys::One(algorithm, key)
+            }
+            KeySource::Jwks(document) => Keys::ById(jwks_keys(document)?),
+        };
+        let mut roles = HashMap::new();
+        for (role, patterns) in &settings.roles {
+            let (permissions, unknown) =
+                Permissions::from_patterns(patterns.iter().map(String::as_str));
+            if !unknown.is_empty() {
+                return Err(KeyError(format!(
+                    "role {role:?} names unknown permissions: {}",
+                    unknown.join(", ")
+                )));
+            }
+            roles.insert(role.clone(), permissions);
+        }
+        Ok(Authenticator {
+            keys,
+            issuer: settings.issuer.clone(),
+            audience: settings.audience.clone(),
+            leeway_seconds: settings.leeway_seconds,
+            roles,
+        })
+    }
+
+    /// The principal a token stands for, or why it is refused.
+    pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| {
+            // A readable header naming an algorithm this library does not even know (`none`)
+            // is an algorithm problem, not a malformed token.
+            if declared_algorithm(token).is_some() {
+                AuthError::WrongAlgorithm
+            } else {
+                AuthError::Malformed
+            }
+        })?;
+        let (algorithm, key) = match &self.keys {
+            Keys::One(algorithm, key) => (*algorithm, key),
+            Keys::ById(keys) => {
+                let kid = header.kid.as_deref().ok_or(AuthError::UnknownKey)?;
+                let (algorithm, key) = keys.get(kid).ok_or(AuthError::UnknownKey)?;
+                (*algorithm, key)
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = self.leeway_seconds;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".to_owned());
+        }
+        match &self.audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                validation.required_spec_claims.insert("aud".to_owned());
+            }
+            None => validation.validate_aud = false,
+        }
+        let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
+            .map_err(|err| {
+                use jsonwebtoken::errors::ErrorKind as Kind;
+                match err.kind() {
+                    Kind::ExpiredSignature => AuthError::Expired,
+                    Kind::ImmatureSignature => AuthError::NotYetValid,
+                    Kind::InvalidSignature => AuthError::BadSignature,
+                    Kind::InvalidAlgorithm | Kind::InvalidAlgorithmName => {
+                        AuthError::WrongAlgorithm
+                    }
+                    Kind::InvalidIssuer => AuthError::WrongIssuer,
+                    Kind::InvalidAudience => AuthError::WrongAudience,
+                    Kind::MissingRequiredClaim(claim) => {
+                        AuthError::Invalid(format!("the {claim} claim is missing"))
+                    }
+                    Kind::InvalidToken | Kind::Base64(_) | Kind::Json(_) | Kind::Utf8(_) => {
+                        AuthError::Malformed
+                    }
+                    _ => AuthError::Invalid("it cannot be verified".to_owned()),
+                }
+            })?
+            .claims;
+        // Unknown permission names are ignored: a token may be shared with newer servers.
+        let (mut permissions, _) =
+            Permissions::from_patterns(claims.permissions.iter().map(String::as_str));
+        for role in &claims.roles {
+            if let Some(granted) = self.roles.get(role) {
+                permissions.extend(granted);
+            }
+        }
+        Ok(Principal {
+            subject: claims.sub,
+            permissions,
+            namespaces: NamespaceScope::from_claim(claims.namespaces.iter().map(String::as_str)),
+            expires_at: claims.exp,
+        })
+    }
+}
+
+/// The `alg` a token's header names, read without trusting anything else in it.
+fn declared_algorithm(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let header = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header.trim_end_matches('='))
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    value.get("alg")?.as_str().map(str::to_owned)
+}
+
+/// The keys of a JWKS document by `kid`, each pinned to its algorithm.
+fn jwks_keys(document: &str) -> Result<HashMap<String, (Algorithm, DecodingKey)>, KeyError> {
+    let set: JwkSet = serde_json::from_str(document)
+        .map_err(|err| KeyError(format!("the JWKS document is not valid: {err}")))?;
+    let mut keys = HashMap::new();
+    for jwk in &set.keys {
+        let kid = jwk
+            .common
+            .key_id
+            .clone()
+            .ok_or_else(|| KeyError("every JWKS key needs a kid".to_owned()))?;
+        let declared = jwk
+            .common
+            .key_algorithm
+            .and_then(|alg| alg.to_string().parse::<Algorithm>().ok());
+        let algorithm = match (&jwk.algorithm, declared) {
+            (_, Some(algorithm)) => algorithm,
+            (AlgorithmParameters::RSA(_), None) => Algorithm::RS256,
+            (AlgorithmParameters::EllipticCurve(ec), None) if ec.curve == EllipticCurve::P256 => {
+                Algorithm::ES256
+            }
+            (AlgorithmParameters::OctetKeyPair(_), None) => Algorithm::EdDSA,
+            _ => {
+                return Err(KeyError(format!(
+                    "JWKS key {kid:?}: give its alg (RS256, ES256 or EdDSA)"
+                )));
+            }
+        };
+        if matches!(
+            algorithm,
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+        ) {
+            return Err(KeyError(format!(
+                "JWKS key {kid:?}: shared secrets do not belong in a JWKS file; use --jwt-secret"
+            )));
+        }
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|err| KeyError(format!("JWKS key {kid:?} is not usable: {err}")))?;
+        keys.insert(kid, (algorithm, key));
+    }
+    if keys.is_empty() {
+        return Err(KeyError("the JWKS document has no keys".to_owned()));
+    }
+    Ok(keys)
+}
+
+/// The claims `tasker token` writes.
+#[derive(Serialize)]
+struct MintedClaims<'a> {
+    sub: &'a str,
+    iat: i64,
+    exp: i64,
+    permissions: &'a [String],
+    namespaces: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+}
+
+/// What `tasker token` mints.
+pub struct TokenRequest<'a> {
+    pub subject: &'a str,
+    pub permissions: &'a [String],
+    pub namespaces: &'a [String],
+    pub issued_at: i64,
+    pub ttl_seconds: i64,
+    pub issuer: Option<&'a str>,
+    pub audience: Option<&'a str>,
+}
+
+/// Mints an HS256 token with the shared secret.
+pub fn mint_token(secret: &[u8], request: &TokenRequest<'_>) -> Result<String, KeyError> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(KeyError(format!(
+            "the JWT secret has {} bytes; use at least {MIN_SECRET_BYTES} random bytes",
+            secret.len()
+        )));
+    }
+    let (_, unknown) = Permissions::from_patterns(request.permissions.iter().map(String::as_str));
+    if !unknown.is_empty() {
+        return Err(KeyError(format!(
+            "unknown permissions: {}",
+            unknown.join(", ")
+        )));
+    }
+    let claims = MintedClaims {
+        sub: request.subject,
+        iat: request.issued_at,
+        exp: request.issued_at + request.ttl_seconds,
+        permissions: request.permissions,
+        namespaces: request.namespaces,
+        iss: request.issuer,
+        aud: request.audience,
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .map_err(|err| KeyError(format!("the token could not be signed: {err}")))
+}
+
+/// The token of an `Authorization: Bearer …` value.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+/// How the server authenticates its callers.
+#[derive(Clone)]
+pub enum AuthMode {
+    /// No authentication: every caller may do everything (loopback, or explicitly insecure).
+    Off,
+    /// Bearer JWTs checked by this authenticator.
+    Jwt(std::sync::Arc<Authenticator>),
+}
+
+impl AuthMode {
+    /// The principal of a caller that presented `token` (or none).
+    pub fn principal(&self, token: Option<&str>) -> Result<Principal, AuthError> {
+        match self {
+            AuthMode::Off => Ok(Principal::unrestricted()),
+            AuthMode::Jwt(authenticator) => {
+                authenticator.authenticate(token.ok_or(AuthError::Missing)?)
+            }
+        }
+    }
+}
+
+/// The bearer token of an `Authorization` header value: `Ok(None)` without a header, an
+/// error for a header that is not a bearer token.
+pub fn token_of_header(value: Option<&str>) -> Result<Option<&str>, AuthError> {
+    match value {
+        None => Ok(None),
+        Some(value) => bearer(value).map(Some).ok_or(AuthError::Malformed),
+    }
+}

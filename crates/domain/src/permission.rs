@@ -1,0 +1,241 @@
+//! What a caller may do: permissions named like the Rails Tasker's `resource:action` strings,
+//! and the namespaces a caller may see.
+
+use std::collections::BTreeSet;
+
+/// One permission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Permission {
+    TaskIndex,
+    TaskShow,
+    TaskCreate,
+    TaskUpdate,
+    TaskCancel,
+    TaskRetry,
+    StepIndex,
+    StepShow,
+    StepUpdate,
+    StepCancel,
+    StepRetry,
+    StepResolve,
+    TemplateIndex,
+    TemplateShow,
+    TemplateRegister,
+    EventSubscribe,
+    WorkerClaim,
+    HealthStatusIndex,
+    MetricsIndex,
+}
+
+impl Permission {
+    pub const ALL: [Permission; 19] = [
+        Permission::TaskIndex,
+        Permission::TaskShow,
+        Permission::TaskCreate,
+        Permission::TaskUpdate,
+        Permission::TaskCancel,
+        Permission::TaskRetry,
+        Permission::StepIndex,
+        Permission::StepShow,
+        Permission::StepUpdate,
+        Permission::StepCancel,
+        Permission::StepRetry,
+        Permission::StepResolve,
+        Permission::TemplateIndex,
+        Permission::TemplateShow,
+        Permission::TemplateRegister,
+        Permission::EventSubscribe,
+        Permission::WorkerClaim,
+        Permission::HealthStatusIndex,
+        Permission::MetricsIndex,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        use Permission::*;
+        match self {
+            TaskIndex => "tasker.task:index",
+            TaskShow => "tasker.task:show",
+            TaskCreate => "tasker.task:create",
+            TaskUpdate => "tasker.task:update",
+            TaskCancel => "tasker.task:cancel",
+            TaskRetry => "tasker.task:retry",
+            StepIndex => "tasker.workflow_step:index",
+            StepShow => "tasker.workflow_step:show",
+            StepUpdate => "tasker.workflow_step:update",
+            StepCancel => "tasker.workflow_step:cancel",
+            StepRetry => "tasker.workflow_step:retry",
+            StepResolve => "tasker.workflow_step:resolve",
+            TemplateIndex => "tasker.template:index",
+            TemplateShow => "tasker.template:show",
+            TemplateRegister => "tasker.template:register",
+            EventSubscribe => "tasker.event:subscribe",
+            WorkerClaim => "tasker.worker:claim",
+            HealthStatusIndex => "tasker.health_status:index",
+            MetricsIndex => "tasker.metrics:index",
+        }
+    }
+
+    /// The permissions a pattern grants: an exact name, `resource:*` or `*`; `None` when it
+    /// names nothing in the catalog.
+    pub fn matching(pattern: &str) -> Option<Vec<Permission>> {
+        let granted: Vec<Permission> = if pattern == "*" {
+            Self::ALL.to_vec()
+        } else if let Some(resource) = pattern.strip_suffix(":*") {
+            Self::ALL
+                .into_iter()
+                .filter(|p| p.as_str().split(':').next() == Some(resource))
+                .collect()
+        } else {
+            Self::ALL
+                .into_iter()
+                .filter(|p| p.as_str() == pattern)
+                .collect()
+        };
+        (!granted.is_empty()).then_some(granted)
+    }
+}
+
+impl std::fmt::Display for Permission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of permissions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Permissions(BTreeSet<Permission>);
+
+impl Permissions {
+    pub fn all() -> Permissions {
+        Permissions(Permission::ALL.into_iter().collect())
+    }
+
+    /// Every permission the patterns grant; the patterns that name nothing are returned
+    /// apart, so a configuration can refuse them and a token can ignore them.
+    pub fn from_patterns<'a>(
+        patterns: impl IntoIterator<Item = &'a str>,
+    ) -> (Permissions, Vec<&'a str>) {
+        let mut set = BTreeSet::new();
+        let mut unknown = Vec::new();
+        for pattern in patterns {
+            match Permission::matching(pattern) {
+                Some(granted) => set.extend(granted),
+                None => unknown.push(pattern),
+            }
+        }
+        (Permissions(set), unknown)
+    }
+
+    pub fn contains(&self, permission: Permission) -> bool {
+        self.0.contains(&permission)
+    }
+
+    pub fn extend(&mut self, other: &Permissions) {
+        self.0.extend(other.0.iter().copied());
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Permission> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+/// The namespaces a caller may see: all of them, or a list (possibly empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceScope {
+    All,
+    Only(BTreeSet<String>),
+}
+
+impl NamespaceScope {
+    /// From a `namespaces` claim: `["*"]` means all.
+    pub fn from_claim<'a>(names: impl IntoIterator<Item = &'a str>) -> NamespaceScope {
+        let mut only = BTreeSet::new();
+        for name in names {
+            if name == "*" {
+                return NamespaceScope::All;
+            }
+            only.insert(name.to_owned());
+        }
+        NamespaceScope::Only(only)
+    }
+
+    pub fn allows(&self, namespace: &str) -> bool {
+        match self {
+            NamespaceScope::All => true,
+            NamespaceScope::Only(names) => names.contains(namespace),
+        }
+    }
+
+    /// The namespaces to look in: those asked for that are in scope, or (none asked) the
+    /// whole scope. `None` means no restriction at all.
+    pub fn narrow(&self, asked: &[String]) -> Option<Vec<String>> {
+        match (self, asked.is_empty()) {
+            (NamespaceScope::All, true) => None,
+            (NamespaceScope::All, false) => Some(asked.to_vec()),
+            (NamespaceScope::Only(names), true) => Some(names.iter().cloned().collect()),
+            (NamespaceScope::Only(names), false) => Some(
+                asked
+                    .iter()
+                    .filter(|name| names.contains(*name))
+                    .cloned()
+                    .collect(),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_resource_action_pairs() {
+        let mut names: Vec<_> = Permission::ALL.iter().map(|p| p.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Permission::ALL.len());
+        assert!(
+            names
+                .iter()
+                .all(|n| n.starts_with("tasker.") && n.contains(':'))
+        );
+    }
+
+    #[test]
+    fn patterns_grant_exact_names_resources_or_everything() {
+        let (granted, unknown) = Permissions::from_patterns([
+            "tasker.task:show",
+            "tasker.workflow_step:*",
+            "tasker.nothing:index",
+        ]);
+        assert!(granted.contains(Permission::TaskShow));
+        assert!(!granted.contains(Permission::TaskCreate));
+        assert!(granted.contains(Permission::StepResolve));
+        assert_eq!(unknown, ["tasker.nothing:index"]);
+        assert_eq!(Permissions::from_patterns(["*"]).0, Permissions::all());
+    }
+
+    #[test]
+    fn scopes_narrow_what_is_asked() {
+        let scope = NamespaceScope::from_claim(["payments", "billing"]);
+        assert!(scope.allows("payments") && !scope.allows("shop"));
+        assert_eq!(
+            scope.narrow(&["shop".into(), "billing".into()]),
+            Some(vec!["billing".to_owned()])
+        );
+        assert_eq!(
+            scope.narrow(&[]),
+            Some(vec!["billing".to_owned(), "payments".to_owned()])
+        );
+        assert_eq!(
+            NamespaceScope::from_claim(["*"]).narrow(&[]),
+            None,
+            "no restriction"
+        );
+        assert_eq!(
+            NamespaceScope::from_claim([]).narrow(&[]),
+            Some(vec![]),
+            "an empty scope sees nothing"
+        );
+    }
+}

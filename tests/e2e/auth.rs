@@ -1,0 +1,468 @@
+//! Authentication and authorization over real HTTP and WebSocket: hostile tokens, missing
+//! permissions, and namespace isolation.
+
+use crate::support::{DIAMOND, TestServer};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tasker_api::auth::{AuthMode, AuthSettings, Authenticator, KeySource};
+use tasker_store::testing::TestDatabase;
+
+const SECRET: &str = "an-e2e-secret-of-more-than-thirty-two-bytes";
+const ISSUER: &str = "https://issuer.example";
+const AUDIENCE: &str = "tasker";
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+async fn secured() -> TestServer {
+    let settings = AuthSettings {
+        key: KeySource::Secret(SECRET.as_bytes().to_vec()),
+        issuer: Some(ISSUER.into()),
+        audience: Some(AUDIENCE.into()),
+        leeway_seconds: 5,
+        roles: [("reader".to_owned(), vec!["tasker.task:index".to_owned()])].into(),
+    };
+    let auth = AuthMode::Jwt(Arc::new(Authenticator::new(&settings).unwrap()));
+    TestServer::start_secured(
+        TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await,
+        auth,
+    )
+    .await
+}
+
+/// Valid claims for `permissions` in `namespaces`, with `changes` merged in.
+fn claims(permissions: &[&str], namespaces: &[&str], changes: Value) -> Value {
+    let mut claims = json!({
+        "sub": "e2e", "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 600,
+        "permissions": permissions, "namespaces": namespaces,
+    });
+    for (key, value) in changes.as_object().unwrap() {
+        if value.is_null() {
+            claims.as_object_mut().unwrap().remove(key);
+        } else {
+            claims[key] = value.clone();
+        }
+    }
+    claims
+}
+
+fn sign(claims: &Value, secret: &str, algorithm: Algorithm) -> String {
+    jsonwebtoken::encode(
+        &Header::new(algorithm),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn token(permissions: &[&str], namespaces: &[&str]) -> String {
+    sign(
+        &claims(permissions, namespaces, json!({})),
+        SECRET,
+        Algorithm::HS256,
+    )
+}
+
+/// A token assembled by hand: any header, any claims, any signature.
+fn forged(header: Value, claims: &Value, signature: &str) -> String {
+    format!(
+        "{}.{}.{signature}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    )
+}
+
+async fn post(server: &TestServer, authorization: Option<&str>, query: &str) -> (u16, Value) {
+    let mut request = crate::support::http_client()
+        .post(server.url("/graphql"))
+        .json(&json!({ "query": query }));
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+fn code(body: &Value) -> &str {
+    body["errors"][0]["extensions"]["code"]
+        .as_str()
+        .unwrap_or("none")
+}
+
+#[tokio::test]
+async fn hostile_tokens_are_refused_with_401_and_a_reason() {
+    let server = secured().await;
+    let all = ["*"];
+    let good = claims(&all, &["*"], json!({}));
+    let signed = sign(&good, SECRET, Algorithm::HS256);
+    let mut tampered_parts: Vec<String> = signed.split('.').map(str::to_owned).collect();
+    tampered_parts[1] =
+        URL_SAFE_NO_PAD.encode(claims(&all, &["*"], json!({ "sub": "someone-else" })).to_string());
+    let tampered = tampered_parts.join(".");
+    let cases: Vec<(&str, Option<String>, &str)> = vec![
+        ("no header", None, "authentication required"),
+        (
+            "basic scheme",
+            Some("Basic dXNlcjpwYXNz".into()),
+            "malformed",
+        ),
+        ("empty bearer", Some("Bearer ".into()), "malformed"),
+        ("not a JWT", Some("Bearer not-a-jwt".into()), "malformed"),
+        ("two parts", Some("Bearer abc.def".into()), "malformed"),
+        ("bad base64", Some("Bearer @@@.###.$$$".into()), "malformed"),
+        (
+            "expired",
+            Some(format!(
+                "Bearer {}",
+                sign(
+                    &claims(&all, &["*"], json!({ "exp": now() - 3600 })),
+                    SECRET,
+                    Algorithm::HS256
+                )
+            )),
+            "expired",
+        ),
+        (
+            "no exp",
+            Some(format!(
+                "Bearer {}",
+                sign(
+                    &claims(&all, &["*"], json!({ "exp": null })),
+                    SECRET,
+                    Algorithm::HS256
+                )
+            )),
+            "exp claim is missing",
+        ),
+        (
+            "not yet valid",
+            Some(format!(
+                "Bearer {}",
+                sign(
+                    &claims(&all, &["*"], json!({ "nbf": now() + 3600 })),
+                    SECRET,
+                    Algorithm::HS256
+                )
+            )),
+            "not valid yet",
+        ),
+        (
+            "wrong secret",
+            Some(format!(
+                "Bearer {}",
+                sign(
+                    &good,
+                    "another-secret-that-is-long-enough-too!",
+                    Algorithm::HS256
+                )
+            )),
+            "signature",
+        ),
+        (
+            "tampered claims",
+            Some(format!("Bearer {tampered}")),
+            "signature",
+        ),
+        (
+            "alg none",
+            Some(format!(
+                "Bearer {}",
+                forged(json!({ "alg": "none", "typ": "JWT" }), &good, "")
+            )),
+            "algorithm",
+        ),
+        (
+            "HS/RS confusion",
+            Some(format!(
+                "Bearer {}",
+                forged(
+                    json!({ "alg": "RS256", "typ": "JWT" }),
+                    &good,
+                    "c2lnbmF0dXJl"
+                )
+            )),
+            "algorithm",
+        ),
+        (
+            "HS512 with the secret",
+            Some(format!("Bearer {}", sign(&good, SECRET, Algorithm::HS512))),
+            "algorithm",
+        ),
+        (
+            "wrong issuer",
+            Some(format!(
+                "Bearer {}",
+                sign(
+                    &claims(&all, &["*"], json!({ "iss": "https://evil.example" })),
+                    SECRET,
+                    Algorithm::HS256
+                )
+            )),
+            "issuer",
+        ),
+        (
+            "no issuer",
+            Some(format!(
+                "Bearer {}",
+                sign(
+                    &claims(&all, &["*"], json!({ "iss": null })),
+                    SECRET,
+                    Algorithm::HS256
+                )
+            )),
+            "iss claim is missing",
+        ),
+        (
+            "wrong audience",
+            Some(format!(
+                "Bearer {}",
+                sign(
+                    &claims(&all, &["*"], json!({ "aud": "someone-else" })),
+                    SECRET,
+                    Algorithm::HS256
+                )
+            )),
+            "audience",
+        ),
+        (
+            "permissions not a list",
+            Some(format!(
+                "Bearer {}",
+                sign(
+                    &claims(&all, &["*"], json!({ "permissions": "tasker.task:index" })),
+                    SECRET,
+                    Algorithm::HS256
+                )
+            )),
+            "malformed",
+        ),
+    ];
+    for (name, authorization, reason) in &cases {
+        let (status, body) = post(
+            &server,
+            authorization.as_deref(),
+            "{ tasks { totalCount } }",
+        )
+        .await;
+        assert_eq!(status, 401, "{name}: {body}");
+        assert_eq!(code(&body), "UNAUTHENTICATED", "{name}: {body}");
+        let message = body["errors"][0]["message"].as_str().unwrap();
+        assert!(
+            message.contains(reason),
+            "{name}: {message:?} lacks {reason:?}"
+        );
+    }
+    // The server keeps serving, and a good token works.
+    let (status, body) = post(
+        &server,
+        Some(&format!("Bearer {signed}")),
+        "{ tasks { totalCount } }",
+    )
+    .await;
+    assert_eq!((status, code(&body)), (200, "none"), "{body}");
+}
+
+#[tokio::test]
+async fn each_operation_needs_its_permission() {
+    let server = secured().await;
+    let admin = format!("Bearer {}", token(&["*"], &["*"]));
+    let definition = serde_json::to_string(DIAMOND).unwrap();
+    let (_, body) = post(
+        &server,
+        Some(&admin),
+        &format!(
+            "mutation {{ registerTemplate(input: {{definition: {definition}}}) {{ result }} }}"
+        ),
+    )
+    .await;
+    assert_eq!(code(&body), "none", "{body}");
+    let (_, body) = post(&server, Some(&admin), "mutation { createTask(input: {namespace: \"shop\", template: \"fulfil\", context: {order_id: 1}}) { task { id steps { id } } } }").await;
+    let task = body["data"]["createTask"]["task"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let step = body["data"]["createTask"]["task"]["steps"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let lease = "00000000-0000-7000-8000-000000000000";
+    // A reader holds only tasker.task:index (through its role).
+    let reader = format!(
+        "Bearer {}",
+        sign(
+            &claims(&[], &["*"], json!({ "roles": ["reader"] })),
+            SECRET,
+            Algorithm::HS256
+        )
+    );
+    let (_, body) = post(&server, Some(&reader), "{ tasks { totalCount } }").await;
+    assert_eq!(
+        body["data"]["tasks"]["totalCount"], 1,
+        "the role grants tasker.task:index"
+    );
+    let operations = [
+        ("tasker.task:show", format!("{{ task(id: \"{task}\") {{ id }} }}")),
+        ("tasker.workflow_step:show", format!("{{ step(id: \"{step}\") {{ id }} }}")),
+        ("tasker.template:index", "{ templates { key } }".to_owned()),
+        ("tasker.template:index", "{ namespaces { name } }".to_owned()),
+        ("tasker.template:show", "{ template(namespace: \"shop\", name: \"fulfil\") { key } }".to_owned()),
+        ("tasker.event:subscribe", "{ events { edges { cursor } } }".to_owned()),
+        ("tasker.event:subscribe", "{ eventCatalog { name } }".to_owned()),
+        ("tasker.template:register", format!("mutation {{ registerTemplate(input: {{definition: {definition}}}) {{ result }} }}")),
+        ("tasker.task:create", "mutation { createTask(input: {namespace: \"shop\", template: \"fulfil\"}) { created } }".to_owned()),
+        ("tasker.task:cancel", format!("mutation {{ cancelTask(input: {{id: \"{task}\"}}) {{ task {{ id }} }} }}")),
+        ("tasker.task:retry", format!("mutation {{ retryTask(input: {{id: \"{task}\"}}) {{ task {{ id }} }} }}")),
+        ("tasker.workflow_step:retry", format!("mutation {{ retryStep(input: {{id: \"{step}\"}}) {{ step {{ id }} }} }}")),
+        ("tasker.workflow_step:resolve", format!("mutation {{ resolveStepManually(input: {{id: \"{step}\"}}) {{ step {{ id }} }} }}")),
+        ("tasker.workflow_step:update", format!("mutation {{ skipStep(input: {{id: \"{step}\"}}) {{ step {{ id }} }} }}")),
+        ("tasker.workflow_step:update", format!("mutation {{ approveStep(input: {{id: \"{step}\"}}) {{ step {{ id }} }} }}")),
+        ("tasker.workflow_step:update", format!("mutation {{ rejectStep(input: {{id: \"{step}\", reason: \"no\"}}) {{ step {{ id }} }} }}")),
+        ("tasker.worker:claim", "mutation { claimSteps(input: {workerId: \"w\"}) { leases { leaseToken } } }".to_owned()),
+        ("tasker.worker:claim", format!("mutation {{ heartbeatSteps(input: {{leaseTokens: [\"{lease}\"]}}) {{ leases {{ alive }} }} }}")),
+        ("tasker.worker:claim", format!("mutation {{ completeStep(input: {{leaseToken: \"{lease}\"}}) {{ step {{ id }} }} }}")),
+        ("tasker.worker:claim", format!("mutation {{ failStep(input: {{leaseToken: \"{lease}\", message: \"x\"}}) {{ step {{ id }} }} }}")),
+        ("tasker.worker:claim", format!("mutation {{ publishEvent(input: {{leaseToken: \"{lease}\", name: \"x\"}}) {{ event {{ id }} }} }}")),
+    ];
+    for (permission, operation) in &operations {
+        let (status, body) = post(&server, Some(&reader), operation).await;
+        assert_eq!(status, 200, "{operation}");
+        assert_eq!(code(&body), "FORBIDDEN", "{operation}: {body}");
+        let message = body["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains(permission), "{operation}: {message}");
+    }
+    // Nothing changed: the task is still pending with its steps.
+    let (_, body) = post(
+        &server,
+        Some(&admin),
+        &format!("{{ task(id: \"{task}\") {{ state }} }}"),
+    )
+    .await;
+    assert_eq!(body["data"]["task"]["state"], "PENDING");
+}
+
+#[tokio::test]
+async fn a_token_scoped_to_one_namespace_sees_nothing_of_another() {
+    let server = secured().await;
+    let admin = format!("Bearer {}", token(&["*"], &["*"]));
+    let billing = DIAMOND.replace("namespace: shop", "namespace: billing");
+    for definition in [DIAMOND.to_owned(), billing] {
+        let definition = serde_json::to_string(&definition).unwrap();
+        post(
+            &server,
+            Some(&admin),
+            &format!(
+                "mutation {{ registerTemplate(input: {{definition: {definition}}}) {{ result }} }}"
+            ),
+        )
+        .await;
+    }
+    let mut ids = Vec::new();
+    for namespace in ["shop", "billing"] {
+        let (_, body) = post(&server, Some(&admin), &format!("mutation {{ createTask(input: {{namespace: \"{namespace}\", template: \"fulfil\", context: {{order_id: 1}}}}) {{ task {{ id }} }} }}")).await;
+        ids.push(
+            body["data"]["createTask"]["task"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let shop = format!("Bearer {}", token(&["*"], &["shop"]));
+    let (_, body) = post(
+        &server,
+        Some(&shop),
+        "{ tasks { totalCount nodes { namespace } } namespaces { name } templates { namespace } }",
+    )
+    .await;
+    assert_eq!(body["data"]["tasks"]["totalCount"], 1, "{body}");
+    assert_eq!(
+        body["data"]["tasks"]["nodes"],
+        json!([{ "namespace": "shop" }])
+    );
+    assert_eq!(body["data"]["namespaces"], json!([{ "name": "shop" }]));
+    assert_eq!(body["data"]["templates"], json!([{ "namespace": "shop" }]));
+    // Another namespace's task answers exactly like a task that does not exist.
+    let missing = "01900000-0000-7000-8000-000000000000";
+    let (_, foreign) = post(
+        &server,
+        Some(&shop),
+        &format!("{{ task(id: \"{}\") {{ id }} }}", ids[1]),
+    )
+    .await;
+    let (_, absent) = post(
+        &server,
+        Some(&shop),
+        &format!("{{ task(id: \"{missing}\") {{ id }} }}"),
+    )
+    .await;
+    assert_eq!(code(&foreign), "NOT_FOUND");
+    assert_eq!(
+        foreign["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .replace(&ids[1], "ID"),
+        absent["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .replace(missing, "ID")
+    );
+    let (_, body) = post(
+        &server,
+        Some(&shop),
+        &format!(
+            "mutation {{ cancelTask(input: {{id: \"{}\"}}) {{ task {{ id }} }} }}",
+            ids[1]
+        ),
+    )
+    .await;
+    assert_eq!(code(&body), "NOT_FOUND", "{body}");
+    let (_, body) = post(&server, Some(&shop), "mutation { createTask(input: {namespace: \"billing\", template: \"fulfil\"}) { created } }").await;
+    assert_eq!(code(&body), "NOT_FOUND", "{body}");
+    let (_, body) = post(
+        &server,
+        Some(&shop),
+        "{ events(first: 500) { nodes { namespace } } }",
+    )
+    .await;
+    let namespaces: Vec<&Value> = body["data"]["events"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["namespace"])
+        .collect();
+    assert!(
+        !namespaces.is_empty() && namespaces.iter().all(|n| *n == "shop"),
+        "{body}"
+    );
+    let (_, body) = post(
+        &server,
+        Some(&shop),
+        &format!(
+            "{{ events(filter: {{taskId: \"{}\"}}) {{ nodes {{ name }} }} }}",
+            ids[1]
+        ),
+    )
+    .await;
+    assert_eq!(code(&body), "NOT_FOUND", "{body}");
+    let (_, body) = post(&server, Some(&shop), "mutation { claimSteps(input: {workerId: \"w\", namespaces: [\"billing\"], handlers: [\"noop\"]}) { leases { stepId } } }").await;
+    assert_eq!(body["data"]["claimSteps"]["leases"], json!([]), "{body}");
+    let (_, body) = post(
+        &server,
+        Some(&admin),
+        &format!("{{ task(id: \"{}\") {{ state }} }}", ids[1]),
+    )
+    .await;
+    assert_eq!(
+        body["data"]["task"]["state"], "PENDING",
+        "the billing task was not touched"
+    );
+    let nobody = format!("Bearer {}", token(&["*"], &[]));
+    let (_, body) = post(&server, Some(&nobody), "{ tasks { totalCount } }").await;
+    assert_eq!(
+        body["data"]["tasks"]["totalCount"], 0,
+        "an empty scope sees nothing"
+    );
+}
