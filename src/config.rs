@@ -97,6 +97,26 @@ pub struct Cli {
     #[arg(long, env = "TASKER_JWT_LEEWAY_SECONDS", global = true)]
     pub jwt_leeway_seconds: Option<u64>,
 
+    /// Deepest selection nesting an operation may have (default 16).
+    #[arg(long, env = "TASKER_MAX_QUERY_DEPTH", global = true)]
+    pub max_query_depth: Option<usize>,
+
+    /// Largest operation complexity, each selected field counting 1 (default 2000).
+    #[arg(long, env = "TASKER_MAX_QUERY_COMPLEXITY", global = true)]
+    pub max_query_complexity: Option<usize>,
+
+    /// Most aliases in one document (default 30).
+    #[arg(long, env = "TASKER_MAX_ALIASES", global = true)]
+    pub max_aliases: Option<usize>,
+
+    /// Most root fields in one operation (default 10).
+    #[arg(long, env = "TASKER_MAX_ROOT_FIELDS", global = true)]
+    pub max_root_fields: Option<usize>,
+
+    /// Refuse introspection (`__schema`, `__type`); the playground then cannot explore.
+    #[arg(long, env = "TASKER_NO_INTROSPECTION", global = true)]
+    pub no_introspection: bool,
+
     /// Serve a non-loopback address without authentication. Anyone who can reach it can
     /// do anything.
     #[arg(long, env = "TASKER_INSECURE_NO_AUTH", global = true)]
@@ -168,6 +188,11 @@ struct FileSettings {
     db_max_connections: Option<u32>,
     max_body_bytes: Option<usize>,
     request_timeout_seconds: Option<u64>,
+    max_query_depth: Option<usize>,
+    max_query_complexity: Option<usize>,
+    max_aliases: Option<usize>,
+    max_root_fields: Option<usize>,
+    introspection: Option<bool>,
     jwt_secret: Option<String>,
     jwt_public_key: Option<PathBuf>,
     jwks_file: Option<PathBuf>,
@@ -193,6 +218,7 @@ pub struct Settings {
     pub db_max_connections: u32,
     max_body_bytes: usize,
     request_timeout: Duration,
+    query_limits: tasker_api::limits::QueryLimits,
     /// How tokens are checked; `None`: no key configured.
     pub auth: Option<tasker_api::auth::AuthSettings>,
     pub insecure_no_auth: bool,
@@ -211,6 +237,27 @@ impl Settings {
         };
         let defaults = tasker_api::HttpLimits::default();
         let auth = auth_settings(cli, &file)?;
+        let query_defaults = tasker_api::limits::QueryLimits::default();
+        let query_limits = tasker_api::limits::QueryLimits {
+            max_depth: cli
+                .max_query_depth
+                .or(file.max_query_depth)
+                .unwrap_or(query_defaults.max_depth),
+            max_complexity: cli
+                .max_query_complexity
+                .or(file.max_query_complexity)
+                .unwrap_or(query_defaults.max_complexity),
+            max_aliases: cli
+                .max_aliases
+                .or(file.max_aliases)
+                .unwrap_or(query_defaults.max_aliases),
+            max_root_fields: cli
+                .max_root_fields
+                .or(file.max_root_fields)
+                .unwrap_or(query_defaults.max_root_fields),
+            introspection: !cli.no_introspection
+                && file.introspection.unwrap_or(query_defaults.introspection),
+        };
         let insecure_no_auth = cli.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
         Ok(Settings {
             bind: cli
@@ -247,6 +294,7 @@ impl Settings {
                 .unwrap_or(defaults.request_timeout),
             insecure_no_auth,
             auth,
+            query_limits,
         })
     }
 
@@ -284,6 +332,7 @@ impl Settings {
         tasker_api::HttpLimits {
             max_body_bytes: self.max_body_bytes,
             request_timeout: self.request_timeout,
+            query: self.query_limits.clone(),
         }
     }
 }

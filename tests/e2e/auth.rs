@@ -466,3 +466,76 @@ async fn a_token_scoped_to_one_namespace_sees_nothing_of_another() {
         "an empty scope sees nothing"
     );
 }
+
+#[tokio::test]
+async fn hostile_queries_are_refused_with_codes_and_the_server_keeps_serving() {
+    let server = secured().await;
+    let admin = format!("Bearer {}", token(&["*"], &["*"]));
+    let deep = format!(
+        "{{ tasks {{ nodes {{ {} id {} }} }} }}",
+        "steps { task { ".repeat(8),
+        "} } ".repeat(8)
+    );
+    let aliases: String = (0..31)
+        .map(|i| format!("a{i}: tasks {{ totalCount }} "))
+        .collect();
+    let roots = format!("{{ {}}}", "tasks { totalCount } ".repeat(11));
+    let fields =
+        "id state namespace templateName templateVersion createdAt updatedAt initiator reason tags";
+    let wide = format!(
+        "{{ tasks {{ nodes {{ ...C ...C ...C }} }} }} fragment A on Task {{ {fields} }} fragment B on Task {{ {} }} fragment C on Task {{ {} }}",
+        "...A ".repeat(10),
+        "...B ".repeat(10)
+    );
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("deep", deep, 200, "QUERY_LIMIT_EXCEEDED"),
+        (
+            "alias bomb",
+            format!("{{ {aliases} }}"),
+            200,
+            "QUERY_LIMIT_EXCEEDED",
+        ),
+        ("too many root fields", roots, 200, "QUERY_LIMIT_EXCEEDED"),
+        ("wide through fragments", wide, 200, "QUERY_LIMIT_EXCEEDED"),
+        (
+            "unparsable",
+            "{ tasks { ".to_owned(),
+            200,
+            "GRAPHQL_PARSE_FAILED",
+        ),
+        (
+            "unknown field",
+            "{ nothing }".to_owned(),
+            200,
+            "GRAPHQL_VALIDATION_FAILED",
+        ),
+    ];
+    for (name, query, status, expected) in &cases {
+        let (got, body) = post(&server, Some(&admin), query).await;
+        assert_eq!((got, code(&body)), (*status, *expected), "{name}: {body}");
+    }
+    // Batch arrays and oversized bodies are refused before GraphQL.
+    let client = crate::support::http_client();
+    let batch = client
+        .post(server.url("/graphql"))
+        .header("authorization", &admin)
+        .json(&json!([{ "query": "{ tasks { totalCount } }" }, { "query": "{ tasks { totalCount } }" }]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(batch.status(), 400);
+    let big = client
+        .post(server.url("/graphql"))
+        .header("authorization", &admin)
+        .header("content-type", "application/json")
+        .body(format!(
+            "{{\"query\": \"{}\"}}",
+            " ".repeat(5 * 1024 * 1024)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+    let (status, body) = post(&server, Some(&admin), "{ tasks { totalCount } }").await;
+    assert_eq!((status, code(&body)), (200, "none"), "{body}");
+}

@@ -9,6 +9,7 @@ mod error;
 mod events;
 mod feed;
 mod ids;
+pub mod limits;
 mod objects;
 mod playground;
 mod schema;

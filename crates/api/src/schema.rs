@@ -5,6 +5,7 @@ use crate::access::grant;
 use crate::batch::TaskSet;
 use crate::error::{ApiError, GqlResultExt};
 use crate::ids::{parse_id, parse_task_cursor, task_cursor};
+use crate::limits::QueryLimits;
 use crate::objects::{Namespace, Step, Task, TaskStateValue, Template};
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextRequest,
@@ -38,16 +39,21 @@ pub struct Mutation(TaskMutation, crate::workers::WorkerMutation);
 /// The most tasks one page may hold.
 pub const MAX_PAGE_SIZE: i32 = 100;
 
-/// Builds the schema around the engine (and its store).
-pub fn build_schema(engine: Arc<Engine>) -> TaskerSchema {
-    Schema::build(Query::default(), Mutation::default(), Subscription)
+/// Builds the schema around the engine (and its store), with limits on operations.
+pub fn build_schema(engine: Arc<Engine>, limits: &QueryLimits) -> TaskerSchema {
+    let mut builder = Schema::build(Query::default(), Mutation::default(), Subscription)
         .data(engine.store().clone())
         .data(crate::feed::EventFeed::new(engine.store().clone()))
         .data(engine)
         .extension(ErrorCodes)
-        .limit_depth(32)
-        .limit_recursive_depth(32)
-        .finish()
+        .extension(crate::limits::QueryShape(limits.clone()))
+        .limit_depth(limits.max_depth)
+        .limit_complexity(limits.max_complexity)
+        .limit_recursive_depth(32);
+    if !limits.introspection {
+        builder = builder.disable_introspection();
+    }
+    builder.finish()
 }
 
 /// The SDL that `tasker schema` prints and `schema.graphql` holds.
@@ -717,7 +723,17 @@ impl Extension for ErrorCodesExtension {
         let mut response = next.run(ctx).await;
         response.errors = std::mem::take(&mut response.errors)
             .into_iter()
-            .map(|error| with_code(error, "GRAPHQL_VALIDATION_FAILED"))
+            .map(|error| {
+                // async-graphql's own depth and complexity limits, by their messages.
+                let limit = error.message.starts_with("Query is nested too deep")
+                    || error.message.starts_with("Query is too complex");
+                let code = if limit {
+                    crate::limits::LIMIT_CODE
+                } else {
+                    "GRAPHQL_VALIDATION_FAILED"
+                };
+                with_code(error, code)
+            })
             .collect();
         response
     }
@@ -748,7 +764,7 @@ mod tests {
             .with_timezone(&Utc);
         let clock = Arc::new(ManualClock::new(start));
         let db = TestDatabase::sqlite(clock.clone()).await;
-        let schema = build_schema(Engine::new(db.store.clone()));
+        let schema = build_schema(Engine::new(db.store.clone()), &QueryLimits::default());
         // Time stands still unless the runtime is idle, then jumps to the next timer.
         tokio::time::pause();
         let request = async_graphql::Request::new(

@@ -29,6 +29,8 @@ pub struct HttpLimits {
     pub max_body_bytes: usize,
     /// Longest a query or mutation may take.
     pub request_timeout: Duration,
+    /// The shape of operations.
+    pub query: crate::limits::QueryLimits,
 }
 
 impl Default for HttpLimits {
@@ -36,6 +38,7 @@ impl Default for HttpLimits {
         Self {
             max_body_bytes: 4 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            query: crate::limits::QueryLimits::default(),
         }
     }
 }
@@ -53,7 +56,7 @@ struct AppState {
 pub fn router(engine: Arc<Engine>, limits: HttpLimits, auth: AuthMode) -> Router {
     let state = AppState {
         auth,
-        schema: build_schema(engine.clone()),
+        schema: build_schema(engine.clone(), &limits.query),
         store: engine.store().clone(),
         limits: limits.clone(),
         playground: playground::page().into(),
