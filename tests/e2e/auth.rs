@@ -19,6 +19,10 @@ fn now() -> i64 {
 }
 
 async fn secured() -> TestServer {
+    secured_on(TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await).await
+}
+
+async fn secured_on(db: TestDatabase) -> TestServer {
     let settings = AuthSettings {
         key: KeySource::Secret(SECRET.as_bytes().to_vec()),
         issuer: Some(ISSUER.into()),
@@ -27,11 +31,7 @@ async fn secured() -> TestServer {
         roles: [("reader".to_owned(), vec!["tasker.task:index".to_owned()])].into(),
     };
     let auth = AuthMode::Jwt(Arc::new(Authenticator::new(&settings).unwrap()));
-    TestServer::start_secured(
-        TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await,
-        auth,
-    )
-    .await
+    TestServer::start_secured(db, auth).await
 }
 
 /// Valid claims for `permissions` in `namespaces`, with `changes` merged in.
@@ -538,4 +538,96 @@ async fn hostile_queries_are_refused_with_codes_and_the_server_keeps_serving() {
     assert_eq!(big.status(), 413);
     let (status, body) = post(&server, Some(&admin), "{ tasks { totalCount } }").await;
     assert_eq!((status, code(&body)), (200, "none"), "{body}");
+}
+
+/// The next WebSocket message, or how the server closed the socket.
+async fn next_message(socket: &mut crate::websocket::Socket) -> Value {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+            .await
+            .expect("a message within 10 s");
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                if value["type"] != "ka" && value["type"] != "ping" {
+                    return value;
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return json!({ "closed": frame.map(|f| f.reason.to_string()) });
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return json!({ "closed": null }),
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_connections_authenticate_in_connection_init_and_close_on_expiry() {
+    use crate::websocket::{connect_to, send};
+    let clock = Arc::new(tasker_domain::ManualClock::new(chrono::Utc::now()));
+    let server = secured_on(TestDatabase::sqlite(clock.clone()).await).await;
+    let admin = format!("Bearer {}", token(&["*"], &["*"]));
+    let definition = serde_json::to_string(DIAMOND).unwrap();
+    post(
+        &server,
+        Some(&admin),
+        &format!(
+            "mutation {{ registerTemplate(input: {{definition: {definition}}}) {{ result }} }}"
+        ),
+    )
+    .await;
+
+    // Without a token the connection is refused, with the reason.
+    let mut socket = connect_to(server.address, "graphql-transport-ws").await;
+    send(&mut socket, json!({ "type": "connection_init" })).await;
+    let refused = next_message(&mut socket).await;
+    assert!(
+        refused["closed"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("authentication required"),
+        "{refused}"
+    );
+
+    // With a token in the payload, events flow, until the token expires.
+    let mut socket = connect_to(server.address, "graphql-transport-ws").await;
+    send(
+        &mut socket,
+        json!({ "type": "connection_init", "payload": { "authorization": admin } }),
+    )
+    .await;
+    assert_eq!(next_message(&mut socket).await["type"], "connection_ack");
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "id": "e", "payload": {
+            "query": "subscription { events(filter: { names: [\"task.created\"] }) { name } }" } }),
+    )
+    .await;
+    let create = "mutation { createTask(input: {namespace: \"shop\", template: \"fulfil\", context: {order_id: 1}}) { created } }";
+    post(&server, Some(&admin), create).await;
+    let first = next_message(&mut socket).await;
+    assert_eq!(
+        first["payload"]["data"]["events"]["name"], "task.created",
+        "{first}"
+    );
+    clock.advance(chrono::Duration::seconds(601));
+    post(&server, Some(&admin), create).await;
+    let closing = next_message(&mut socket).await;
+    assert_eq!(
+        closing["payload"]["errors"][0]["extensions"]["code"], "UNAUTHENTICATED",
+        "{closing}"
+    );
+    assert!(
+        closing["payload"]["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+    assert_eq!(
+        next_message(&mut socket).await,
+        json!({ "type": "complete", "id": "e" })
+    );
 }

@@ -8,14 +8,14 @@ use tasker_store::testing::TestDatabase;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-type Socket =
+pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(server: &TestServer, protocol: &str) -> Socket {
     connect_to(server.address, protocol).await
 }
 
-async fn connect_to(address: std::net::SocketAddr, protocol: &str) -> Socket {
+pub(crate) async fn connect_to(address: std::net::SocketAddr, protocol: &str) -> Socket {
     let mut request = format!("ws://{address}/graphql")
         .into_client_request()
         .unwrap();
@@ -27,7 +27,7 @@ async fn connect_to(address: std::net::SocketAddr, protocol: &str) -> Socket {
     socket
 }
 
-async fn send(socket: &mut Socket, message: Value) {
+pub(crate) async fn send(socket: &mut Socket, message: Value) {
     socket
         .send(Message::text(message.to_string()))
         .await
@@ -35,7 +35,7 @@ async fn send(socket: &mut Socket, message: Value) {
 }
 
 /// The next JSON message, skipping keep-alives.
-async fn receive(socket: &mut Socket) -> Value {
+pub(crate) async fn receive(socket: &mut Socket) -> Value {
     loop {
         let message = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
             .await

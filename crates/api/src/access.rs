@@ -5,6 +5,7 @@
 use crate::auth::Principal;
 use crate::error::{ApiError, GqlResultExt};
 use async_graphql::{Context, Result};
+use futures::{Stream, StreamExt};
 use std::sync::Arc;
 use tasker_domain::{NamespaceScope, Permission};
 use tasker_engine::Engine;
@@ -69,4 +70,59 @@ impl Granted<'_> {
         self.check(&task.namespace, "step", &id.to_string()).gql()?;
         Ok((step, task))
     }
+}
+
+/// A subscription's stream, ended by an `UNAUTHENTICATED` error once the caller's token has
+/// expired: checked before each item, and at the expiry time for a quiet stream.
+pub(crate) fn until_expiry<T, S>(
+    ctx: &Context<'_>,
+    stream: S,
+) -> Result<impl Stream<Item = Result<T>> + Send + 'static + use<T, S>>
+where
+    T: Send + 'static,
+    S: Stream<Item = T> + Send + 'static,
+{
+    let deadline = principal(ctx)?
+        .expires_at
+        .and_then(|exp| chrono::DateTime::from_timestamp(exp, 0));
+    let clock = ctx.data_unchecked::<Store>().clock().clone();
+    let state = (Box::pin(stream), false);
+    Ok(futures::stream::unfold(
+        state,
+        move |(mut stream, ended)| {
+            let clock = clock.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                let expired = || deadline.is_some_and(|deadline| clock.now() >= deadline);
+                let closing = || {
+                    Err(ApiError::Unauthenticated(
+                        "the token has expired: reconnect with a fresh token and resume from your last cursor"
+                            .to_owned(),
+                    ))
+                    .gql()
+                };
+                loop {
+                    let wait = deadline.map_or(std::time::Duration::from_secs(3600), |deadline| {
+                        (deadline - clock.now()).to_std().unwrap_or_default()
+                    });
+                    tokio::select! {
+                        item = stream.next() => {
+                            return match item {
+                                Some(_) if expired() => Some((closing(), (stream, true))),
+                                Some(item) => Some((Ok(item), (stream, false))),
+                                None => None,
+                            };
+                        }
+                        _ = tokio::time::sleep(wait) => {
+                            if expired() {
+                                return Some((closing(), (stream, true)));
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    ))
 }

@@ -637,8 +637,9 @@ impl Subscription {
         &self,
         ctx: &Context<'_>,
         input: Option<crate::workers::StepsAvailableInput>,
-    ) -> Result<impl Stream<Item = crate::workers::StepsAvailable> + use<>> {
-        crate::workers::steps_available(ctx, input).await
+    ) -> Result<impl Stream<Item = Result<crate::workers::StepsAvailable>> + use<>> {
+        let stream = crate::workers::steps_available(ctx, input).await?;
+        crate::access::until_expiry(ctx, stream)
     }
 
     /// A task now, then a fresh snapshot (state, execution status, counts, completion, the
@@ -647,8 +648,9 @@ impl Subscription {
         &self,
         ctx: &Context<'_>,
         id: ID,
-    ) -> Result<impl Stream<Item = crate::events::TaskUpdate> + use<>> {
-        crate::events::task_updates(ctx, id).await
+    ) -> Result<impl Stream<Item = Result<crate::events::TaskUpdate>> + use<>> {
+        let stream = crate::events::task_updates(ctx, id).await?;
+        crate::access::until_expiry(ctx, stream)
     }
 
     /// The event log, live: replays the events after `after` (or starts now), then follows new
@@ -659,8 +661,9 @@ impl Subscription {
         ctx: &Context<'_>,
         filter: Option<crate::events::EventFilterInput>,
         after: Option<String>,
-    ) -> Result<impl Stream<Item = crate::objects::Event> + use<>> {
-        crate::events::subscribe(ctx, filter, after).await
+    ) -> Result<impl Stream<Item = Result<crate::objects::Event>> + use<>> {
+        let stream = crate::events::subscribe(ctx, filter, after).await?;
+        crate::access::until_expiry(ctx, stream)
     }
 
     /// Beats every `everySeconds` (1 to 3600) so a client can tell a quiet stream from a
@@ -669,7 +672,7 @@ impl Subscription {
         &self,
         ctx: &Context<'_>,
         #[graphql(default = 15)] every_seconds: i32,
-    ) -> Result<impl Stream<Item = Heartbeat> + use<>> {
+    ) -> Result<impl Stream<Item = Result<Heartbeat>> + use<>> {
         if !(1..=3600).contains(&every_seconds) {
             return Err(ApiError::invalid(
                 "everySeconds",
@@ -681,12 +684,13 @@ impl Subscription {
         let clock = ctx.data_unchecked::<Store>().clock().clone();
         let period = Duration::from_secs(every_seconds as u64);
         let ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        Ok(IntervalStream::new(ticks)
+        let beats = IntervalStream::new(ticks)
             .enumerate()
             .map(move |(beat, _)| Heartbeat {
                 sequence: beat as u64 + 1,
                 at: clock.now(),
-            }))
+            });
+        crate::access::until_expiry(ctx, beats)
     }
 }
 
