@@ -388,3 +388,137 @@ pub fn token_of_header(value: Option<&str>) -> Result<Option<&str>, AuthError> {
         Some(value) => bearer(value).map(Some).ok_or(AuthError::Malformed),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Keys and tokens from `fixtures/jwt`, made by an independent implementation (openssl
+    //! keys, PyCA cryptography signatures; see `fixtures/jwt/generate.py`).
+    use super::*;
+    use tasker_domain::Permission;
+
+    fn fixture(name: &str) -> String {
+        let path = format!("{}/fixtures/jwt/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("{path}: {err}"))
+            .trim()
+            .to_owned()
+    }
+
+    fn with_key(key: KeySource) -> Authenticator {
+        Authenticator::new(&AuthSettings {
+            key,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 0,
+            roles: HashMap::new(),
+        })
+        .unwrap()
+    }
+
+    fn pem(name: &str) -> Authenticator {
+        with_key(KeySource::PublicKeyPem(fixture(name).into_bytes()))
+    }
+
+    #[test]
+    fn tokens_signed_elsewhere_verify_with_pem_keys_of_each_family() {
+        for (key, token) in [
+            ("rsa.pub.pem", "rs256.jwt"),
+            ("ec.pub.pem", "es256.jwt"),
+            ("ed.pub.pem", "eddsa.jwt"),
+        ] {
+            let principal = pem(key)
+                .authenticate(&fixture(token))
+                .unwrap_or_else(|err| panic!("{token}: {err}"));
+            assert_eq!(principal.subject.as_deref(), Some("fixture"));
+            assert!(principal.permissions.contains(Permission::TaskIndex));
+            assert!(principal.namespaces.allows("shop") && !principal.namespaces.allows("x"));
+        }
+    }
+
+    #[test]
+    fn a_key_accepts_only_its_own_algorithm() {
+        let rsa = pem("rsa.pub.pem");
+        assert_eq!(
+            rsa.authenticate(&fixture("rs256-tampered.jwt")),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            rsa.authenticate(&fixture("hs-confusion.jwt")),
+            Err(AuthError::WrongAlgorithm),
+            "HS256 signed with the public key as the secret"
+        );
+        assert_eq!(
+            rsa.authenticate(&fixture("es256.jwt")),
+            Err(AuthError::WrongAlgorithm)
+        );
+        assert_eq!(
+            pem("ec.pub.pem").authenticate(&fixture("rs256.jwt")),
+            Err(AuthError::WrongAlgorithm)
+        );
+        let secret = with_key(KeySource::Secret(vec![7; MIN_SECRET_BYTES]));
+        assert_eq!(
+            secret.authenticate(&fixture("rs256.jwt")),
+            Err(AuthError::WrongAlgorithm)
+        );
+    }
+
+    #[test]
+    fn jwks_keys_are_chosen_by_kid() {
+        let jwks = with_key(KeySource::Jwks(fixture("jwks.json")));
+        for token in ["rs256.jwt", "es256.jwt", "eddsa.jwt"] {
+            assert!(jwks.authenticate(&fixture(token)).is_ok(), "{token}");
+        }
+        assert_eq!(
+            jwks.authenticate(&fixture("unknown-kid.jwt")),
+            Err(AuthError::UnknownKey)
+        );
+        assert_eq!(
+            jwks.authenticate(&fixture("no-kid.jwt")),
+            Err(AuthError::UnknownKey)
+        );
+        assert_eq!(
+            jwks.authenticate(&fixture("rs256-tampered.jwt")),
+            Err(AuthError::BadSignature)
+        );
+        assert_eq!(
+            jwks.authenticate(&fixture("hs-confusion.jwt")),
+            Err(AuthError::WrongAlgorithm)
+        );
+    }
+
+    #[test]
+    fn bad_key_configurations_are_refused_at_start() {
+        let short = Authenticator::new(&AuthSettings {
+            key: KeySource::Secret(b"short".to_vec()),
+            issuer: None,
+            audience: None,
+            leeway_seconds: 0,
+            roles: HashMap::new(),
+        });
+        assert!(short.is_err());
+        let unknown_role = Authenticator::new(&AuthSettings {
+            key: KeySource::Secret(vec![1; 40]),
+            issuer: None,
+            audience: None,
+            leeway_seconds: 0,
+            roles: [("r".to_owned(), vec!["tasker.nothing:x".to_owned()])].into(),
+        });
+        assert!(unknown_role.err().unwrap().0.contains("tasker.nothing:x"));
+        for bad in ["not a key", "{\"keys\": []}"] {
+            assert!(
+                Authenticator::new(&AuthSettings {
+                    key: if bad.starts_with('{') {
+                        KeySource::Jwks(bad.into())
+                    } else {
+                        KeySource::PublicKeyPem(bad.into())
+                    },
+                    issuer: None,
+                    audience: None,
+                    leeway_seconds: 0,
+                    roles: HashMap::new(),
+                })
+                .is_err()
+            );
+        }
+    }
+}
