@@ -117,6 +117,18 @@ pub struct Cli {
     #[arg(long, env = "TASKER_NO_INTROSPECTION", global = true)]
     pub no_introspection: bool,
 
+    /// WebSocket connections one token may hold open (default 32).
+    #[arg(long, env = "TASKER_MAX_CONNECTIONS_PER_TOKEN", global = true)]
+    pub max_connections_per_token: Option<usize>,
+
+    /// Subscriptions one token may run at once (default 128).
+    #[arg(long, env = "TASKER_MAX_SUBSCRIPTIONS_PER_TOKEN", global = true)]
+    pub max_subscriptions_per_token: Option<usize>,
+
+    /// claimSteps calls per second per worker id (default 20, bursts of twice that).
+    #[arg(long, env = "TASKER_CLAIMS_PER_SECOND", global = true)]
+    pub claims_per_second: Option<f64>,
+
     /// Serve a non-loopback address without authentication. Anyone who can reach it can
     /// do anything.
     #[arg(long, env = "TASKER_INSECURE_NO_AUTH", global = true)]
@@ -193,6 +205,9 @@ struct FileSettings {
     max_aliases: Option<usize>,
     max_root_fields: Option<usize>,
     introspection: Option<bool>,
+    max_connections_per_token: Option<usize>,
+    max_subscriptions_per_token: Option<usize>,
+    claims_per_second: Option<f64>,
     jwt_secret: Option<String>,
     jwt_public_key: Option<PathBuf>,
     jwks_file: Option<PathBuf>,
@@ -219,6 +234,7 @@ pub struct Settings {
     max_body_bytes: usize,
     request_timeout: Duration,
     query_limits: tasker_api::limits::QueryLimits,
+    quota_limits: tasker_api::quota::QuotaLimits,
     /// How tokens are checked; `None`: no key configured.
     pub auth: Option<tasker_api::auth::AuthSettings>,
     pub insecure_no_auth: bool,
@@ -258,6 +274,24 @@ impl Settings {
             introspection: !cli.no_introspection
                 && file.introspection.unwrap_or(query_defaults.introspection),
         };
+        let quota_defaults = tasker_api::quota::QuotaLimits::default();
+        let claims_per_second = cli
+            .claims_per_second
+            .or(file.claims_per_second)
+            .filter(|rate| rate.is_finite() && *rate > 0.0)
+            .unwrap_or(quota_defaults.claims_per_second);
+        let quota_limits = tasker_api::quota::QuotaLimits {
+            connections_per_token: cli
+                .max_connections_per_token
+                .or(file.max_connections_per_token)
+                .unwrap_or(quota_defaults.connections_per_token),
+            subscriptions_per_token: cli
+                .max_subscriptions_per_token
+                .or(file.max_subscriptions_per_token)
+                .unwrap_or(quota_defaults.subscriptions_per_token),
+            claims_per_second,
+            claim_burst: claims_per_second * 2.0,
+        };
         let insecure_no_auth = cli.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
         Ok(Settings {
             bind: cli
@@ -295,6 +329,7 @@ impl Settings {
             insecure_no_auth,
             auth,
             query_limits,
+            quota_limits,
         })
     }
 
@@ -333,6 +368,7 @@ impl Settings {
             max_body_bytes: self.max_body_bytes,
             request_timeout: self.request_timeout,
             query: self.query_limits.clone(),
+            quota: self.quota_limits.clone(),
         }
     }
 }

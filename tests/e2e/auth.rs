@@ -631,3 +631,102 @@ async fn websocket_connections_authenticate_in_connection_init_and_close_on_expi
         json!({ "type": "complete", "id": "e" })
     );
 }
+
+#[tokio::test]
+async fn quotas_limit_connections_and_claims_per_token() {
+    use crate::websocket::{connect_to, send};
+    let settings = AuthSettings {
+        key: KeySource::Secret(SECRET.as_bytes().to_vec()),
+        issuer: Some(ISSUER.into()),
+        audience: Some(AUDIENCE.into()),
+        leeway_seconds: 5,
+        roles: Default::default(),
+    };
+    let limits = tasker_api::HttpLimits {
+        quota: tasker_api::quota::QuotaLimits {
+            connections_per_token: 1,
+            subscriptions_per_token: 1,
+            claims_per_second: 0.001,
+            claim_burst: 2.0,
+        },
+        ..Default::default()
+    };
+    let server = TestServer::start_limited(
+        TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await,
+        AuthMode::Jwt(Arc::new(Authenticator::new(&settings).unwrap())),
+        limits,
+    )
+    .await;
+    let one = format!("Bearer {}", token(&["*"], &["*"]));
+    let other = format!("Bearer {}", token(&["*"], &["shop"]));
+    let init =
+        |auth: &str| json!({ "type": "connection_init", "payload": { "authorization": auth } });
+
+    let mut first = connect_to(server.address, "graphql-transport-ws").await;
+    send(&mut first, init(&one)).await;
+    assert_eq!(next_message(&mut first).await["type"], "connection_ack");
+    let mut second = connect_to(server.address, "graphql-transport-ws").await;
+    send(&mut second, init(&one)).await;
+    let refused = next_message(&mut second).await;
+    assert!(
+        refused["closed"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1 WebSocket connections open"),
+        "{refused}"
+    );
+    let mut third = connect_to(server.address, "graphql-transport-ws").await;
+    send(&mut third, init(&other)).await;
+    assert_eq!(
+        next_message(&mut third).await["type"],
+        "connection_ack",
+        "another token has its own quota"
+    );
+
+    // One subscription per token: the second on the same connection is refused.
+    let beat = |id: &str| json!({ "type": "subscribe", "id": id, "payload": { "query": "subscription { heartbeat(everySeconds: 3600) { sequence } }" } });
+    send(&mut first, beat("a")).await;
+    send(&mut first, beat("b")).await;
+    let refused = next_message(&mut first).await;
+    assert_eq!(refused["id"], "b", "{refused}");
+    assert_eq!(
+        refused["payload"]["errors"][0]["extensions"]["code"], "RATE_LIMITED",
+        "{refused}"
+    );
+    // Closing the first connection gives its place back.
+    drop(first);
+    let mut again = connect_to(server.address, "graphql-transport-ws").await;
+    let mut acked = false;
+    for _ in 0..50 {
+        send(&mut again, init(&one)).await;
+        if next_message(&mut again).await["type"] == "connection_ack" {
+            acked = true;
+            break;
+        }
+        // The server notices the first socket's close asynchronously: retry on a fresh one.
+        again = connect_to(server.address, "graphql-transport-ws").await;
+        tokio::task::yield_now().await;
+    }
+    assert!(acked, "the released connection can be used again");
+
+    // Claims: a burst of two, then RATE_LIMITED for this worker only.
+    let claim = |worker: &str| {
+        format!(
+            "mutation {{ claimSteps(input: {{workerId: \"{worker}\"}}) {{ leases {{ stepId }} }} }}"
+        )
+    };
+    for _ in 0..2 {
+        let (_, body) = post(&server, Some(&one), &claim("w1")).await;
+        assert_eq!(code(&body), "none", "{body}");
+    }
+    let (_, body) = post(&server, Some(&one), &claim("w1")).await;
+    assert_eq!(code(&body), "RATE_LIMITED", "{body}");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("retry in")
+    );
+    let (_, body) = post(&server, Some(&one), &claim("w2")).await;
+    assert_eq!(code(&body), "none", "{body}");
+}

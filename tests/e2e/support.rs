@@ -45,23 +45,45 @@ impl TestServer {
 
     /// A server with no embedded workers: steps stay where the test puts them.
     pub async fn start(db: TestDatabase) -> TestServer {
-        Self::start_with(db, false, tasker_api::auth::AuthMode::Off).await
+        Self::start_with(
+            db,
+            false,
+            tasker_api::auth::AuthMode::Off,
+            Default::default(),
+        )
+        .await
     }
 
     /// A server that requires bearer tokens checked by `auth`.
     pub async fn start_secured(db: TestDatabase, auth: tasker_api::auth::AuthMode) -> TestServer {
-        Self::start_with(db, false, auth).await
+        Self::start_with(db, false, auth, Default::default()).await
+    }
+
+    /// A server that requires bearer tokens, with these limits.
+    pub async fn start_limited(
+        db: TestDatabase,
+        auth: tasker_api::auth::AuthMode,
+        limits: tasker_api::HttpLimits,
+    ) -> TestServer {
+        Self::start_with(db, false, auth, limits).await
     }
 
     /// A server whose embedded worker pool and timers run built-in steps.
     pub async fn start_running(db: TestDatabase) -> TestServer {
-        Self::start_with(db, true, tasker_api::auth::AuthMode::Off).await
+        Self::start_with(
+            db,
+            true,
+            tasker_api::auth::AuthMode::Off,
+            Default::default(),
+        )
+        .await
     }
 
     async fn start_with(
         db: TestDatabase,
         run_steps: bool,
         auth: tasker_api::auth::AuthMode,
+        limits: tasker_api::HttpLimits,
     ) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -75,7 +97,7 @@ impl TestServer {
             );
             tokio::spawn(engine.clone().run_maintenance(stopping));
         }
-        let app = tasker_api::router(engine.clone(), tasker_api::HttpLimits::default(), auth);
+        let app = tasker_api::router(engine.clone(), limits, auth);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(tasker_api::serve(listener, app, async move {
             let _ = stopped.await;

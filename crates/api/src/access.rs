@@ -72,8 +72,9 @@ impl Granted<'_> {
     }
 }
 
-/// A subscription's stream, ended by an `UNAUTHENTICATED` error once the caller's token has
-/// expired: checked before each item, and at the expiry time for a quiet stream.
+/// A subscription's stream, counted against the token's subscription quota, and ended by an
+/// `UNAUTHENTICATED` error once the token has expired: checked before each item, and at the
+/// expiry time for a quiet stream.
 pub(crate) fn until_expiry<T, S>(
     ctx: &Context<'_>,
     stream: S,
@@ -82,14 +83,20 @@ where
     T: Send + 'static,
     S: Stream<Item = T> + Send + 'static,
 {
-    let deadline = principal(ctx)?
+    let caller = principal(ctx)?;
+    let deadline = caller
         .expires_at
         .and_then(|exp| chrono::DateTime::from_timestamp(exp, 0));
+    // Counted against the token's quota until the stream is dropped.
+    let held = ctx
+        .data_unchecked::<Arc<crate::quota::Quotas>>()
+        .subscribe(caller.key)
+        .gql()?;
     let clock = ctx.data_unchecked::<Store>().clock().clone();
-    let state = (Box::pin(stream), false);
+    let state = (Box::pin(stream), false, held);
     Ok(futures::stream::unfold(
         state,
-        move |(mut stream, ended)| {
+        move |(mut stream, ended, held)| {
             let clock = clock.clone();
             async move {
                 if ended {
@@ -110,14 +117,14 @@ where
                     tokio::select! {
                         item = stream.next() => {
                             return match item {
-                                Some(_) if expired() => Some((closing(), (stream, true))),
-                                Some(item) => Some((Ok(item), (stream, false))),
+                                Some(_) if expired() => Some((closing(), (stream, true, held))),
+                                Some(item) => Some((Ok(item), (stream, false, held))),
                                 None => None,
                             };
                         }
                         _ = tokio::time::sleep(wait) => {
                             if expired() {
-                                return Some((closing(), (stream, true)));
+                                return Some((closing(), (stream, true, held)));
                             }
                         }
                     }

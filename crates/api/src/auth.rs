@@ -19,6 +19,8 @@ pub struct Principal {
     pub namespaces: NamespaceScope,
     /// When the token stops being valid (seconds since the epoch); `None` without auth.
     pub expires_at: Option<i64>,
+    /// Which token this is, for per-token quotas; `None` without auth.
+    pub key: Option<u64>,
 }
 
 impl Principal {
@@ -29,6 +31,7 @@ impl Principal {
             permissions: Permissions::all(),
             namespaces: NamespaceScope::All,
             expires_at: None,
+            key: None,
         }
     }
 }
@@ -232,8 +235,21 @@ impl Authenticator {
             permissions,
             namespaces: NamespaceScope::from_claim(claims.namespaces.iter().map(String::as_str)),
             expires_at: claims.exp,
+            key: Some(token_key(token)),
         })
     }
+}
+
+/// A fingerprint of a token, for counting what it holds open (never leaves the process).
+fn token_key(token: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut hasher = KEYS
+        .get_or_init(std::collections::hash_map::RandomState::new)
+        .build_hasher();
+    hasher.write(token.as_bytes());
+    hasher.finish()
 }
 
 /// The `alg` a token's header names, read without trusting anything else in it.

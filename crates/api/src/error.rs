@@ -26,6 +26,9 @@ pub enum ApiError {
     /// Valid credentials without the permission this needs.
     #[error("{0}")]
     Forbidden(String),
+    /// A quota is used up (connections, subscriptions, claim rate).
+    #[error("{0}")]
+    RateLimited(String),
     #[error("internal error; the server log has the details")]
     Internal,
 }
@@ -40,6 +43,7 @@ impl ApiError {
             ApiError::LeaseLost(_) => "LEASE_LOST",
             ApiError::Unauthenticated(_) => "UNAUTHENTICATED",
             ApiError::Forbidden(_) => "FORBIDDEN",
+            ApiError::RateLimited(_) => "RATE_LIMITED",
             ApiError::Internal => "INTERNAL",
         }
     }

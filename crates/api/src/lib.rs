@@ -12,6 +12,7 @@ mod ids;
 pub mod limits;
 mod objects;
 mod playground;
+pub mod quota;
 mod schema;
 mod server;
 mod workers;

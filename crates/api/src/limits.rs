@@ -148,8 +148,11 @@ mod tests {
 
     async fn run(limits: QueryLimits, query: &str) -> async_graphql::Response {
         let db = TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await;
-        let schema =
-            crate::schema::build_schema(tasker_engine::Engine::new(db.store.clone()), &limits);
+        let schema = crate::schema::build_schema(
+            tasker_engine::Engine::new(db.store.clone()),
+            &limits,
+            crate::quota::Quotas::new(Default::default()),
+        );
         schema
             .execute(
                 async_graphql::Request::new(query).data(crate::auth::Principal::unrestricted()),

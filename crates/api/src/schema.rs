@@ -40,8 +40,13 @@ pub struct Mutation(TaskMutation, crate::workers::WorkerMutation);
 pub const MAX_PAGE_SIZE: i32 = 100;
 
 /// Builds the schema around the engine (and its store), with limits on operations.
-pub fn build_schema(engine: Arc<Engine>, limits: &QueryLimits) -> TaskerSchema {
+pub fn build_schema(
+    engine: Arc<Engine>,
+    limits: &QueryLimits,
+    quotas: Arc<crate::quota::Quotas>,
+) -> TaskerSchema {
     let mut builder = Schema::build(Query::default(), Mutation::default(), Subscription)
+        .data(quotas)
         .data(engine.store().clone())
         .data(crate::feed::EventFeed::new(engine.store().clone()))
         .data(engine)
@@ -768,7 +773,11 @@ mod tests {
             .with_timezone(&Utc);
         let clock = Arc::new(ManualClock::new(start));
         let db = TestDatabase::sqlite(clock.clone()).await;
-        let schema = build_schema(Engine::new(db.store.clone()), &QueryLimits::default());
+        let schema = build_schema(
+            Engine::new(db.store.clone()),
+            &QueryLimits::default(),
+            crate::quota::Quotas::new(Default::default()),
+        );
         // Time stands still unless the runtime is idle, then jumps to the next timer.
         tokio::time::pause();
         let request = async_graphql::Request::new(

@@ -31,6 +31,8 @@ pub struct HttpLimits {
     pub request_timeout: Duration,
     /// The shape of operations.
     pub query: crate::limits::QueryLimits,
+    /// Per-token quotas.
+    pub quota: crate::quota::QuotaLimits,
 }
 
 impl Default for HttpLimits {
@@ -39,6 +41,7 @@ impl Default for HttpLimits {
             max_body_bytes: 4 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             query: crate::limits::QueryLimits::default(),
+            quota: crate::quota::QuotaLimits::default(),
         }
     }
 }
@@ -46,6 +49,7 @@ impl Default for HttpLimits {
 #[derive(Clone)]
 struct AppState {
     auth: AuthMode,
+    quotas: Arc<crate::quota::Quotas>,
     schema: TaskerSchema,
     store: Store,
     limits: HttpLimits,
@@ -54,9 +58,11 @@ struct AppState {
 
 /// The whole application as an axum router.
 pub fn router(engine: Arc<Engine>, limits: HttpLimits, auth: AuthMode) -> Router {
+    let quotas = crate::quota::Quotas::new(limits.quota.clone());
     let state = AppState {
         auth,
-        schema: build_schema(engine.clone(), &limits.query),
+        quotas: quotas.clone(),
+        schema: build_schema(engine.clone(), &limits.query, quotas),
         store: engine.store().clone(),
         limits: limits.clone(),
         playground: playground::page().into(),
@@ -224,6 +230,7 @@ async fn graphql_get(State(state): State<AppState>, request: axum::extract::Requ
         .and_then(bearer)
         .map(str::to_owned);
     let auth = state.auth.clone();
+    let quotas = state.quotas.clone();
     upgrade
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
         // Clients send small messages. tungstenite zero-fills its whole read buffer before
@@ -239,8 +246,13 @@ async fn graphql_get(State(state): State<AppState>, request: axum::extract::Requ
                     let principal = auth
                         .principal(token.as_deref())
                         .map_err(|err| async_graphql::Error::new(err.to_string()))?;
+                    // Held in the connection's data: released when the connection closes.
+                    let held = quotas
+                        .connect(principal.key)
+                        .map_err(|err| async_graphql::Error::new(err.to_string()))?;
                     let mut data = async_graphql::Data::default();
                     data.insert(principal);
+                    data.insert(held);
                     Ok(data)
                 })
                 .serve()

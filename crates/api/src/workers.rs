@@ -186,6 +186,11 @@ impl WorkerMutation {
             ))
             .gql();
         }
+        if crate::access::principal(ctx)?.key.is_some() {
+            ctx.data_unchecked::<std::sync::Arc<crate::quota::Quotas>>()
+                .claim(&input.worker_id, granted.store.clock().now())
+                .gql()?;
+        }
         let Some(namespaces) = within_scope(&granted, namespaces) else {
             return Ok(ClaimStepsPayload { leases: Vec::new() });
         };
