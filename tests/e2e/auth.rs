@@ -459,6 +459,47 @@ async fn a_token_scoped_to_one_namespace_sees_nothing_of_another() {
         body["data"]["task"]["state"], "PENDING",
         "the billing task was not touched"
     );
+    // A lease on another namespace's step is worth nothing to this token: LEASE_LOST, like an
+    // expired one, and the step is not touched.
+    let (_, body) = post(&server, Some(&admin), "mutation { claimSteps(input: {workerId: \"admin\", namespaces: [\"billing\"]}) { leases { leaseToken stepId } } }").await;
+    let lease = body["data"]["claimSteps"]["leases"][0]["leaseToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let step = body["data"]["claimSteps"]["leases"][0]["stepId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for operation in [
+        format!(
+            "mutation {{ completeStep(input: {{leaseToken: \"{lease}\"}}) {{ step {{ id }} }} }}"
+        ),
+        format!(
+            "mutation {{ failStep(input: {{leaseToken: \"{lease}\", message: \"x\"}}) {{ step {{ id }} }} }}"
+        ),
+        format!(
+            "mutation {{ publishEvent(input: {{leaseToken: \"{lease}\", name: \"x\"}}) {{ event {{ id }} }} }}"
+        ),
+    ] {
+        let (_, body) = post(&server, Some(&shop), &operation).await;
+        assert_eq!(code(&body), "LEASE_LOST", "{operation}: {body}");
+    }
+    let (_, body) = post(&server, Some(&shop), &format!("mutation {{ heartbeatSteps(input: {{leaseTokens: [\"{lease}\"]}}) {{ leases {{ alive }} }} }}")).await;
+    assert_eq!(
+        body["data"]["heartbeatSteps"]["leases"][0]["alive"], false,
+        "{body}"
+    );
+    let (_, body) = post(
+        &server,
+        Some(&admin),
+        &format!("{{ step(id: \"{step}\") {{ state attempts }} }}"),
+    )
+    .await;
+    assert_eq!(
+        body["data"]["step"],
+        json!({ "state": "IN_PROGRESS", "attempts": 1 }),
+        "{body}"
+    );
     let nobody = format!("Bearer {}", token(&["*"], &[]));
     let (_, body) = post(&server, Some(&nobody), "{ tasks { totalCount } }").await;
     assert_eq!(
@@ -729,4 +770,76 @@ async fn quotas_limit_connections_and_claims_per_token() {
     );
     let (_, body) = post(&server, Some(&one), &claim("w2")).await;
     assert_eq!(code(&body), "none", "{body}");
+}
+
+#[tokio::test]
+async fn health_status_needs_its_permission_and_counts_within_scope() {
+    let server = secured().await;
+    let admin = format!("Bearer {}", token(&["*"], &["*"]));
+    let definition = serde_json::to_string(DIAMOND).unwrap();
+    post(
+        &server,
+        Some(&admin),
+        &format!(
+            "mutation {{ registerTemplate(input: {{definition: {definition}}}) {{ result }} }}"
+        ),
+    )
+    .await;
+    post(&server, Some(&admin), "mutation { createTask(input: {namespace: \"shop\", template: \"fulfil\", context: {order_id: 1}}) { created } }").await;
+    let client = crate::support::http_client();
+    let status = |auth: Option<String>| {
+        let mut request = client.get(server.url("/health/status"));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    assert_eq!(status(None).await.0, 401);
+    let (code, body) = status(Some(format!(
+        "Bearer {}",
+        token(&["tasker.task:*"], &["*"])
+    )))
+    .await;
+    assert_eq!(
+        (code, &body["errors"][0]["extensions"]["code"]),
+        (403, &json!("FORBIDDEN")),
+        "{body}"
+    );
+    let (code, body) = status(Some(format!(
+        "Bearer {}",
+        token(&["tasker.health_status:index"], &["*"])
+    )))
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        (&body["tasks"]["pending"], &body["ready_steps"]),
+        (&json!(1), &json!(1)),
+        "{body}"
+    );
+    let (_, body) = status(Some(format!(
+        "Bearer {}",
+        token(&["tasker.health_status:index"], &["billing"])
+    )))
+    .await;
+    assert_eq!(
+        (&body["tasks"]["pending"], &body["ready_steps"]),
+        (&json!(0), &json!(0)),
+        "{body}"
+    );
+    // Liveness and readiness stay open for orchestrators.
+    assert_eq!(
+        client
+            .get(server.url("/health/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }

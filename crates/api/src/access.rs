@@ -57,6 +57,32 @@ impl Granted<'_> {
         self.scope.narrow(asked)
     }
 
+    /// The lease tokens among `tokens` whose steps are in scope; the others are treated as
+    /// lost leases. Costs nothing for a caller that sees every namespace.
+    pub async fn leases_in_scope(&self, tokens: Vec<Uuid>) -> Result<Vec<Uuid>> {
+        if *self.scope == NamespaceScope::All {
+            return Ok(tokens);
+        }
+        let namespaces = self.store.lease_namespaces(&tokens).await.gql()?;
+        Ok(tokens
+            .into_iter()
+            .filter(|token| {
+                namespaces
+                    .get(token)
+                    .is_some_and(|namespace| self.scope.allows(namespace))
+            })
+            .collect())
+    }
+
+    /// A lease token, if its step is in scope; `LEASE_LOST` otherwise, like an expired lease.
+    pub async fn lease_in_scope(&self, token: Uuid) -> Result<Uuid> {
+        self.leases_in_scope(vec![token])
+            .await?
+            .pop()
+            .ok_or(tasker_store::Error::LeaseLost)
+            .gql()
+    }
+
     pub async fn task(&self, id: Uuid) -> Result<TaskRecord> {
         let task = self.store.task(id).await.gql()?;
         self.check(&task.namespace, "task", &id.to_string()).gql()?;

@@ -74,6 +74,7 @@ pub fn router(engine: Arc<Engine>, limits: HttpLimits, auth: AuthMode) -> Router
         .route("/graphql", get(graphql_get).post(graphql_post))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
+        .route("/health/status", get(status))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("a request handler panicked");
@@ -280,6 +281,68 @@ async fn vendor_asset(Path(file): Path<String>) -> Response {
 
 async fn live() -> Json<serde_json::Value> {
     Json(json!({ "status": "live" }))
+}
+
+/// GET /health/status: tasks by state and claimable steps, within the caller's namespaces;
+/// needs `tasker.health_status:index` when authentication is on.
+async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let principal = match authenticate(&state, &headers) {
+        Ok(principal) => principal,
+        Err(response) => return *response,
+    };
+    let needed = tasker_domain::Permission::HealthStatusIndex;
+    if !principal.permissions.contains(needed) {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            &format!("this needs the {needed} permission, which your token does not grant"),
+        );
+    }
+    let within = principal.namespaces.narrow(&[]);
+    let mut tasks = serde_json::Map::new();
+    for task_state in tasker_domain::TaskState::ALL {
+        let filter = tasker_store::TaskFilter {
+            states: vec![task_state],
+            within: within.clone(),
+            ..Default::default()
+        };
+        match state.store.count_tasks(&filter).await {
+            Ok(count) => {
+                use tasker_domain::StateMachine as _;
+                tasks.insert(task_state.as_str().to_owned(), json!(count));
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "health status could not count tasks");
+                return error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "INTERNAL",
+                    "the database did not answer; the server log has the details",
+                );
+            }
+        }
+    }
+    let ready_steps = match &within {
+        Some(namespaces) if namespaces.is_empty() => Ok(0),
+        Some(namespaces) => state.store.count_ready_steps(&[], namespaces, 10_000).await,
+        None => state.store.count_ready_steps(&[], &[], 10_000).await,
+    };
+    match ready_steps {
+        Ok(ready_steps) => Json(json!({
+            "status": "ok",
+            "database": state.store.backend_name(),
+            "tasks": tasks,
+            "ready_steps": ready_steps,
+        }))
+        .into_response(),
+        Err(err) => {
+            tracing::warn!(error = %err, "health status could not count ready steps");
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "INTERNAL",
+                "the database did not answer; the server log has the details",
+            )
+        }
+    }
 }
 
 async fn ready(State(state): State<AppState>) -> Response {

@@ -137,8 +137,7 @@ fn token(id: &ID, field: &str) -> Result<Uuid> {
     crate::ids::parse_id(id, field).gql()
 }
 
-/// The step a worker holds, with its task. Lease tokens are capabilities: only a claim
-/// within the caller's scope hands one out.
+/// The step a worker holds, with its task (the lease was checked to be in scope).
 async fn step_payload(ctx: &Context<'_>, step: tasker_store::StepRecord) -> Result<StepPayload> {
     let granted = grant(ctx, Permission::WorkerClaim)?;
     let task = granted.store.task(step.task_id).await.gql()?;
@@ -256,9 +255,11 @@ impl WorkerMutation {
             .iter()
             .map(|id| token(id, "input.leaseTokens"))
             .collect::<Result<Vec<_>>>()?;
-        let alive = grant(ctx, Permission::WorkerClaim)?
+        let granted = grant(ctx, Permission::WorkerClaim)?;
+        let in_scope = granted.leases_in_scope(tokens.clone()).await?;
+        let alive = granted
             .store
-            .heartbeat(&tokens, Duration::from_secs(lease as u64))
+            .heartbeat(&in_scope, Duration::from_secs(lease as u64))
             .await
             .gql()?;
         Ok(HeartbeatStepsPayload {
@@ -281,6 +282,7 @@ impl WorkerMutation {
     ) -> Result<StepPayload> {
         let granted = grant(ctx, Permission::WorkerClaim)?;
         let lease_token = token(&input.lease_token, "input.leaseToken")?;
+        let lease_token = granted.lease_in_scope(lease_token).await?;
         let report = granted
             .engine
             .complete(&[Completion {
@@ -308,9 +310,11 @@ impl WorkerMutation {
         ctx: &Context<'_>,
         input: PublishEventInput,
     ) -> Result<PublishEventPayload> {
+        let granted = grant(ctx, Permission::WorkerClaim)?;
         let lease_token = token(&input.lease_token, "input.leaseToken")?;
+        let lease_token = granted.lease_in_scope(lease_token).await?;
         let payload = input.payload.map_or(Value::Null, |json| json.0);
-        let event = grant(ctx, Permission::WorkerClaim)?
+        let event = granted
             .store
             .publish_event(lease_token, &input.name, payload)
             .await
@@ -333,7 +337,9 @@ impl WorkerMutation {
             ))
             .gql();
         }
-        let report = grant(ctx, Permission::WorkerClaim)?
+        let granted = grant(ctx, Permission::WorkerClaim)?;
+        let lease_token = granted.lease_in_scope(lease_token).await?;
+        let report = granted
             .engine
             .fail(&AttemptFailure {
                 lease_token,

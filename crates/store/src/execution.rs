@@ -277,6 +277,24 @@ impl Store {
             .collect())
     }
 
+    /// The namespace of the task each live lease token's step belongs to (tokens that hold no
+    /// step are left out), so a caller's scope can be checked before it acts on a lease.
+    pub async fn lease_namespaces(&self, tokens: &[Uuid]) -> Result<HashMap<Uuid, String>> {
+        if tokens.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut sql = Sql::new(self.db.get_database_backend());
+        sql.push("SELECT s.lease_token AS token, t.namespace FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE s.lease_token IN ")
+            .bind_list(tokens.iter().copied());
+        let rows = LeaseNamespace::find_by_statement(sql.build())
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.token, row.namespace))
+            .collect())
+    }
+
     /// Records finished attempts in one transaction: steps complete, their children's
     /// dependency counters drop, and tasks whose steps are all done complete.
     pub async fn complete_steps(&self, completions: &[Completion]) -> Result<CompletionReport> {
@@ -819,6 +837,12 @@ impl Store {
         }
         Ok(Subjects { names })
     }
+}
+
+#[derive(Debug, FromQueryResult)]
+struct LeaseNamespace {
+    token: Uuid,
+    namespace: String,
 }
 
 #[derive(Debug, FromQueryResult)]
