@@ -158,6 +158,7 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal();
     let auth = auth_mode(&settings)?;
     let store = connect(&settings).await?;
     if settings.examples {
@@ -193,7 +194,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     ));
     background.push(tokio::spawn(engine.clone().run_listener(stopping)));
     let app = tasker_api::router(engine, settings.http_limits(), auth);
-    tasker_api::serve(listener, app, shutdown_signal()).await?;
+    tasker_api::serve(listener, app, shutdown).await?;
     // Stop claiming, let the batch in hand be recorded, then close the pool.
     let _ = stop.send(true);
     for task in background {
@@ -206,31 +207,40 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = async {
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM. The handlers are installed when this is called,
+/// not when the future is first polled, so a signal that arrives while the server is still
+/// starting is not lost (nor does it kill the process outright).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(terminate), Ok(interrupt)) => Some((terminate, interrupt)),
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM and SIGINT");
+                None
+            }
+        }
+    };
+    async move {
+        #[cfg(unix)]
+        match signals {
+            Some((mut terminate, mut interrupt)) => {
+                tokio::select! {
+                    _ = terminate.recv() => {},
+                    _ = interrupt.recv() => {},
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+        #[cfg(not(unix))]
         if let Err(err) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %err, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {},
-        () = terminate => {},
+        tracing::info!("shutting down: finishing requests in flight");
     }
-    tracing::info!("shutting down: finishing requests in flight");
 }

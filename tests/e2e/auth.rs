@@ -633,6 +633,23 @@ async fn websocket_connections_authenticate_in_connection_init_and_close_on_expi
         "{refused}"
     );
 
+    // A token in the upgrade request's header works too (legacy graphql-ws here).
+    {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{}/graphql", server.address)
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", "graphql-ws".parse().unwrap());
+        request
+            .headers_mut()
+            .insert("authorization", admin.parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        send(&mut socket, json!({ "type": "connection_init" })).await;
+        assert_eq!(next_message(&mut socket).await["type"], "connection_ack");
+    }
+
     // With a token in the payload, events flow, until the token expires.
     let mut socket = connect_to(server.address, "graphql-transport-ws").await;
     send(

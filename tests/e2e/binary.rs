@@ -412,6 +412,36 @@ fn non_loopback_needs_a_key_and_token_mints_one() {
         "{stderr}"
     );
 
+    // Explicitly insecure, it serves, and says so before it listens.
+    let mut child = Command::new(BINARY)
+        .args([
+            "serve",
+            "--bind",
+            "0.0.0.0:0",
+            "--no-examples",
+            "--insecure-no-auth",
+        ])
+        .args(["--log-format", "json", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("TASKER_DATABASE_URL")
+        .env_remove("TASKER_JWT_SECRET")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut warned = false;
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref().map_while(Result::ok) {
+        warned |= line.contains("authentication off beyond loopback");
+        if line.contains("listening;") {
+            break;
+        }
+    }
+    // Keep reading, so the server's last log lines have somewhere to go.
+    std::thread::spawn(move || lines.for_each(drop));
+    let status = terminate(&mut child);
+    assert!(status.success(), "{status:?}");
+    assert!(warned, "the insecure mode is logged");
+
     let secret = "a-secret-for-the-token-command-test-0123456789";
     let output = Command::new(BINARY)
         .args([
