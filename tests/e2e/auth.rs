@@ -87,6 +87,20 @@ async fn post(server: &TestServer, authorization: Option<&str>, query: &str) -> 
     (response.status().as_u16(), response.json().await.unwrap())
 }
 
+/// Registers a template as `auth`; returns the answer.
+async fn register(server: &TestServer, auth: &str, definition: &str) -> Value {
+    let definition = serde_json::to_string(definition).unwrap();
+    post(
+        server,
+        Some(auth),
+        &format!(
+            "mutation {{ registerTemplate(input: {{definition: {definition}}}) {{ result }} }}"
+        ),
+    )
+    .await
+    .1
+}
+
 fn code(body: &Value) -> &str {
     body["errors"][0]["extensions"]["code"]
         .as_str()
@@ -270,16 +284,9 @@ async fn hostile_tokens_are_refused_with_401_and_a_reason() {
 async fn each_operation_needs_its_permission() {
     let server = secured().await;
     let admin = format!("Bearer {}", token(&["*"], &["*"]));
-    let definition = serde_json::to_string(DIAMOND).unwrap();
-    let (_, body) = post(
-        &server,
-        Some(&admin),
-        &format!(
-            "mutation {{ registerTemplate(input: {{definition: {definition}}}) {{ result }} }}"
-        ),
-    )
-    .await;
+    let body = register(&server, &admin, DIAMOND).await;
     assert_eq!(code(&body), "none", "{body}");
+    let definition = serde_json::to_string(DIAMOND).unwrap();
     let (_, body) = post(&server, Some(&admin), "mutation { createTask(input: {namespace: \"shop\", template: \"fulfil\", context: {order_id: 1}}) { task { id steps { id } } } }").await;
     let task = body["data"]["createTask"]["task"]["id"]
         .as_str()
@@ -350,15 +357,7 @@ async fn a_token_scoped_to_one_namespace_sees_nothing_of_another() {
     let admin = format!("Bearer {}", token(&["*"], &["*"]));
     let billing = DIAMOND.replace("namespace: shop", "namespace: billing");
     for definition in [DIAMOND.to_owned(), billing] {
-        let definition = serde_json::to_string(&definition).unwrap();
-        post(
-            &server,
-            Some(&admin),
-            &format!(
-                "mutation {{ registerTemplate(input: {{definition: {definition}}}) {{ result }} }}"
-            ),
-        )
-        .await;
+        register(&server, &admin, &definition).await;
     }
     let mut ids = Vec::new();
     for namespace in ["shop", "billing"] {
@@ -611,15 +610,7 @@ async fn websocket_connections_authenticate_in_connection_init_and_close_on_expi
     let clock = Arc::new(tasker_domain::ManualClock::new(chrono::Utc::now()));
     let server = secured_on(TestDatabase::sqlite(clock.clone()).await).await;
     let admin = format!("Bearer {}", token(&["*"], &["*"]));
-    let definition = serde_json::to_string(DIAMOND).unwrap();
-    post(
-        &server,
-        Some(&admin),
-        &format!(
-            "mutation {{ registerTemplate(input: {{definition: {definition}}}) {{ result }} }}"
-        ),
-    )
-    .await;
+    register(&server, &admin, DIAMOND).await;
 
     // Without a token the connection is refused, with the reason.
     let mut socket = connect_to(server.address, "graphql-transport-ws").await;
@@ -793,15 +784,7 @@ async fn quotas_limit_connections_and_claims_per_token() {
 async fn health_status_needs_its_permission_and_counts_within_scope() {
     let server = secured().await;
     let admin = format!("Bearer {}", token(&["*"], &["*"]));
-    let definition = serde_json::to_string(DIAMOND).unwrap();
-    post(
-        &server,
-        Some(&admin),
-        &format!(
-            "mutation {{ registerTemplate(input: {{definition: {definition}}}) {{ result }} }}"
-        ),
-    )
-    .await;
+    register(&server, &admin, DIAMOND).await;
     post(&server, Some(&admin), "mutation { createTask(input: {namespace: \"shop\", template: \"fulfil\", context: {order_id: 1}}) { created } }").await;
     let client = crate::support::http_client();
     let status = |auth: Option<String>| {

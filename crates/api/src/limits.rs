@@ -49,12 +49,7 @@ impl ExtensionFactory for QueryShape {
 struct QueryShapeExtension(QueryLimits);
 
 fn refusal(message: String) -> ServerError {
-    let mut error = ServerError::new(message, Some(Pos::default()));
-    error
-        .extensions
-        .get_or_insert_with(Default::default)
-        .set("code", LIMIT_CODE);
-    error
+    crate::schema::with_code(ServerError::new(message, Some(Pos::default())), LIMIT_CODE)
 }
 
 #[async_graphql::async_trait::async_trait]

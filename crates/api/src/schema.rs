@@ -712,7 +712,8 @@ impl ExtensionFactory for ErrorCodes {
 
 struct ErrorCodesExtension;
 
-fn with_code(mut error: ServerError, code: &str) -> ServerError {
+/// Sets the error's code unless it has one.
+pub(crate) fn with_code(mut error: ServerError, code: &str) -> ServerError {
     let has_code = error
         .extensions
         .as_ref()
