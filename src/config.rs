@@ -113,6 +113,14 @@ pub struct Cli {
     #[arg(long, env = "TASKER_MAX_ROOT_FIELDS", global = true)]
     pub max_root_fields: Option<usize>,
 
+    /// Largest page of tasks a query may ask for (default 100).
+    #[arg(long, env = "TASKER_MAX_TASKS_PAGE", global = true)]
+    pub max_tasks_page: Option<usize>,
+
+    /// Largest page of events a query may ask for (default 500).
+    #[arg(long, env = "TASKER_MAX_EVENTS_PAGE", global = true)]
+    pub max_events_page: Option<usize>,
+
     /// Refuse introspection (`__schema`, `__type`); the playground then cannot explore.
     #[arg(long, env = "TASKER_NO_INTROSPECTION", global = true)]
     pub no_introspection: bool,
@@ -205,6 +213,8 @@ struct FileSettings {
     max_aliases: Option<usize>,
     max_root_fields: Option<usize>,
     introspection: Option<bool>,
+    max_tasks_page: Option<usize>,
+    max_events_page: Option<usize>,
     max_connections_per_token: Option<usize>,
     max_subscriptions_per_token: Option<usize>,
     claims_per_second: Option<f64>,
@@ -273,6 +283,14 @@ impl Settings {
                 .unwrap_or(query_defaults.max_root_fields),
             introspection: !cli.no_introspection
                 && file.introspection.unwrap_or(query_defaults.introspection),
+            max_tasks_page: cli
+                .max_tasks_page
+                .or(file.max_tasks_page)
+                .unwrap_or(query_defaults.max_tasks_page),
+            max_events_page: cli
+                .max_events_page
+                .or(file.max_events_page)
+                .unwrap_or(query_defaults.max_events_page),
         };
         let quota_defaults = tasker_api::quota::QuotaLimits::default();
         let claims_per_second = cli

@@ -14,7 +14,6 @@ use tasker_domain::{EventName, Permission};
 use tasker_store::{EventCursor, EventFilter, EventRecord, Store};
 
 const CURSOR_PREFIX: &str = "ev2:";
-const MAX_PAGE: i32 = 500;
 
 /// The opaque cursor of an event.
 pub fn event_cursor(cursor: EventCursor) -> String {
@@ -191,7 +190,7 @@ impl EventQuery {
         Ok(catalog)
     }
 
-    /// The event log in order, `first` at a time (at most 500) after a cursor; the same
+    /// The event log in order, `first` at a time (at most 500 by default) after a cursor; the same
     /// cursors as the `events` subscription, for clients that cannot keep a WebSocket.
     async fn events(
         &self,
@@ -200,13 +199,7 @@ impl EventQuery {
         #[graphql(default = 50)] first: i32,
         after: Option<String>,
     ) -> Result<EventConnection> {
-        if !(0..=MAX_PAGE).contains(&first) {
-            return Err(ApiError::invalid(
-                "first",
-                format!("must be between 0 and {MAX_PAGE}, got {first}"),
-            ))
-            .gql();
-        }
+        let first = crate::limits::page_size(ctx, first, |limits| limits.max_events_page)?;
         let after = after
             .as_deref()
             .map(|text| parse_event_cursor(text, "after"))
@@ -216,7 +209,7 @@ impl EventQuery {
         let filter = filter.unwrap_or_default().resolve(&granted).await?;
         let mut events = granted
             .store
-            .events_page(&filter, after, first as u64 + 1)
+            .events_page(&filter, after, first + 1)
             .await
             .gql()?;
         let has_next_page = events.len() > first as usize;

@@ -18,5 +18,5 @@ mod server;
 mod workers;
 
 pub use error::ApiError;
-pub use schema::{MAX_PAGE_SIZE, TaskerSchema, build_schema, sdl};
+pub use schema::{TaskerSchema, build_schema, sdl};
 pub use server::{HttpLimits, router, serve};

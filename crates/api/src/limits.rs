@@ -24,6 +24,10 @@ pub struct QueryLimits {
     pub max_root_fields: usize,
     /// Whether `__schema` and `__type` may be queried.
     pub introspection: bool,
+    /// Largest page of tasks.
+    pub max_tasks_page: usize,
+    /// Largest page of events.
+    pub max_events_page: usize,
 }
 
 impl Default for QueryLimits {
@@ -34,7 +38,29 @@ impl Default for QueryLimits {
             max_aliases: 30,
             max_root_fields: 10,
             introspection: true,
+            max_tasks_page: 100,
+            max_events_page: 500,
         }
+    }
+}
+
+/// `first` checked against the configured largest page (`VALIDATION_FAILED` otherwise).
+pub(crate) fn page_size(
+    ctx: &async_graphql::Context<'_>,
+    first: i32,
+    largest: fn(&QueryLimits) -> usize,
+) -> async_graphql::Result<u64> {
+    use crate::error::GqlResultExt;
+    let max = ctx
+        .data_opt::<QueryLimits>()
+        .map_or_else(|| largest(&QueryLimits::default()), largest);
+    match u64::try_from(first) {
+        Ok(first) if first <= max as u64 => Ok(first),
+        _ => Err(crate::error::ApiError::invalid(
+            "first",
+            format!("must be between 0 and {max}, got {first}"),
+        ))
+        .gql(),
     }
 }
 

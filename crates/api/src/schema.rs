@@ -36,9 +36,6 @@ pub struct Query(TaskQuery, crate::events::EventQuery);
 #[derive(MergedObject, Default)]
 pub struct Mutation(TaskMutation, crate::workers::WorkerMutation);
 
-/// The most tasks one page may hold.
-pub const MAX_PAGE_SIZE: i32 = 100;
-
 /// Builds the schema around the engine (and its store), with limits on operations.
 pub fn build_schema(
     engine: Arc<Engine>,
@@ -47,6 +44,7 @@ pub fn build_schema(
 ) -> TaskerSchema {
     let mut builder = Schema::build(Query::default(), Mutation::default(), Subscription)
         .data(quotas)
+        .data(limits.clone())
         .data(engine.store().clone())
         .data(crate::feed::EventFeed::new(engine.store().clone()))
         .data(engine)
@@ -134,7 +132,8 @@ impl TaskQuery {
         Ok(Task::single(granted.store.clone(), record))
     }
 
-    /// Tasks, newest first, filtered, in pages of `first` (at most 100) after a cursor.
+    /// Tasks, newest first, filtered, in pages of `first` (at most 100 by default) after a
+    /// cursor.
     async fn tasks(
         &self,
         ctx: &Context<'_>,
@@ -142,18 +141,11 @@ impl TaskQuery {
         #[graphql(default = 20)] first: i32,
         after: Option<String>,
     ) -> Result<TaskConnection> {
-        if !(0..=MAX_PAGE_SIZE).contains(&first) {
-            return Err(ApiError::invalid(
-                "first",
-                format!("must be between 0 and {MAX_PAGE_SIZE}, got {first}"),
-            ))
-            .gql();
-        }
+        let first = crate::limits::page_size(ctx, first, |limits| limits.max_tasks_page)?;
         let granted = grant(ctx, Permission::TaskIndex)?;
         let after = after.as_deref().map(parse_task_cursor).transpose().gql()?;
         let mut filter = filter.map(TaskFilter::from).unwrap_or_default();
         filter.within = granted.narrow(&[]);
-        let first = first as u64;
         let mut tasks = granted
             .store
             .list_tasks(&filter, after, first + 1)
