@@ -44,6 +44,7 @@ pub fn build_schema(
 ) -> TaskerSchema {
     let mut builder = Schema::build(Query::default(), Mutation::default(), Subscription)
         .data(quotas)
+        .data(Arc::new(crate::workers::ReadyCounts::default()))
         .data(limits.clone())
         .data(engine.store().clone())
         .data(crate::feed::EventFeed::new(engine.store().clone()))

@@ -7,6 +7,7 @@ use crate::objects::Step;
 use async_graphql::{Context, ID, InputObject, Json, Object, Result, SimpleObject};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::time::Duration;
 use tasker_domain::Permission;
 use tasker_store::{AttemptFailure, ClaimRequest, Completion};
@@ -392,35 +393,97 @@ pub async fn steps_available(
     let namespaces = within_scope(&granted, namespaces).unwrap_or_else(|| vec![String::new()]);
     let store = granted.store.clone();
     let signal = granted.engine.work_signal();
-    let state = (store, signal, handlers, namespaces, true);
+    let counts = ctx.data_unchecked::<std::sync::Arc<ReadyCounts>>().clone();
+    let filter = ReadyCounts::key(handlers, namespaces);
+    let state = (store, signal, counts, filter, true);
     Ok(futures::stream::unfold(
         state,
-        |(store, mut signal, handlers, namespaces, mut first)| async move {
+        |(store, mut signal, counts, filter, mut first)| async move {
             loop {
+                // Counted afresh at first and on the safety sweep (time can make steps ready
+                // without a signal); after a signal, shared with every subscriber alike.
+                let mut fresh = first;
                 if !first {
                     // The safety sweep's cadence backs up the signal.
-                    let changed =
-                        tokio::time::timeout(Duration::from_secs(5), signal.changed()).await;
-                    if let Ok(Err(_)) = changed {
-                        return None;
+                    match tokio::time::timeout(Duration::from_secs(5), signal.changed()).await {
+                        Ok(Err(_)) => return None,
+                        Ok(Ok(())) => {}
+                        Err(_) => fresh = true,
                     }
                 }
                 first = false;
-                signal.borrow_and_update();
-                match store.count_ready_steps(&handlers, &namespaces, 1000).await {
+                let generation = *signal.borrow_and_update();
+                let counted = counts
+                    .count(&filter, generation, fresh, || {
+                        store.count_ready_steps(&filter.0, &filter.1, 1000)
+                    })
+                    .await;
+                match counted {
                     Ok(0) => {}
                     Ok(ready_steps) => {
                         let message = StepsAvailable {
                             ready_steps,
                             at: store.clock().now(),
                         };
-                        return Some((message, (store, signal, handlers, namespaces, first)));
+                        return Some((message, (store, signal, counts, filter, first)));
                     }
                     Err(err) => tracing::warn!(error = %err, "counting ready steps failed"),
                 }
             }
         },
     ))
+}
+
+/// A `stepsAvailable` filter: handlers and namespaces, sorted.
+type ReadyFilter = (Vec<String>, Vec<String>);
+
+/// Ready-step counts shared by the `stepsAvailable` subscriptions of one filter: after a
+/// signal, one count query serves every subscriber waiting on it, however many workers wait.
+#[derive(Debug, Default)]
+pub(crate) struct ReadyCounts {
+    /// Per filter: the signal generation it was counted at, and the count.
+    counts: tokio::sync::Mutex<HashMap<ReadyFilter, (u64, u64)>>,
+}
+
+/// Filters remembered at most; beyond, the memory starts over.
+const MAX_REMEMBERED_FILTERS: usize = 1024;
+
+impl ReadyCounts {
+    fn key(mut handlers: Vec<String>, mut namespaces: Vec<String>) -> ReadyFilter {
+        handlers.sort();
+        handlers.dedup();
+        namespaces.sort();
+        namespaces.dedup();
+        (handlers, namespaces)
+    }
+
+    /// The count for `filter` at `generation`: the one already made for it, unless `fresh`;
+    /// otherwise `count` runs (one at a time, so subscribers waking together share it).
+    async fn count<F, Fut>(
+        &self,
+        filter: &ReadyFilter,
+        generation: u64,
+        fresh: bool,
+        count: F,
+    ) -> tasker_store::Result<u64>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = tasker_store::Result<u64>>,
+    {
+        let mut counts = self.counts.lock().await;
+        if !fresh
+            && let Some((at, ready)) = counts.get(filter)
+            && *at == generation
+        {
+            return Ok(*ready);
+        }
+        let ready = count().await?;
+        if counts.len() >= MAX_REMEMBERED_FILTERS {
+            counts.clear();
+        }
+        counts.insert(filter.clone(), (generation, ready));
+        Ok(ready)
+    }
 }
 
 /// The namespaces a worker may take work from: those it asked for (all when none) within its
@@ -430,5 +493,42 @@ fn within_scope(granted: &crate::access::Granted<'_>, asked: Vec<String>) -> Opt
         None => Some(asked),
         Some(list) if list.is_empty() => None,
         Some(list) => Some(list),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn one_count_per_signal_serves_every_subscriber_of_a_filter() {
+        let counts = ReadyCounts::default();
+        let queries = AtomicUsize::new(0);
+        let count = |ready: u64| {
+            queries.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(ready) }
+        };
+        let shop = ReadyCounts::key(vec!["b".into(), "a".into()], vec![]);
+        let same = ReadyCounts::key(vec!["a".into(), "b".into(), "a".into()], vec![]);
+        assert_eq!(counts.count(&shop, 1, false, || count(3)).await.unwrap(), 3);
+        assert_eq!(counts.count(&same, 1, false, || count(9)).await.unwrap(), 3);
+        assert_eq!(
+            queries.load(Ordering::SeqCst),
+            1,
+            "the same filter at the same signal"
+        );
+        assert_eq!(counts.count(&shop, 2, false, || count(4)).await.unwrap(), 4);
+        assert_eq!(counts.count(&shop, 2, true, || count(5)).await.unwrap(), 5);
+        let other = ReadyCounts::key(vec![], vec!["billing".into()]);
+        assert_eq!(
+            counts.count(&other, 2, false, || count(0)).await.unwrap(),
+            0
+        );
+        assert_eq!(
+            queries.load(Ordering::SeqCst),
+            4,
+            "a new signal, a fresh sweep, another filter"
+        );
     }
 }
