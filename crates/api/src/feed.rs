@@ -44,6 +44,10 @@ pub struct EventFeed {
 struct Inner {
     store: Store,
     sender: broadcast::Sender<Arc<Batch>>,
+    /// How far the feed has read (set after each batch is sent, and when it starts). A
+    /// follower with nothing left to receive that has seen less missed a stretch — the feed
+    /// started past it — and reads the log.
+    position: tokio::sync::watch::Sender<Option<EventCursor>>,
     /// Whether the reading task runs; taken with the decision to start or stop it, so a
     /// subscriber arriving as the last one leaves is never left without a reader.
     reading: Mutex<bool>,
@@ -61,6 +65,7 @@ impl EventFeed {
                 store,
                 sender,
                 reading: Mutex::new(false),
+                position: tokio::sync::watch::Sender::new(None),
             }),
         }
     }
@@ -80,6 +85,7 @@ impl EventFeed {
             filter,
             seen: cursor,
             receiver,
+            feed_position: self.inner.position.subscribe(),
             caught_up: false,
             ready: std::collections::VecDeque::new(),
             appended: self.inner.store.events_appended(),
@@ -104,7 +110,10 @@ async fn read(inner: Arc<Inner>) {
         appended.borrow_and_update();
         if position.is_none() {
             match inner.store.event_head().await {
-                Ok(now) => position = Some(now),
+                Ok(now) => {
+                    position = Some(now);
+                    inner.position.send_replace(now);
+                }
                 Err(err) => tracing::warn!(error = %err, "reading the event log's head failed"),
             }
         }
@@ -132,6 +141,7 @@ async fn broadcast_new(inner: &Inner, head: &mut Option<EventCursor>) {
                 *head = batch.last();
                 // No receiver is fine: the reading task then ends.
                 let _ = inner.sender.send(Arc::new(batch));
+                inner.position.send_replace(*head);
                 if !full {
                     return;
                 }
@@ -153,6 +163,7 @@ pub struct Follow {
     /// Every event up to here has been looked at (delivered if it matched).
     seen: Option<EventCursor>,
     receiver: broadcast::Receiver<Arc<Batch>>,
+    feed_position: tokio::sync::watch::Receiver<Option<EventCursor>>,
     /// Whether the log has been read up to the broadcast; until then, and after losing its
     /// place in the channel, the subscription reads the log itself.
     caught_up: bool,
@@ -187,7 +198,33 @@ impl Follow {
 
     /// Takes the next broadcast batch; a gap (or a lost place) sends it back to the log.
     async fn take_broadcast(&mut self) -> Option<()> {
-        match self.receiver.recv().await {
+        let received = loop {
+            match self.receiver.try_recv() {
+                Err(broadcast::error::TryRecvError::Empty) => {}
+                Ok(batch) => break Ok(batch),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    break Err(broadcast::error::RecvError::Lagged(n));
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    break Err(broadcast::error::RecvError::Closed);
+                }
+            }
+            // Nothing waiting, yet the feed has read past what this follower saw: the batches
+            // for that stretch went out before it joined.
+            if *self.feed_position.borrow_and_update() > self.seen {
+                self.caught_up = false;
+                return Some(());
+            }
+            tokio::select! {
+                received = self.receiver.recv() => break received,
+                changed = self.feed_position.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+            }
+        };
+        match received {
             Ok(batch) => {
                 let Some(last) = batch.last() else {
                     return Some(());
