@@ -173,16 +173,7 @@ impl EventQuery {
                         .description
                         .clone()
                         .unwrap_or_else(|| "Published by a worker of this template.".to_owned()),
-                    payload_fields: fields(&[
-                        "task_id",
-                        "step_id",
-                        "step",
-                        "namespace",
-                        "template",
-                        "correlation_id",
-                        "attempt",
-                        "data",
-                    ]),
+                    payload_fields: fields(tasker_domain::event::CUSTOM_EVENT_FIELDS),
                     template: Some(record.template.key()),
                 });
             }

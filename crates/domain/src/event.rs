@@ -31,6 +31,19 @@ pub enum EventName {
     StepTimedOut,
 }
 
+/// The payload fields of a template's custom event (`custom.<name>`): where it happened and
+/// the worker's `data`.
+pub const CUSTOM_EVENT_FIELDS: &[&str] = &[
+    "task_id",
+    "step_id",
+    "step",
+    "namespace",
+    "template",
+    "correlation_id",
+    "attempt",
+    "data",
+];
+
 impl EventName {
     pub const ALL: [EventName; 23] = [
         EventName::TemplateRegistered,
