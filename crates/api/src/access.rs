@@ -43,13 +43,28 @@ pub(crate) fn grant<'a>(ctx: &'a Context<'_>, permission: Permission) -> Result<
 }
 
 impl Granted<'_> {
-    /// `NOT_FOUND` (worded like a missing record) unless the namespace is in scope.
-    pub fn check(&self, namespace: &str, what: &str, key: &str) -> Result<(), ApiError> {
+    /// The store's `NOT_FOUND` for a missing record unless the namespace is in scope, so the
+    /// two cannot be told apart.
+    pub fn check(
+        &self,
+        namespace: &str,
+        what: &'static str,
+        key: &str,
+    ) -> Result<(), tasker_store::Error> {
         if self.scope.allows(namespace) {
             Ok(())
         } else {
-            Err(ApiError::NotFound(format!("{what} {key} was not found")))
+            Err(tasker_store::Error::NotFound {
+                what,
+                key: key.to_owned(),
+            })
         }
+    }
+
+    /// A worker's lease token from input, if its step is in scope (`LEASE_LOST` otherwise).
+    pub async fn lease(&self, id: &async_graphql::ID, field: &str) -> Result<Uuid> {
+        let token = crate::ids::parse_id(id, field).gql()?;
+        self.lease_in_scope(token).await
     }
 
     /// The namespaces to look in (see [`NamespaceScope::narrow`]).

@@ -6,6 +6,7 @@ use crate::error::{ApiError, GqlResultExt};
 use crate::objects::Step;
 use async_graphql::{Context, ID, InputObject, Json, Object, Result, SimpleObject};
 use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -139,8 +140,10 @@ fn token(id: &ID, field: &str) -> Result<Uuid> {
 }
 
 /// The step a worker holds, with its task (the lease was checked to be in scope).
-async fn step_payload(ctx: &Context<'_>, step: tasker_store::StepRecord) -> Result<StepPayload> {
-    let granted = grant(ctx, Permission::WorkerClaim)?;
+async fn step_payload(
+    granted: &crate::access::Granted<'_>,
+    step: tasker_store::StepRecord,
+) -> Result<StepPayload> {
     let task = granted.store.task(step.task_id).await.gql()?;
     Ok(StepPayload {
         step: Step::single(granted.store.clone(), step, task),
@@ -282,8 +285,9 @@ impl WorkerMutation {
         input: CompleteStepInput,
     ) -> Result<StepPayload> {
         let granted = grant(ctx, Permission::WorkerClaim)?;
-        let lease_token = token(&input.lease_token, "input.leaseToken")?;
-        let lease_token = granted.lease_in_scope(lease_token).await?;
+        let lease_token = granted
+            .lease(&input.lease_token, "input.leaseToken")
+            .await?;
         let report = granted
             .engine
             .complete(&[Completion {
@@ -301,7 +305,7 @@ impl WorkerMutation {
             .next()
             .ok_or(tasker_store::Error::LeaseLost)
             .gql()?;
-        step_payload(ctx, step).await
+        step_payload(&granted, step).await
     }
 
     /// Publishes one of the template's custom events while the lease is held. A lost lease is
@@ -312,8 +316,9 @@ impl WorkerMutation {
         input: PublishEventInput,
     ) -> Result<PublishEventPayload> {
         let granted = grant(ctx, Permission::WorkerClaim)?;
-        let lease_token = token(&input.lease_token, "input.leaseToken")?;
-        let lease_token = granted.lease_in_scope(lease_token).await?;
+        let lease_token = granted
+            .lease(&input.lease_token, "input.leaseToken")
+            .await?;
         let payload = input.payload.map_or(Value::Null, |json| json.0);
         let event = granted
             .store
@@ -328,7 +333,6 @@ impl WorkerMutation {
     /// Records a failed attempt: retried after the backoff (or `retryAfterSeconds`) while
     /// attempts remain and the failure is retryable.
     async fn fail_step(&self, ctx: &Context<'_>, input: FailStepInput) -> Result<StepPayload> {
-        let lease_token = token(&input.lease_token, "input.leaseToken")?;
         if let Some(wait) = input.retry_after_seconds
             && !(wait.is_finite() && (0.0..=tasker_domain::template::MAX_SECONDS).contains(&wait))
         {
@@ -339,7 +343,9 @@ impl WorkerMutation {
             .gql();
         }
         let granted = grant(ctx, Permission::WorkerClaim)?;
-        let lease_token = granted.lease_in_scope(lease_token).await?;
+        let lease_token = granted
+            .lease(&input.lease_token, "input.leaseToken")
+            .await?;
         let report = granted
             .engine
             .fail(&AttemptFailure {
@@ -350,7 +356,7 @@ impl WorkerMutation {
             })
             .await
             .gql()?;
-        step_payload(ctx, report.step).await
+        step_payload(&granted, report.step).await
     }
 }
 
@@ -389,8 +395,10 @@ pub async fn steps_available(
         .gql();
     }
     let granted = grant(ctx, Permission::WorkerClaim)?;
-    // Out of scope entirely: a stream that never reports work.
-    let namespaces = within_scope(&granted, namespaces).unwrap_or_else(|| vec![String::new()]);
+    let Some(namespaces) = within_scope(&granted, namespaces) else {
+        // Out of scope entirely: no work will ever be reported.
+        return Ok(futures::stream::pending().left_stream());
+    };
     let store = granted.store.clone();
     let signal = granted.engine.work_signal();
     let counts = ctx.data_unchecked::<std::sync::Arc<ReadyCounts>>().clone();
@@ -431,7 +439,8 @@ pub async fn steps_available(
                 }
             }
         },
-    ))
+    )
+    .right_stream())
 }
 
 /// A `stepsAvailable` filter: handlers and namespaces, sorted.
