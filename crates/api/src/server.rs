@@ -298,36 +298,8 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
             &format!("this needs the {needed} permission, which your token does not grant"),
         );
     }
-    let within = principal.namespaces.narrow(&[]);
-    let mut tasks = serde_json::Map::new();
-    for task_state in tasker_domain::TaskState::ALL {
-        let filter = tasker_store::TaskFilter {
-            states: vec![task_state],
-            within: within.clone(),
-            ..Default::default()
-        };
-        match state.store.count_tasks(&filter).await {
-            Ok(count) => {
-                use tasker_domain::StateMachine as _;
-                tasks.insert(task_state.as_str().to_owned(), json!(count));
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "health status could not count tasks");
-                return error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "INTERNAL",
-                    "the database did not answer; the server log has the details",
-                );
-            }
-        }
-    }
-    let ready_steps = match &within {
-        Some(namespaces) if namespaces.is_empty() => Ok(0),
-        Some(namespaces) => state.store.count_ready_steps(&[], namespaces, 10_000).await,
-        None => state.store.count_ready_steps(&[], &[], 10_000).await,
-    };
-    match ready_steps {
-        Ok(ready_steps) => Json(json!({
+    match status_counts(&state.store, principal.namespaces.narrow(&[])).await {
+        Ok((tasks, ready_steps)) => Json(json!({
             "status": "ok",
             "database": state.store.backend_name(),
             "tasks": tasks,
@@ -335,7 +307,7 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
         }))
         .into_response(),
         Err(err) => {
-            tracing::warn!(error = %err, "health status could not count ready steps");
+            tracing::warn!(error = %err, "health status could not read the counts");
             error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "INTERNAL",
@@ -343,6 +315,30 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
             )
         }
     }
+}
+
+/// Tasks by state and claimable steps within these namespaces (`None`: all).
+async fn status_counts(
+    store: &Store,
+    within: Option<Vec<String>>,
+) -> tasker_store::Result<(serde_json::Map<String, serde_json::Value>, u64)> {
+    use tasker_domain::StateMachine as _;
+    let mut tasks = serde_json::Map::new();
+    for task_state in tasker_domain::TaskState::ALL {
+        let filter = tasker_store::TaskFilter {
+            states: vec![task_state],
+            within: within.clone(),
+            ..Default::default()
+        };
+        let count = store.count_tasks(&filter).await?;
+        tasks.insert(task_state.as_str().to_owned(), json!(count));
+    }
+    let ready_steps = match &within {
+        Some(namespaces) if namespaces.is_empty() => 0,
+        Some(namespaces) => store.count_ready_steps(&[], namespaces, 10_000).await?,
+        None => store.count_ready_steps(&[], &[], 10_000).await?,
+    };
+    Ok((tasks, ready_steps))
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
