@@ -141,6 +141,33 @@ pub struct Cli {
     /// do anything.
     #[arg(long, env = "TASKER_INSECURE_NO_AUTH", global = true)]
     pub insecure_no_auth: bool,
+
+    /// Web origins, besides the server's own, whose pages may call the API (comma-separated,
+    /// e.g. `https://dash.example.com`). Browser requests from any other origin get 403.
+    #[arg(
+        long,
+        env = "TASKER_ALLOWED_ORIGINS",
+        global = true,
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Host names the server answers to besides `localhost` and IP addresses
+    /// (comma-separated; `*.example.com` for subdomains). Checked without authentication
+    /// always, with it when given.
+    #[arg(
+        long,
+        env = "TASKER_ALLOWED_HOSTS",
+        global = true,
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+
+    /// Internal destinations the `http` handler may call (comma-separated host names,
+    /// `*.internal`, IP addresses or CIDR networks). Loopback, private, link-local and other
+    /// internal addresses are refused otherwise.
+    #[arg(long, env = "TASKER_HTTP_ALLOW", global = true, value_delimiter = ',')]
+    pub http_allow: Vec<String>,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -225,6 +252,9 @@ struct FileSettings {
     jwt_audience: Option<String>,
     jwt_leeway_seconds: Option<u64>,
     insecure_no_auth: Option<bool>,
+    allowed_origins: Option<Vec<String>>,
+    allowed_hosts: Option<Vec<String>>,
+    http_allow: Option<Vec<String>>,
     /// Role name → permission patterns, for tokens that carry `roles`.
     #[serde(default)]
     roles: std::collections::HashMap<String, Vec<String>>,
@@ -248,6 +278,10 @@ pub struct Settings {
     /// How tokens are checked; `None`: no key configured.
     pub auth: Option<tasker_api::auth::AuthSettings>,
     pub insecure_no_auth: bool,
+    /// Which web pages and host names are served.
+    pub browser: tasker_api::BrowserPolicy,
+    /// Where the `http` handler may connect.
+    pub outbound: tasker_engine::OutboundPolicy,
 }
 
 impl Settings {
@@ -311,6 +345,21 @@ impl Settings {
             claim_burst: claims_per_second * 2.0,
         };
         let insecure_no_auth = cli.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
+        // A flag or variable replaces the file's list.
+        let list = |flag: &Vec<String>, file: &Option<Vec<String>>| {
+            if flag.is_empty() {
+                file.clone().unwrap_or_default()
+            } else {
+                flag.clone()
+            }
+        };
+        let browser = tasker_api::BrowserPolicy::new(
+            &list(&cli.allowed_origins, &file.allowed_origins),
+            &list(&cli.allowed_hosts, &file.allowed_hosts),
+            auth.is_some(),
+        )?;
+        let outbound =
+            tasker_engine::OutboundPolicy::allowing(&list(&cli.http_allow, &file.http_allow))?;
         Ok(Settings {
             bind: cli
                 .bind
@@ -345,6 +394,8 @@ impl Settings {
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.request_timeout),
             insecure_no_auth,
+            browser,
+            outbound,
             auth,
             query_limits,
             quota_limits,
@@ -467,6 +518,40 @@ mod tests {
         let settings =
             Settings::load(&parse(&["--config", config, "--bind", "127.0.0.1:0"])).unwrap();
         assert_eq!(settings.bind.port(), 0);
+    }
+
+    #[test]
+    fn allowlists_come_from_flags_or_the_file_and_bad_entries_stop_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasker.toml");
+        std::fs::write(
+            &path,
+            "allowed_origins = [\"https://dash.example.com\"]\nhttp_allow = [\"10.0.0.0/8\"]\n",
+        )
+        .unwrap();
+        let config = path.to_str().unwrap();
+        let from_file = Settings::load(&parse(&["--config", config])).unwrap();
+        let expected = tasker_engine::OutboundPolicy::allowing(&["10.0.0.0/8"]).unwrap();
+        assert_eq!(from_file.outbound, expected);
+        let from_flag = Settings::load(&parse(&[
+            "--config",
+            config,
+            "--http-allow",
+            "127.0.0.1,api.internal",
+        ]))
+        .unwrap();
+        let expected =
+            tasker_engine::OutboundPolicy::allowing(&["127.0.0.1", "api.internal"]).unwrap();
+        assert_eq!(from_flag.outbound, expected);
+        let bad_origin = Settings::load(&parse(&["--allowed-origins", "dash.example.com"]));
+        assert!(
+            bad_origin
+                .unwrap_err()
+                .to_string()
+                .contains("allowed_origins[0]")
+        );
+        let bad_network = Settings::load(&parse(&["--http-allow", "10.0.0.0/40"]));
+        assert!(bad_network.unwrap_err().to_string().contains("10.0.0.0/40"));
     }
 
     #[test]

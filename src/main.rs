@@ -183,6 +183,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         let config = WorkerPoolConfig {
             concurrency: settings.workers,
             lease: settings.worker_lease,
+            outbound: settings.outbound.clone(),
             ..WorkerPoolConfig::default()
         };
         background.push(tokio::spawn(
@@ -193,7 +194,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         engine.clone().run_maintenance(stopping.clone()),
     ));
     background.push(tokio::spawn(engine.clone().run_listener(stopping)));
-    let app = tasker_api::router(engine, settings.http_limits(), auth);
+    let app = tasker_api::router(
+        engine,
+        settings.http_limits(),
+        auth,
+        settings.browser.clone(),
+    );
     tasker_api::serve(listener, app, shutdown).await?;
     // Stop claiming, let the batch in hand be recorded, then close the pool.
     let _ = stop.send(true);

@@ -202,6 +202,17 @@ async fn hostile_tokens_are_refused_with_401_and_a_reason() {
             "algorithm",
         ),
         (
+            // Correctly signed, but it demands an extension the server does not know.
+            "critical extension",
+            Some(format!("Bearer {}", {
+                let mut header = Header::new(Algorithm::HS256);
+                header.crit = Some(vec!["http://example.com/must-check".to_owned()]);
+                jsonwebtoken::encode(&header, &good, &EncodingKey::from_secret(SECRET.as_bytes()))
+                    .unwrap()
+            })),
+            "crit",
+        ),
+        (
             "HS512 with the secret",
             Some(format!("Bearer {}", sign(&good, SECRET, Algorithm::HS512))),
             "algorithm",

@@ -379,7 +379,8 @@ async fn approval_steps_wait_for_a_person_and_timers_complete() {
 }
 
 /// A local HTTP service for the `http` handler: an echo, a flaky endpoint (503 once), a
-/// missing one (404) and a busy one (429 with a long Retry-After).
+/// redirect to it by address, a missing one (404) and a busy one (429 with a long
+/// Retry-After).
 async fn http_service() -> String {
     use axum::extract::{Path, State};
     use axum::http::{HeaderMap, StatusCode};
@@ -417,6 +418,22 @@ async fn http_service() -> String {
                 },
             ),
         )
+        .route("/ok", get(|| async { axum::Json(json!({ "ok": true })) }))
+        .route(
+            "/hop",
+            get(|headers: HeaderMap| async move {
+                // A redirect to the same service, named by its address.
+                let host = headers
+                    .get("host")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let port = host.rsplit(':').next().unwrap_or("");
+                (
+                    StatusCode::FOUND,
+                    [("location", format!("http://127.0.0.1:{port}/flaky"))],
+                )
+            }),
+        )
         .route(
             "/gone",
             get(|| async { (StatusCode::NOT_FOUND, "no such thing") }),
@@ -442,8 +459,10 @@ async fn http_service() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_http_handler_calls_services_with_placeholders_and_retries_by_status() {
     let service = http_service().await;
-    let server = TestServer::start_running(
+    // The service is on loopback, which the handler reaches only when told to.
+    let server = TestServer::start_running_allowing(
         TestDatabase::sqlite(std::sync::Arc::new(tasker_domain::SystemClock)).await,
+        &["127.0.0.1"],
     )
     .await;
     let template = r#"
@@ -592,4 +611,111 @@ async fn workers_publish_the_custom_events_their_template_declares() {
             .await;
         assert_eq!(custom["events"]["nodes"].as_array().unwrap().len(), 1);
     }
+}
+
+/// The steps of a task once none of them can change any more without a person.
+async fn settled_steps(server: &TestServer, id: &Value) -> Value {
+    let query = "query($id: ID!) { task(id: $id) { state steps { name state attempts lastError nextAttemptAt results } } }";
+    let mut finished = server.engine.finished_tasks();
+    loop {
+        let task = server.data(query, json!({ "id": id })).await["task"].clone();
+        if task["state"] == "COMPLETE" || task["state"] == "ERROR" {
+            return task["steps"].clone();
+        }
+        tokio::time::timeout(Duration::from_secs(30), finished.changed())
+            .await
+            .unwrap_or_else(|_| panic!("the task never finished: {task:#}"))
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_handler_refuses_internal_destinations_unless_allowed() {
+    let service = http_service().await;
+    let port = service.rsplit(':').next().unwrap().to_owned();
+    let template = |name: &str, url: &str| {
+        format!(
+            "namespace: web\nname: {name}\nversion: 1.0.0\nsteps:\n  - {{ name: call, handler: http, config: {{ url: \"{url}\" }} }}\n"
+        )
+    };
+    let cases = [
+        // An address in the URL (no resolver involved), a name that resolves to loopback,
+        // IPv6 loopback, and the same address spelled as a hexadecimal IPv4 address.
+        (
+            "literal",
+            format!("http://127.0.0.1:{port}/ok"),
+            "127.0.0.1 is a loopback address",
+        ),
+        (
+            "named",
+            format!("http://localhost:{port}/ok"),
+            "localhost resolves to",
+        ),
+        (
+            "six",
+            format!("http://[::1]:{port}/ok"),
+            "[::1] is a loopback address",
+        ),
+        (
+            "hex",
+            format!("http://0x7f.0.0.1:{port}/ok"),
+            "127.0.0.1 is a loopback address",
+        ),
+    ];
+
+    let closed = TestServer::start_running(
+        TestDatabase::sqlite(std::sync::Arc::new(tasker_domain::SystemClock)).await,
+    )
+    .await;
+    for (name, url, says) in &cases {
+        closed.register(&template(name, url)).await;
+        let id = closed
+            .create_task(json!({ "namespace": "web", "template": name }))
+            .await["task"]["id"]
+            .clone();
+        let steps = settled_steps(&closed, &id).await;
+        let step = &steps[0];
+        assert_eq!(step["state"], "ERROR", "{name}: {step:#}");
+        assert_eq!(step["attempts"], 1, "{name}: a refusal is final");
+        assert!(step["nextAttemptAt"].is_null(), "{name}: not retried");
+        let error = step["lastError"].as_str().unwrap();
+        assert!(error.contains(says), "{name}: {error}");
+        assert!(error.contains("--http-allow"), "{name}: {error}");
+    }
+
+    // Shown able to fail: the same calls are made once the destination is allowed.
+    let open = TestServer::start_running_allowing(
+        TestDatabase::sqlite(std::sync::Arc::new(tasker_domain::SystemClock)).await,
+        &["127.0.0.1", "localhost"],
+    )
+    .await;
+    // (The service listens on IPv4 only; allowing `::1` is shown in the engine's unit tests.)
+    for (name, url, _) in cases.iter().filter(|(name, ..)| *name != "six") {
+        open.register(&template(name, url)).await;
+        let id = open
+            .create_task(json!({ "namespace": "web", "template": name }))
+            .await["task"]["id"]
+            .clone();
+        let steps = settled_steps(&open, &id).await;
+        assert_eq!(steps[0]["state"], "COMPLETE", "{name}: {steps:#}");
+    }
+
+    // A redirect is checked too: `localhost` is allowed by name, the address it redirects
+    // to is not.
+    let by_name = TestServer::start_running_allowing(
+        TestDatabase::sqlite(std::sync::Arc::new(tasker_domain::SystemClock)).await,
+        &["localhost"],
+    )
+    .await;
+    by_name
+        .register(&template("hop", &format!("http://localhost:{port}/hop")))
+        .await;
+    let id = by_name
+        .create_task(json!({ "namespace": "web", "template": "hop" }))
+        .await["task"]["id"]
+        .clone();
+    let steps = settled_steps(&by_name, &id).await;
+    let error = steps[0]["lastError"].as_str().unwrap_or_default();
+    assert_eq!(steps[0]["state"], "ERROR", "{steps:#}");
+    assert!(error.contains("127.0.0.1 is a loopback address"), "{error}");
 }

@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod binary;
+mod browser;
 mod execution;
 mod isolation;
 mod support;

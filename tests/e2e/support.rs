@@ -47,7 +47,7 @@ impl TestServer {
     pub async fn start(db: TestDatabase) -> TestServer {
         Self::start_with(
             db,
-            false,
+            None,
             tasker_api::auth::AuthMode::Off,
             Default::default(),
         )
@@ -56,7 +56,7 @@ impl TestServer {
 
     /// A server that requires bearer tokens checked by `auth`.
     pub async fn start_secured(db: TestDatabase, auth: tasker_api::auth::AuthMode) -> TestServer {
-        Self::start_with(db, false, auth, Default::default()).await
+        Self::start_with(db, None, auth, Default::default()).await
     }
 
     /// A server that requires bearer tokens, with these limits.
@@ -65,14 +65,38 @@ impl TestServer {
         auth: tasker_api::auth::AuthMode,
         limits: tasker_api::HttpLimits,
     ) -> TestServer {
-        Self::start_with(db, false, auth, limits).await
+        Self::start_with(db, None, auth, limits).await
     }
 
-    /// A server whose embedded worker pool and timers run built-in steps.
+    /// A server with these allowlists of web origins and host names.
+    pub async fn start_with_browser(
+        db: TestDatabase,
+        auth: tasker_api::auth::AuthMode,
+        limits: tasker_api::HttpLimits,
+        origins: &[&str],
+        hosts: &[&str],
+    ) -> TestServer {
+        let authenticated = matches!(auth, tasker_api::auth::AuthMode::Jwt(_));
+        let browser = tasker_api::BrowserPolicy::new(origins, hosts, authenticated).unwrap();
+        Self::start_serving(db, None, auth, limits, browser).await
+    }
+
+    /// A server whose embedded worker pool and timers run built-in steps; its `http` handler
+    /// reaches only public addresses.
     pub async fn start_running(db: TestDatabase) -> TestServer {
+        Self::start_running_allowing(db, &[]).await
+    }
+
+    /// A server whose embedded worker pool and timers run built-in steps; its `http` handler
+    /// may also reach these hosts and networks.
+    pub async fn start_running_allowing(db: TestDatabase, allowed: &[&str]) -> TestServer {
+        let pool = WorkerPoolConfig {
+            outbound: tasker_engine::OutboundPolicy::allowing(allowed).unwrap(),
+            ..WorkerPoolConfig::default()
+        };
         Self::start_with(
             db,
-            true,
+            Some(pool),
             tasker_api::auth::AuthMode::Off,
             Default::default(),
         )
@@ -81,23 +105,31 @@ impl TestServer {
 
     async fn start_with(
         db: TestDatabase,
-        run_steps: bool,
+        pool: Option<WorkerPoolConfig>,
         auth: tasker_api::auth::AuthMode,
         limits: tasker_api::HttpLimits,
+    ) -> TestServer {
+        let authenticated = matches!(auth, tasker_api::auth::AuthMode::Jwt(_));
+        let browser = tasker_api::BrowserPolicy::new::<&str>(&[], &[], authenticated).unwrap();
+        Self::start_serving(db, pool, auth, limits, browser).await
+    }
+
+    async fn start_serving(
+        db: TestDatabase,
+        pool: Option<WorkerPoolConfig>,
+        auth: tasker_api::auth::AuthMode,
+        limits: tasker_api::HttpLimits,
+        browser: tasker_api::BrowserPolicy,
     ) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let engine = Engine::new(db.store.clone());
         let (stop_engine, stopping) = watch::channel(false);
-        if run_steps {
-            tokio::spawn(
-                engine
-                    .clone()
-                    .run_workers(WorkerPoolConfig::default(), stopping.clone()),
-            );
+        if let Some(pool) = pool {
+            tokio::spawn(engine.clone().run_workers(pool, stopping.clone()));
             tokio::spawn(engine.clone().run_maintenance(stopping));
         }
-        let app = tasker_api::router(engine.clone(), limits, auth);
+        let app = tasker_api::router(engine.clone(), limits, auth, browser);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(tasker_api::serve(listener, app, async move {
             let _ = stopped.await;

@@ -380,6 +380,7 @@ async fn a_subscriber_on_one_replica_receives_events_written_on_another() {
         engine_b,
         tasker_api::HttpLimits::default(),
         tasker_api::auth::AuthMode::Off,
+        tasker_api::BrowserPolicy::new::<&str>(&[], &[], false).unwrap(),
     );
     tokio::spawn(tasker_api::serve(listener, app, std::future::pending()));
 

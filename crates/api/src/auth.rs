@@ -59,6 +59,10 @@ pub enum AuthError {
     WrongAudience,
     #[error("the token is invalid: {0}")]
     Invalid(String),
+    /// RFC 7515 §4.1.11: a token whose `crit` header lists extensions the recipient does not
+    /// understand must be refused. This server understands none.
+    #[error("the token lists critical header extensions (crit) that this server does not support")]
+    CriticalExtension,
 }
 
 /// A key configuration problem, found at start-up.
@@ -177,6 +181,9 @@ impl Authenticator {
                 AuthError::Malformed
             }
         })?;
+        if header.crit.is_some() {
+            return Err(AuthError::CriticalExtension);
+        }
         let (algorithm, key) = match &self.keys {
             Keys::One(algorithm, key) => (*algorithm, key),
             Keys::ById(keys) => {

@@ -48,6 +48,8 @@ impl EventFilterInput {
     /// Checks names against the catalog and that the task exists (in the caller's scope), and
     /// keeps to the caller's namespaces.
     async fn resolve(self, granted: &Granted<'_>) -> Result<EventFilter> {
+        crate::limits::filter_list("filter.names", self.names.as_ref()).gql()?;
+        crate::limits::filter_list("filter.namespaces", self.namespaces.as_ref()).gql()?;
         let names = self.names.unwrap_or_default();
         for (i, name) in names.iter().enumerate() {
             let custom = name

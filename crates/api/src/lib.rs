@@ -5,6 +5,8 @@
 mod access;
 pub mod auth;
 mod batch;
+pub mod browser;
+mod deadline;
 mod error;
 mod events;
 mod feed;
@@ -17,6 +19,7 @@ mod schema;
 mod server;
 mod workers;
 
+pub use browser::BrowserPolicy;
 pub use error::ApiError;
 pub use schema::{TaskerSchema, build_schema, sdl};
 pub use server::{HttpLimits, router, serve};

@@ -44,6 +44,21 @@ impl Default for QueryLimits {
     }
 }
 
+/// The most entries one list of a filter may hold (task and event filters, worker inputs):
+/// each entry costs a comparison per row, so an unbounded list is a cheap way to slow a query.
+pub(crate) const MAX_FILTER_ENTRIES: usize = 100;
+
+/// `VALIDATION_FAILED` when a filter list at `path` holds more than [`MAX_FILTER_ENTRIES`].
+pub(crate) fn filter_list<T>(path: &str, list: Option<&Vec<T>>) -> Result<(), crate::ApiError> {
+    match list {
+        Some(list) if list.len() > MAX_FILTER_ENTRIES => Err(crate::ApiError::invalid(
+            path,
+            format!("at most {MAX_FILTER_ENTRIES} entries, got {}", list.len()),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// `first` checked against the configured largest page (`VALIDATION_FAILED` otherwise).
 pub(crate) fn page_size(
     ctx: &async_graphql::Context<'_>,

@@ -8,7 +8,7 @@ use crate::ids::{parse_id, parse_task_cursor, task_cursor};
 use crate::limits::QueryLimits;
 use crate::objects::{Namespace, Step, Task, TaskStateValue, Template};
 use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextRequest,
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest,
 };
 use async_graphql::parser::types::ExecutableDocument;
 use async_graphql::{
@@ -145,7 +145,10 @@ impl TaskQuery {
         let first = crate::limits::page_size(ctx, first, |limits| limits.max_tasks_page)?;
         let granted = grant(ctx, Permission::TaskIndex)?;
         let after = after.as_deref().map(parse_task_cursor).transpose().gql()?;
-        let mut filter = filter.map(TaskFilter::from).unwrap_or_default();
+        let mut filter = match filter {
+            Some(filter) => filter.into_filter().gql()?,
+            None => TaskFilter::default(),
+        };
         filter.within = granted.narrow(&[]);
         let mut tasks = granted
             .store
@@ -186,9 +189,13 @@ pub struct TaskFilterInput {
     created_before: Option<DateTime<Utc>>,
 }
 
-impl From<TaskFilterInput> for TaskFilter {
-    fn from(input: TaskFilterInput) -> Self {
-        TaskFilter {
+impl TaskFilterInput {
+    /// The store's filter, once its lists are within bounds.
+    fn into_filter(self) -> Result<TaskFilter, ApiError> {
+        let input = self;
+        crate::limits::filter_list("filter.states", input.states.as_ref())?;
+        crate::limits::filter_list("filter.tags", input.tags.as_ref())?;
+        Ok(TaskFilter {
             namespace: input.namespace,
             template: input.template,
             states: input
@@ -201,7 +208,7 @@ impl From<TaskFilterInput> for TaskFilter {
             created_after: input.created_after,
             created_before: input.created_before,
             within: None,
-        }
+        })
     }
 }
 
@@ -705,6 +712,18 @@ impl ExtensionFactory for ErrorCodes {
 
 struct ErrorCodesExtension;
 
+/// Set when a request reached execution: one that did not (it failed to parse, validate or
+/// coerce its variables) is answered without `data`, and with 400 under
+/// `application/graphql-response+json`.
+#[derive(Debug, Default)]
+pub(crate) struct Executed(std::sync::atomic::AtomicBool);
+
+impl Executed {
+    pub(crate) fn happened(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Sets the error's code unless it has one.
 pub(crate) fn with_code(mut error: ServerError, code: &str) -> ServerError {
     let has_code = error
@@ -751,6 +770,18 @@ impl Extension for ErrorCodesExtension {
         next.run(ctx, query, variables)
             .await
             .map_err(|error| with_code(error, "GRAPHQL_PARSE_FAILED"))
+    }
+
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
+        if let Some(executed) = ctx.data_opt::<Arc<Executed>>() {
+            executed.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        next.run(ctx, operation_name).await
     }
 }
 

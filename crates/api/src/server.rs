@@ -2,6 +2,8 @@
 //! and health checks.
 
 use crate::auth::{AuthMode, Principal, bearer, token_of_header};
+use crate::browser::BrowserPolicy;
+use crate::deadline::Deadline;
 use crate::playground;
 use crate::schema::{TaskerSchema, build_schema};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
@@ -57,7 +59,12 @@ struct AppState {
 }
 
 /// The whole application as an axum router.
-pub fn router(engine: Arc<Engine>, limits: HttpLimits, auth: AuthMode) -> Router {
+pub fn router(
+    engine: Arc<Engine>,
+    limits: HttpLimits,
+    auth: AuthMode,
+    browser: BrowserPolicy,
+) -> Router {
     let quotas = crate::quota::Quotas::new(limits.quota.clone());
     let state = AppState {
         auth,
@@ -76,6 +83,12 @@ pub fn router(engine: Arc<Engine>, limits: HttpLimits, auth: AuthMode) -> Router
         .route("/health/ready", get(ready))
         .route("/health/status", get(status))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(browser.cors())
+        // Outside CORS: a refused origin or host gets nothing, not even a preflight answer.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(browser),
+            crate::browser::guard,
+        ))
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("a request handler panicked");
             error_response(
@@ -108,7 +121,7 @@ pub async fn serve(
 }
 
 /// A JSON body shaped like a GraphQL response, for requests that never reached GraphQL.
-fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+pub(crate) fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
     let body = json!({ "errors": [{ "message": message, "extensions": { "code": code } }] });
     (status, Json(body)).into_response()
 }
@@ -133,11 +146,17 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Box<
         })
 }
 
+/// POST /graphql: a GraphQL request in a JSON body, answered as the GraphQL over HTTP spec
+/// says. Only JSON bodies are executed: the content types a page can send without asking
+/// (`text/plain`, forms) are refused before anything is read.
 async fn graphql_post(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    if let Err(response) = json_body(&headers) {
+        return *response;
+    }
     let principal = match authenticate(&state, &headers) {
         Ok(principal) => principal,
         Err(response) => return *response,
@@ -162,31 +181,255 @@ async fn graphql_post(
             );
         }
     };
-    let request: async_graphql::Request = match serde_json::from_slice(&body) {
-        Ok(request) => request,
+    let params = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(params) => params,
         Err(err) => {
-            let message = if body.first() == Some(&b'[') {
-                "batched requests are not supported: send one operation per request".to_owned()
+            let message = if body.is_empty() {
+                "the request has no body: send {\"query\": \"...\"} as JSON".to_owned()
             } else {
-                format!("the body is not a GraphQL request in JSON: {err}")
+                format!("the body is not JSON: {err}")
             };
-            return error_response(StatusCode::BAD_REQUEST, "BAD_REQUEST", &message);
+            return bad_request(&message);
         }
     };
-    let request = request.data(principal);
-    match tokio::time::timeout(state.limits.request_timeout, state.schema.execute(request)).await {
-        Ok(response) => {
-            let mut http = Json(response).into_response();
-            http.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            http
+    if params.is_array() {
+        return bad_request("batched requests are not supported: send one operation per request");
+    }
+    let request = match graphql_request(params) {
+        Ok(request) => request,
+        Err(message) => return bad_request(&message),
+    };
+    execute(&state, request, principal, Answer::negotiate(&headers)).await
+}
+
+/// GET /graphql: a WebSocket upgrade speaks GraphQL (`graphql-transport-ws` or the legacy
+/// `graphql-ws`); a `query` parameter runs a query (never a mutation: a GET must not change
+/// anything); a browser without either gets the playground.
+async fn graphql_get(State(state): State<AppState>, request: axum::extract::Request) -> Response {
+    let (mut parts, _body) = request.into_parts();
+    if let Ok(upgrade) = WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
+        return websocket(&state, &mut parts, upgrade).await;
+    }
+    let params = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+        .map(|query| query.0)
+        .unwrap_or_default();
+    if !params.iter().any(|(key, _)| key == "query") {
+        return Html(state.playground.to_string()).into_response();
+    }
+    let principal = match authenticate(&state, &parts.headers) {
+        Ok(principal) => principal,
+        Err(response) => return *response,
+    };
+    let mut object = serde_json::Map::new();
+    for (key, value) in params {
+        let value = match key.as_str() {
+            // Variables and extensions come as JSON text in a query string.
+            "variables" | "extensions" => match serde_json::from_str(&value) {
+                Ok(value) => value,
+                Err(_) => return bad_request(&format!("the {key} parameter is not JSON")),
+            },
+            _ => serde_json::Value::String(value),
+        };
+        object.insert(key, value);
+    }
+    let request = match graphql_request(serde_json::Value::Object(object)) {
+        Ok(request) => request,
+        Err(message) => return bad_request(&message),
+    };
+    if !runs_a_query(&request) {
+        let mut response = error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            "only queries run over GET: send mutations and subscriptions with POST (or over WebSocket)",
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    execute(
+        &state,
+        request,
+        principal,
+        Answer::negotiate(&parts.headers),
+    )
+    .await
+}
+
+/// Whether the request's operation is a query. A document that does not parse, or names no
+/// operation it has, is left to the executor, which reports that without running anything.
+fn runs_a_query(request: &async_graphql::Request) -> bool {
+    use async_graphql::parser::types::{DocumentOperations, OperationType};
+    let Ok(document) = async_graphql::parser::parse_query(&request.query) else {
+        return true;
+    };
+    let operation = match (&document.operations, &request.operation_name) {
+        (DocumentOperations::Single(operation), _) => Some(operation),
+        (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name.as_str()),
+        (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => {
+            operations.values().next()
         }
-        Err(_) => error_response(
+        (DocumentOperations::Multiple(_), None) => None,
+    };
+    operation.is_none_or(|operation| operation.node.ty == OperationType::Query)
+}
+
+/// A 400 for a request that is not a GraphQL request.
+fn bad_request(message: &str) -> Response {
+    error_response(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+}
+
+/// Refuses a POST whose body is not declared JSON (415), before reading it.
+fn json_body(headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .map(|value| value.to_str().unwrap_or("\u{fffd}"));
+    let acceptable = declared.is_some_and(|declared| {
+        let mut parts = declared.split(';').map(str::trim);
+        let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let utf8 = parts.all(|parameter| match parameter.split_once('=') {
+            Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
+                value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+            }
+            _ => true,
+        });
+        (media == "application/json" || media == GRAPHQL_RESPONSE) && utf8
+    });
+    if acceptable {
+        return Ok(());
+    }
+    tracing::warn!(content_type = ?declared, "refused a POST /graphql whose body is not JSON");
+    Err(Box::new(error_response(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "UNSUPPORTED_MEDIA_TYPE",
+        &format!(
+            "POST /graphql takes a JSON body in UTF-8: send Content-Type: application/json (got {})",
+            declared.map_or_else(|| "none".to_owned(), |declared| format!("{declared:?}"))
+        ),
+    )))
+}
+
+/// A GraphQL request from its parameters (`query`, `operationName`, `variables`,
+/// `extensions`), or why they are not one.
+fn graphql_request(params: serde_json::Value) -> Result<async_graphql::Request, String> {
+    use serde_json::Value;
+    let Value::Object(mut params) = params else {
+        return Err("the body must be a JSON object: {\"query\": \"...\"}".to_owned());
+    };
+    let query = match params.remove("query") {
+        Some(Value::String(query)) => query,
+        Some(_) => return Err("query must be a string".to_owned()),
+        None => return Err("the request has no query".to_owned()),
+    };
+    let mut request = async_graphql::Request::new(query);
+    match params.remove("operationName") {
+        Some(Value::String(name)) => request = request.operation_name(name),
+        Some(Value::Null) | None => {}
+        Some(_) => return Err("operationName must be a string or null".to_owned()),
+    }
+    match params.remove("variables") {
+        Some(variables @ Value::Object(_)) => {
+            request = request.variables(async_graphql::Variables::from_json(variables));
+        }
+        Some(Value::Null) | None => {}
+        Some(_) => return Err("variables must be an object or null".to_owned()),
+    }
+    match params.remove("extensions") {
+        Some(Value::Object(_) | Value::Null) | None => {}
+        Some(_) => return Err("extensions must be an object or null".to_owned()),
+    }
+    Ok(request)
+}
+
+/// The media type of the GraphQL over HTTP spec.
+const GRAPHQL_RESPONSE: &str = "application/graphql-response+json";
+
+/// How an answer is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// `application/graphql-response+json`: a request that never ran (it did not parse, validate
+    /// or coerce its variables) is a 400 without `data`.
+    GraphqlResponse,
+    /// `application/json`: always 200, errors in the body (the legacy behaviour clients expect).
+    Json,
+}
+
+impl Answer {
+    /// The client's preference among the two (by `q`; the spec's own type wins a tie); plain
+    /// JSON when it states none.
+    fn negotiate(headers: &HeaderMap) -> Answer {
+        let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+            return Answer::Json;
+        };
+        let mut graphql = 0.0_f32;
+        let mut json = 0.0_f32;
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let quality = parts
+                .find_map(|parameter| parameter.strip_prefix("q="))
+                .and_then(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                GRAPHQL_RESPONSE => graphql = graphql.max(quality),
+                "application/json" | "application/*" | "*/*" => json = json.max(quality),
+                _ => {}
+            }
+        }
+        if graphql > 0.0 && graphql >= json {
+            Answer::GraphqlResponse
+        } else {
+            Answer::Json
+        }
+    }
+}
+
+/// Runs a request under the request timeout (extended by a long poll's wait) and writes the
+/// answer in the negotiated media type.
+async fn execute(
+    state: &AppState,
+    request: async_graphql::Request,
+    principal: Principal,
+    answer: Answer,
+) -> Response {
+    let deadline = Arc::new(Deadline::after(state.limits.request_timeout));
+    let executed = Arc::new(crate::schema::Executed::default());
+    let request = request
+        .data(principal)
+        .data(deadline.clone())
+        .data(executed.clone());
+    let Some(response) = deadline.run(state.schema.execute(request)).await else {
+        return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "TIMEOUT",
             "the request took too long and was stopped",
-        ),
+        );
+    };
+    let ran = executed.happened();
+    let mut body = serde_json::to_value(&response).unwrap_or_else(|err| {
+        tracing::error!(error = %err, "a GraphQL response could not be written as JSON");
+        json!({ "errors": [{ "message": "internal error", "extensions": { "code": "INTERNAL" } }] })
+    });
+    if !ran && let Some(object) = body.as_object_mut() {
+        // Nothing executed (a parse, validation or variable error): no data entry at all.
+        object.remove("data");
     }
+    let (status, media) = match answer {
+        Answer::GraphqlResponse if !ran => (StatusCode::BAD_REQUEST, GRAPHQL_RESPONSE),
+        Answer::GraphqlResponse => (StatusCode::OK, GRAPHQL_RESPONSE),
+        Answer::Json => (StatusCode::OK, "application/json"),
+    };
+    let mut http = (status, Json(body)).into_response();
+    let headers = http.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&format!("{media}; charset=utf-8")) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    http
 }
 
 /// The token of a `connection_init` payload: `{"authorization": "Bearer …"}` (any case) or
@@ -208,14 +451,13 @@ fn init_token(payload: &serde_json::Value) -> Option<String> {
 /// The read buffer of a WebSocket connection.
 const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
 
-/// GET /graphql: a WebSocket upgrade speaks GraphQL (`graphql-transport-ws` or the legacy
-/// `graphql-ws`); a browser gets the playground.
-async fn graphql_get(State(state): State<AppState>, request: axum::extract::Request) -> Response {
-    let (mut parts, _body) = request.into_parts();
-    let Ok(upgrade) = WebSocketUpgrade::from_request_parts(&mut parts, &state).await else {
-        return Html(state.playground.to_string()).into_response();
-    };
-    let Ok(protocol) = GraphQLProtocol::from_request_parts(&mut parts, &state).await else {
+/// A GraphQL WebSocket connection (`graphql-transport-ws` or the legacy `graphql-ws`).
+async fn websocket(
+    state: &AppState,
+    parts: &mut axum::http::request::Parts,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let Ok(protocol) = GraphQLProtocol::from_request_parts(parts, state).await else {
         return error_response(
             StatusCode::BAD_REQUEST,
             "BAD_REQUEST",

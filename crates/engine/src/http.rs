@@ -2,29 +2,74 @@
 //! `{{ context.x }}` and `{{ steps.name.results.y }}` placeholders filled in. A 2xx answer
 //! completes the step (its JSON body becomes the results); 429 and 503 are retried after the
 //! server's Retry-After (seconds or an HTTP date); other 4xx fail for good; 5xx, connection
-//! errors and timeouts are retried with the step's backoff.
+//! errors and timeouts are retried with the step's backoff. Destinations follow the
+//! [`OutboundPolicy`]: an internal address fails the step for good, naming the rule.
 
 use crate::handlers::Outcome;
+use crate::outbound::{CheckedResolver, OutboundPolicy, refusal_in};
 use serde_json::{Map, Value, json};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tasker_store::{ClaimedStep, StepInputs};
 
 /// How long a request may take when the step sets no timeout.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Builds the shared client; TLS uses rustls with the ring provider (installed once).
-pub fn client() -> reqwest::Client {
-    // Another part of the process may have installed it already; either way one is in place.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .user_agent(concat!("tasker/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .unwrap_or_default()
+/// Redirects followed per request, each checked against the policy.
+const MAX_REDIRECTS: usize = 10;
+
+/// The shared client and the policy it connects under.
+pub(crate) struct Caller {
+    client: reqwest::Client,
+    policy: Arc<OutboundPolicy>,
 }
 
-/// Runs one attempt. `max_duration` bounds the request below the worker's lease.
-pub async fn run(
+impl Caller {
+    /// Builds the shared client; TLS uses rustls with the ring provider (installed once).
+    /// Every address it connects to passes `policy`: names through its resolver, IP addresses
+    /// in redirects through its redirect policy (and in the first URL in [`Caller::run`]). It
+    /// never uses a proxy from the environment, which would resolve names where the policy
+    /// cannot see them.
+    pub(crate) fn new(policy: &OutboundPolicy) -> Result<Caller, reqwest::Error> {
+        // Another part of the process may have installed it already; either way one is in place.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let policy = Arc::new(policy.clone());
+        let client = client(policy.clone())?;
+        Ok(Caller { client, policy })
+    }
+
+    /// Runs one attempt. `max_duration` bounds the request below the worker's lease.
+    pub(crate) async fn run(
+        &self,
+        claimed: &ClaimedStep,
+        inputs: &StepInputs,
+        max_duration: Duration,
+    ) -> Outcome {
+        run(&self.client, &self.policy, claimed, inputs, max_duration).await
+    }
+}
+
+fn client(policy: Arc<OutboundPolicy>) -> Result<reqwest::Client, reqwest::Error> {
+    let redirects = policy.clone();
+    reqwest::Client::builder()
+        .user_agent(concat!("tasker/", env!("CARGO_PKG_VERSION")))
+        .no_proxy()
+        .dns_resolver(Arc::new(CheckedResolver { policy }))
+        .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+            }
+            match redirects.check_url(attempt.url()) {
+                Ok(()) => attempt.follow(),
+                Err(refusal) => attempt.error(refusal),
+            }
+        }))
+        .build()
+}
+
+async fn run(
     client: &reqwest::Client,
+    policy: &OutboundPolicy,
     claimed: &ClaimedStep,
     inputs: &StepInputs,
     max_duration: Duration,
@@ -33,13 +78,16 @@ pub async fn run(
         Ok(request) => request,
         Err(message) => return misconfigured(message),
     };
+    if let Err(refusal) = policy.check_url(&request.url) {
+        return refused(&request, &refusal);
+    }
     let timeout = claimed
         .step
         .timeout_seconds
         .map_or(DEFAULT_TIMEOUT, Duration::from_secs_f64)
         .min(max_duration);
     let mut builder = client
-        .request(request.method, request.url.as_str())
+        .request(request.method.clone(), request.url.clone())
         .timeout(timeout);
     for (name, value) in &request.headers {
         builder = builder.header(name.as_str(), value.as_str());
@@ -50,6 +98,9 @@ pub async fn run(
     let response = match builder.send().await {
         Ok(response) => response,
         Err(err) => {
+            if let Some(refusal) = refusal_in(&err) {
+                return refused(&request, refusal);
+            }
             let what = if err.is_timeout() {
                 format!("no answer within {} s", timeout.as_secs_f64())
             } else {
@@ -99,6 +150,16 @@ fn retry(message: String, retry_after_seconds: Option<f64>) -> Outcome {
     }
 }
 
+/// A destination the policy refuses: final, since retrying cannot change the answer.
+fn refused(request: &Request, refusal: &crate::outbound::Refusal) -> Outcome {
+    tracing::warn!(url = %request.url, rule = refusal.rule, "http step refused by the outbound policy");
+    Outcome::Fail {
+        message: format!("http: {} {}: {refusal}", request.method_name, request.url),
+        retryable: false,
+        retry_after_seconds: None,
+    }
+}
+
 fn misconfigured(message: String) -> Outcome {
     Outcome::Fail {
         message: format!("http: {message}"),
@@ -128,7 +189,7 @@ fn parse_retry_after(value: &str) -> Option<f64> {
 struct Request {
     method: reqwest::Method,
     method_name: String,
-    url: String,
+    url: reqwest::Url,
     headers: Vec<(String, String)>,
     body: Option<Value>,
 }
@@ -153,6 +214,8 @@ impl Request {
                 "config.url must start with http:// or https://, got {url:?}"
             ));
         }
+        let url = reqwest::Url::parse(&url)
+            .map_err(|err| format!("config.url {url:?} is not a URL: {err}"))?;
         let method_name = config
             .get("method")
             .and_then(Value::as_str)
@@ -279,7 +342,7 @@ mod tests {
                       "first": "{{ context.order.items.0 }}" }
         });
         let request = Request::from_config(&config, &inputs()).unwrap();
-        assert_eq!(request.url, "http://127.0.0.1:1/orders/7?who=ada");
+        assert_eq!(request.url.as_str(), "http://127.0.0.1:1/orders/7?who=ada");
         assert_eq!(request.method_name, "POST");
         assert_eq!(
             request.headers,

@@ -6,10 +6,12 @@
 
 mod handlers;
 mod http;
+mod outbound;
 mod seed;
 mod workers;
 
 pub use handlers::BUILT_IN_HANDLERS;
+pub use outbound::OutboundPolicy;
 pub use seed::{BundledTemplate, seed_templates};
 pub use workers::WorkerPoolConfig;
 
@@ -33,6 +35,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Store(#[from] tasker_store::Error),
+    #[error("the http allowlist entry {entry:?} is invalid: {reason}")]
+    OutboundRule { entry: String, reason: String },
 }
 
 /// Result alias for engine operations.

@@ -18,6 +18,8 @@ pub struct WorkerPoolConfig {
     /// How the pool names itself in leases.
     pub worker_id: String,
     pub lease: Duration,
+    /// Where the `http` handler may connect.
+    pub outbound: crate::OutboundPolicy,
 }
 
 impl Default for WorkerPoolConfig {
@@ -26,6 +28,7 @@ impl Default for WorkerPoolConfig {
             concurrency: 64,
             worker_id: format!("tasker-embedded-{}", std::process::id()),
             lease: Duration::from_secs(60),
+            outbound: crate::OutboundPolicy::default(),
         }
     }
 }
@@ -43,7 +46,13 @@ impl Engine {
         let mut signal = self.work.subscribe();
         let concurrency = config.concurrency.max(1);
         let (done, mut finished) = mpsc::unbounded_channel::<Finished>();
-        let client = crate::http::client();
+        let caller = match crate::http::Caller::new(&config.outbound) {
+            Ok(caller) => Arc::new(caller),
+            Err(err) => {
+                tracing::error!(error = %err, "the http client could not be built; the worker pool does not run");
+                return;
+            }
+        };
         // A request must end well before the lease it runs under.
         let max_request = config
             .lease
@@ -79,7 +88,7 @@ impl Engine {
             }
             let full = capacity > 0 && claimed.len() == capacity;
             in_flight += self
-                .start_requests(&claimed, &client, max_request, &done)
+                .start_requests(&claimed, &caller, max_request, &done)
                 .await;
             outcomes.extend(
                 claimed
@@ -112,7 +121,7 @@ impl Engine {
     async fn start_requests(
         &self,
         claimed: &[ClaimedStep],
-        client: &reqwest::Client,
+        caller: &Arc<crate::http::Caller>,
         max_request: Duration,
         done: &mpsc::UnboundedSender<Finished>,
     ) -> usize {
@@ -134,10 +143,10 @@ impl Engine {
         for claimed in requests {
             let claimed = claimed.clone();
             let input = inputs.remove(&claimed.step.id).unwrap_or_default();
-            let client = client.clone();
+            let caller = caller.clone();
             let done = done.clone();
             tokio::spawn(async move {
-                let outcome = crate::http::run(&client, &claimed, &input, max_request).await;
+                let outcome = caller.run(&claimed, &input, max_request).await;
                 // The pool stopped: the lease will expire and the step run again.
                 let _ = done.send((claimed.lease_token, outcome));
             });
