@@ -173,7 +173,7 @@ async fn measure(
             ..WorkerPoolConfig::default()
         },
         stopping.clone(),
-    ));
+    )?);
     let timers = tokio::spawn(engine.clone().run_maintenance(stopping));
     let done = TaskFilter {
         namespace: Some(template.namespace.clone()),

@@ -187,7 +187,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             ..WorkerPoolConfig::default()
         };
         background.push(tokio::spawn(
-            engine.clone().run_workers(config, stopping.clone()),
+            engine.clone().run_workers(config, stopping.clone())?,
         ));
     }
     background.push(tokio::spawn(

@@ -515,6 +515,7 @@ async fn a_long_poll_outlives_the_request_timeout() {
     .await;
     // Nothing will become ready: the claim waits its full 2 s, twice the request timeout, and
     // answers with no leases instead of a TIMEOUT.
+    let started = std::time::Instant::now();
     let claimed = server
         .data(
             "mutation { claimSteps(input: { workerId: \"w\", handlers: [\"nothing\"], waitSeconds: 2 }) { leases { leaseToken } } }",
@@ -522,6 +523,10 @@ async fn a_long_poll_outlives_the_request_timeout() {
         )
         .await;
     assert_eq!(claimed["claimSteps"]["leases"], json!([]));
+    assert!(
+        started.elapsed() > std::time::Duration::from_secs(1),
+        "the request outlived its timeout"
+    );
 }
 
 #[tokio::test]

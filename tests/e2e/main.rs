@@ -5,6 +5,7 @@ mod auth;
 mod bad_input;
 mod binary;
 mod browser;
+mod chromium;
 mod execution;
 mod isolation;
 mod support;

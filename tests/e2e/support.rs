@@ -126,7 +126,7 @@ impl TestServer {
         let engine = Engine::new(db.store.clone());
         let (stop_engine, stopping) = watch::channel(false);
         if let Some(pool) = pool {
-            tokio::spawn(engine.clone().run_workers(pool, stopping.clone()));
+            tokio::spawn(engine.clone().run_workers(pool, stopping.clone()).unwrap());
             tokio::spawn(engine.clone().run_maintenance(stopping));
         }
         let app = tasker_api::router(engine.clone(), limits, auth, browser);

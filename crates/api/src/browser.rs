@@ -204,12 +204,13 @@ fn is_default_port(scheme: &str, port: &str) -> bool {
     (scheme == "http" && port == "80") || (scheme == "https" && port == "443")
 }
 
-/// Whether an origin names the host the request was sent to: the server's own pages. A TLS
-/// proxy in front forwards `Host` unchanged, so `https://` pages of the same host count too.
+/// Whether an origin is the server's own: `http` (the scheme it serves), and the host and
+/// port the request was sent to. Behind a TLS proxy the pages are `https://`: list them.
 fn same_host(origin: &str, host: &str) -> bool {
-    let Some((scheme, authority)) = origin.split_once("://") else {
+    let Some(authority) = origin.strip_prefix("http://") else {
         return false;
     };
+    let scheme = "http";
     let host = host.to_ascii_lowercase();
     let host = match host.rsplit_once(':') {
         Some((name, port)) if !name.ends_with(':') && is_default_port(scheme, port) => {
@@ -306,11 +307,11 @@ mod tests {
             Some("localhost"),
             Some("http://localhost:80")
         ));
-        assert!(served(
-            &policy,
-            Some("localhost:443"),
-            Some("https://localhost")
-        ));
+        assert!(
+            !served(&policy, Some("localhost:443"), Some("https://localhost")),
+            "the server speaks http: an https page is another origin"
+        );
+        assert!(!served(&policy, host, Some("https://127.0.0.1:8080")));
     }
 
     #[test]

@@ -9,7 +9,9 @@ use crate::schema::{TaskerSchema, build_schema};
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State, WebSocketUpgrade};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, Path, State, WebSocketUpgrade,
+};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -134,6 +136,7 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Box<
     token_of_header(header)
         .and_then(|token| state.auth.principal(token))
         .map_err(|err| {
+            tracing::warn!(reason = %err, "refused a request without valid credentials");
             let mut response = error_response(
                 StatusCode::UNAUTHORIZED,
                 "UNAUTHENTICATED",
@@ -149,11 +152,8 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Box<
 /// POST /graphql: a GraphQL request in a JSON body, answered as the GraphQL over HTTP spec
 /// says. Only JSON bodies are executed: the content types a page can send without asking
 /// (`text/plain`, forms) are refused before anything is read.
-async fn graphql_post(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn graphql_post(State(state): State<AppState>, request: axum::extract::Request) -> Response {
+    let headers = request.headers().clone();
     if let Err(response) = json_body(&headers) {
         return *response;
     }
@@ -161,6 +161,7 @@ async fn graphql_post(
         Ok(principal) => principal,
         Err(response) => return *response,
     };
+    let body: Result<Bytes, BytesRejection> = Bytes::from_request(request, &state).await;
     let body = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -237,6 +238,7 @@ async fn graphql_get(State(state): State<AppState>, request: axum::extract::Requ
         Err(message) => return bad_request(&message),
     };
     if !runs_a_query(&request) {
+        tracing::warn!("refused a mutation or subscription sent with GET");
         let mut response = error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "METHOD_NOT_ALLOWED",
@@ -392,7 +394,10 @@ async fn execute(
     principal: Principal,
     answer: Answer,
 ) -> Response {
-    let deadline = Arc::new(Deadline::after(state.limits.request_timeout));
+    let deadline = Arc::new(Deadline::after(
+        state.limits.request_timeout,
+        tasker_engine::MAX_CLAIM_WAIT,
+    ));
     let executed = Arc::new(crate::schema::Executed::default());
     let request = request
         .data(principal)
@@ -486,9 +491,10 @@ async fn websocket(
             GraphQLWebSocket::new(socket, schema, protocol)
                 .on_connection_init(move |payload| async move {
                     let token = init_token(&payload).or(header_token);
-                    let principal = auth
-                        .principal(token.as_deref())
-                        .map_err(|err| async_graphql::Error::new(err.to_string()))?;
+                    let principal = auth.principal(token.as_deref()).map_err(|err| {
+                        tracing::warn!(reason = %err, "refused a WebSocket without valid credentials");
+                        async_graphql::Error::new(err.to_string())
+                    })?;
                     // Held in the connection's data: released when the connection closes.
                     let held = quotas
                         .connect(principal.key)

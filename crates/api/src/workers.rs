@@ -184,10 +184,12 @@ impl WorkerMutation {
         filter_list("input.namespaces", input.namespaces.as_ref()).gql()?;
         let handlers = input.handlers.unwrap_or_default();
         let namespaces = input.namespaces.unwrap_or_default();
-        // The wait is not work: the request timeout makes room for it.
-        if let Some(deadline) = ctx.data_opt::<std::sync::Arc<crate::deadline::Deadline>>() {
-            deadline.allow_wait(Duration::from_secs(wait as u64));
-        }
+        // The wait is not work: the request timeout makes room for it (once per request).
+        let wait = Duration::from_secs(wait as u64);
+        let wait = match ctx.data_opt::<std::sync::Arc<crate::deadline::Deadline>>() {
+            Some(deadline) => deadline.allow_wait(wait),
+            None => wait,
+        };
         if crate::access::principal(ctx)?.key.is_some() {
             ctx.data_unchecked::<std::sync::Arc<crate::quota::Quotas>>()
                 .claim(&input.worker_id, granted.store.clock().now())
@@ -203,11 +205,7 @@ impl WorkerMutation {
             limit: limit as u32,
             lease: Duration::from_secs(lease as u64),
         };
-        let claimed = granted
-            .engine
-            .claim(&request, Duration::from_secs(wait as u64))
-            .await
-            .gql()?;
+        let claimed = granted.engine.claim(&request, wait).await.gql()?;
         let steps: Vec<_> = claimed.iter().map(|c| c.step.clone()).collect();
         let mut inputs = granted.store.step_inputs(&steps).await.gql()?;
         let leases = claimed

@@ -37,6 +37,8 @@ pub enum Error {
     Store(#[from] tasker_store::Error),
     #[error("the http allowlist entry {entry:?} is invalid: {reason}")]
     OutboundRule { entry: String, reason: String },
+    #[error("the http handler's client could not be built: {0}")]
+    HttpClient(#[source] reqwest::Error),
 }
 
 /// Result alias for engine operations.
@@ -380,7 +382,8 @@ steps:
             let workers = tokio::spawn(
                 engine
                     .clone()
-                    .run_workers(WorkerPoolConfig::default(), stopped.clone()),
+                    .run_workers(WorkerPoolConfig::default(), stopped.clone())
+                    .unwrap(),
             );
             let timers = tokio::spawn(engine.clone().run_maintenance(stopped));
             let mut ids = Vec::new();

@@ -82,9 +82,9 @@ impl OutboundPolicy {
                 continue;
             }
             if let Ok(network) = entry.parse::<IpNet>() {
-                policy.networks.push(network.trunc());
+                policy.networks.push(canonical(network.trunc()));
             } else if let Ok(address) = entry.trim_matches(['[', ']']).parse::<IpAddr>() {
-                policy.networks.push(IpNet::from(address));
+                policy.networks.push(IpNet::from(address.to_canonical()));
             } else if entry.contains('/') {
                 return Err(invalid("not a network in CIDR notation"));
             } else {
@@ -96,24 +96,28 @@ impl OutboundPolicy {
         Ok(policy)
     }
 
-    /// Checks one address the host resolved to (or names).
+    /// Checks one address the host resolved to (or names). An allowed host name opens every
+    /// address but link-local ones: cloud metadata answers there, and a name's DNS may be
+    /// less trustworthy than the name (a dangling record under an allowed domain); a network
+    /// entry opens them.
     pub fn check(&self, host: &str, address: IpAddr) -> Result<(), Refusal> {
-        if self.hosts.iter().any(|pattern| pattern.matches(host)) {
-            return Ok(());
-        }
         // An IPv4 address written as IPv6 (`::ffff:127.0.0.1`) is that IPv4 address.
         let address = address.to_canonical();
         if self.networks.iter().any(|net| net.contains(&address)) {
             return Ok(());
         }
-        match internal_rule(address) {
-            Some(rule) => Err(Refusal {
-                host: host.to_owned(),
-                address,
-                rule,
-            }),
-            None => Ok(()),
+        let Some(rule) = internal_rule(address) else {
+            return Ok(());
+        };
+        let named = self.hosts.iter().any(|pattern| pattern.matches(host));
+        if named && !rule.starts_with(LINK_LOCAL) {
+            return Ok(());
         }
+        Err(Refusal {
+            host: host.to_owned(),
+            address,
+            rule,
+        })
     }
 
     /// Checks a URL whose host is an IP address (the resolver never sees those); a host name
@@ -126,6 +130,21 @@ impl OutboundPolicy {
             Ok(address) => self.check(host, address),
             Err(_) => Ok(()),
         }
+    }
+}
+
+/// How the link-local rules begin: the ones an allowed host name does not open.
+const LINK_LOCAL: &str = "link-local";
+
+/// A network of IPv4 addresses written as IPv6 (`::ffff:10.0.0.0/104`) as the IPv4 network it
+/// is, since addresses are checked in their IPv4 form.
+fn canonical(network: IpNet) -> IpNet {
+    match network {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(network, IpNet::V4),
+            None => network,
+        },
+        other => other,
     }
 }
 
@@ -179,6 +198,9 @@ fn internal_v6(v6: Ipv6Addr) -> Option<&'static str> {
         Some("link-local (fe80::/10)")
     } else if segments[0] & 0xffc0 == 0xfec0 {
         Some("site-local (fec0::/10)")
+    } else if segments[0] == 0x2001 && segments[1] == 0 {
+        // Teredo tunnels reach IPv4 hosts through a relay.
+        Some("Teredo tunnel (2001::/32)")
     } else if let Some(embedded) = embedded_v4(v6) {
         // NAT64 and 6to4 addresses carry an IPv4 address that the network may reach.
         internal_v4(embedded)
@@ -187,12 +209,14 @@ fn internal_v6(v6: Ipv6Addr) -> Option<&'static str> {
     }
 }
 
-/// The IPv4 address inside a NAT64 (64:ff9b::/96), 6to4 (2002::/16) or IPv4-compatible
-/// (::/96) address.
+/// The IPv4 address inside a NAT64 (64:ff9b::/96, and the local-use 64:ff9b:1::/48), 6to4
+/// (2002::/16), IPv4-translated (::ffff:0:0:0/96) or IPv4-compatible (::/96) address.
 fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = v6.segments();
     let from = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
-    if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+    let nat64 = s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0, 0, 0, 0] || s[2] == 1);
+    let translated = s[..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0;
+    if nat64 || translated {
         Some(from(s[6], s[7]))
     } else if s[0] == 0x2002 {
         Some(from(s[1], s[2]))
@@ -290,6 +314,9 @@ mod tests {
             ("64:ff9b::a9fe:a9fe", "link-local"),
             ("2002:7f00:1::", "loopback"),
             ("::127.0.0.1", "loopback"),
+            ("64:ff9b:1::a00:1", "private"),
+            ("::ffff:0:a9fe:a9fe", "link-local"),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
         ] {
             let got = refused(&policy, address, address);
             assert!(
@@ -329,6 +356,19 @@ mod tests {
         assert!(refused(&policy, "127.0.0.2", "127.0.0.2").is_some());
         assert_eq!(refused(&policy, "::1", "::1"), None);
         assert_eq!(refused(&policy, "x", "::ffff:127.0.0.1"), None);
+        // A network written in its IPv6 form holds the IPv4 addresses it means.
+        let mapped = OutboundPolicy::allowing(&["::ffff:10.0.0.0/104"]).unwrap();
+        assert_eq!(refused(&mapped, "x", "10.3.2.1"), None);
+        assert!(refused(&mapped, "x", "11.0.0.1").is_none(), "public anyway");
+        assert!(refused(&mapped, "x", "192.168.0.1").is_some());
+        // An allowed name does not open link-local addresses (cloud metadata); a network does.
+        assert!(refused(&policy, "billing.internal", "169.254.169.254").is_some());
+        assert!(refused(&policy, "a.corp.example", "fe80::1").is_some());
+        let metadata = OutboundPolicy::allowing(&["169.254.169.254"]).unwrap();
+        assert_eq!(
+            refused(&metadata, "metadata.internal", "169.254.169.254"),
+            None
+        );
         let everything = OutboundPolicy::allowing(&["0.0.0.0/0", "::/0"]).unwrap();
         assert_eq!(refused(&everything, "x", "169.254.169.254"), None);
         assert_eq!(refused(&everything, "x", "fe80::1"), None);

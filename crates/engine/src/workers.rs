@@ -36,23 +36,29 @@ impl Default for WorkerPoolConfig {
 type Finished = (Uuid, Outcome);
 
 impl Engine {
-    /// Runs the embedded worker pool until `shutdown` changes. Requests in flight at shutdown
-    /// are abandoned: their leases expire and the steps run again (at least once).
-    pub async fn run_workers(
+    /// The embedded worker pool, to run until `shutdown` changes; an error (the `http`
+    /// handler's client cannot be built) stops the start instead of leaving a server without
+    /// workers. Requests in flight at shutdown are abandoned: their leases expire and the
+    /// steps run again (at least once).
+    pub fn run_workers(
         self: Arc<Self>,
         config: WorkerPoolConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> crate::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+        let caller =
+            crate::http::Caller::new(&config.outbound).map_err(crate::Error::HttpClient)?;
+        Ok(self.pool_loop(config, Arc::new(caller), shutdown))
+    }
+
+    async fn pool_loop(
+        self: Arc<Self>,
+        config: WorkerPoolConfig,
+        caller: Arc<crate::http::Caller>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut signal = self.work.subscribe();
         let concurrency = config.concurrency.max(1);
         let (done, mut finished) = mpsc::unbounded_channel::<Finished>();
-        let caller = match crate::http::Caller::new(&config.outbound) {
-            Ok(caller) => Arc::new(caller),
-            Err(err) => {
-                tracing::error!(error = %err, "the http client could not be built; the worker pool does not run");
-                return;
-            }
-        };
         // A request must end well before the lease it runs under.
         let max_request = config
             .lease
