@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261126_000001_create_tables;
 mod m20261126_000002_event_sequence;
 mod m20261126_000003_task_correlation;
+mod m20261201_000001_health_probe;
 
 /// Every migration, in the order they apply.
 pub struct Migrator;
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_create_tables::Migration),
             Box::new(m20261126_000002_event_sequence::Migration),
             Box::new(m20261126_000003_task_correlation::Migration),
+            Box::new(m20261201_000001_health_probe::Migration),
         ]
     }
 }

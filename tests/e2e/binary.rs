@@ -14,11 +14,16 @@ fn start(data_dir: &std::path::Path) -> (Child, String, mpsc::Receiver<String>) 
     start_with(data_dir, &[])
 }
 
-fn start_with(
+/// Starts `tasker serve` with `extra` flags. SIGXFSZ is ignored in it, so that a write past a
+/// file-size limit (how the fault tests fill the disk) fails with an error instead of killing
+/// the process.
+pub(crate) fn start_with(
     data_dir: &std::path::Path,
     extra: &[&str],
 ) -> (Child, String, mpsc::Receiver<String>) {
-    let mut child = Command::new(BINARY)
+    use std::os::unix::process::CommandExt as _;
+    let mut command = Command::new(BINARY);
+    command
         .args([
             "serve",
             "--bind",
@@ -32,9 +37,15 @@ fn start_with(
         .env_remove("TASKER_DATABASE_URL")
         .env_remove("TASKER_CONFIG")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tasker starts");
+        .stderr(Stdio::piped());
+    // SAFETY: only an async-signal-safe call between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("tasker starts");
     let stderr = child.stderr.take().unwrap();
     let (lines, received) = mpsc::channel();
     std::thread::spawn(move || {

@@ -7,6 +7,7 @@ mod binary;
 mod browser;
 mod chromium;
 mod execution;
+mod faults;
 mod isolation;
 mod support;
 mod tour;

@@ -29,6 +29,14 @@ pub enum ApiError {
     /// A quota is used up (connections, subscriptions, claim rate).
     #[error("{0}")]
     RateLimited(String),
+    /// The database cannot do its part now (a full disk, a lost connection): nothing was
+    /// written; the same request may succeed later.
+    #[error("{message}")]
+    Unavailable {
+        message: String,
+        /// The fault's stable name (`disk_full`, `unreachable`, …).
+        fault: &'static str,
+    },
     #[error("internal error; the server log has the details")]
     Internal,
 }
@@ -44,6 +52,7 @@ impl ApiError {
             ApiError::Unauthenticated(_) => "UNAUTHENTICATED",
             ApiError::Forbidden(_) => "FORBIDDEN",
             ApiError::RateLimited(_) => "RATE_LIMITED",
+            ApiError::Unavailable { .. } => "UNAVAILABLE",
             ApiError::Internal => "INTERNAL",
         }
     }
@@ -62,6 +71,10 @@ impl ErrorExtensions for ApiError {
     fn extend(&self) -> async_graphql::Error {
         async_graphql::Error::new(self.to_string()).extend_with(|_, extensions| {
             extensions.set("code", self.code());
+            if let ApiError::Unavailable { fault, .. } = self {
+                extensions.set("fault", *fault);
+                extensions.set("retryable", true);
+            }
             if let ApiError::Validation { problems, .. } = self {
                 let list = problems
                     .iter()
@@ -105,6 +118,13 @@ impl From<tasker_store::Error> for ApiError {
                     ApiError::Internal
                 }
             },
+            Store::Unavailable { fault, ref cause } => {
+                tracing::debug!(error = %cause, "refused for a database fault");
+                ApiError::Unavailable {
+                    message: err.to_string(),
+                    fault: fault.name(),
+                }
+            }
             Store::Database(source) => {
                 tracing::error!(error = %source, "database operation failed");
                 ApiError::Internal

@@ -93,6 +93,16 @@ impl EventFeed {
     }
 }
 
+/// Logs a failed read that will be retried: a database fault only at debug (the store logs
+/// each fault episode once), anything else at warn.
+fn read_failed(what: &str, err: &tasker_store::Error) {
+    if err.is_fault() {
+        tracing::debug!(error = %err, "{what}");
+    } else {
+        tracing::warn!(error = %err, "{what}");
+    }
+}
+
 /// The feed's task: after each signal, reads everything new and broadcasts it; stops when no
 /// subscription is left.
 async fn read(inner: Arc<Inner>) {
@@ -114,7 +124,7 @@ async fn read(inner: Arc<Inner>) {
                     position = Some(now);
                     inner.position.send_replace(now);
                 }
-                Err(err) => tracing::warn!(error = %err, "reading the event log's head failed"),
+                Err(err) => read_failed("reading the event log's head failed", &err),
             }
         }
         if let Some(head) = position.as_mut() {
@@ -148,7 +158,7 @@ async fn broadcast_new(inner: &Inner, head: &mut Option<EventCursor>) {
             }
             Ok(_) => return,
             Err(err) => {
-                tracing::warn!(error = %err, "reading the event log for subscriptions failed");
+                read_failed("reading the event log for subscriptions failed", &err);
                 return;
             }
         }
@@ -268,7 +278,7 @@ impl Follow {
         let head = match self.store.event_head().await {
             Ok(head) => head,
             Err(err) => {
-                tracing::warn!(error = %err, "reading the event log for a subscription failed");
+                read_failed("reading the event log for a subscription failed", &err);
                 self.pause().await;
                 return;
             }
@@ -285,7 +295,7 @@ impl Follow {
                 self.ready.extend(page);
             }
             Err(err) => {
-                tracing::warn!(error = %err, "reading the event log for a subscription failed");
+                read_failed("reading the event log for a subscription failed", &err);
                 self.pause().await;
             }
         }

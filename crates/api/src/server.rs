@@ -589,17 +589,31 @@ async fn status_counts(
     Ok((tasks, ready_steps))
 }
 
+/// GET /health/ready: 503 while the database does not answer, or while writes fail (then a
+/// probe write tells whether they work again, so the server recovers with no client writing).
 async fn ready(State(state): State<AppState>) -> Response {
-    match state.store.ping().await {
-        Ok(()) => Json(json!({ "status": "ready", "database": state.store.backend_name() }))
-            .into_response(),
-        Err(err) => {
-            tracing::warn!(error = %err, "readiness check failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "unavailable", "database": state.store.backend_name() })),
-            )
-                .into_response()
-        }
+    let database = state.store.backend_name();
+    let unavailable = |fault: &str, reason: &str, since: Option<String>| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "unavailable",
+                "database": database,
+                "fault": fault,
+                "reason": reason,
+                "since": since,
+            })),
+        )
+            .into_response()
+    };
+    if let Err(err) = state.store.ping().await {
+        tracing::warn!(error = %err, "readiness check failed: the database does not answer");
+        return unavailable("unreachable", "the database does not answer", None);
     }
+    if let Some((fault, since)) = state.store.write_fault()
+        && state.store.probe_write().await.is_err()
+    {
+        return unavailable(fault.name(), fault.reason(), Some(since.to_rfc3339()));
+    }
+    Json(json!({ "status": "ready", "database": database })).into_response()
 }

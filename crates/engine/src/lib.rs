@@ -41,6 +41,23 @@ pub enum Error {
     HttpClient(#[source] reqwest::Error),
 }
 
+impl Error {
+    /// Whether this is a database fault, whose episode the store logs once.
+    pub fn is_fault(&self) -> bool {
+        matches!(self, Error::Store(err) if err.is_fault())
+    }
+}
+
+/// Logs a failure of background work that will be retried: at warn, unless it is a database
+/// fault, which the store logs once per episode (a full disk must not flood the log).
+pub(crate) fn retried(what: &str, is_fault: bool, err: &dyn std::fmt::Display) {
+    if is_fault {
+        tracing::debug!(error = %err, "{what}");
+    } else {
+        tracing::warn!(error = %err, "{what}");
+    }
+}
+
 /// Result alias for engine operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -301,13 +318,13 @@ impl Engine {
         loop {
             let mut sleep_for = SAFETY_SWEEP;
             if let Err(err) = self.wake_parked_steps().await {
-                tracing::warn!(error = %err, "waking timers failed");
+                retried("waking timers failed", err.is_fault(), &err);
             }
             // Events a crashed writer committed but could not number yet.
             match self.store.sequence_events().await {
                 Ok(0) => {}
                 Ok(_) => self.store.note_events_appended(),
-                Err(err) => tracing::warn!(error = %err, "numbering events failed"),
+                Err(err) => retried("numbering events failed", err.is_fault(), &err),
             }
             match self.store.expire_leases().await {
                 Ok(expired) if expired > 0 => {
@@ -315,7 +332,7 @@ impl Engine {
                     self.work_available();
                 }
                 Ok(_) => {}
-                Err(err) => tracing::warn!(error = %err, "lease sweep failed"),
+                Err(err) => retried("lease sweep failed", err.is_fault(), &err),
             }
             // Retries whose time has come are claimable now.
             self.work_available();
@@ -326,7 +343,7 @@ impl Engine {
                     sleep_for = sleep_for.min(Duration::from_millis(wait));
                 }
                 Ok(None) => {}
-                Err(err) => tracing::warn!(error = %err, "timer query failed"),
+                Err(err) => retried("timer query failed", err.is_fault(), &err),
             }
             tokio::select! {
                 () = tokio::time::sleep(sleep_for) => {}

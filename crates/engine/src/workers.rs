@@ -84,7 +84,11 @@ impl Engine {
                 match self.store.claim_steps(&request).await {
                     Ok(steps) => claimed = steps,
                     Err(err) => {
-                        tracing::warn!(error = %err, "the worker pool could not claim steps");
+                        crate::retried(
+                            "the worker pool could not claim steps",
+                            err.is_fault(),
+                            &err,
+                        );
                         tokio::select! {
                             () = tokio::time::sleep(Duration::from_millis(500)) => continue,
                             _ = shutdown.changed() => return,
@@ -142,7 +146,11 @@ impl Engine {
         let mut inputs = match self.store.step_inputs(&steps).await {
             Ok(inputs) => inputs,
             Err(err) => {
-                tracing::warn!(error = %err, "reading the inputs of http steps failed; their leases will expire and they will run again");
+                crate::retried(
+                    "reading the inputs of http steps failed; their leases will expire and they will run again",
+                    err.is_fault(),
+                    &err,
+                );
                 return 0;
             }
         };
@@ -182,7 +190,11 @@ impl Engine {
                         retry_after_seconds,
                     };
                     if let Err(err) = self.fail(&failure).await {
-                        tracing::warn!(error = %err, "recording a failed attempt failed");
+                        crate::retried(
+                            "recording a failed attempt failed; its lease will expire and it will run again",
+                            err.is_fault(),
+                            &err,
+                        );
                     }
                 }
                 Outcome::Park { wake_at_ms } => {
@@ -193,7 +205,7 @@ impl Engine {
                     };
                     match self.store.park_step(lease_token, wake_at_ms, holder).await {
                         Ok(()) => parked += 1,
-                        Err(err) => tracing::warn!(error = %err, "parking a step failed"),
+                        Err(err) => crate::retried("parking a step failed", err.is_fault(), &err),
                     }
                 }
             }
@@ -203,7 +215,11 @@ impl Engine {
             self.timers.notify_one();
         }
         if let Err(err) = self.complete(&completions).await {
-            tracing::warn!(error = %err, "recording completed steps failed; their leases will expire and they will run again");
+            crate::retried(
+                "recording completed steps failed; their leases will expire and they will run again",
+                err.is_fault(),
+                &err,
+            );
         }
     }
 }

@@ -24,72 +24,75 @@ impl Store {
         name: &str,
         payload: Value,
     ) -> Result<EventRecord> {
-        let size = serde_json::to_vec(&payload).map_or(usize::MAX, |bytes| bytes.len());
-        if size > MAX_CUSTOM_PAYLOAD_BYTES {
-            return Err(invalid(
-                "payload",
-                format!("is {size} bytes; the limit is {MAX_CUSTOM_PAYLOAD_BYTES}"),
-            ));
-        }
-        let now = self.now();
-        let txn = self.db.begin().await?;
-        let step = workflow_step::Entity::find()
-            .filter(workflow_step::Column::LeaseToken.eq(lease_token))
-            .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
-            .filter(workflow_step::Column::LeaseExpiresMs.gte(self.now_ms()))
-            .one(&txn)
-            .await?
-            .ok_or(Error::LeaseLost)?;
-        let task = Self::task_row(&txn, step.task_id).await?;
-        let template = crate::records::TemplateRecord::try_from(
-            crate::entities::task_template::Entity::find_by_id(task.template_id)
+        self.writing(async {
+            let size = serde_json::to_vec(&payload).map_or(usize::MAX, |bytes| bytes.len());
+            if size > MAX_CUSTOM_PAYLOAD_BYTES {
+                return Err(invalid(
+                    "payload",
+                    format!("is {size} bytes; the limit is {MAX_CUSTOM_PAYLOAD_BYTES}"),
+                ));
+            }
+            let now = self.now();
+            let txn = self.db.begin().await?;
+            let step = workflow_step::Entity::find()
+                .filter(workflow_step::Column::LeaseToken.eq(lease_token))
+                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(workflow_step::Column::LeaseExpiresMs.gte(self.now_ms()))
                 .one(&txn)
                 .await?
-                .ok_or_else(|| Error::NotFound {
-                    what: "template",
-                    key: task.template_id.to_string(),
-                })?,
-        )?
-        .template;
-        if !template
-            .custom_events
-            .iter()
-            .any(|event| event.name == name)
-        {
-            let declared: Vec<&str> = template
+                .ok_or(Error::LeaseLost)?;
+            let task = Self::task_row(&txn, step.task_id).await?;
+            let template = crate::records::TemplateRecord::try_from(
+                crate::entities::task_template::Entity::find_by_id(task.template_id)
+                    .one(&txn)
+                    .await?
+                    .ok_or_else(|| Error::NotFound {
+                        what: "template",
+                        key: task.template_id.to_string(),
+                    })?,
+            )?
+            .template;
+            if !template
                 .custom_events
                 .iter()
-                .map(|e| e.name.as_str())
-                .collect();
-            return Err(invalid(
-                "name",
-                format!(
-                    "{name:?} is not declared by template {} (its custom_events: {})",
-                    template.key(),
-                    if declared.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        declared.join(", ")
-                    }
-                ),
-            ));
-        }
-        let correlation_id = crate::tasks::correlation_of(&task);
-        let subject = crate::events::Subject {
-            namespace: &task.namespace,
-            template: &task.template_name,
-            task_id: task.id,
-            correlation_id: &correlation_id,
-        };
-        let row = subject.event(
-            &format!("{CUSTOM_EVENT_PREFIX}{name}"),
-            Some((step.id, &step.name)),
-            json!({ "attempt": step.attempts, "data": payload }),
-            &Value::Null,
-            now,
-        );
-        let inserted = event::Entity::insert(row).exec_with_returning(&txn).await?;
-        self.commit_events(txn).await?;
-        Ok(inserted.into())
+                .any(|event| event.name == name)
+            {
+                let declared: Vec<&str> = template
+                    .custom_events
+                    .iter()
+                    .map(|e| e.name.as_str())
+                    .collect();
+                return Err(invalid(
+                    "name",
+                    format!(
+                        "{name:?} is not declared by template {} (its custom_events: {})",
+                        template.key(),
+                        if declared.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            declared.join(", ")
+                        }
+                    ),
+                ));
+            }
+            let correlation_id = crate::tasks::correlation_of(&task);
+            let subject = crate::events::Subject {
+                namespace: &task.namespace,
+                template: &task.template_name,
+                task_id: task.id,
+                correlation_id: &correlation_id,
+            };
+            let row = subject.event(
+                &format!("{CUSTOM_EVENT_PREFIX}{name}"),
+                Some((step.id, &step.name)),
+                json!({ "attempt": step.attempts, "data": payload }),
+                &Value::Null,
+                now,
+            );
+            let inserted = event::Entity::insert(row).exec_with_returning(&txn).await?;
+            self.commit_events(txn).await?;
+            Ok(inserted.into())
+        })
+        .await
     }
 }

@@ -135,6 +135,7 @@ impl Store {
     /// Leases up to `limit` ready steps to a worker in one statement, then records their
     /// transitions and events, and starts their tasks if they were pending.
     pub async fn claim_steps(&self, request: &ClaimRequest) -> Result<Vec<ClaimedStep>> {
+        self.writing(async {
         let now = self.now();
         let now_ms = now.timestamp_millis();
         let lease_ms = i64::try_from(request.lease.as_millis()).unwrap_or(i64::MAX / 4);
@@ -178,6 +179,7 @@ impl Store {
             .all(&txn)
             .await?;
         if claimed.is_empty() {
+            // Nothing written: no news about whether writes work.
             txn.commit().await?;
             return Ok(Vec::new());
         }
@@ -245,6 +247,8 @@ impl Store {
         crate::tasks::insert_all(&txn, events).await?;
         self.commit_events(txn).await?;
         Ok(leases)
+        })
+        .await
     }
 
     /// Extends the leases still held; returns the new expiry for each live token (tokens
@@ -254,27 +258,30 @@ impl Store {
         tokens: &[Uuid],
         lease: Duration,
     ) -> Result<HashMap<Uuid, DateTime<Utc>>> {
-        if tokens.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let now_ms = self.now_ms();
-        let expires_ms = now_ms + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
-        let updated = workflow_step::Entity::update_many()
-            .col_expr(
-                workflow_step::Column::LeaseExpiresMs,
-                Expr::value(expires_ms),
-            )
-            .filter(workflow_step::Column::LeaseToken.is_in(tokens.iter().copied()))
-            .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
-            .filter(workflow_step::Column::LeaseExpiresMs.gte(now_ms))
-            .exec_with_returning(&self.db)
-            .await?;
-        let expires_at = DateTime::from_timestamp_millis(expires_ms).unwrap_or_default();
-        Ok(updated
-            .into_iter()
-            .filter_map(|step| step.lease_token)
-            .map(|token| (token, expires_at))
-            .collect())
+        self.writing(async {
+            if tokens.is_empty() {
+                return Ok(HashMap::new());
+            }
+            let now_ms = self.now_ms();
+            let expires_ms = now_ms + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
+            let updated = workflow_step::Entity::update_many()
+                .col_expr(
+                    workflow_step::Column::LeaseExpiresMs,
+                    Expr::value(expires_ms),
+                )
+                .filter(workflow_step::Column::LeaseToken.is_in(tokens.iter().copied()))
+                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(workflow_step::Column::LeaseExpiresMs.gte(now_ms))
+                .exec_with_returning(&self.db)
+                .await?;
+            let expires_at = DateTime::from_timestamp_millis(expires_ms).unwrap_or_default();
+            Ok(updated
+                .into_iter()
+                .filter_map(|step| step.lease_token)
+                .map(|token| (token, expires_at))
+                .collect())
+        })
+        .await
     }
 
     /// The namespace of the task each live lease token's step belongs to (tokens that hold no
@@ -298,6 +305,7 @@ impl Store {
     /// Records finished attempts in one transaction: steps complete, their children's
     /// dependency counters drop, and tasks whose steps are all done complete.
     pub async fn complete_steps(&self, completions: &[Completion]) -> Result<CompletionReport> {
+        self.writing(async {
         if completions.is_empty() {
             return Ok(CompletionReport::default());
         }
@@ -374,72 +382,80 @@ impl Store {
         report.completed = convert_all(completed)?;
         report.finished_tasks = finished.0;
         Ok(report)
+        })
+        .await
     }
 
     /// Records a failed attempt: a retry after the backoff (or the handler's Retry-After), or,
     /// with no attempts left or a final failure, `skipped` for a skippable step and `error`
     /// otherwise. A token that no longer holds a lease changes nothing.
     pub async fn fail_step(&self, failure: &AttemptFailure) -> Result<FailureReport> {
-        let now_ms = self.now_ms();
-        let txn = self.db.begin().await?;
-        let step = workflow_step::Entity::find()
-            .filter(workflow_step::Column::LeaseToken.eq(failure.lease_token))
-            .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
-            .filter(workflow_step::Column::LeaseExpiresMs.gte(now_ms))
-            .one(&txn)
-            .await?
-            .ok_or(Error::LeaseLost)?;
-        let report = self
-            .record_failure(
-                &txn,
-                step,
-                &failure.message,
-                failure.retryable,
-                failure.retry_after_seconds,
-                None,
-            )
-            .await?;
-        self.commit_events(txn).await?;
-        Ok(report)
+        self.writing(async {
+            let now_ms = self.now_ms();
+            let txn = self.db.begin().await?;
+            let step = workflow_step::Entity::find()
+                .filter(workflow_step::Column::LeaseToken.eq(failure.lease_token))
+                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(workflow_step::Column::LeaseExpiresMs.gte(now_ms))
+                .one(&txn)
+                .await?
+                .ok_or(Error::LeaseLost)?;
+            let report = self
+                .record_failure(
+                    &txn,
+                    step,
+                    &failure.message,
+                    failure.retryable,
+                    failure.retry_after_seconds,
+                    None,
+                )
+                .await?;
+            self.commit_events(txn).await?;
+            Ok(report)
+        })
+        .await
     }
 
     /// Fails the attempts whose lease expired without a heartbeat, or that ran past their
     /// step's timeout, as retryable failures. Returns how many it failed.
     pub async fn expire_leases(&self) -> Result<usize> {
-        let now_ms = self.now_ms();
-        let txn = self.db.begin().await?;
-        let expired = workflow_step::Entity::find()
-            .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
-            .filter(
-                sea_orm::Condition::any()
-                    .add(workflow_step::Column::LeaseExpiresMs.lt(now_ms))
-                    .add(workflow_step::Column::DeadlineMs.lt(now_ms)),
-            )
-            .order_by_asc(workflow_step::Column::Id)
-            .all(&txn)
-            .await?;
-        let count = expired.len();
-        for step in expired {
-            let (message, cause) = match (step.deadline_ms, step.timeout_ms) {
-                (Some(deadline), Some(timeout)) if deadline < now_ms => (
-                    format!("the attempt timed out after {} s", timeout as f64 / 1000.0),
-                    EventName::StepTimedOut,
-                ),
-                _ => (
-                    "the lease expired without a heartbeat (the worker is gone or stuck)"
-                        .to_owned(),
-                    EventName::StepLeaseExpired,
-                ),
-            };
-            self.record_failure(&txn, step, &message, true, None, Some(cause))
+        self.writing(async {
+            let now_ms = self.now_ms();
+            let txn = self.db.begin().await?;
+            let expired = workflow_step::Entity::find()
+                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(
+                    sea_orm::Condition::any()
+                        .add(workflow_step::Column::LeaseExpiresMs.lt(now_ms))
+                        .add(workflow_step::Column::DeadlineMs.lt(now_ms)),
+                )
+                .order_by_asc(workflow_step::Column::Id)
+                .all(&txn)
                 .await?;
-        }
-        if count > 0 {
-            self.commit_events(txn).await?;
-        } else {
-            txn.commit().await?;
-        }
-        Ok(count)
+            let count = expired.len();
+            for step in expired {
+                let (message, cause) = match (step.deadline_ms, step.timeout_ms) {
+                    (Some(deadline), Some(timeout)) if deadline < now_ms => (
+                        format!("the attempt timed out after {} s", timeout as f64 / 1000.0),
+                        EventName::StepTimedOut,
+                    ),
+                    _ => (
+                        "the lease expired without a heartbeat (the worker is gone or stuck)"
+                            .to_owned(),
+                        EventName::StepLeaseExpired,
+                    ),
+                };
+                self.record_failure(&txn, step, &message, true, None, Some(cause))
+                    .await?;
+            }
+            if count > 0 {
+                self.commit_events(txn).await?;
+            } else {
+                txn.commit().await?;
+            }
+            Ok(count)
+        })
+        .await
     }
 
     /// The earliest time (epoch ms) after `after_ms` at which a retry becomes due, a parked

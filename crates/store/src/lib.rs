@@ -8,6 +8,7 @@ mod entities;
 mod event_log;
 mod events;
 mod execution;
+mod health;
 mod lifecycle;
 mod notify;
 mod parking;
@@ -24,6 +25,7 @@ pub use execution::{
     AttemptFailure, ClaimRequest, ClaimedStep, Completion, CompletionReport, FailureReport,
     StepInputs,
 };
+pub use health::Fault;
 pub use lifecycle::{StepAction, StepChange};
 pub use notify::WorkListener;
 pub use parking::AWAITING_DECISION;
@@ -60,9 +62,35 @@ pub enum Error {
         "the lease is no longer held (it expired, or the step was finished, cancelled or reassigned)"
     )]
     LeaseLost,
+    /// The database cannot do its part now (a full disk, a lost connection…): nothing was
+    /// written, and the same request may succeed later.
+    #[error("the database cannot take this now: {}; retry later", .fault.reason())]
+    Unavailable {
+        fault: Fault,
+        #[source]
+        cause: DbErr,
+    },
     /// The database failed; the details are for the log, never for clients.
     #[error("the database failed")]
-    Database(#[from] DbErr),
+    Database(DbErr),
+}
+
+impl Error {
+    /// Whether this is a fault of the database's environment (see [`Fault`]): the store has
+    /// logged its episode, so background work retrying it need not log it again.
+    pub fn is_fault(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
+}
+
+impl From<DbErr> for Error {
+    /// Faults of the environment are told apart from everything else here, once.
+    fn from(err: DbErr) -> Self {
+        match Fault::of(&err) {
+            Some(fault) => Error::Unavailable { fault, cause: err },
+            None => Error::Database(err),
+        }
+    }
 }
 
 /// A PostgreSQL NOTIFY channel name for a schema: identifiers stop at 63 bytes, so a schema
@@ -93,6 +121,12 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// PostgreSQL only: how the connections name themselves in `pg_stat_activity`.
     pub application_name: String,
+    /// SQLite only: how long a write waits for another writer's lock before it fails (as
+    /// `Unavailable`, busy).
+    pub busy_timeout: Duration,
+    /// PostgreSQL only: the longest one statement may run (`statement_timeout`); `None`
+    /// keeps the server's setting.
+    pub statement_timeout: Option<Duration>,
 }
 
 impl StoreOptions {
@@ -102,6 +136,8 @@ impl StoreOptions {
             schema: None,
             max_connections: 16,
             application_name: "tasker".to_owned(),
+            busy_timeout: Duration::from_secs(10),
+            statement_timeout: None,
         }
     }
 }
@@ -116,6 +152,8 @@ pub struct Store {
     work_channel: String,
     /// Bumped after every commit that appended events.
     appended: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Whether writes work, as the last ones found.
+    health: Arc<health::WriteHealth>,
 }
 
 impl Store {
@@ -129,13 +167,17 @@ impl Store {
             // One connection: SQLite has a single writer, and one connection never meets
             // SQLITE_BUSY inside a transaction.
             connect.max_connections(1).min_connections(1);
-            connect.map_sqlx_sqlite_opts(|opts| {
+            let busy_timeout = options.busy_timeout;
+            connect.map_sqlx_sqlite_opts(move |opts| {
                 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
                 opts.create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
                     .foreign_keys(true)
-                    .busy_timeout(Duration::from_secs(10))
+                    .busy_timeout(busy_timeout)
+            });
+            connect.map_sqlx_sqlite_pool_opts(|pool| {
+                pool.after_release(|conn, _| Box::pin(health::sqlite_reusable(conn)))
             });
         } else {
             connect.max_connections(options.max_connections.max(1));
@@ -143,7 +185,22 @@ impl Store {
                 connect.set_schema_search_path(schema.clone());
             }
             let application_name = options.application_name.clone();
-            connect.map_sqlx_postgres_opts(move |opts| opts.application_name(&application_name));
+            let statement_timeout = options.statement_timeout;
+            connect.map_sqlx_postgres_opts(move |opts| {
+                let opts = opts.application_name(&application_name);
+                match statement_timeout {
+                    Some(limit) => opts.options([(
+                        "statement_timeout",
+                        format!("{}ms", limit.as_millis().max(1)),
+                    )]),
+                    None => opts,
+                }
+            });
+            connect.map_sqlx_postgres_pool_opts(|pool| {
+                pool.after_release(|conn, _| {
+                    Box::pin(std::future::ready(Ok(health::postgres_reusable(conn))))
+                })
+            });
         }
         let mut db = Database::connect(connect).await?;
         let statements = Arc::new(AtomicU64::new(0));
@@ -158,7 +215,49 @@ impl Store {
             statements,
             work_channel,
             appended: Arc::new(tokio::sync::watch::Sender::new(0)),
+            health: Arc::default(),
         })
+    }
+
+    /// Runs a write operation and notes a fault, which starts (or continues) an episode;
+    /// [`Store::commit`] ends it. Refusals by the rules say nothing either way.
+    pub(crate) async fn writing<T>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let result = operation.await;
+        if let Err(Error::Unavailable { fault, cause }) = &result {
+            self.health.failed(*fault, cause, self.clock.now());
+        }
+        result
+    }
+
+    /// Commits a write transaction; a commit that returns is what ends a fault episode (an
+    /// operation that wrote nothing says nothing about whether writes work).
+    pub(crate) async fn commit(&self, txn: sea_orm::DatabaseTransaction) -> Result<()> {
+        txn.commit().await?;
+        self.health.succeeded(self.clock.now());
+        Ok(())
+    }
+
+    /// The fault that makes writes fail now and since when, if they do.
+    pub fn write_fault(&self) -> Option<(Fault, chrono::DateTime<chrono::Utc>)> {
+        self.health.current()
+    }
+
+    /// Writes and commits a row of its own (`health_probe`), to learn whether writes work
+    /// again while nothing else writes; ends the fault episode when it does.
+    pub async fn probe_write(&self) -> Result<()> {
+        self.writing(async {
+            let mut sql = sql::Sql::new(self.db.get_database_backend());
+            sql.push("INSERT INTO health_probe (id, checked_at_ms) VALUES (1, ")
+                .bind(self.clock.now().timestamp_millis())
+                .push(") ON CONFLICT (id) DO UPDATE SET checked_at_ms = excluded.checked_at_ms");
+            self.db.execute_raw(sql.build()).await?;
+            self.health.succeeded(self.clock.now());
+            Ok(())
+        })
+        .await
     }
 
     /// Applies every pending migration.

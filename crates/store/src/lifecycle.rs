@@ -39,173 +39,179 @@ impl Store {
         action: StepAction,
         reason: Option<String>,
     ) -> Result<StepChange> {
-        let now = self.now();
-        let txn = self.db.begin().await?;
-        let step = Self::step_row(&txn, step_id).await?;
-        let from = StepState::parse(&step.state)?;
-        let to = match action {
-            StepAction::Retry => StepState::Pending,
-            StepAction::Resolve { .. } => StepState::ResolvedManually,
-            StepAction::Skip => StepState::Skipped,
-        };
-        from.transition_to(to)?;
-        let version = step.version + 1;
-        let mut update = crate::execution::ending_attempt(workflow_step::Entity::update_many())
-            .col_expr(workflow_step::Column::State, Expr::value(to.as_str()))
-            .col_expr(workflow_step::Column::Version, Expr::value(version))
-            .col_expr(
-                workflow_step::Column::NextAttemptMs,
-                Expr::value(Option::<i64>::None),
-            )
-            .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now));
-        update = match &action {
-            StepAction::Retry => update
-                .col_expr(workflow_step::Column::Attempts, Expr::value(0))
+        self.writing(async {
+            let now = self.now();
+            let txn = self.db.begin().await?;
+            let step = Self::step_row(&txn, step_id).await?;
+            let from = StepState::parse(&step.state)?;
+            let to = match action {
+                StepAction::Retry => StepState::Pending,
+                StepAction::Resolve { .. } => StepState::ResolvedManually,
+                StepAction::Skip => StepState::Skipped,
+            };
+            from.transition_to(to)?;
+            let version = step.version + 1;
+            let mut update = crate::execution::ending_attempt(workflow_step::Entity::update_many())
+                .col_expr(workflow_step::Column::State, Expr::value(to.as_str()))
+                .col_expr(workflow_step::Column::Version, Expr::value(version))
                 .col_expr(
-                    workflow_step::Column::LastError,
-                    Expr::value(Option::<String>::None),
-                ),
-            StepAction::Resolve { results } => update
-                .col_expr(workflow_step::Column::Results, Expr::value(results.clone()))
-                .col_expr(workflow_step::Column::CompletedAt, Expr::value(now)),
-            StepAction::Skip => {
-                update.col_expr(workflow_step::Column::CompletedAt, Expr::value(now))
-            }
-        };
-        let updated = update
-            .filter(workflow_step::Column::Id.eq(step_id))
-            .filter(workflow_step::Column::Version.eq(step.version))
-            .exec_with_returning(&txn)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| {
-                Error::Conflict(format!(
-                    "step {step_id} changed while it was being updated; read it again and retry"
-                ))
-            })?;
-        let subjects = self.subjects(&txn, &[step.task_id], &[]).await?;
-        let (row, event) = step_rows(
-            subjects.subject(step.task_id),
-            step.id,
-            &step.name,
-            Some(from),
-            to,
-            version,
-            metadata(&[
-                ("reason", reason.clone().map(Value::from)),
-                ("triggered_by", Some(json!("manual"))),
-            ]),
-            now,
-        );
-        let mut events = vec![event];
-        if to == StepState::Pending && updated.pending_parents == 0 {
-            events.push(crate::events::steps_ready(
-                subjects.subject(step.task_id),
-                &[(step.id, &step.name)],
-                now,
-            ));
-        }
-        let newly_ready = if to.satisfies_dependency() {
-            self.release_children(&txn, &[step.id], &subjects, now, &mut events)
+                    workflow_step::Column::NextAttemptMs,
+                    Expr::value(Option::<i64>::None),
+                )
+                .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now));
+            update = match &action {
+                StepAction::Retry => update
+                    .col_expr(workflow_step::Column::Attempts, Expr::value(0))
+                    .col_expr(
+                        workflow_step::Column::LastError,
+                        Expr::value(Option::<String>::None),
+                    ),
+                StepAction::Resolve { results } => update
+                    .col_expr(workflow_step::Column::Results, Expr::value(results.clone()))
+                    .col_expr(workflow_step::Column::CompletedAt, Expr::value(now)),
+                StepAction::Skip => {
+                    update.col_expr(workflow_step::Column::CompletedAt, Expr::value(now))
+                }
+            };
+            let updated = update
+                .filter(workflow_step::Column::Id.eq(step_id))
+                .filter(workflow_step::Column::Version.eq(step.version))
+                .exec_with_returning(&txn)
                 .await?
-        } else {
-            0
-        };
-        let mut task_transitions = self
-            .reopen_task(&txn, step.task_id, reason.as_deref(), &mut events)
-            .await?;
-        let (_, finished) = self
-            .finalize_tasks(&txn, &[step.task_id], &subjects, now, &mut events)
-            .await?;
-        task_transitions.extend(finished);
-        crate::tasks::insert_all(&txn, [row]).await?;
-        crate::tasks::insert_all(&txn, task_transitions).await?;
-        crate::tasks::insert_all(&txn, events).await?;
-        let task = Self::task_row(&txn, step.task_id).await?;
-        self.commit_events(txn).await?;
-        Ok(StepChange {
-            step: updated.try_into()?,
-            task: task.try_into()?,
-            newly_ready,
-        })
-    }
-
-    /// Retries a failed task: every failed step goes back to pending with fresh attempts, and
-    /// the task runs again.
-    pub async fn retry_task(&self, task_id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
-        let now = self.now();
-        let txn = self.db.begin().await?;
-        let current = Self::task_row(&txn, task_id).await?;
-        let state = TaskState::parse(&current.state)?;
-        if state != TaskState::Error {
-            return Err(Error::Conflict(format!(
-                "only a failed task can be retried; task {task_id} is {state}"
-            )));
-        }
-        let reopened = workflow_step::Entity::update_many()
-            .col_expr(
-                workflow_step::Column::State,
-                Expr::value(StepState::Pending.as_str()),
-            )
-            .col_expr(workflow_step::Column::Attempts, Expr::value(0))
-            .col_expr(
-                workflow_step::Column::NextAttemptMs,
-                Expr::value(Option::<i64>::None),
-            )
-            .col_expr(
-                workflow_step::Column::LastError,
-                Expr::value(Option::<String>::None),
-            )
-            .col_expr(
-                workflow_step::Column::Version,
-                Expr::col(workflow_step::Column::Version).add(1),
-            )
-            .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now))
-            .filter(workflow_step::Column::TaskId.eq(task_id))
-            .filter(workflow_step::Column::State.eq(StepState::Error.as_str()))
-            .exec_with_returning(&txn)
-            .await?;
-        let subjects = self
-            .subjects(&txn, &[task_id], std::slice::from_ref(&current))
-            .await?;
-        let mut events = Vec::new();
-        let mut step_transitions = Vec::new();
-        for step in &reopened {
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    Error::Conflict(format!(
+                        "step {step_id} changed while it was being updated; read it again and retry"
+                    ))
+                })?;
+            let subjects = self.subjects(&txn, &[step.task_id], &[]).await?;
             let (row, event) = step_rows(
-                subjects.subject(task_id),
+                subjects.subject(step.task_id),
                 step.id,
                 &step.name,
-                Some(StepState::Error),
-                StepState::Pending,
-                step.version,
+                Some(from),
+                to,
+                version,
                 metadata(&[
                     ("reason", reason.clone().map(Value::from)),
                     ("triggered_by", Some(json!("manual"))),
                 ]),
                 now,
             );
-            step_transitions.push(row);
-            events.push(event);
-        }
-        events.extend(
-            subjects.steps_ready(
-                reopened
-                    .iter()
-                    .filter(|step| step.pending_parents == 0)
-                    .map(|step| (task_id, step.id, step.name.as_str())),
-                now,
-            ),
-        );
-        let task_transitions = self
-            .reopen_task(&txn, task_id, reason.as_deref(), &mut events)
-            .await?;
-        crate::tasks::insert_all(&txn, step_transitions).await?;
-        crate::tasks::insert_all(&txn, task_transitions).await?;
-        crate::tasks::insert_all(&txn, events).await?;
-        let task = Self::task_row(&txn, task_id).await?;
-        self.commit_events(txn).await?;
-        task.try_into()
+            let mut events = vec![event];
+            if to == StepState::Pending && updated.pending_parents == 0 {
+                events.push(crate::events::steps_ready(
+                    subjects.subject(step.task_id),
+                    &[(step.id, &step.name)],
+                    now,
+                ));
+            }
+            let newly_ready = if to.satisfies_dependency() {
+                self.release_children(&txn, &[step.id], &subjects, now, &mut events)
+                    .await?
+            } else {
+                0
+            };
+            let mut task_transitions = self
+                .reopen_task(&txn, step.task_id, reason.as_deref(), &mut events)
+                .await?;
+            let (_, finished) = self
+                .finalize_tasks(&txn, &[step.task_id], &subjects, now, &mut events)
+                .await?;
+            task_transitions.extend(finished);
+            crate::tasks::insert_all(&txn, [row]).await?;
+            crate::tasks::insert_all(&txn, task_transitions).await?;
+            crate::tasks::insert_all(&txn, events).await?;
+            let task = Self::task_row(&txn, step.task_id).await?;
+            self.commit_events(txn).await?;
+            Ok(StepChange {
+                step: updated.try_into()?,
+                task: task.try_into()?,
+                newly_ready,
+            })
+        })
+        .await
+    }
+
+    /// Retries a failed task: every failed step goes back to pending with fresh attempts, and
+    /// the task runs again.
+    pub async fn retry_task(&self, task_id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
+        self.writing(async {
+            let now = self.now();
+            let txn = self.db.begin().await?;
+            let current = Self::task_row(&txn, task_id).await?;
+            let state = TaskState::parse(&current.state)?;
+            if state != TaskState::Error {
+                return Err(Error::Conflict(format!(
+                    "only a failed task can be retried; task {task_id} is {state}"
+                )));
+            }
+            let reopened = workflow_step::Entity::update_many()
+                .col_expr(
+                    workflow_step::Column::State,
+                    Expr::value(StepState::Pending.as_str()),
+                )
+                .col_expr(workflow_step::Column::Attempts, Expr::value(0))
+                .col_expr(
+                    workflow_step::Column::NextAttemptMs,
+                    Expr::value(Option::<i64>::None),
+                )
+                .col_expr(
+                    workflow_step::Column::LastError,
+                    Expr::value(Option::<String>::None),
+                )
+                .col_expr(
+                    workflow_step::Column::Version,
+                    Expr::col(workflow_step::Column::Version).add(1),
+                )
+                .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now))
+                .filter(workflow_step::Column::TaskId.eq(task_id))
+                .filter(workflow_step::Column::State.eq(StepState::Error.as_str()))
+                .exec_with_returning(&txn)
+                .await?;
+            let subjects = self
+                .subjects(&txn, &[task_id], std::slice::from_ref(&current))
+                .await?;
+            let mut events = Vec::new();
+            let mut step_transitions = Vec::new();
+            for step in &reopened {
+                let (row, event) = step_rows(
+                    subjects.subject(task_id),
+                    step.id,
+                    &step.name,
+                    Some(StepState::Error),
+                    StepState::Pending,
+                    step.version,
+                    metadata(&[
+                        ("reason", reason.clone().map(Value::from)),
+                        ("triggered_by", Some(json!("manual"))),
+                    ]),
+                    now,
+                );
+                step_transitions.push(row);
+                events.push(event);
+            }
+            events.extend(
+                subjects.steps_ready(
+                    reopened
+                        .iter()
+                        .filter(|step| step.pending_parents == 0)
+                        .map(|step| (task_id, step.id, step.name.as_str())),
+                    now,
+                ),
+            );
+            let task_transitions = self
+                .reopen_task(&txn, task_id, reason.as_deref(), &mut events)
+                .await?;
+            crate::tasks::insert_all(&txn, step_transitions).await?;
+            crate::tasks::insert_all(&txn, task_transitions).await?;
+            crate::tasks::insert_all(&txn, events).await?;
+            let task = Self::task_row(&txn, task_id).await?;
+            self.commit_events(txn).await?;
+            task.try_into()
+        })
+        .await
     }
 
     /// A task that stopped (failed) or never started is put back in progress so its steps can

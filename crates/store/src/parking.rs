@@ -26,25 +26,28 @@ impl Store {
         wake_at_ms: Option<i64>,
         holder: &str,
     ) -> Result<()> {
-        let parked = workflow_step::Entity::update_many()
-            .col_expr(
-                workflow_step::Column::NextAttemptMs,
-                Expr::value(wake_at_ms),
-            )
-            .col_expr(
-                workflow_step::Column::LeaseExpiresMs,
-                Expr::value(PARKED_LEASE_MS),
-            )
-            .col_expr(workflow_step::Column::LeaseHolder, Expr::value(holder))
-            .filter(workflow_step::Column::LeaseToken.eq(lease_token))
-            .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
-            .filter(workflow_step::Column::LeaseExpiresMs.gte(self.now_ms()))
-            .exec(&self.db)
-            .await?;
-        if parked.rows_affected == 0 {
-            return Err(Error::LeaseLost);
-        }
-        Ok(())
+        self.writing(async {
+            let parked = workflow_step::Entity::update_many()
+                .col_expr(
+                    workflow_step::Column::NextAttemptMs,
+                    Expr::value(wake_at_ms),
+                )
+                .col_expr(
+                    workflow_step::Column::LeaseExpiresMs,
+                    Expr::value(PARKED_LEASE_MS),
+                )
+                .col_expr(workflow_step::Column::LeaseHolder, Expr::value(holder))
+                .filter(workflow_step::Column::LeaseToken.eq(lease_token))
+                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(workflow_step::Column::LeaseExpiresMs.gte(self.now_ms()))
+                .exec(&self.db)
+                .await?;
+            if parked.rows_affected == 0 {
+                return Err(Error::LeaseLost);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Parked steps whose wake time has come, with their lease tokens, oldest first.

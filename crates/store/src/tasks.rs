@@ -41,33 +41,36 @@ impl Store {
     /// task, its steps, edges, tags, transitions and events in one transaction. With an
     /// idempotency key already used in the namespace, returns that task instead.
     pub async fn create_task(&self, new: NewTask) -> Result<TaskCreation> {
-        new.request.validate()?;
-        let template = self
-            .template(&new.namespace, &new.template, new.version.as_deref())
-            .await?;
-        template.template.validate_context(&new.request.context)?;
-        if let Some(key) = &new.request.idempotency_key
-            && let Some(existing) = self.task_by_idempotency_key(&new, key).await?
-        {
-            return Ok(existing);
-        }
-        match self.insert_task(&template, &new.request).await {
-            Ok(task) => Ok(TaskCreation {
-                task,
-                created: true,
-            }),
-            // Another request with the same key committed first: answer with its task.
-            Err(Error::Database(err)) if Self::is_unique_violation(&err) => {
-                match &new.request.idempotency_key {
-                    Some(key) => self
-                        .task_by_idempotency_key(&new, key)
-                        .await?
-                        .ok_or(Error::Database(err)),
-                    None => Err(Error::Database(err)),
-                }
+        self.writing(async {
+            new.request.validate()?;
+            let template = self
+                .template(&new.namespace, &new.template, new.version.as_deref())
+                .await?;
+            template.template.validate_context(&new.request.context)?;
+            if let Some(key) = &new.request.idempotency_key
+                && let Some(existing) = self.task_by_idempotency_key(&new, key).await?
+            {
+                return Ok(existing);
             }
-            Err(err) => Err(err),
-        }
+            match self.insert_task(&template, &new.request).await {
+                Ok(task) => Ok(TaskCreation {
+                    task,
+                    created: true,
+                }),
+                // Another request with the same key committed first: answer with its task.
+                Err(Error::Database(err)) if Self::is_unique_violation(&err) => {
+                    match &new.request.idempotency_key {
+                        Some(key) => self
+                            .task_by_idempotency_key(&new, key)
+                            .await?
+                            .ok_or(Error::Database(err)),
+                        None => Err(Error::Database(err)),
+                    }
+                }
+                Err(err) => Err(err),
+            }
+        })
+        .await
     }
 
     async fn task_by_idempotency_key(
@@ -245,99 +248,103 @@ impl Store {
     /// Cancels a task and every unfinished step of it (their leases are dropped), atomically.
     /// A task already complete, cancelled or resolved is a conflict.
     pub async fn cancel_task(&self, id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
-        let now = self.now();
-        let txn = self.db.begin().await?;
-        let current = Self::task_row(&txn, id).await?;
-        let from = TaskState::parse(&current.state)?;
-        from.transition_to(TaskState::Cancelled)?;
-        let version = current.version + 1;
-        let updated = task::Entity::update_many()
-            .col_expr(
-                task::Column::State,
-                Expr::value(TaskState::Cancelled.as_str()),
-            )
-            .col_expr(task::Column::Version, Expr::value(version))
-            .col_expr(task::Column::UpdatedAt, Expr::value(now))
-            .col_expr(task::Column::CompletedAt, Expr::value(now))
-            .filter(task::Column::Id.eq(id))
-            .filter(task::Column::State.eq(from.as_str()))
-            .filter(task::Column::Version.eq(current.version))
-            .exec_with_returning(&txn)
-            .await?;
-        let Some(updated) = updated.into_iter().next() else {
-            return Err(Error::Conflict(format!(
-                "task {id} changed while it was being cancelled; read it again and retry"
-            )));
-        };
-        let correlation_id = correlation_of(&current);
-        let subject = Subject {
-            namespace: &current.namespace,
-            template: &current.template_name,
-            task_id: id,
-            correlation_id: &correlation_id,
-        };
-        let reason_value = reason.clone().map(Value::from);
-        let (transition, event) = task_rows(
-            subject,
-            Some(from),
-            TaskState::Cancelled,
-            version,
-            metadata(&[("reason", reason_value.clone())]),
-            now,
-        );
-        task_transition::Entity::insert(transition)
-            .exec_without_returning(&txn)
-            .await?;
-        let mut events = vec![event];
-        let mut transitions = Vec::new();
-        // One guarded UPDATE per unfinished state: each re-checks its rows' state under lock.
-        for step_from in [StepState::Pending, StepState::InProgress, StepState::Error] {
-            let cancelled = crate::execution::ending_attempt(workflow_step::Entity::update_many())
+        self.writing(async {
+            let now = self.now();
+            let txn = self.db.begin().await?;
+            let current = Self::task_row(&txn, id).await?;
+            let from = TaskState::parse(&current.state)?;
+            from.transition_to(TaskState::Cancelled)?;
+            let version = current.version + 1;
+            let updated = task::Entity::update_many()
                 .col_expr(
-                    workflow_step::Column::State,
-                    Expr::value(StepState::Cancelled.as_str()),
+                    task::Column::State,
+                    Expr::value(TaskState::Cancelled.as_str()),
                 )
-                .col_expr(
-                    workflow_step::Column::Version,
-                    Expr::col(workflow_step::Column::Version).add(1),
-                )
-                .col_expr(
-                    workflow_step::Column::LeaseToken,
-                    Expr::value(Option::<Uuid>::None),
-                )
-                .col_expr(
-                    workflow_step::Column::LeaseHolder,
-                    Expr::value(Option::<String>::None),
-                )
-                .col_expr(
-                    workflow_step::Column::NextAttemptMs,
-                    Expr::value(Option::<i64>::None),
-                )
-                .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now))
-                .col_expr(workflow_step::Column::CompletedAt, Expr::value(now))
-                .filter(workflow_step::Column::TaskId.eq(id))
-                .filter(workflow_step::Column::State.eq(step_from.as_str()))
+                .col_expr(task::Column::Version, Expr::value(version))
+                .col_expr(task::Column::UpdatedAt, Expr::value(now))
+                .col_expr(task::Column::CompletedAt, Expr::value(now))
+                .filter(task::Column::Id.eq(id))
+                .filter(task::Column::State.eq(from.as_str()))
+                .filter(task::Column::Version.eq(current.version))
                 .exec_with_returning(&txn)
                 .await?;
-            for step in cancelled {
-                let (row, event) = step_rows(
-                    subject,
-                    step.id,
-                    &step.name,
-                    Some(step_from),
-                    StepState::Cancelled,
-                    step.version,
-                    metadata(&[("reason", reason_value.clone())]),
-                    now,
-                );
-                transitions.push(row);
-                events.push(event);
+            let Some(updated) = updated.into_iter().next() else {
+                return Err(Error::Conflict(format!(
+                    "task {id} changed while it was being cancelled; read it again and retry"
+                )));
+            };
+            let correlation_id = correlation_of(&current);
+            let subject = Subject {
+                namespace: &current.namespace,
+                template: &current.template_name,
+                task_id: id,
+                correlation_id: &correlation_id,
+            };
+            let reason_value = reason.clone().map(Value::from);
+            let (transition, event) = task_rows(
+                subject,
+                Some(from),
+                TaskState::Cancelled,
+                version,
+                metadata(&[("reason", reason_value.clone())]),
+                now,
+            );
+            task_transition::Entity::insert(transition)
+                .exec_without_returning(&txn)
+                .await?;
+            let mut events = vec![event];
+            let mut transitions = Vec::new();
+            // One guarded UPDATE per unfinished state: each re-checks its rows' state under lock.
+            for step_from in [StepState::Pending, StepState::InProgress, StepState::Error] {
+                let cancelled =
+                    crate::execution::ending_attempt(workflow_step::Entity::update_many())
+                        .col_expr(
+                            workflow_step::Column::State,
+                            Expr::value(StepState::Cancelled.as_str()),
+                        )
+                        .col_expr(
+                            workflow_step::Column::Version,
+                            Expr::col(workflow_step::Column::Version).add(1),
+                        )
+                        .col_expr(
+                            workflow_step::Column::LeaseToken,
+                            Expr::value(Option::<Uuid>::None),
+                        )
+                        .col_expr(
+                            workflow_step::Column::LeaseHolder,
+                            Expr::value(Option::<String>::None),
+                        )
+                        .col_expr(
+                            workflow_step::Column::NextAttemptMs,
+                            Expr::value(Option::<i64>::None),
+                        )
+                        .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now))
+                        .col_expr(workflow_step::Column::CompletedAt, Expr::value(now))
+                        .filter(workflow_step::Column::TaskId.eq(id))
+                        .filter(workflow_step::Column::State.eq(step_from.as_str()))
+                        .exec_with_returning(&txn)
+                        .await?;
+                for step in cancelled {
+                    let (row, event) = step_rows(
+                        subject,
+                        step.id,
+                        &step.name,
+                        Some(step_from),
+                        StepState::Cancelled,
+                        step.version,
+                        metadata(&[("reason", reason_value.clone())]),
+                        now,
+                    );
+                    transitions.push(row);
+                    events.push(event);
+                }
             }
-        }
-        insert_all(&txn, transitions).await?;
-        insert_all(&txn, events).await?;
-        self.commit_events(txn).await?;
-        updated.try_into()
+            insert_all(&txn, transitions).await?;
+            insert_all(&txn, events).await?;
+            self.commit_events(txn).await?;
+            updated.try_into()
+        })
+        .await
     }
 }
 

@@ -35,14 +35,17 @@ impl Store {
     /// Validates and stores a definition (YAML or JSON). Identical content is a no-op; a
     /// different definition under an existing version is a conflict unless `replace` is set.
     pub async fn register_template(&self, source: &str, replace: bool) -> Result<Registration> {
-        let template = TaskTemplate::parse(source)?;
-        match self.register_parsed(&template, replace).await {
-            // Two identical registrations raced; the second attempt sees the first one's row.
-            Err(Error::Database(err)) if Self::is_unique_violation(&err) => {
-                self.register_parsed(&template, replace).await
+        self.writing(async {
+            let template = TaskTemplate::parse(source)?;
+            match self.register_parsed(&template, replace).await {
+                // Two identical registrations raced; the second attempt sees the first one's row.
+                Err(Error::Database(err)) if Self::is_unique_violation(&err) => {
+                    self.register_parsed(&template, replace).await
+                }
+                other => other,
             }
-            other => other,
-        }
+        })
+        .await
     }
 
     async fn register_parsed(

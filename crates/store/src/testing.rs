@@ -80,6 +80,107 @@ impl TestDatabase {
     }
 }
 
+/// Another session that holds what writers need until released: SQLite's write lock
+/// (`BEGIN IMMEDIATE`), or on PostgreSQL an exclusive lock on `tasks` (reads still pass).
+pub enum Blocker {
+    Sqlite(sea_orm::sqlx::SqliteConnection),
+    Postgres(sea_orm::sqlx::PgConnection),
+}
+
+impl Blocker {
+    /// Ends the other session's transaction; writers go on.
+    pub async fn release(self) {
+        use sea_orm::sqlx::Connection as _;
+        match self {
+            Blocker::Sqlite(mut conn) => {
+                sea_orm::sqlx::raw_sql("ROLLBACK")
+                    .execute(&mut conn)
+                    .await
+                    .expect("rollback");
+                conn.close().await.expect("close");
+            }
+            Blocker::Postgres(mut conn) => {
+                sea_orm::sqlx::raw_sql("ROLLBACK")
+                    .execute(&mut conn)
+                    .await
+                    .expect("rollback");
+                conn.close().await.expect("close");
+            }
+        }
+    }
+}
+
+impl TestDatabase {
+    /// Starts another session that blocks writers (see [`Blocker`]).
+    pub async fn block_writes(&self) -> Blocker {
+        use sea_orm::sqlx::Connection as _;
+        match &self.cleanup {
+            Cleanup::Sqlite(_) => {
+                let mut conn = sea_orm::sqlx::SqliteConnection::connect(&self.options.url)
+                    .await
+                    .expect("a second SQLite connection");
+                sea_orm::sqlx::raw_sql("BEGIN IMMEDIATE")
+                    .execute(&mut conn)
+                    .await
+                    .expect("the write lock");
+                Blocker::Sqlite(conn)
+            }
+            Cleanup::Postgres { url, schema } => {
+                let mut conn = sea_orm::sqlx::PgConnection::connect(url)
+                    .await
+                    .expect("a second PostgreSQL session");
+                let lock = format!("BEGIN; LOCK TABLE {schema}.tasks IN EXCLUSIVE MODE");
+                sea_orm::sqlx::raw_sql(sea_orm::sqlx::AssertSqlSafe(lock))
+                    .execute(&mut conn)
+                    .await
+                    .expect("the table lock");
+                Blocker::Postgres(conn)
+            }
+        }
+    }
+
+    /// PostgreSQL: how many sessions of this test's store wait on a lock.
+    pub async fn waiting_sessions(&self) -> u64 {
+        use sea_orm::sqlx::Connection as _;
+        let Cleanup::Postgres { url, schema } = &self.cleanup else {
+            panic!("waiting_sessions is for PostgreSQL");
+        };
+        let mut conn = sea_orm::sqlx::PgConnection::connect(url)
+            .await
+            .expect("an admin session");
+        let (waiting,): (i64,) = sea_orm::sqlx::query_as(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(schema)
+        .fetch_one(&mut conn)
+        .await
+        .expect("pg_stat_activity");
+        conn.close().await.ok();
+        waiting as u64
+    }
+
+    /// PostgreSQL: ends every session of this test's store (`pg_terminate_backend`), as a
+    /// database restart or a network cut would; returns how many there were.
+    pub async fn terminate_sessions(&self) -> u64 {
+        use sea_orm::sqlx::Connection as _;
+        let Cleanup::Postgres { url, schema } = &self.cleanup else {
+            panic!("terminate_sessions is for PostgreSQL");
+        };
+        let mut conn = sea_orm::sqlx::PgConnection::connect(url)
+            .await
+            .expect("an admin session");
+        let ended: Vec<(bool,)> = sea_orm::sqlx::query_as(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(schema)
+        .fetch_all(&mut conn)
+        .await
+        .expect("terminate");
+        conn.close().await.ok();
+        ended.len() as u64
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         if let Cleanup::Postgres { url, schema } = &self.cleanup {

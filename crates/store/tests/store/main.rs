@@ -10,6 +10,7 @@ use tasker_store::{Error, NewTask, RegistrationOutcome, Store, TaskFilter};
 
 mod event_log;
 mod execution;
+mod faults;
 
 pub const DIAMOND: &str = r#"
 namespace: shop
