@@ -316,8 +316,7 @@ steps:
 /// leased once, every task completes, and both replicas take part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_postgres_without_double_leases() {
-    let Ok(url) = std::env::var(tasker_store::testing::POSTGRES_URL_VAR) else {
-        eprintln!("skipped: set TASKER_TEST_DATABASE_URL to run the replica test");
+    let Some(url) = tasker_store::testing::postgres_url("the replica test") else {
         return;
     };
     let db = tasker_store::testing::TestDatabase::postgres(

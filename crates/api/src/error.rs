@@ -36,6 +36,8 @@ pub enum ApiError {
         message: String,
         /// The fault's stable name (`disk_full`, `unreachable`, …).
         fault: &'static str,
+        /// The connection was lost while committing: the change may have been saved.
+        uncertain: bool,
     },
     #[error("internal error; the server log has the details")]
     Internal,
@@ -71,9 +73,15 @@ impl ErrorExtensions for ApiError {
     fn extend(&self) -> async_graphql::Error {
         async_graphql::Error::new(self.to_string()).extend_with(|_, extensions| {
             extensions.set("code", self.code());
-            if let ApiError::Unavailable { fault, .. } = self {
+            if let ApiError::Unavailable {
+                fault, uncertain, ..
+            } = self
+            {
                 extensions.set("fault", *fault);
                 extensions.set("retryable", true);
+                // Whether the change may have been saved: retry with the same idempotency
+                // key (or look first) when it may.
+                extensions.set("outcome", if *uncertain { "unknown" } else { "not_saved" });
             }
             if let ApiError::Validation { problems, .. } = self {
                 let list = problems
@@ -118,11 +126,24 @@ impl From<tasker_store::Error> for ApiError {
                     ApiError::Internal
                 }
             },
-            Store::Unavailable { fault, ref cause } => {
+            Store::Unavailable {
+                fault,
+                uncertain,
+                ref cause,
+            } => {
                 tracing::debug!(error = %cause, "refused for a database fault");
+                let message = if uncertain {
+                    format!(
+                        "the connection to the database was lost while committing: the change may or may not have been saved; {}",
+                        "retry with the same idempotency key, or read it back first"
+                    )
+                } else {
+                    err.to_string()
+                };
                 ApiError::Unavailable {
-                    message: err.to_string(),
+                    message,
                     fault: fault.name(),
+                    uncertain,
                 }
             }
             Store::Database(source) => {

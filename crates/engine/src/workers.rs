@@ -35,6 +35,9 @@ impl Default for WorkerPoolConfig {
 
 type Finished = (Uuid, Outcome);
 
+/// How soon outcomes the database could not take are offered again.
+const RECORD_RETRY: Duration = Duration::from_millis(500);
+
 impl Engine {
     /// The embedded worker pool, to run until `shutdown` changes; an error (the `http`
     /// handler's client cannot be built) stops the start instead of leaving a server without
@@ -111,7 +114,15 @@ impl Engine {
                 outcomes.push(outcome);
             }
             let worked = !claimed.is_empty() || !outcomes.is_empty();
-            self.record(std::mem::take(&mut outcomes)).await;
+            outcomes = self.record(std::mem::take(&mut outcomes)).await;
+            if !outcomes.is_empty() {
+                // The database cannot take them now: keep them (their leases still hold) and
+                // try again shortly, rather than let the leases expire and spend attempts.
+                tokio::select! {
+                    () = tokio::time::sleep(RECORD_RETRY) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
             if full || worked {
                 // More may be ready (a full batch, or children of what just completed).
                 continue;
@@ -168,8 +179,11 @@ impl Engine {
         steps.len()
     }
 
-    /// Records outcomes: completions in one batch, then failures and parked steps.
-    async fn record(&self, outcomes: Vec<Finished>) {
+    /// Records outcomes: completions in one batch, then failures and parked steps. Returns
+    /// those the database could not take for a fault, to be recorded again; other errors
+    /// leave the step to its lease, which expires and runs it again.
+    async fn record(&self, outcomes: Vec<Finished>) -> Vec<Finished> {
+        let mut unrecorded = Vec::new();
         let mut completions = Vec::new();
         let mut parked = 0;
         for (lease_token, outcome) in outcomes {
@@ -190,11 +204,23 @@ impl Engine {
                         retry_after_seconds,
                     };
                     if let Err(err) = self.fail(&failure).await {
-                        crate::retried(
-                            "recording a failed attempt failed; its lease will expire and it will run again",
-                            err.is_fault(),
-                            &err,
-                        );
+                        crate::retried("recording a failed attempt failed", err.is_fault(), &err);
+                        if err.is_fault() {
+                            let AttemptFailure {
+                                message,
+                                retryable,
+                                retry_after_seconds,
+                                ..
+                            } = failure;
+                            unrecorded.push((
+                                lease_token,
+                                Outcome::Fail {
+                                    message,
+                                    retryable,
+                                    retry_after_seconds,
+                                },
+                            ));
+                        }
                     }
                 }
                 Outcome::Park { wake_at_ms } => {
@@ -205,7 +231,12 @@ impl Engine {
                     };
                     match self.store.park_step(lease_token, wake_at_ms, holder).await {
                         Ok(()) => parked += 1,
-                        Err(err) => crate::retried("parking a step failed", err.is_fault(), &err),
+                        Err(err) => {
+                            crate::retried("parking a step failed", err.is_fault(), &err);
+                            if err.is_fault() {
+                                unrecorded.push((lease_token, Outcome::Park { wake_at_ms }));
+                            }
+                        }
                     }
                 }
             }
@@ -215,11 +246,15 @@ impl Engine {
             self.timers.notify_one();
         }
         if let Err(err) = self.complete(&completions).await {
-            crate::retried(
-                "recording completed steps failed; their leases will expire and they will run again",
-                err.is_fault(),
-                &err,
-            );
+            crate::retried("recording completed steps failed", err.is_fault(), &err);
+            if err.is_fault() {
+                unrecorded.extend(
+                    completions
+                        .into_iter()
+                        .map(|c| (c.lease_token, Outcome::Complete(c.results))),
+                );
+            }
         }
+        unrecorded
     }
 }

@@ -127,43 +127,46 @@ impl Store {
     /// after every number given before, and NOTIFYs the replicas. Returns how many it numbered
     /// (always 0 on SQLite).
     pub async fn sequence_events(&self) -> Result<u64> {
-        self.writing(async {
-            if self.db.get_database_backend() != DbBackend::Postgres {
-                return Ok(0);
-            }
-            let txn = self.db.begin().await?;
-            let mut lock = Sql::new(DbBackend::Postgres);
-            lock.push("SELECT pg_advisory_xact_lock(")
-                .bind(SEQUENCER_LOCK)
-                .push(")");
-            txn.execute_raw(lock.build()).await?;
-            let numbered = txn
-                .execute_unprepared(
-                    "UPDATE events AS e SET sequence = numbered.base + numbered.n \
+        self.writing(self.number_events()).await
+    }
+
+    /// [`Store::sequence_events`] without the write-health bookkeeping, for a caller that just
+    /// committed (its own commit is the news; a failure here is retried by the sweep).
+    async fn number_events(&self) -> Result<u64> {
+        if self.db.get_database_backend() != DbBackend::Postgres {
+            return Ok(0);
+        }
+        let txn = self.db.begin().await?;
+        let mut lock = Sql::new(DbBackend::Postgres);
+        lock.push("SELECT pg_advisory_xact_lock(")
+            .bind(SEQUENCER_LOCK)
+            .push(")");
+        txn.execute_raw(lock.build()).await?;
+        let numbered = txn
+            .execute_unprepared(
+                "UPDATE events AS e SET sequence = numbered.base + numbered.n \
                  FROM (SELECT p.position, ROW_NUMBER() OVER (ORDER BY p.position) AS n, \
                               (SELECT COALESCE(MAX(sequence), 0) FROM events) AS base \
                        FROM events p WHERE p.sequence IS NULL) AS numbered \
                  WHERE e.position = numbered.position",
-                )
-                .await?
-                .rows_affected();
-            if numbered > 0 {
-                // Delivered when the numbers commit: other replicas' readers look again.
-                let mut notify = Sql::new(DbBackend::Postgres);
-                notify
-                    .push("SELECT pg_notify(")
-                    .bind(self.events_channel())
-                    .push(", '')");
-                txn.execute_raw(notify.build()).await?;
-            }
-            if numbered > 0 {
-                self.commit(txn).await?;
-            } else {
-                txn.commit().await?;
-            }
-            Ok(numbered)
-        })
-        .await
+            )
+            .await?
+            .rows_affected();
+        if numbered > 0 {
+            // Delivered when the numbers commit: other replicas' readers look again.
+            let mut notify = Sql::new(DbBackend::Postgres);
+            notify
+                .push("SELECT pg_notify(")
+                .bind(self.events_channel())
+                .push(", '')");
+            txn.execute_raw(notify.build()).await?;
+        }
+        if numbered > 0 {
+            self.commit(txn).await?;
+        } else {
+            txn.commit().await?;
+        }
+        Ok(numbered)
     }
 
     /// Changes whenever events were appended (in this process, or, once the engine relays
@@ -191,8 +194,12 @@ impl Store {
         self.commit(txn).await?;
         // Committed: the answer is success whatever follows. Events left without a number
         // are numbered by the next writer or the engine's sweep.
-        if let Err(err) = self.sequence_events().await {
-            tracing::warn!(error = %err, "committed events could not be numbered yet; the maintenance sweep will");
+        if let Err(err) = self.number_events().await {
+            if err.is_fault() {
+                tracing::debug!(error = %err, "committed events could not be numbered yet");
+            } else {
+                tracing::warn!(error = %err, "committed events could not be numbered yet; the maintenance sweep will");
+            }
         }
         self.note_events_appended();
         Ok(())

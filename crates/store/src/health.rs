@@ -34,6 +34,9 @@ pub enum Fault {
     Timeout,
     /// The database ran out of memory or another resource.
     Resources,
+    /// Every connection was busy for longer than a request may wait: the server is
+    /// overloaded, the database is not at fault (no episode starts).
+    Overloaded,
 }
 
 impl Fault {
@@ -47,6 +50,7 @@ impl Fault {
             Fault::Unreachable => "the database connection was lost",
             Fault::Timeout => "a statement took too long and was cancelled",
             Fault::Resources => "the database ran out of resources",
+            Fault::Overloaded => "every database connection is busy",
         }
     }
 
@@ -60,6 +64,7 @@ impl Fault {
             Fault::Unreachable => "unreachable",
             Fault::Timeout => "timeout",
             Fault::Resources => "resources",
+            Fault::Overloaded => "overloaded",
         }
     }
 
@@ -67,6 +72,9 @@ impl Fault {
     pub(crate) fn of(err: &DbErr) -> Option<Fault> {
         use sea_orm::sqlx::Error as Sqlx;
         let runtime = match err {
+            DbErr::ConnectionAcquire(sea_orm::error::ConnAcquireErr::Timeout) => {
+                return Some(Fault::Overloaded);
+            }
             DbErr::ConnectionAcquire(_) => return Some(Fault::Unreachable),
             DbErr::Conn(runtime) | DbErr::Exec(runtime) | DbErr::Query(runtime) => runtime,
             _ => return None,
@@ -75,8 +83,8 @@ impl Fault {
             return None;
         };
         match &**sqlx {
+            Sqlx::PoolTimedOut => Some(Fault::Overloaded),
             Sqlx::Io(_)
-            | Sqlx::PoolTimedOut
             | Sqlx::PoolClosed
             | Sqlx::WorkerCrashed
             | Sqlx::Protocol(_)
@@ -93,13 +101,15 @@ impl Fault {
     }
 }
 
-/// SQLite's primary result codes that are faults of the environment.
+/// SQLite's primary result codes that are faults of the environment. Not `SQLITE_LOCKED`
+/// (a conflict within one connection: a bug), nor corruption (`SQLITE_CORRUPT`,
+/// `SQLITE_NOTADB`), which retrying cannot cure.
 fn sqlite_fault(code: i32) -> Option<Fault> {
     match code & 0xff {
         13 => Some(Fault::DiskFull),
         8 => Some(Fault::ReadOnly),
-        10 | 11 | 14 | 26 => Some(Fault::Io),
-        5 | 6 => Some(Fault::Busy),
+        10 | 14 => Some(Fault::Io),
+        5 => Some(Fault::Busy),
         7 => Some(Fault::Resources),
         _ => None,
     }
@@ -135,7 +145,11 @@ struct Episode {
 
 impl WriteHealth {
     /// A write failed for `fault`: the first failure of an episode is logged with its cause.
+    /// A starved pool is not the database's fault and starts none.
     pub(crate) fn failed(&self, fault: Fault, cause: &DbErr, now: chrono::DateTime<chrono::Utc>) {
+        if fault == Fault::Overloaded {
+            return;
+        }
         let mut episode = self.episode.lock().unwrap_or_else(|p| p.into_inner());
         match episode.as_mut() {
             Some(current) => current.fault = fault,
@@ -176,13 +190,19 @@ impl WriteHealth {
 }
 
 /// Whether a SQLite connection coming back to the pool may be used again: outside any
-/// transaction by the driver's count and by SQLite's own flag.
+/// transaction by the driver's count and by SQLite's own flag. The common case costs nothing:
+/// the driver counts no transaction, and SQLite can only be inside one the driver does not
+/// count after a raw `BEGIN`, which the store never sends (`execute_unprepared` refuses it).
 pub(crate) async fn sqlite_reusable(
     conn: &mut sea_orm::sqlx::SqliteConnection,
+    health: &WriteHealth,
 ) -> Result<bool, sea_orm::sqlx::Error> {
     use sea_orm::sqlx::Connection as _;
-    // The handle is reached through the connection's worker, after every command queued
-    // before it (the rollback of a dropped transaction), so both answers are current.
+    if !conn.is_in_transaction() {
+        return Ok(true);
+    }
+    // A transaction was dropped: its rollback is queued to the connection's worker. Reaching
+    // the handle goes through the same queue, so after it both answers are current.
     let mut handle = conn.lock_handle().await?;
     // SAFETY: the handle is a live connection, locked for this call; the function only
     // reads the connection's autocommit flag.
@@ -193,25 +213,37 @@ pub(crate) async fn sqlite_reusable(
     if autocommit && !counted_open {
         return Ok(true);
     }
-    tracing::error!(
-        sqlite_in_transaction = !autocommit,
-        driver_in_transaction = counted_open,
-        "a database connection came back inside a transaction (after a failure the database handled on its own); it is closed and replaced"
-    );
+    replaced(health, !autocommit, counted_open);
     Ok(false)
 }
 
 /// Whether a PostgreSQL connection coming back to the pool may be used again: outside any
 /// transaction by the driver's count (a broken session fails the pool's ping after this).
-pub(crate) fn postgres_reusable(conn: &sea_orm::sqlx::PgConnection) -> bool {
+pub(crate) fn postgres_reusable(conn: &sea_orm::sqlx::PgConnection, health: &WriteHealth) -> bool {
     use sea_orm::sqlx::Connection as _;
     if conn.is_in_transaction() {
-        tracing::error!(
-            "a database connection came back inside a transaction; it is closed and replaced"
-        );
+        replaced(health, true, true);
         return false;
     }
     true
+}
+
+/// Says that a connection is closed and replaced: at error level the first time, at debug
+/// while a fault episode (whose start was logged) goes on.
+fn replaced(health: &WriteHealth, database_in_transaction: bool, driver_in_transaction: bool) {
+    if health.current().is_some() {
+        tracing::debug!(
+            database_in_transaction,
+            driver_in_transaction,
+            "a database connection came back inside a transaction; closed and replaced"
+        );
+    } else {
+        tracing::error!(
+            database_in_transaction,
+            driver_in_transaction,
+            "a database connection came back inside a transaction (after a failure the database handled on its own); it is closed and replaced"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -67,6 +67,8 @@ pub enum Error {
     #[error("the database cannot take this now: {}; retry later", .fault.reason())]
     Unavailable {
         fault: Fault,
+        /// The connection was lost while committing: the change may have been saved.
+        uncertain: bool,
         #[source]
         cause: DbErr,
     },
@@ -87,7 +89,11 @@ impl From<DbErr> for Error {
     /// Faults of the environment are told apart from everything else here, once.
     fn from(err: DbErr) -> Self {
         match Fault::of(&err) {
-            Some(fault) => Error::Unavailable { fault, cause: err },
+            Some(fault) => Error::Unavailable {
+                fault,
+                uncertain: false,
+                cause: err,
+            },
             None => Error::Database(err),
         }
     }
@@ -159,10 +165,13 @@ pub struct Store {
 impl Store {
     /// Connects (creating a missing SQLite file) and counts every statement executed.
     pub async fn connect(options: &StoreOptions, clock: Arc<dyn Clock>) -> Result<Store> {
+        let health = Arc::new(health::WriteHealth::default());
         let mut connect = ConnectOptions::new(options.url.clone());
         connect
             .sqlx_logging(false)
-            .acquire_timeout(Duration::from_secs(10));
+            // Longer than SQLite's busy timeout: a write waiting on another writer's lock is
+            // a busy fault, not a starved pool.
+            .acquire_timeout(options.busy_timeout + Duration::from_secs(5));
         if options.url.starts_with("sqlite:") {
             // One connection: SQLite has a single writer, and one connection never meets
             // SQLITE_BUSY inside a transaction.
@@ -176,8 +185,16 @@ impl Store {
                     .foreign_keys(true)
                     .busy_timeout(busy_timeout)
             });
-            connect.map_sqlx_sqlite_pool_opts(|pool| {
-                pool.after_release(|conn, _| Box::pin(health::sqlite_reusable(conn)))
+            let released = health.clone();
+            connect.map_sqlx_sqlite_pool_opts(move |pool| {
+                let health = released.clone();
+                // A SQLite connection does not go bad while idle in the pool; the check on
+                // release is what keeps it sound.
+                pool.test_before_acquire(false)
+                    .after_release(move |conn, _| {
+                        let health = health.clone();
+                        Box::pin(async move { health::sqlite_reusable(conn, &health).await })
+                    })
             });
         } else {
             connect.max_connections(options.max_connections.max(1));
@@ -196,9 +213,13 @@ impl Store {
                     None => opts,
                 }
             });
-            connect.map_sqlx_postgres_pool_opts(|pool| {
-                pool.after_release(|conn, _| {
-                    Box::pin(std::future::ready(Ok(health::postgres_reusable(conn))))
+            let released = health.clone();
+            connect.map_sqlx_postgres_pool_opts(move |pool| {
+                let health = released.clone();
+                pool.after_release(move |conn, _| {
+                    Box::pin(std::future::ready(Ok(health::postgres_reusable(
+                        conn, &health,
+                    ))))
                 })
             });
         }
@@ -215,7 +236,7 @@ impl Store {
             statements,
             work_channel,
             appended: Arc::new(tokio::sync::watch::Sender::new(0)),
-            health: Arc::default(),
+            health,
         })
     }
 
@@ -226,7 +247,7 @@ impl Store {
         operation: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         let result = operation.await;
-        if let Err(Error::Unavailable { fault, cause }) = &result {
+        if let Err(Error::Unavailable { fault, cause, .. }) = &result {
             self.health.failed(*fault, cause, self.clock.now());
         }
         result
@@ -235,9 +256,23 @@ impl Store {
     /// Commits a write transaction; a commit that returns is what ends a fault episode (an
     /// operation that wrote nothing says nothing about whether writes work).
     pub(crate) async fn commit(&self, txn: sea_orm::DatabaseTransaction) -> Result<()> {
-        txn.commit().await?;
-        self.health.succeeded(self.clock.now());
-        Ok(())
+        match txn.commit().await.map_err(Error::from) {
+            Ok(()) => {
+                self.health.succeeded(self.clock.now());
+                Ok(())
+            }
+            // The COMMIT was sent and its answer lost: the database may have committed.
+            Err(Error::Unavailable {
+                fault: fault @ (Fault::Unreachable | Fault::Timeout),
+                cause,
+                ..
+            }) => Err(Error::Unavailable {
+                fault,
+                uncertain: true,
+                cause,
+            }),
+            Err(other) => Err(other),
+        }
     }
 
     /// The fault that makes writes fail now and since when, if they do.
@@ -341,8 +376,19 @@ impl Store {
         )
     }
 
-    /// Runs a raw statement; used by tests and tools that prepare a database.
+    /// Runs a raw statement; used by tests and tools that prepare a database. Transaction
+    /// control is refused: a transaction the driver does not know about would outlive the
+    /// statement on a pooled connection.
     pub async fn execute_unprepared(&self, sql: &str) -> Result<()> {
+        let first = sql.split_whitespace().next().unwrap_or_default();
+        if ["BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE"]
+            .iter()
+            .any(|word| first.eq_ignore_ascii_case(word))
+        {
+            return Err(Error::Conflict(format!(
+                "{first} is not run here: transactions belong to the store's operations"
+            )));
+        }
         self.db.execute_unprepared(sql).await?;
         Ok(())
     }

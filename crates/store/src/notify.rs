@@ -52,7 +52,7 @@ impl Store {
 }
 
 fn connection_error(err: sea_orm::sqlx::Error) -> crate::Error {
-    crate::Error::Database(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(
+    crate::Error::from(sea_orm::DbErr::Conn(sea_orm::RuntimeErr::SqlxError(
         std::sync::Arc::new(err),
     )))
 }

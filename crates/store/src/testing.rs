@@ -9,6 +9,26 @@ use tasker_domain::Clock;
 /// The environment variable that turns on the PostgreSQL runs.
 pub const POSTGRES_URL_VAR: &str = "TASKER_TEST_DATABASE_URL";
 
+/// Set (CI's PostgreSQL run sets it) to make a missing PostgreSQL a failure, not a skip.
+pub const REQUIRE_POSTGRES_VAR: &str = "TASKER_REQUIRE_POSTGRES";
+
+/// The PostgreSQL URL for tests, or `None` (saying which test skips, and why) when none is
+/// configured. Panics when none is configured but [`REQUIRE_POSTGRES_VAR`] is set, so the
+/// PostgreSQL coverage cannot vanish silently.
+pub fn postgres_url(test: &str) -> Option<String> {
+    match std::env::var(POSTGRES_URL_VAR) {
+        Ok(url) => Some(url),
+        Err(_) => {
+            assert!(
+                std::env::var_os(REQUIRE_POSTGRES_VAR).is_none(),
+                "{REQUIRE_POSTGRES_VAR} is set but {POSTGRES_URL_VAR} is not: {test} needs PostgreSQL"
+            );
+            eprintln!("skipped on PostgreSQL: {test} (set {POSTGRES_URL_VAR} to run it)");
+            None
+        }
+    }
+}
+
 /// A migrated store on a private database, removed when dropped.
 pub struct TestDatabase {
     pub store: Store,
@@ -25,7 +45,7 @@ impl TestDatabase {
     /// One database per backend under test: SQLite always, PostgreSQL when configured.
     pub async fn all(clock: Arc<dyn Clock>) -> Vec<TestDatabase> {
         let mut databases = vec![Self::sqlite(clock.clone()).await];
-        if let Ok(url) = std::env::var(POSTGRES_URL_VAR) {
+        if let Some(url) = postgres_url("a test on every backend") {
             databases.push(Self::postgres(&url, clock).await);
         }
         databases
@@ -137,6 +157,15 @@ impl TestDatabase {
                 Blocker::Postgres(conn)
             }
         }
+    }
+
+    /// What SQLite does on its own after `SQLITE_FULL` or `SQLITE_IOERR`: rolls back the
+    /// transaction of an operation that then fails, while the driver still counts it open.
+    pub async fn roll_back_behind_the_drivers_back(&self) {
+        use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+        let txn = self.store.db.begin().await.expect("begin");
+        txn.execute_unprepared("ROLLBACK").await.expect("rollback");
+        drop(txn);
     }
 
     /// PostgreSQL: how many sessions of this test's store wait on a lock.

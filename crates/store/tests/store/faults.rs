@@ -220,15 +220,10 @@ async fn a_writer_holding_the_lock_past_the_busy_timeout_is_a_busy_fault() {
     check(&reopened, &acked).await;
 }
 
-/// PostgreSQL with `TASKER_TEST_DATABASE_URL`; `None` (said on stderr) otherwise.
+/// PostgreSQL when configured (see `testing::postgres_url`).
 async fn postgres(clock: Arc<ManualClock>) -> Option<TestDatabase> {
-    match std::env::var(tasker_store::testing::POSTGRES_URL_VAR) {
-        Ok(url) => Some(TestDatabase::postgres(&url, clock).await),
-        Err(_) => {
-            eprintln!("skipped: set TASKER_TEST_DATABASE_URL to run the PostgreSQL fault tests");
-            None
-        }
-    }
+    let url = tasker_store::testing::postgres_url("the PostgreSQL fault test")?;
+    Some(TestDatabase::postgres(&url, clock).await)
 }
 
 #[tokio::test]
@@ -264,19 +259,23 @@ async fn postgres_sessions_ended_mid_transaction_and_statement_timeouts_lose_not
     write_round(&store, 5, Fault::Timeout, &mut acked).await;
     assert_eq!(store.write_fault(), None);
 
-    // The session ended while the transaction waits inside (a restart, a network cut).
+    // The session ended while the transaction waits inside (a restart, a network cut); a
+    // store without a statement timeout, so that the wait lasts until the session ends.
+    let patient = Store::connect(&db.options, clock.clone()).await.unwrap();
     let blocker = db.block_writes().await;
     let waiting = tokio::spawn({
-        let store = store.clone();
+        let store = patient.clone();
         async move { store.create_task(order("shop", "fulfil", 200)).await }
     });
-    // The create is inside its transaction once its INSERT waits on the lock.
-    loop {
-        if db.waiting_sessions().await > 0 {
-            break;
+    // The create is inside its transaction once its INSERT waits on the lock (another
+    // process's state: looked at every few milliseconds, for at most 30 s).
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while db.waiting_sessions().await == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::task::yield_now().await;
-    }
+    })
+    .await
+    .expect("the create waits on the lock");
     assert!(db.terminate_sessions().await > 0);
     let ended = waiting.await.unwrap();
     assert!(
@@ -290,7 +289,17 @@ async fn postgres_sessions_ended_mid_transaction_and_statement_timeouts_lose_not
         "{ended:?}"
     );
     blocker.release().await;
-    // The pool replaces the lost sessions; writes go on.
+    assert_eq!(
+        patient.write_fault().map(|(f, _)| f),
+        Some(Fault::Unreachable)
+    );
+    patient.probe_write().await.unwrap();
+    assert_eq!(
+        patient.write_fault(),
+        None,
+        "the pool replaced the lost sessions"
+    );
+    // Writes go on.
     for round in 6..10 {
         write_round(&store, round, Fault::Unreachable, &mut acked).await;
     }
@@ -301,20 +310,29 @@ async fn postgres_sessions_ended_mid_transaction_and_statement_timeouts_lose_not
     check(&fresh, &acked).await;
 }
 
-/// A connection that comes back to the pool inside a transaction the driver does not know
-/// about (what SQLite's own rollback after a fault leaves behind, the other way round) is
-/// closed and replaced, so the next write is a real transaction that really commits.
+/// After SQLite rolled a transaction back on its own (the driver still counting it open), the
+/// connection is closed and replaced, not reused: otherwise the next transactions become
+/// savepoints, one failing operation leaves a transaction open for good, and every later
+/// acknowledged write lives only in that connection.
 #[tokio::test]
-async fn a_connection_left_inside_a_transaction_is_replaced_not_reused() {
+async fn a_connection_sqlite_rolled_back_on_its_own_is_replaced_not_reused() {
     let clock = Arc::new(ManualClock::new(start()));
     let db = TestDatabase::sqlite(clock.clone()).await;
     let store = &db.store;
     store.register_template(DIAMOND, false).await.unwrap();
-    store.execute_unprepared("BEGIN").await.unwrap();
-    let created = store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+    let first = store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+    db.roll_back_behind_the_drivers_back().await;
+    // An operation refused inside its transaction (only a failed task can be retried).
+    assert!(matches!(
+        store.retry_task(first.task.id, None).await,
+        Err(Error::Conflict(_))
+    ));
+    let second = store.create_task(order("shop", "fulfil", 2)).await.unwrap();
     let reader = Store::connect(&db.options, clock).await.unwrap();
-    reader
-        .task(created.task.id)
-        .await
-        .expect("the acknowledged task is committed, visible to another connection");
+    for id in [first.task.id, second.task.id] {
+        reader
+            .task(id)
+            .await
+            .expect("an acknowledged task is committed, visible to another connection");
+    }
 }
