@@ -8,8 +8,9 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tasker::App;
+use tasker::config::Settings;
 use tasker_domain::{SystemClock, TaskRequest, TaskState};
-use tasker_engine::{Engine, WorkerPoolConfig};
 use tasker_store::{NewTask, Store, StoreOptions, TaskFilter};
 use uuid::Uuid;
 
@@ -163,18 +164,16 @@ async fn measure(
     }
     let create_ms = create_started.elapsed().as_secs_f64() * 1000.0;
 
-    let engine = Engine::new(store.clone());
-    let mut finished = engine.finished_tasks();
-    let (stop, stopping) = tokio::sync::watch::channel(false);
+    // The server as production wires it, its pool started with the clock.
+    let settings = Settings {
+        bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        examples: false,
+        workers,
+        ..Settings::default()
+    };
     let started = Instant::now();
-    let pool = tokio::spawn(engine.clone().run_workers(
-        WorkerPoolConfig {
-            concurrency: workers,
-            ..WorkerPoolConfig::default()
-        },
-        stopping.clone(),
-    )?);
-    let timers = tokio::spawn(engine.clone().run_maintenance(stopping));
+    let app = App::build_on(&settings, store.clone()).await?;
+    let mut finished = app.engine().finished_tasks();
     let done = TaskFilter {
         namespace: Some(template.namespace.clone()),
         template: Some(template.name.clone()),
@@ -196,9 +195,6 @@ async fn measure(
         }
     }
     let total = started.elapsed();
-    let _ = stop.send(true);
-    pool.await?;
-    timers.await?;
 
     let complete = store.count_tasks(&done).await?;
     if complete != expected {
@@ -209,6 +205,8 @@ async fn measure(
     }
     let steps = template.steps.len() * ids.len();
     let (p50, p99) = handoff_latencies(store, &ids).await?;
+    // Stops the pool and closes the database.
+    app.serve(std::future::ready(())).await?;
     Ok(Measurement {
         backend: backend.to_owned(),
         scenario: scenario.key.to_owned(),

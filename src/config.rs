@@ -260,21 +260,21 @@ struct FileSettings {
     roles: std::collections::HashMap<String, Vec<String>>,
 }
 
-/// The settings in force.
+/// The settings in force. `Settings::default()` is the server with no configuration at all
+/// (what `cargo run` serves); every default lives here or in the crate that owns the setting.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub bind: SocketAddr,
-    database_url: Option<String>,
-    data_dir: PathBuf,
+    /// `None`: a SQLite file in `data_dir`.
+    pub database_url: Option<String>,
+    pub data_dir: PathBuf,
     pub examples: bool,
+    /// Steps of built-in handlers at once; 0 turns the embedded pool off.
     pub workers: usize,
     pub worker_lease: Duration,
     pub log_format: LogFormat,
     pub db_max_connections: u32,
-    max_body_bytes: usize,
-    request_timeout: Duration,
-    query_limits: tasker_api::limits::QueryLimits,
-    quota_limits: tasker_api::quota::QuotaLimits,
+    pub http: tasker_api::HttpLimits,
     /// How tokens are checked; `None`: no key configured.
     pub auth: Option<tasker_api::auth::AuthSettings>,
     pub insecure_no_auth: bool,
@@ -282,6 +282,27 @@ pub struct Settings {
     pub browser: tasker_api::BrowserPolicy,
     /// Where the `http` handler may connect.
     pub outbound: tasker_engine::OutboundPolicy,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let pool = tasker_engine::WorkerPoolConfig::default();
+        Settings {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: None,
+            data_dir: PathBuf::from("tasker-data"),
+            examples: true,
+            workers: pool.concurrency,
+            worker_lease: pool.lease,
+            log_format: LogFormat::default(),
+            db_max_connections: tasker_store::StoreOptions::new("").max_connections,
+            http: tasker_api::HttpLimits::default(),
+            auth: None,
+            insecure_no_auth: false,
+            browser: tasker_api::BrowserPolicy::local(),
+            outbound: tasker_engine::OutboundPolicy::default(),
+        }
+    }
 }
 
 impl Settings {
@@ -295,7 +316,6 @@ impl Settings {
             }
             None => FileSettings::default(),
         };
-        let defaults = tasker_api::HttpLimits::default();
         let auth = auth_settings(cli, &file)?;
         let query_defaults = tasker_api::limits::QueryLimits::default();
         let query_limits = tasker_api::limits::QueryLimits {
@@ -360,45 +380,45 @@ impl Settings {
         )?;
         let outbound =
             tasker_engine::OutboundPolicy::allowing(&list(&cli.http_allow, &file.http_allow))?;
+        let defaults = Settings::default();
         Ok(Settings {
-            bind: cli
-                .bind
-                .or(file.bind)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            bind: cli.bind.or(file.bind).unwrap_or(defaults.bind),
             database_url: cli.database_url.clone().or(file.database_url),
             data_dir: cli
                 .data_dir
                 .clone()
                 .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("tasker-data")),
-            examples: !cli.no_examples && file.examples.unwrap_or(true),
-            workers: cli.workers.or(file.workers).unwrap_or(64),
-            worker_lease: Duration::from_secs(
-                cli.worker_lease_seconds
-                    .or(file.worker_lease_seconds)
-                    .unwrap_or(60)
-                    .max(1),
-            ),
+                .unwrap_or(defaults.data_dir),
+            examples: !cli.no_examples && file.examples.unwrap_or(defaults.examples),
+            workers: cli.workers.or(file.workers).unwrap_or(defaults.workers),
+            worker_lease: cli
+                .worker_lease_seconds
+                .or(file.worker_lease_seconds)
+                .map_or(defaults.worker_lease, |seconds| {
+                    Duration::from_secs(seconds.max(1))
+                }),
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
             db_max_connections: cli
                 .db_max_connections
                 .or(file.db_max_connections)
-                .unwrap_or(16),
-            max_body_bytes: cli
-                .max_body_bytes
-                .or(file.max_body_bytes)
-                .unwrap_or(defaults.max_body_bytes),
-            request_timeout: cli
-                .request_timeout_seconds
-                .or(file.request_timeout_seconds)
-                .map(Duration::from_secs)
-                .unwrap_or(defaults.request_timeout),
+                .unwrap_or(defaults.db_max_connections),
+            http: tasker_api::HttpLimits {
+                max_body_bytes: cli
+                    .max_body_bytes
+                    .or(file.max_body_bytes)
+                    .unwrap_or(defaults.http.max_body_bytes),
+                request_timeout: cli
+                    .request_timeout_seconds
+                    .or(file.request_timeout_seconds)
+                    .map(Duration::from_secs)
+                    .unwrap_or(defaults.http.request_timeout),
+                query: query_limits,
+                quota: quota_limits,
+            },
             insecure_no_auth,
             browser,
             outbound,
             auth,
-            query_limits,
-            quota_limits,
         })
     }
 
@@ -429,15 +449,6 @@ impl Settings {
                 }
                 None => url.clone(),
             },
-        }
-    }
-
-    pub fn http_limits(&self) -> tasker_api::HttpLimits {
-        tasker_api::HttpLimits {
-            max_body_bytes: self.max_body_bytes,
-            request_timeout: self.request_timeout,
-            query: self.query_limits.clone(),
-            quota: self.quota_limits.clone(),
         }
     }
 }

@@ -1,31 +1,12 @@
 //! The `tasker` binary: command line, configuration, logging and start-up.
 
 mod bench;
-mod config;
 
 use anyhow::Context as _;
 use clap::Parser;
-use config::{Cli, Command, LogFormat, Settings};
-use std::sync::Arc;
-use tasker_engine::{BundledTemplate, Engine, WorkerPoolConfig};
-use tasker_store::{Store, StoreOptions};
+use tasker::App;
+use tasker::config::{self, Cli, Command, LogFormat, Settings};
 use tracing_subscriber::EnvFilter;
-
-/// The example templates, registered on first start.
-const EXAMPLES: &[BundledTemplate] = &[
-    BundledTemplate {
-        file: "examples/order_fulfillment.yaml",
-        source: include_str!("../examples/order_fulfillment.yaml"),
-    },
-    BundledTemplate {
-        file: "examples/inventory_restock.yaml",
-        source: include_str!("../examples/inventory_restock.yaml"),
-    },
-    BundledTemplate {
-        file: "examples/notification_chain.yaml",
-        source: include_str!("../examples/notification_chain.yaml"),
-    },
-];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -79,33 +60,6 @@ fn token(settings: &Settings, args: &config::TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How callers are authenticated: with tokens when a key is configured; without, only on a
-/// loopback address unless explicitly told otherwise.
-fn auth_mode(settings: &Settings) -> anyhow::Result<tasker_api::auth::AuthMode> {
-    use tasker_api::auth::{AuthMode, Authenticator};
-    if let Some(auth) = &settings.auth {
-        let authenticator = Authenticator::new(auth)?;
-        tracing::info!("authentication on: bearer tokens required");
-        return Ok(AuthMode::Jwt(Arc::new(authenticator)));
-    }
-    if settings.bind.ip().is_loopback() {
-        tracing::info!(
-            "authentication off: no key is configured, so only this machine can connect (set --jwt-secret to turn it on)"
-        );
-    } else if settings.insecure_no_auth {
-        tracing::warn!(
-            address = %settings.bind,
-            "authentication off beyond loopback (--insecure-no-auth): anyone who can reach this address can use the API"
-        );
-    } else {
-        anyhow::bail!(
-            "refusing to serve {} without authentication: configure --jwt-secret, --jwt-public-key or --jwks-file, or pass --insecure-no-auth",
-            settings.bind
-        );
-    }
-    Ok(AuthMode::Off)
-}
-
 fn init_logging(settings: &Settings) {
     let filter = EnvFilter::try_from_env("TASKER_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
@@ -136,22 +90,8 @@ impl std::io::Write for LogWriter {
     }
 }
 
-async fn connect(settings: &Settings) -> anyhow::Result<Store> {
-    let url = settings.database_url()?;
-    let mut options = StoreOptions::new(url);
-    options.max_connections = settings.db_max_connections;
-    let store = Store::connect(&options, Arc::new(tasker_domain::SystemClock))
-        .await
-        .with_context(|| format!("connecting to {}", settings.database_description()))?;
-    store
-        .migrate()
-        .await
-        .context("applying database migrations")?;
-    Ok(store)
-}
-
 async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let store = connect(settings).await?;
+    let store = tasker::connect(settings).await?;
     tracing::info!(database = %settings.database_description(), "migrations applied");
     store.close().await?;
     Ok(())
@@ -159,58 +99,14 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
-    let auth = auth_mode(&settings)?;
-    let store = connect(&settings).await?;
-    if settings.examples {
-        let seeded = tasker_engine::seed_templates(&store, EXAMPLES).await?;
-        if seeded > 0 {
-            tracing::info!(count = seeded, "example templates registered");
-        }
-    }
-    let listener = tokio::net::TcpListener::bind(settings.bind)
-        .await
-        .with_context(|| format!("binding {}", settings.bind))?;
-    let address = listener.local_addr()?;
+    let app = App::build(&settings).await?;
+    let address = app.address();
     tracing::info!(
         %address,
         database = %settings.database_description(),
         "listening; open http://{address}/ for the playground"
     );
-    let engine = Engine::new(store.clone());
-    let (stop, stopping) = tokio::sync::watch::channel(false);
-    let mut background = Vec::new();
-    if settings.workers > 0 {
-        let config = WorkerPoolConfig {
-            concurrency: settings.workers,
-            lease: settings.worker_lease,
-            outbound: settings.outbound.clone(),
-            ..WorkerPoolConfig::default()
-        };
-        background.push(tokio::spawn(
-            engine.clone().run_workers(config, stopping.clone())?,
-        ));
-    }
-    background.push(tokio::spawn(
-        engine.clone().run_maintenance(stopping.clone()),
-    ));
-    background.push(tokio::spawn(engine.clone().run_listener(stopping)));
-    let app = tasker_api::router(
-        engine,
-        settings.http_limits(),
-        auth,
-        settings.browser.clone(),
-    );
-    tasker_api::serve(listener, app, shutdown).await?;
-    // Stop claiming, let the batch in hand be recorded, then close the pool.
-    let _ = stop.send(true);
-    for task in background {
-        if let Err(err) = task.await {
-            tracing::error!(error = %err, "a background task ended abnormally");
-        }
-    }
-    store.close().await?;
-    tracing::info!("stopped");
-    Ok(())
+    app.serve(shutdown).await
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM. The handlers are installed when this is called,

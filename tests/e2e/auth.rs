@@ -7,7 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use std::sync::Arc;
-use tasker_api::auth::{AuthMode, AuthSettings, Authenticator, KeySource};
+use tasker_api::auth::{AuthSettings, KeySource};
 use tasker_store::testing::TestDatabase;
 
 const SECRET: &str = "an-e2e-secret-of-more-than-thirty-two-bytes";
@@ -30,8 +30,7 @@ async fn secured_on(db: TestDatabase) -> TestServer {
         leeway_seconds: 5,
         roles: [("reader".to_owned(), vec!["tasker.task:index".to_owned()])].into(),
     };
-    let auth = AuthMode::Jwt(Arc::new(Authenticator::new(&settings).unwrap()));
-    TestServer::start_secured(db, auth).await
+    TestServer::start_secured(db, settings).await
 }
 
 /// Valid claims for `permissions` in `namespaces`, with `changes` merged in.
@@ -713,7 +712,7 @@ async fn quotas_limit_connections_and_claims_per_token() {
     };
     let server = TestServer::start_limited(
         TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await,
-        AuthMode::Jwt(Arc::new(Authenticator::new(&settings).unwrap())),
+        settings,
         limits,
     )
     .await;

@@ -8,7 +8,7 @@ use crate::websocket::{receive, send};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HOST, ORIGIN};
 use serde_json::{Value, json};
 use std::sync::Arc;
-use tasker_api::auth::{AuthMode, AuthSettings, Authenticator, KeySource};
+use tasker_api::auth::{AuthSettings, KeySource};
 use tasker_store::testing::TestDatabase;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
@@ -24,7 +24,7 @@ async fn server() -> TestServer {
 async fn server_allowing(origins: &[&str], hosts: &[&str]) -> TestServer {
     TestServer::start_with_browser(
         TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await,
-        AuthMode::Off,
+        None,
         Default::default(),
         origins,
         hosts,
@@ -488,7 +488,7 @@ async fn rebound_host_names_are_refused_without_authentication() {
     };
     let secured = TestServer::start_with_browser(
         TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await,
-        AuthMode::Jwt(Arc::new(Authenticator::new(&settings).unwrap())),
+        Some(settings),
         Default::default(),
         &[],
         &[],
@@ -507,7 +507,7 @@ async fn a_long_poll_outlives_the_request_timeout() {
     };
     let server = TestServer::start_with_browser(
         TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await,
-        AuthMode::Off,
+        None,
         limits,
         &[],
         &[],

@@ -8,7 +8,6 @@ use crate::support::TestServer;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
-use tasker_api::auth::AuthMode;
 use tasker_store::testing::TestDatabase;
 
 /// The attacker's page: three attempts on the server named by its `target` parameter, then a
@@ -154,7 +153,7 @@ async fn a_page_of_another_origin_cannot_drive_the_server_from_a_real_browser() 
     let page = attacker().await;
     let listed = TestServer::start_with_browser(
         TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await,
-        AuthMode::Off,
+        None,
         Default::default(),
         &[page.0.as_str()],
         &[],

@@ -9,7 +9,7 @@ use crate::websocket::{connect_to, send};
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
-use tasker_api::auth::{AuthMode, AuthSettings, Authenticator, KeySource};
+use tasker_api::auth::{AuthSettings, KeySource};
 use tasker_store::testing::TestDatabase;
 
 const SECRET: &str = "isolation-test-secret-of-at-least-32-bytes";
@@ -257,10 +257,9 @@ async fn a_token_for_one_namespace_reaches_nothing_of_another_through_any_root_f
         leeway_seconds: 5,
         roles: HashMap::new(),
     };
-    let auth = AuthMode::Jwt(Arc::new(Authenticator::new(&settings).unwrap()));
     let server = TestServer::start_secured(
         TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await,
-        auth,
+        settings,
     )
     .await;
     let admin = token(&["*"]);

@@ -3,10 +3,12 @@
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tasker::config::Settings;
+use tasker_api::auth::AuthSettings;
 use tasker_domain::SystemClock;
-use tasker_engine::{Engine, WorkerPoolConfig};
+use tasker_engine::Engine;
 use tasker_store::testing::TestDatabase;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 
 pub const DIAMOND: &str = r#"
 namespace: shop
@@ -30,10 +32,22 @@ pub struct TestServer {
     pub db: TestDatabase,
     client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestServer {
+    /// The settings of a test server: production's defaults, on a free port, without the
+    /// example templates and without the embedded worker pool (steps stay where the test puts
+    /// them).
+    pub fn settings() -> Settings {
+        Settings {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            examples: false,
+            workers: 0,
+            ..Settings::default()
+        }
+    }
+
     /// One server per backend under test.
     pub async fn all() -> Vec<TestServer> {
         let mut servers = Vec::new();
@@ -43,97 +57,70 @@ impl TestServer {
         servers
     }
 
-    /// A server with no embedded workers: steps stay where the test puts them.
+    /// A server with the test settings.
     pub async fn start(db: TestDatabase) -> TestServer {
-        Self::start_with(
-            db,
-            None,
-            tasker_api::auth::AuthMode::Off,
-            Default::default(),
-        )
-        .await
+        Self::start_with(db, Self::settings()).await
     }
 
-    /// A server that requires bearer tokens checked by `auth`.
-    pub async fn start_secured(db: TestDatabase, auth: tasker_api::auth::AuthMode) -> TestServer {
-        Self::start_with(db, None, auth, Default::default()).await
+    /// A server that requires bearer tokens checked with `auth`.
+    pub async fn start_secured(db: TestDatabase, auth: AuthSettings) -> TestServer {
+        Self::start_limited(db, auth, Default::default()).await
     }
 
     /// A server that requires bearer tokens, with these limits.
     pub async fn start_limited(
         db: TestDatabase,
-        auth: tasker_api::auth::AuthMode,
+        auth: AuthSettings,
         limits: tasker_api::HttpLimits,
     ) -> TestServer {
-        Self::start_with(db, None, auth, limits).await
+        Self::start_with_browser(db, Some(auth), limits, &[], &[]).await
     }
 
     /// A server with these allowlists of web origins and host names.
     pub async fn start_with_browser(
         db: TestDatabase,
-        auth: tasker_api::auth::AuthMode,
+        auth: Option<AuthSettings>,
         limits: tasker_api::HttpLimits,
         origins: &[&str],
         hosts: &[&str],
     ) -> TestServer {
-        let authenticated = matches!(auth, tasker_api::auth::AuthMode::Jwt(_));
-        let browser = tasker_api::BrowserPolicy::new(origins, hosts, authenticated).unwrap();
-        Self::start_serving(db, None, auth, limits, browser).await
+        let browser = tasker_api::BrowserPolicy::new(origins, hosts, auth.is_some()).unwrap();
+        let settings = Settings {
+            auth,
+            http: limits,
+            browser,
+            ..Self::settings()
+        };
+        Self::start_with(db, settings).await
     }
 
-    /// A server whose embedded worker pool and timers run built-in steps; its `http` handler
-    /// reaches only public addresses.
+    /// A server whose embedded worker pool runs built-in steps; its `http` handler reaches
+    /// only public addresses.
     pub async fn start_running(db: TestDatabase) -> TestServer {
         Self::start_running_allowing(db, &[]).await
     }
 
-    /// A server whose embedded worker pool and timers run built-in steps; its `http` handler
-    /// may also reach these hosts and networks.
+    /// A server whose embedded worker pool runs built-in steps; its `http` handler may also
+    /// reach these hosts and networks.
     pub async fn start_running_allowing(db: TestDatabase, allowed: &[&str]) -> TestServer {
-        let pool = WorkerPoolConfig {
+        let settings = Settings {
+            workers: tasker_engine::WorkerPoolConfig::default().concurrency,
             outbound: tasker_engine::OutboundPolicy::allowing(allowed).unwrap(),
-            ..WorkerPoolConfig::default()
+            ..Self::settings()
         };
-        Self::start_with(
-            db,
-            Some(pool),
-            tasker_api::auth::AuthMode::Off,
-            Default::default(),
-        )
-        .await
+        Self::start_with(db, settings).await
     }
 
-    async fn start_with(
-        db: TestDatabase,
-        pool: Option<WorkerPoolConfig>,
-        auth: tasker_api::auth::AuthMode,
-        limits: tasker_api::HttpLimits,
-    ) -> TestServer {
-        let authenticated = matches!(auth, tasker_api::auth::AuthMode::Jwt(_));
-        let browser = tasker_api::BrowserPolicy::new::<&str>(&[], &[], authenticated).unwrap();
-        Self::start_serving(db, pool, auth, limits, browser).await
-    }
-
-    async fn start_serving(
-        db: TestDatabase,
-        pool: Option<WorkerPoolConfig>,
-        auth: tasker_api::auth::AuthMode,
-        limits: tasker_api::HttpLimits,
-        browser: tasker_api::BrowserPolicy,
-    ) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let engine = Engine::new(db.store.clone());
-        let (stop_engine, stopping) = watch::channel(false);
-        if let Some(pool) = pool {
-            tokio::spawn(engine.clone().run_workers(pool, stopping.clone()).unwrap());
-            tokio::spawn(engine.clone().run_maintenance(stopping));
-        }
-        let app = tasker_api::router(engine.clone(), limits, auth, browser);
+    /// A server built by the application's own composition root over the test's database.
+    pub async fn start_with(db: TestDatabase, settings: Settings) -> TestServer {
+        let app = tasker::App::build_on(&settings, db.store.clone())
+            .await
+            .expect("the server starts");
+        let address = app.address();
+        let engine = app.engine().clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(tasker_api::serve(listener, app, async move {
+        let task = tokio::spawn(app.serve(async move {
             let _ = stopped.await;
-            let _ = stop_engine.send(true);
         }));
         TestServer {
             address,

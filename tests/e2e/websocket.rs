@@ -366,22 +366,18 @@ async fn a_subscriber_on_one_replica_receives_events_written_on_another() {
     };
     let clock = std::sync::Arc::new(tasker_domain::SystemClock);
     let a = TestServer::start(TestDatabase::postgres(&url, clock.clone()).await).await;
-    // Replica B: its own store, engine and listener on the same schema.
+    // Replica B: its own store, engine and listener on the same schema, wired as production.
     let store_b = tasker_store::Store::connect(&a.db.options, clock)
         .await
         .unwrap();
-    let engine_b = tasker_engine::Engine::new(store_b.clone());
-    let (stop, stopping) = tokio::sync::watch::channel(false);
-    tokio::spawn(engine_b.clone().run_listener(stopping));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let b = listener.local_addr().unwrap();
-    let app = tasker_api::router(
-        engine_b,
-        tasker_api::HttpLimits::default(),
-        tasker_api::auth::AuthMode::Off,
-        tasker_api::BrowserPolicy::new::<&str>(&[], &[], false).unwrap(),
-    );
-    tokio::spawn(tasker_api::serve(listener, app, std::future::pending()));
+    let replica = tasker::App::build_on(&TestServer::settings(), store_b)
+        .await
+        .unwrap();
+    let b = replica.address();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(replica.serve(async move {
+        let _ = stopped.await;
+    }));
 
     a.register(PAIR).await;
     let head = a
@@ -414,6 +410,7 @@ async fn a_subscriber_on_one_replica_receives_events_written_on_another() {
         );
     }
     assert_eq!(names, ["task.created", "step.created", "step.created"]);
-    let _ = stop.send(true);
-    store_b.close().await.ok();
+    let _ = stop.send(());
+    // The replica stops and closes its database.
+    serving.await.unwrap().unwrap();
 }

@@ -71,6 +71,16 @@ impl BrowserPolicy {
         })
     }
 
+    /// The default of a server without authentication: its own pages only, and only local
+    /// host names and addresses.
+    pub fn local() -> BrowserPolicy {
+        BrowserPolicy {
+            origins: Vec::new(),
+            hosts: Vec::new(),
+            check_host: true,
+        }
+    }
+
     /// Why this request must not be served, if it must not.
     fn refusal(&self, headers: &HeaderMap) -> Option<Refusal> {
         let host = headers
