@@ -18,6 +18,9 @@
 //! cargo bench --bench subscribers -- --subscribers 100 --tasks 1000 --rounds 2 --slow 2 --rate 1000
 //! ```
 
+// A test crate: a failed assumption is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};

@@ -2,6 +2,10 @@
 //! and, when `TASKER_TEST_DATABASE_URL` is set, on PostgreSQL (its own schema), dropped
 //! afterwards so tests run in parallel and leave nothing behind.
 
+// Test support only (the `testing` feature, never in the server): a failed set-up is a failed
+// test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use crate::{Store, StoreOptions};
 use std::sync::Arc;
 use tasker_domain::Clock;

@@ -1,6 +1,9 @@
 //! Store operations on a real database: SQLite always, PostgreSQL too when
 //! `TASKER_TEST_DATABASE_URL` is set. Each test gets its own database.
 
+// A test crate: a failed assumption is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 use std::sync::Arc;
