@@ -250,6 +250,12 @@ fn markers(value: &Value, marks: &[&str]) -> Vec<String> {
 
 #[tokio::test]
 async fn a_token_for_one_namespace_reaches_nothing_of_another_through_any_root_field() {
+    for db in TestDatabase::all(Arc::new(tasker_domain::SystemClock)).await {
+        isolation_on(db).await;
+    }
+}
+
+async fn isolation_on(db: TestDatabase) {
     let settings = AuthSettings {
         key: KeySource::Secret(SECRET.as_bytes().to_vec()),
         issuer: None,
@@ -257,11 +263,7 @@ async fn a_token_for_one_namespace_reaches_nothing_of_another_through_any_root_f
         leeway_seconds: 5,
         roles: HashMap::new(),
     };
-    let server = TestServer::start_secured(
-        TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await,
-        settings,
-    )
-    .await;
+    let server = TestServer::start_secured(db, settings).await;
     let admin = token(&["*"]);
     let scoped = token(&["shop"]);
 

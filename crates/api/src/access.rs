@@ -67,8 +67,8 @@ impl Granted<'_> {
         self.lease_in_scope(token).await
     }
 
-    /// The namespaces to look in (see [`NamespaceScope::narrow`]).
-    pub fn narrow(&self, asked: &[String]) -> Option<Vec<String>> {
+    /// Where to look (see [`NamespaceScope::narrow`]); `None`: nowhere, answer empty.
+    pub fn narrow(&self, asked: &[String]) -> Option<tasker_domain::Within> {
         self.scope.narrow(asked)
     }
 

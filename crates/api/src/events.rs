@@ -46,8 +46,8 @@ pub struct EventFilterInput {
 
 impl EventFilterInput {
     /// Checks names against the catalog and that the task exists (in the caller's scope), and
-    /// keeps to the caller's namespaces.
-    async fn resolve(self, granted: &Granted<'_>) -> Result<EventFilter> {
+    /// keeps to the caller's namespaces; `None` when they leave nothing to read.
+    async fn resolve(self, granted: &Granted<'_>) -> Result<Option<EventFilter>> {
         crate::limits::filter_list("filter.names", self.names.as_ref()).gql()?;
         crate::limits::filter_list("filter.namespaces", self.namespaces.as_ref()).gql()?;
         let names = self.names.unwrap_or_default();
@@ -71,12 +71,12 @@ impl EventFilterInput {
             }
             None => None,
         };
-        Ok(EventFilter {
+        Ok(granted.narrow(&[]).map(|within| EventFilter {
             namespaces: self.namespaces.unwrap_or_default(),
             task_id,
             names,
-            within: granted.narrow(&[]),
-        })
+            within,
+        }))
     }
 }
 
@@ -199,7 +199,12 @@ impl EventQuery {
             .transpose()
             .gql()?;
         let granted = grant(ctx, Permission::EventSubscribe)?;
-        let filter = filter.unwrap_or_default().resolve(&granted).await?;
+        let Some(filter) = filter.unwrap_or_default().resolve(&granted).await? else {
+            return Ok(EventConnection {
+                events: Vec::new(),
+                has_next_page: false,
+            });
+        };
         let mut events = granted
             .store
             .events_page(&filter, after, first + 1)
@@ -227,7 +232,10 @@ pub async fn subscribe(
         .map(|text| parse_event_cursor(text, "after"))
         .transpose()
         .gql()?;
-    let filter = filter.unwrap_or_default().resolve(&granted).await?;
+    let Some(filter) = filter.unwrap_or_default().resolve(&granted).await? else {
+        // Nothing the caller may read: a stream that stays quiet.
+        return Ok(futures::stream::pending().left_stream());
+    };
     let start = match after {
         Some(cursor) => Some(cursor),
         None => store.event_head().await.gql()?,
@@ -236,7 +244,8 @@ pub async fn subscribe(
     Ok(futures::stream::unfold(state, |mut state| async move {
         let event = state.next().await?;
         Some((Event(event), state))
-    }))
+    })
+    .right_stream())
 }
 
 /// A snapshot of a task after something about it changed.

@@ -149,7 +149,16 @@ impl TaskQuery {
             Some(filter) => filter.into_filter().gql()?,
             None => TaskFilter::default(),
         };
-        filter.within = granted.narrow(&[]);
+        // Outside the caller's scope entirely: an empty page, without a query.
+        let Some(within) = granted.narrow(&[]) else {
+            return Ok(TaskConnection {
+                filter: None,
+                tasks: TaskSet::new(granted.store.clone(), Vec::new()),
+                has_next_page: false,
+                has_previous_page: after.is_some(),
+            });
+        };
+        filter.within = within;
         let mut tasks = granted
             .store
             .list_tasks(&filter, after, first + 1)
@@ -158,7 +167,7 @@ impl TaskQuery {
         let has_next_page = tasks.len() as u64 > first;
         tasks.truncate(first as usize);
         Ok(TaskConnection {
-            filter,
+            filter: Some(filter),
             tasks: TaskSet::new(granted.store.clone(), tasks),
             has_next_page,
             has_previous_page: after.is_some(),
@@ -207,14 +216,15 @@ impl TaskFilterInput {
             tags: input.tags.unwrap_or_default(),
             created_after: input.created_after,
             created_before: input.created_before,
-            within: None,
+            within: tasker_domain::Within::Any,
         })
     }
 }
 
 /// A page of tasks (Relay connection).
 pub struct TaskConnection {
-    filter: TaskFilter,
+    /// `None`: the caller's scope leaves nothing to list.
+    filter: Option<TaskFilter>,
     tasks: Arc<TaskSet>,
     has_next_page: bool,
     has_previous_page: bool,
@@ -252,7 +262,10 @@ impl TaskConnection {
     async fn total_count(&self, ctx: &Context<'_>) -> Result<u64> {
         // The filter already holds the caller's scope.
         let granted = grant(ctx, Permission::TaskIndex)?;
-        granted.store.count_tasks(&self.filter).await.gql()
+        match &self.filter {
+            Some(filter) => granted.store.count_tasks(filter).await.gql(),
+            None => Ok(0),
+        }
     }
 }
 

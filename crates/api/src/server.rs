@@ -565,26 +565,30 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
     }
 }
 
-/// Tasks by state and claimable steps within these namespaces (`None`: all).
+/// Tasks by state and claimable steps within these namespaces (`None`: nowhere, all zero).
 async fn status_counts(
     store: &Store,
-    within: Option<Vec<String>>,
+    within: Option<tasker_domain::Within>,
 ) -> tasker_store::Result<(serde_json::Map<String, serde_json::Value>, u64)> {
     use tasker_domain::StateMachine as _;
     let mut tasks = serde_json::Map::new();
     for task_state in tasker_domain::TaskState::ALL {
-        let filter = tasker_store::TaskFilter {
-            states: vec![task_state],
-            within: within.clone(),
-            ..Default::default()
+        let count = match &within {
+            Some(within) => {
+                let filter = tasker_store::TaskFilter {
+                    states: vec![task_state],
+                    within: within.clone(),
+                    ..Default::default()
+                };
+                store.count_tasks(&filter).await?
+            }
+            None => 0,
         };
-        let count = store.count_tasks(&filter).await?;
         tasks.insert(task_state.as_str().to_owned(), json!(count));
     }
     let ready_steps = match &within {
-        Some(namespaces) if namespaces.is_empty() => 0,
-        Some(namespaces) => store.count_ready_steps(&[], namespaces, 10_000).await?,
-        None => store.count_ready_steps(&[], &[], 10_000).await?,
+        Some(within) => store.count_ready_steps(&[], within, 10_000).await?,
+        None => 0,
     };
     Ok((tasks, ready_steps))
 }

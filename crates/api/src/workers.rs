@@ -195,13 +195,13 @@ impl WorkerMutation {
                 .claim(&input.worker_id, granted.store.clock().now())
                 .gql()?;
         }
-        let Some(namespaces) = within_scope(&granted, namespaces) else {
+        let Some(within) = granted.narrow(&namespaces) else {
             return Ok(ClaimStepsPayload { leases: Vec::new() });
         };
         let request = ClaimRequest {
             worker_id: input.worker_id,
             handlers,
-            namespaces,
+            within,
             limit: limit as u32,
             lease: Duration::from_secs(lease as u64),
         };
@@ -387,14 +387,14 @@ pub async fn steps_available(
     let handlers = input.handlers.unwrap_or_default();
     let namespaces = input.namespaces.unwrap_or_default();
     let granted = grant(ctx, Permission::WorkerClaim)?;
-    let Some(namespaces) = within_scope(&granted, namespaces) else {
+    let Some(within) = granted.narrow(&namespaces) else {
         // Out of scope entirely: no work will ever be reported.
         return Ok(futures::stream::pending().left_stream());
     };
     let store = granted.store.clone();
     let signal = granted.engine.work_signal();
     let counts = ctx.data_unchecked::<std::sync::Arc<ReadyCounts>>().clone();
-    let filter = ReadyCounts::key(handlers, namespaces);
+    let filter = ReadyCounts::key(handlers, within);
     let state = (store, signal, counts, filter, true);
     Ok(futures::stream::unfold(
         state,
@@ -435,8 +435,8 @@ pub async fn steps_available(
     .right_stream())
 }
 
-/// A `stepsAvailable` filter: handlers and namespaces, sorted.
-type ReadyFilter = (Vec<String>, Vec<String>);
+/// A `stepsAvailable` filter: handlers (sorted) and namespaces.
+type ReadyFilter = (Vec<String>, tasker_domain::Within);
 
 /// Ready-step counts shared by the `stepsAvailable` subscriptions of one filter: after a
 /// signal, one count query serves every subscriber waiting on it, however many workers wait.
@@ -450,12 +450,10 @@ pub(crate) struct ReadyCounts {
 const MAX_REMEMBERED_FILTERS: usize = 1024;
 
 impl ReadyCounts {
-    fn key(mut handlers: Vec<String>, mut namespaces: Vec<String>) -> ReadyFilter {
+    fn key(mut handlers: Vec<String>, within: tasker_domain::Within) -> ReadyFilter {
         handlers.sort();
         handlers.dedup();
-        namespaces.sort();
-        namespaces.dedup();
-        (handlers, namespaces)
+        (handlers, within)
     }
 
     /// The count for `filter` at `generation`: the one already made for it, unless `fresh`;
@@ -487,16 +485,6 @@ impl ReadyCounts {
     }
 }
 
-/// The namespaces a worker may take work from: those it asked for (all when none) within its
-/// scope, as a claim filter (empty: any); `None` when that leaves nothing.
-fn within_scope(granted: &crate::access::Granted<'_>, asked: Vec<String>) -> Option<Vec<String>> {
-    match granted.narrow(&asked) {
-        None => Some(asked),
-        Some(list) if list.is_empty() => None,
-        Some(list) => Some(list),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,8 +498,11 @@ mod tests {
             queries.fetch_add(1, Ordering::SeqCst);
             async move { Ok(ready) }
         };
-        let shop = ReadyCounts::key(vec!["b".into(), "a".into()], vec![]);
-        let same = ReadyCounts::key(vec!["a".into(), "b".into(), "a".into()], vec![]);
+        let shop = ReadyCounts::key(vec!["b".into(), "a".into()], tasker_domain::Within::Any);
+        let same = ReadyCounts::key(
+            vec!["a".into(), "b".into(), "a".into()],
+            tasker_domain::Within::Any,
+        );
         assert_eq!(counts.count(&shop, 1, false, || count(3)).await.unwrap(), 3);
         assert_eq!(counts.count(&same, 1, false, || count(9)).await.unwrap(), 3);
         assert_eq!(
@@ -521,7 +512,8 @@ mod tests {
         );
         assert_eq!(counts.count(&shop, 2, false, || count(4)).await.unwrap(), 4);
         assert_eq!(counts.count(&shop, 2, true, || count(5)).await.unwrap(), 5);
-        let other = ReadyCounts::key(vec![], vec!["billing".into()]);
+        let billing = tasker_domain::NamespaceSet::new(["billing".to_owned()]).unwrap();
+        let other = ReadyCounts::key(vec![], tasker_domain::Within::Only(billing));
         assert_eq!(
             counts.count(&other, 2, false, || count(0)).await.unwrap(),
             0

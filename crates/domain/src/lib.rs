@@ -21,7 +21,7 @@ pub use event::EventName;
 pub use execution::{ExecutionStatus, Failure, FailureOutcome, StepProgress};
 pub use graph::Dag;
 pub use host::HostPattern;
-pub use permission::{NamespaceScope, Permission, Permissions};
+pub use permission::{NamespaceScope, NamespaceSet, Permission, Permissions, Within};
 pub use problem::Problem;
 pub use state::{StateMachine, StepState, TaskState};
 pub use task::TaskRequest;

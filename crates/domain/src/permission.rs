@@ -166,21 +166,61 @@ impl NamespaceScope {
         }
     }
 
-    /// The namespaces to look in: those asked for that are in scope, or (none asked) the
-    /// whole scope. `None` means no restriction at all.
-    pub fn narrow(&self, asked: &[String]) -> Option<Vec<String>> {
+    /// Where to look: the namespaces asked for (none asked: any) that are in scope. `None`
+    /// when that leaves nothing: the caller gets an empty answer without a query.
+    pub fn narrow(&self, asked: &[String]) -> Option<Within> {
         match (self, asked.is_empty()) {
-            (NamespaceScope::All, true) => None,
-            (NamespaceScope::All, false) => Some(asked.to_vec()),
-            (NamespaceScope::Only(names), true) => Some(names.iter().cloned().collect()),
-            (NamespaceScope::Only(names), false) => Some(
-                asked
-                    .iter()
-                    .filter(|name| names.contains(*name))
-                    .cloned()
-                    .collect(),
-            ),
+            (NamespaceScope::All, true) => Some(Within::Any),
+            (NamespaceScope::All, false) => {
+                NamespaceSet::new(asked.iter().cloned()).map(Within::Only)
+            }
+            (NamespaceScope::Only(names), true) => {
+                NamespaceSet::new(names.iter().cloned()).map(Within::Only)
+            }
+            (NamespaceScope::Only(names), false) => {
+                NamespaceSet::new(asked.iter().filter(|name| names.contains(*name)).cloned())
+                    .map(Within::Only)
+            }
         }
+    }
+}
+
+/// Where a query may look: every namespace, or some. There is no "none": a caller whose scope
+/// leaves nothing to look in is answered without asking the database, so no filter can mean
+/// "nothing" by mistake, nor "everything" by an empty list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Within {
+    #[default]
+    Any,
+    Only(NamespaceSet),
+}
+
+impl Within {
+    pub fn allows(&self, namespace: &str) -> bool {
+        match self {
+            Within::Any => true,
+            Within::Only(names) => names.contains(namespace),
+        }
+    }
+}
+
+/// A non-empty set of namespace names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NamespaceSet(BTreeSet<String>);
+
+impl NamespaceSet {
+    /// The set of these names; `None` when there are none.
+    pub fn new(names: impl IntoIterator<Item = String>) -> Option<NamespaceSet> {
+        let set: BTreeSet<String> = names.into_iter().collect();
+        (!set.is_empty()).then_some(NamespaceSet(set))
+    }
+
+    pub fn contains(&self, namespace: &str) -> bool {
+        self.0.contains(namespace)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &String> {
+        self.0.iter()
     }
 }
 
@@ -219,23 +259,33 @@ mod tests {
     fn scopes_narrow_what_is_asked() {
         let scope = NamespaceScope::from_claim(["payments", "billing"]);
         assert!(scope.allows("payments") && !scope.allows("shop"));
+        let only = |names: &[&str]| {
+            NamespaceSet::new(names.iter().map(|n| (*n).to_owned())).map(Within::Only)
+        };
         assert_eq!(
             scope.narrow(&["shop".into(), "billing".into()]),
-            Some(vec!["billing".to_owned()])
+            only(&["billing"])
         );
+        assert_eq!(scope.narrow(&[]), only(&["billing", "payments"]));
         assert_eq!(
-            scope.narrow(&[]),
-            Some(vec!["billing".to_owned(), "payments".to_owned()])
+            scope.narrow(&["shop".into()]),
+            None,
+            "nothing left to look in"
         );
         assert_eq!(
             NamespaceScope::from_claim(["*"]).narrow(&[]),
-            None,
+            Some(Within::Any),
             "no restriction"
         );
         assert_eq!(
+            NamespaceScope::from_claim(["*"]).narrow(&["shop".into()]),
+            only(&["shop"])
+        );
+        assert_eq!(
             NamespaceScope::from_claim([]).narrow(&[]),
-            Some(vec![]),
+            None,
             "an empty scope sees nothing"
         );
+        assert_eq!(NamespaceSet::new(Vec::new()), None, "no empty set");
     }
 }

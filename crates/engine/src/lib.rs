@@ -444,7 +444,7 @@ steps:
         let request = ClaimRequest {
             worker_id: "external".into(),
             handlers: vec!["noop".into()],
-            namespaces: vec![],
+            within: tasker_domain::Within::Any,
             limit: 5,
             lease: Duration::from_secs(30),
         };

@@ -80,7 +80,7 @@ impl Engine {
                 let request = ClaimRequest {
                     worker_id: config.worker_id.clone(),
                     handlers: BUILT_IN_HANDLERS.iter().map(|h| (*h).to_owned()).collect(),
-                    namespaces: Vec::new(),
+                    within: tasker_domain::Within::Any,
                     limit: u32::try_from(capacity).unwrap_or(u32::MAX),
                     lease: config.lease,
                 };

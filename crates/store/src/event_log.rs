@@ -13,6 +13,7 @@ use crate::records::EventRecord;
 use crate::sql::Sql;
 use crate::{Result, Store};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, FromQueryResult, TransactionTrait};
+use tasker_domain::Within;
 use uuid::Uuid;
 
 /// A place in the event log: everything up to and including it has been seen.
@@ -25,8 +26,8 @@ pub struct EventFilter {
     pub namespaces: Vec<String>,
     pub task_id: Option<Uuid>,
     pub names: Vec<String>,
-    /// Only events in these namespaces (the caller's scope); `None`: any.
-    pub within: Option<Vec<String>>,
+    /// Only events in these namespaces (the caller's scope).
+    pub within: Within,
 }
 
 impl EventFilter {
@@ -39,12 +40,13 @@ impl EventFilter {
                 .is_some_and(|namespace| self.namespaces.contains(namespace)))
             && self.task_id.is_none_or(|id| event.task_id == Some(id))
             && (self.names.is_empty() || self.names.contains(&event.name))
-            && self.within.as_ref().is_none_or(|within| {
-                event
+            && match &self.within {
+                Within::Any => true,
+                Within::Only(within) => event
                     .namespace
                     .as_ref()
-                    .is_some_and(|namespace| within.contains(namespace))
-            })
+                    .is_some_and(|namespace| within.contains(namespace)),
+            }
     }
 }
 
@@ -85,14 +87,9 @@ impl Store {
             sql.push(" AND namespace IN ")
                 .bind_list(filter.namespaces.iter().cloned());
         }
-        if let Some(within) = &filter.within {
-            if within.is_empty() {
-                // An empty scope sees nothing.
-                sql.push(" AND 1 = 0");
-            } else {
-                sql.push(" AND namespace IN ")
-                    .bind_list(within.iter().cloned());
-            }
+        if let Within::Only(within) = &filter.within {
+            sql.push(" AND namespace IN ")
+                .bind_list(within.iter().cloned());
         }
         if let Some(task_id) = filter.task_id {
             sql.push(" AND task_id = ").bind(task_id);

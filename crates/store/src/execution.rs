@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tasker_domain::execution::{Failure, FailureOutcome, StepProgress, task_outcome};
-use tasker_domain::{Backoff, Dag, EventName, StateMachine, StepState, TaskState};
+use tasker_domain::{Backoff, Dag, EventName, StateMachine, StepState, TaskState, Within};
 use uuid::Uuid;
 
 /// What a worker asks for.
@@ -34,8 +34,8 @@ pub struct ClaimRequest {
     pub worker_id: String,
     /// Only steps with these handlers; empty means any.
     pub handlers: Vec<String>,
-    /// Only steps of tasks in these namespaces; empty means any.
-    pub namespaces: Vec<String>,
+    /// Only steps of tasks in these namespaces.
+    pub within: Within,
     pub limit: u32,
     pub lease: Duration,
 }
@@ -157,7 +157,7 @@ impl Store {
                 .bind(now)
                 .push(" WHERE id IN (SELECT s.id FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
         }
-        push_ready_condition(&mut sql, now_ms, &request.handlers, &request.namespaces);
+        push_ready_condition(&mut sql, now_ms, &request.handlers, &request.within);
         sql.push(" ORDER BY s.id LIMIT ")
             .bind(i64::from(request.limit));
         if postgres {
@@ -953,9 +953,9 @@ pub(crate) fn ending_attempt(
         )
 }
 
-/// The readiness rule over `workflow_steps s JOIN tasks t`, narrowed to handlers and
-/// namespaces when given.
-fn push_ready_condition(sql: &mut Sql, now_ms: i64, handlers: &[String], namespaces: &[String]) {
+/// The readiness rule over `workflow_steps s JOIN tasks t`, narrowed to handlers (when given)
+/// and namespaces.
+fn push_ready_condition(sql: &mut Sql, now_ms: i64, handlers: &[String], within: &Within) {
     // Written so the planner seeks ix_steps_ready (state, pending_parents, handler) and then
     // joins the tasks; put as one OR, SQLite walked every unfinished task instead.
     sql.push("s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
@@ -965,7 +965,7 @@ fn push_ready_condition(sql: &mut Sql, now_ms: i64, handlers: &[String], namespa
         sql.push(" AND s.handler IN ")
             .bind_list(handlers.iter().cloned());
     }
-    if !namespaces.is_empty() {
+    if let Within::Only(namespaces) = within {
         sql.push(" AND t.namespace IN ")
             .bind_list(namespaces.iter().cloned());
     }
@@ -977,17 +977,17 @@ struct ReadyCount {
 }
 
 impl Store {
-    /// How many steps are claimable now for these handlers and namespaces (empty: any),
-    /// counting at most `cap`.
+    /// How many steps are claimable now for these handlers (empty: any) within these
+    /// namespaces, counting at most `cap`.
     pub async fn count_ready_steps(
         &self,
         handlers: &[String],
-        namespaces: &[String],
+        within: &Within,
         cap: u32,
     ) -> Result<u64> {
         let mut sql = Sql::new(self.db.get_database_backend());
         sql.push("SELECT COUNT(*) AS ready FROM (SELECT s.id FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
-        push_ready_condition(&mut sql, self.now_ms(), handlers, namespaces);
+        push_ready_condition(&mut sql, self.now_ms(), handlers, within);
         sql.push(" LIMIT ")
             .bind(i64::from(cap))
             .push(") AS ready_steps");

@@ -14,7 +14,7 @@ use sea_orm::sea_query::Query;
 use sea_orm::{
     ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
-use tasker_domain::{StateMachine, TaskState};
+use tasker_domain::{StateMachine, TaskState, Within};
 use uuid::Uuid;
 
 /// Ids per `IN (...)` list: well below SQLite's and PostgreSQL's parameter limits.
@@ -34,8 +34,8 @@ pub struct TaskFilter {
     pub created_after: Option<DateTime<Utc>>,
     /// Created strictly before.
     pub created_before: Option<DateTime<Utc>>,
-    /// Only tasks in these namespaces (the caller's scope); `None`: any.
-    pub within: Option<Vec<String>>,
+    /// Only tasks in these namespaces (the caller's scope).
+    pub within: Within,
 }
 
 impl TaskFilter {
@@ -44,13 +44,9 @@ impl TaskFilter {
         if let Some(namespace) = &self.namespace {
             condition = condition.add(task::Column::Namespace.eq(namespace.as_str()));
         }
-        if let Some(within) = &self.within {
-            condition = condition.add(if within.is_empty() {
-                // An empty scope sees nothing.
-                sea_orm::sea_query::Expr::cust("1 = 0")
-            } else {
-                task::Column::Namespace.is_in(within.iter().map(String::as_str))
-            });
+        if let Within::Only(within) = &self.within {
+            condition =
+                condition.add(task::Column::Namespace.is_in(within.iter().map(String::as_str)));
         }
         if let Some(template) = &self.template {
             condition = condition.add(task::Column::TemplateName.eq(template.as_str()));

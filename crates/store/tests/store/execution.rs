@@ -6,6 +6,7 @@ use serde_json::json;
 use std::collections::HashSet;
 use std::time::Duration;
 use tasker_domain::{Clock, StepState, TaskState};
+use tasker_domain::{NamespaceSet, Within};
 use tasker_store::{
     AttemptFailure, ClaimRequest, ClaimedStep, Completion, Error, Store, TaskFilter,
 };
@@ -14,7 +15,7 @@ fn claim(limit: u32) -> ClaimRequest {
     ClaimRequest {
         worker_id: "worker-1".into(),
         handlers: vec![],
-        namespaces: vec![],
+        within: Within::Any,
         limit,
         lease: Duration::from_secs(30),
     }
@@ -398,7 +399,7 @@ async fn cancelled_tasks_and_foreign_handlers_are_not_claimed() {
         store.create_task(order("shop", "fulfil", 2)).await.unwrap();
         assert!(store.claim_steps(&other).await.unwrap().is_empty());
         let elsewhere = ClaimRequest {
-            namespaces: vec!["billing".into()],
+            within: only("billing"),
             ..claim(10)
         };
         assert!(store.claim_steps(&elsewhere).await.unwrap().is_empty());
@@ -427,7 +428,7 @@ async fn claiming_and_completing_cost_a_constant_number_of_statements() {
                     .unwrap();
             }
             let request = ClaimRequest {
-                namespaces: vec![namespace],
+                within: only(&namespace),
                 ..claim(batch as u32)
             };
             let before = store.statement_count();
@@ -545,4 +546,9 @@ async fn a_parked_timer_comes_due_by_the_clock_and_survives_a_restart() {
         assert!(restarted.due_parked_steps(10).await.unwrap().is_empty());
         restarted.close().await.unwrap();
     }
+}
+
+/// Claims within one namespace.
+fn only(namespace: &str) -> Within {
+    Within::Only(NamespaceSet::new([namespace.to_owned()]).unwrap())
 }

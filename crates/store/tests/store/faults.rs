@@ -39,7 +39,7 @@ fn claim(worker: &str) -> ClaimRequest {
     ClaimRequest {
         worker_id: worker.into(),
         handlers: Vec::new(),
-        namespaces: Vec::new(),
+        within: tasker_domain::Within::Any,
         limit: 50,
         lease: Duration::from_secs(60),
     }
