@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// The example templates, registered on first start.
-pub const EXAMPLES: &[BundledTemplate] = &[
+const EXAMPLES: &[BundledTemplate] = &[
     BundledTemplate {
         file: "examples/order_fulfillment.yaml",
         source: include_str!("../examples/order_fulfillment.yaml"),
@@ -42,10 +42,13 @@ pub struct App {
 }
 
 impl App {
-    /// Connects to the configured database (migrating it), then [`App::build_on`].
+    /// Checks the authentication settings (before touching the database: a refused
+    /// configuration migrates nothing), connects to the configured database and migrates it,
+    /// then wires the server as [`App::build_on`] does.
     pub async fn build(settings: &Settings) -> anyhow::Result<App> {
+        let auth = auth_mode(settings)?;
         let store = connect(settings).await?;
-        Self::build_on(settings, store).await
+        Self::wire(settings, store, auth).await
     }
 
     /// Wires a server over a connected, migrated store (tests and benchmarks bring their
@@ -53,6 +56,10 @@ impl App {
     /// database, binds the address, starts the engine's background tasks.
     pub async fn build_on(settings: &Settings, store: Store) -> anyhow::Result<App> {
         let auth = auth_mode(settings)?;
+        Self::wire(settings, store, auth).await
+    }
+
+    async fn wire(settings: &Settings, store: Store, auth: AuthMode) -> anyhow::Result<App> {
         if settings.examples {
             let seeded = tasker_engine::seed_templates(&store, EXAMPLES).await?;
             if seeded > 0 {
@@ -105,10 +112,6 @@ impl App {
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 
     /// Serves until `shutdown` resolves, lets requests in flight finish, stops the

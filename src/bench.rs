@@ -168,7 +168,8 @@ async fn measure(
     let settings = Settings {
         bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         examples: false,
-        workers,
+        // The pool is what is measured: at least one worker.
+        workers: workers.max(1),
         ..Settings::default()
     };
     let started = Instant::now();

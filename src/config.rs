@@ -278,7 +278,9 @@ pub struct Settings {
     /// How tokens are checked; `None`: no key configured.
     pub auth: Option<tasker_api::auth::AuthSettings>,
     pub insecure_no_auth: bool,
-    /// Which web pages and host names are served.
+    /// Which web pages and host names are served. The default is for a server without
+    /// authentication (host names checked); with `auth`, build it with
+    /// `BrowserPolicy::new(…, true)` as `load` does.
     pub browser: tasker_api::BrowserPolicy,
     /// Where the `http` handler may connect.
     pub outbound: tasker_engine::OutboundPolicy,

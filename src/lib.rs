@@ -4,4 +4,4 @@
 mod app;
 pub mod config;
 
-pub use app::{App, EXAMPLES, connect};
+pub use app::{App, connect};

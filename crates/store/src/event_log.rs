@@ -40,12 +40,9 @@ impl EventFilter {
                 .is_some_and(|namespace| self.namespaces.contains(namespace)))
             && self.task_id.is_none_or(|id| event.task_id == Some(id))
             && (self.names.is_empty() || self.names.contains(&event.name))
-            && match &self.within {
-                Within::Any => true,
-                Within::Only(within) => event
-                    .namespace
-                    .as_ref()
-                    .is_some_and(|namespace| within.contains(namespace)),
+            && match &event.namespace {
+                Some(namespace) => self.within.allows(namespace),
+                None => self.within == Within::Any,
             }
     }
 }
