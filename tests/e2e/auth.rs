@@ -509,11 +509,48 @@ async fn a_token_scoped_to_one_namespace_sees_nothing_of_another() {
         json!({ "state": "IN_PROGRESS", "attempts": 1 }),
         "{body}"
     );
+    // A token for no namespace at all: every list is empty, nothing is claimed, the counts
+    // are zero, while the same queries with the admin token do see the work.
     let nobody = format!("Bearer {}", token(&["*"], &[]));
-    let (_, body) = post(&server, Some(&nobody), "{ tasks { totalCount } }").await;
+    let seen = "{ tasks { totalCount nodes { id } } events(first: 100) { edges { cursor } } }";
+    let (_, body) = post(&server, Some(&nobody), seen).await;
     assert_eq!(
         body["data"]["tasks"]["totalCount"], 0,
-        "an empty scope sees nothing"
+        "an empty scope sees nothing: {body}"
+    );
+    assert_eq!(body["data"]["tasks"]["nodes"], json!([]), "{body}");
+    assert_eq!(body["data"]["events"]["edges"], json!([]), "{body}");
+    let (_, body) = post(&server, Some(&admin), seen).await;
+    assert!(
+        body["data"]["tasks"]["totalCount"].as_u64().unwrap() > 0,
+        "{body}"
+    );
+    assert!(
+        !body["data"]["events"]["edges"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let claim =
+        "mutation { claimSteps(input: { workerId: \"nobody\", limit: 10 }) { leases { stepId } } }";
+    let (_, body) = post(&server, Some(&nobody), claim).await;
+    assert_eq!(body["data"]["claimSteps"]["leases"], json!([]), "{body}");
+    let status = server
+        .http()
+        .get(server.url("/health/status"))
+        .header("authorization", &nobody)
+        .send()
+        .await
+        .unwrap();
+    let status: Value = status.json().await.unwrap();
+    assert_eq!(status["ready_steps"], 0, "{status}");
+    assert!(
+        status["tasks"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|count| *count == 0),
+        "{status}"
     );
 }
 
