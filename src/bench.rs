@@ -179,7 +179,7 @@ async fn measure(
         namespace: Some(template.namespace.clone()),
         template: Some(template.name.clone()),
         states: vec![TaskState::Complete],
-        ..TaskFilter::default()
+        ..TaskFilter::within(tasker_domain::Within::Any)
     };
     // The engine counts the tasks it finished: wait for all of this scenario's.
     let expected = ids.len() as u64;

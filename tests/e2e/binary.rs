@@ -353,7 +353,11 @@ async fn two_replicas_share_one_postgres_without_double_leases() {
         .store
         .events_for_tasks(
             &db.store
-                .list_tasks(&tasker_store::TaskFilter::default(), None, 1000)
+                .list_tasks(
+                    &tasker_store::TaskFilter::within(tasker_domain::Within::Any),
+                    None,
+                    1000,
+                )
                 .await
                 .unwrap()
                 .iter()

@@ -269,9 +269,12 @@ pub async fn task_updates(
     let task_id = crate::ids::parse_id(&id, "id").gql()?;
     let record = granted.task(task_id).await?;
     let start = store.event_head().await.gql()?;
+    // The task is in scope (or `task` answered NOT_FOUND); its namespace is where to read.
+    let within = tasker_domain::NamespaceSet::new([record.namespace.clone()])
+        .map_or(tasker_domain::Within::Any, tasker_domain::Within::Only);
     let filter = EventFilter {
         task_id: Some(task_id),
-        ..EventFilter::default()
+        ..EventFilter::within(within)
     };
     let follow = ctx.data_unchecked::<EventFeed>().follow(filter, start);
     let first = TaskUpdate {

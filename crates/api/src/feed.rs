@@ -139,7 +139,12 @@ async fn broadcast_new(inner: &Inner, head: &mut Option<EventCursor>) {
     loop {
         match inner
             .store
-            .events_page(&EventFilter::default(), *head, PAGE)
+            // The shared reader reads everything; each subscription filters to its scope.
+            .events_page(
+                &EventFilter::within(tasker_domain::Within::Any),
+                *head,
+                PAGE,
+            )
             .await
         {
             Ok(events) if !events.is_empty() => {
@@ -341,11 +346,11 @@ mod tests {
         for db in databases().await {
             let store = &db.store;
             let feed = EventFeed::new(store.clone());
-            let mut everything = feed.follow(EventFilter::default(), None);
+            let mut everything = feed.follow(EventFilter::within(tasker_domain::Within::Any), None);
             let mut evens = feed.follow(
                 EventFilter {
                     namespaces: vec!["even".into()],
-                    ..EventFilter::default()
+                    ..EventFilter::within(tasker_domain::Within::Any)
                 },
                 None,
             );
@@ -354,7 +359,7 @@ mod tests {
             }
             let all = take(&mut everything, 20).await;
             let log = store
-                .events_page(&EventFilter::default(), None, 100)
+                .events_page(&EventFilter::within(tasker_domain::Within::Any), None, 100)
                 .await
                 .unwrap();
             assert_eq!(all, log, "{}", db.backend());
@@ -366,7 +371,10 @@ mod tests {
                 .collect();
             assert_eq!(even, expected);
             // A follower that joins from a cursor in the middle gets exactly the rest.
-            let mut late = feed.follow(EventFilter::default(), Some(log[4].cursor()));
+            let mut late = feed.follow(
+                EventFilter::within(tasker_domain::Within::Any),
+                Some(log[4].cursor()),
+            );
             assert_eq!(take(&mut late, 15).await, log[5..].to_vec());
         }
     }
@@ -378,15 +386,15 @@ mod tests {
         for db in databases().await {
             let store = &db.store;
             let feed = EventFeed::with_capacity(store.clone(), 2);
-            let mut slow = feed.follow(EventFilter::default(), None);
-            let mut keeping_up = feed.follow(EventFilter::default(), None);
+            let mut slow = feed.follow(EventFilter::within(tasker_domain::Within::Any), None);
+            let mut keeping_up = feed.follow(EventFilter::within(tasker_domain::Within::Any), None);
             let mut kept = Vec::new();
             for i in 0..30 {
                 store.register_template(&template(i), false).await.unwrap();
                 kept.extend(take(&mut keeping_up, 1).await);
             }
             let log = store
-                .events_page(&EventFilter::default(), None, 100)
+                .events_page(&EventFilter::within(tasker_domain::Within::Any), None, 100)
                 .await
                 .unwrap();
             assert_eq!(kept, log);

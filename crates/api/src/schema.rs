@@ -145,10 +145,6 @@ impl TaskQuery {
         let first = crate::limits::page_size(ctx, first, |limits| limits.max_tasks_page)?;
         let granted = grant(ctx, Permission::TaskIndex)?;
         let after = after.as_deref().map(parse_task_cursor).transpose().gql()?;
-        let mut filter = match filter {
-            Some(filter) => filter.into_filter().gql()?,
-            None => TaskFilter::default(),
-        };
         // Outside the caller's scope entirely: an empty page, without a query.
         let Some(within) = granted.narrow(&[]) else {
             return Ok(TaskConnection {
@@ -158,7 +154,10 @@ impl TaskQuery {
                 has_previous_page: after.is_some(),
             });
         };
-        filter.within = within;
+        let filter = match filter {
+            Some(filter) => filter.into_filter(within).gql()?,
+            None => TaskFilter::within(within),
+        };
         let mut tasks = granted
             .store
             .list_tasks(&filter, after, first + 1)
@@ -199,8 +198,8 @@ pub struct TaskFilterInput {
 }
 
 impl TaskFilterInput {
-    /// The store's filter, once its lists are within bounds.
-    fn into_filter(self) -> Result<TaskFilter, ApiError> {
+    /// The store's filter within the caller's namespaces, once its lists are within bounds.
+    fn into_filter(self, within: tasker_domain::Within) -> Result<TaskFilter, ApiError> {
         let input = self;
         crate::limits::filter_list("filter.states", input.states.as_ref())?;
         crate::limits::filter_list("filter.tags", input.tags.as_ref())?;
@@ -216,7 +215,7 @@ impl TaskFilterInput {
             tags: input.tags.unwrap_or_default(),
             created_after: input.created_after,
             created_before: input.created_before,
-            within: tasker_domain::Within::Any,
+            within,
         })
     }
 }

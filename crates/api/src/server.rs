@@ -577,8 +577,7 @@ async fn status_counts(
             Some(within) => {
                 let filter = tasker_store::TaskFilter {
                     states: vec![task_state],
-                    within: within.clone(),
-                    ..Default::default()
+                    ..tasker_store::TaskFilter::within(within.clone())
                 };
                 store.count_tasks(&filter).await?
             }

@@ -187,10 +187,10 @@ impl NamespaceScope {
 
 /// Where a query may look: every namespace, or some. There is no "none": a caller whose scope
 /// leaves nothing to look in is answered without asking the database, so no filter can mean
-/// "nothing" by mistake, nor "everything" by an empty list.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// "nothing" by mistake, nor "everything" by an empty list. Nor is there a default: every
+/// filter states its scope.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Within {
-    #[default]
     Any,
     Only(NamespaceSet),
 }

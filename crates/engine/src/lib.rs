@@ -409,7 +409,7 @@ steps:
             }
             let complete = TaskFilter {
                 states: vec![TaskState::Complete],
-                ..TaskFilter::default()
+                ..TaskFilter::within(tasker_domain::Within::Any)
             };
             // Wait on the engine's own signal, not on a clock.
             let mut signal = engine.finished_tasks();

@@ -20,8 +20,8 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventCursor(pub i64);
 
-/// Which events to read; empty fields do not filter.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Which events to read; empty fields do not filter; `within` always does.
+#[derive(Debug, Clone, PartialEq)]
 pub struct EventFilter {
     pub namespaces: Vec<String>,
     pub task_id: Option<Uuid>,
@@ -31,6 +31,16 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
+    /// Every event within these namespaces; narrow further with the other fields.
+    pub fn within(within: Within) -> EventFilter {
+        EventFilter {
+            namespaces: Vec::new(),
+            task_id: None,
+            names: Vec::new(),
+            within,
+        }
+    }
+
     /// Whether an event passes: the test the log query makes in SQL, for events already read.
     pub fn matches(&self, event: &EventRecord) -> bool {
         (self.namespaces.is_empty()

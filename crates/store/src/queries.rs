@@ -20,8 +20,8 @@ use uuid::Uuid;
 /// Ids per `IN (...)` list: well below SQLite's and PostgreSQL's parameter limits.
 pub(crate) const ID_CHUNK: usize = 500;
 
-/// Which tasks to list. Empty fields do not filter.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Which tasks to list. Empty fields do not filter; `within` always does.
+#[derive(Debug, Clone, PartialEq)]
 pub struct TaskFilter {
     pub namespace: Option<String>,
     /// Template name (within the namespace when one is given).
@@ -39,6 +39,19 @@ pub struct TaskFilter {
 }
 
 impl TaskFilter {
+    /// Every task within these namespaces; narrow further with the other fields.
+    pub fn within(within: Within) -> TaskFilter {
+        TaskFilter {
+            namespace: None,
+            template: None,
+            states: Vec::new(),
+            tags: Vec::new(),
+            created_after: None,
+            created_before: None,
+            within,
+        }
+    }
+
     fn condition(&self) -> Condition {
         let mut condition = Condition::all();
         if let Some(namespace) = &self.namespace {

@@ -42,7 +42,12 @@ async fn pages_follow_cursors_and_filters_without_gaps_or_repeats() {
             .unwrap()
             .task;
 
-        let everything = all_after(store, &EventFilter::default(), None).await;
+        let everything = all_after(
+            store,
+            &EventFilter::within(tasker_domain::Within::Any),
+            None,
+        )
+        .await;
         assert_eq!(
             everything.len(),
             13,
@@ -57,7 +62,7 @@ async fn pages_follow_cursors_and_filters_without_gaps_or_repeats() {
 
         let of_second = EventFilter {
             task_id: Some(second.id),
-            ..EventFilter::default()
+            ..EventFilter::within(tasker_domain::Within::Any)
         };
         let events = all_after(store, &of_second, None).await;
         assert_eq!(events.len(), 6);
@@ -65,7 +70,7 @@ async fn pages_follow_cursors_and_filters_without_gaps_or_repeats() {
         let tasks_only = EventFilter {
             names: vec!["task.created".into()],
             namespaces: vec!["shop".into()],
-            ..EventFilter::default()
+            ..EventFilter::within(tasker_domain::Within::Any)
         };
         let events = all_after(store, &tasks_only, None).await;
         let ids: Vec<_> = events.iter().map(|e| e.task_id.unwrap()).collect();
@@ -73,7 +78,12 @@ async fn pages_follow_cursors_and_filters_without_gaps_or_repeats() {
 
         // Resuming from the middle gives exactly the rest.
         let middle = everything[4].cursor();
-        let rest = all_after(store, &EventFilter::default(), Some(middle)).await;
+        let rest = all_after(
+            store,
+            &EventFilter::within(tasker_domain::Within::Any),
+            Some(middle),
+        )
+        .await;
         assert_eq!(rest, everything[5..].to_vec());
     }
 }
@@ -102,17 +112,32 @@ async fn a_late_commit_is_never_skipped() {
         )
         .await
         .unwrap();
-        let before = all_after(store, &EventFilter::default(), None).await;
+        let before = all_after(
+            store,
+            &EventFilter::within(tasker_domain::Within::Any),
+            None,
+        )
+        .await;
         // A task created while the late transaction is open commits and is readable at once...
         store.create_task(order("shop", "fulfil", 1)).await.unwrap();
-        let seen = all_after(store, &EventFilter::default(), None).await;
+        let seen = all_after(
+            store,
+            &EventFilter::within(tasker_domain::Within::Any),
+            None,
+        )
+        .await;
         assert_eq!(seen.len(), before.len() + 6);
         let cursor = seen.last().map(|e| e.cursor());
         // ...and the late event, committed afterwards, is numbered after it: a reader that has
         // passed the task's events still receives it.
         late.commit().await.unwrap();
         assert_eq!(store.sequence_events().await.unwrap(), 1);
-        let rest = all_after(store, &EventFilter::default(), cursor).await;
+        let rest = all_after(
+            store,
+            &EventFilter::within(tasker_domain::Within::Any),
+            cursor,
+        )
+        .await;
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].name, "test.late");
         assert!(

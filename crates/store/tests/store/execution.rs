@@ -489,7 +489,7 @@ async fn concurrent_claims_never_lease_a_step_twice() {
         assert_eq!(total, 400, "{}", db.backend());
         let complete = tasker_store::TaskFilter {
             states: vec![TaskState::Complete],
-            ..TaskFilter::default()
+            ..TaskFilter::within(tasker_domain::Within::Any)
         };
         assert_eq!(store.count_tasks(&complete).await.unwrap(), 100);
     }

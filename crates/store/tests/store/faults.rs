@@ -83,7 +83,10 @@ async fn write_round(store: &Store, round: i64, fault: Fault, acked: &mut Acknow
 
 /// Everything acknowledged is there, nothing else was created, and the log has no gap.
 async fn check(store: &Store, acked: &Acknowledged) {
-    let tasks = store.count_tasks(&TaskFilter::default()).await.unwrap();
+    let tasks = store
+        .count_tasks(&TaskFilter::within(tasker_domain::Within::Any))
+        .await
+        .unwrap();
     assert_eq!(
         tasks,
         acked.tasks.len() as u64,
@@ -120,7 +123,11 @@ async fn check(store: &Store, acked: &Acknowledged) {
         "the diamond and the acknowledged"
     );
     let events = store
-        .events_page(&EventFilter::default(), None, 100_000)
+        .events_page(
+            &EventFilter::within(tasker_domain::Within::Any),
+            None,
+            100_000,
+        )
         .await
         .unwrap();
     let cursors: Vec<i64> = events.iter().map(|e| e.cursor().0).collect();
@@ -150,7 +157,10 @@ async fn a_full_sqlite_database_refuses_writes_as_unavailable_and_keeps_every_ac
     assert_eq!(fault, Fault::DiskFull);
     // Reads go on meanwhile.
     assert_eq!(
-        store.count_tasks(&TaskFilter::default()).await.unwrap(),
+        store
+            .count_tasks(&TaskFilter::within(tasker_domain::Within::Any))
+            .await
+            .unwrap(),
         acked.tasks.len() as u64
     );
     let full_at = acked.tasks.len();
@@ -205,7 +215,10 @@ async fn a_writer_holding_the_lock_past_the_busy_timeout_is_a_busy_fault() {
         Some(Fault::Busy)
     );
     assert_eq!(
-        store.count_tasks(&TaskFilter::default()).await.unwrap(),
+        store
+            .count_tasks(&TaskFilter::within(tasker_domain::Within::Any))
+            .await
+            .unwrap(),
         5,
         "reads are served"
     );

@@ -56,7 +56,7 @@ pub fn order(namespace: &str, template: &str, order_id: i64) -> NewTask {
 
 async fn all_tasks(store: &Store) -> Vec<tasker_store::TaskRecord> {
     store
-        .list_tasks(&TaskFilter::default(), None, 1_000)
+        .list_tasks(&TaskFilter::within(tasker_domain::Within::Any), None, 1_000)
         .await
         .unwrap()
 }
@@ -221,7 +221,13 @@ async fn a_failed_creation_leaves_no_row_behind() {
             })
         ));
         assert!(all_tasks(store).await.is_empty(), "{}", db.backend());
-        assert_eq!(store.count_tasks(&TaskFilter::default()).await.unwrap(), 0);
+        assert_eq!(
+            store
+                .count_tasks(&TaskFilter::within(tasker_domain::Within::Any))
+                .await
+                .unwrap(),
+            0
+        );
     }
 }
 
@@ -288,13 +294,17 @@ async fn listing_filters_and_pages_newest_first() {
         store.cancel_task(ids[0], None).await.unwrap();
 
         let page = store
-            .list_tasks(&TaskFilter::default(), None, 3)
+            .list_tasks(&TaskFilter::within(tasker_domain::Within::Any), None, 3)
             .await
             .unwrap();
         let got: Vec<_> = page.iter().map(|t| t.id).collect();
         assert_eq!(got, [ids[6], ids[5], ids[4]]);
         let next = store
-            .list_tasks(&TaskFilter::default(), Some(ids[4]), 3)
+            .list_tasks(
+                &TaskFilter::within(tasker_domain::Within::Any),
+                Some(ids[4]),
+                3,
+            )
             .await
             .unwrap();
         let got: Vec<_> = next.iter().map(|t| t.id).collect();
@@ -302,24 +312,24 @@ async fn listing_filters_and_pages_newest_first() {
 
         let shop = TaskFilter {
             namespace: Some("shop".into()),
-            ..TaskFilter::default()
+            ..TaskFilter::within(tasker_domain::Within::Any)
         };
         assert_eq!(store.count_tasks(&shop).await.unwrap(), 4);
         let cancelled = TaskFilter {
             states: vec![TaskState::Cancelled],
-            ..TaskFilter::default()
+            ..TaskFilter::within(tasker_domain::Within::Any)
         };
         let got = store.list_tasks(&cancelled, None, 10).await.unwrap();
         assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), [ids[0]]);
         let tagged = TaskFilter {
             tags: vec!["early".into(), "vip".into()],
-            ..TaskFilter::default()
+            ..TaskFilter::within(tasker_domain::Within::Any)
         };
         assert_eq!(store.count_tasks(&tagged).await.unwrap(), 3);
         let window = TaskFilter {
             created_after: Some(start() + Duration::minutes(20)),
             created_before: Some(start() + Duration::minutes(40)),
-            ..TaskFilter::default()
+            ..TaskFilter::within(tasker_domain::Within::Any)
         };
         let got = store.list_tasks(&window, None, 10).await.unwrap();
         assert_eq!(
@@ -332,7 +342,7 @@ async fn listing_filters_and_pages_newest_first() {
             namespace: Some("billing".into()),
             template: Some("fulfil".into()),
             states: vec![TaskState::Pending],
-            ..TaskFilter::default()
+            ..TaskFilter::within(tasker_domain::Within::Any)
         };
         assert_eq!(store.count_tasks(&by_template).await.unwrap(), 3);
     }
