@@ -152,8 +152,14 @@ async fn serve_loads_the_examples_and_stops_cleanly_on_sigterm() {
     );
 }
 
-async fn graphql(client: &reqwest::Client, address: &str, query: &str, variables: Value) -> Value {
-    let body: Value = client
+/// Sends one operation to a server at `address`; the whole response body.
+pub(crate) async fn post(
+    client: &reqwest::Client,
+    address: &str,
+    query: &str,
+    variables: Value,
+) -> Value {
+    client
         .post(format!("http://{address}/graphql"))
         .json(&json!({ "query": query, "variables": variables }))
         .send()
@@ -161,7 +167,12 @@ async fn graphql(client: &reqwest::Client, address: &str, query: &str, variables
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The `data` of an operation that must succeed.
+async fn graphql(client: &reqwest::Client, address: &str, query: &str, variables: Value) -> Value {
+    let body = post(client, address, query, variables).await;
     assert!(body.get("errors").is_none(), "{body:#}");
     body["data"].clone()
 }

@@ -502,7 +502,7 @@ async fn rebound_host_names_are_refused_without_authentication() {
 #[tokio::test]
 async fn a_long_poll_outlives_the_request_timeout() {
     let limits = tasker_api::HttpLimits {
-        request_timeout: std::time::Duration::from_secs(1),
+        request_timeout: std::time::Duration::from_millis(200),
         ..Default::default()
     };
     let server = TestServer::start_with_browser(
@@ -513,18 +513,18 @@ async fn a_long_poll_outlives_the_request_timeout() {
         &[],
     )
     .await;
-    // Nothing will become ready: the claim waits its full 2 s, twice the request timeout, and
-    // answers with no leases instead of a TIMEOUT.
+    // Nothing will become ready: the claim waits its full second, five times the request
+    // timeout, and answers with no leases instead of a TIMEOUT.
     let started = std::time::Instant::now();
     let claimed = server
         .data(
-            "mutation { claimSteps(input: { workerId: \"w\", handlers: [\"nothing\"], waitSeconds: 2 }) { leases { leaseToken } } }",
+            "mutation { claimSteps(input: { workerId: \"w\", handlers: [\"nothing\"], waitSeconds: 1 }) { leases { leaseToken } } }",
             json!({}),
         )
         .await;
     assert_eq!(claimed["claimSteps"]["leases"], json!([]));
     assert!(
-        started.elapsed() > std::time::Duration::from_secs(1),
+        started.elapsed() > std::time::Duration::from_millis(200),
         "the request outlived its timeout"
     );
 }

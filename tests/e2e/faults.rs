@@ -2,6 +2,7 @@
 //! file-size limit, lowered from outside as a full disk would), then grow again. Whatever the
 //! server acknowledged must survive a restart, and whatever it refused must have left nothing.
 
+use crate::binary::post;
 use serde_json::{Value, json};
 use std::process::{Child, Command};
 use std::sync::mpsc;
@@ -29,18 +30,6 @@ fn limit_file_size(pid: u32, bytes: Option<u64>) {
         )
     };
     assert_eq!(result, 0, "prlimit: {}", std::io::Error::last_os_error());
-}
-
-async fn post(client: &reqwest::Client, address: &str, query: &str, variables: Value) -> Value {
-    client
-        .post(format!("http://{address}/graphql"))
-        .json(&json!({ "query": query, "variables": variables }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 const CREATE: &str = "mutation($i: CreateTaskInput!) { createTask(input: $i) { task { id } } }";

@@ -153,14 +153,15 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Box<
 /// says. Only JSON bodies are executed: the content types a page can send without asking
 /// (`text/plain`, forms) are refused before anything is read.
 async fn graphql_post(State(state): State<AppState>, request: axum::extract::Request) -> Response {
-    let headers = request.headers().clone();
-    if let Err(response) = json_body(&headers) {
+    let headers = request.headers();
+    if let Err(response) = json_body(headers) {
         return *response;
     }
-    let principal = match authenticate(&state, &headers) {
+    let principal = match authenticate(&state, headers) {
         Ok(principal) => principal,
         Err(response) => return *response,
     };
+    let answer = Answer::negotiate(headers);
     let body: Result<Bytes, BytesRejection> = Bytes::from_request(request, &state).await;
     let body = match body {
         Ok(body) => body,
@@ -200,7 +201,7 @@ async fn graphql_post(State(state): State<AppState>, request: axum::extract::Req
         Ok(request) => request,
         Err(message) => return bad_request(&message),
     };
-    execute(&state, request, principal, Answer::negotiate(&headers)).await
+    execute(&state, request, principal, answer).await
 }
 
 /// GET /graphql: a WebSocket upgrade speaks GraphQL (`graphql-transport-ws` or the legacy
@@ -345,6 +346,7 @@ fn graphql_request(params: serde_json::Value) -> Result<async_graphql::Request, 
 
 /// The media type of the GraphQL over HTTP spec.
 const GRAPHQL_RESPONSE: &str = "application/graphql-response+json";
+const GRAPHQL_RESPONSE_UTF8: &str = "application/graphql-response+json; charset=utf-8";
 
 /// How an answer is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -411,30 +413,42 @@ async fn execute(
         );
     };
     let ran = executed.happened();
-    let mut body = serde_json::to_value(&response).unwrap_or_else(|err| {
-        tracing::error!(error = %err, "a GraphQL response could not be written as JSON");
-        json!({ "errors": [{ "message": "internal error", "extensions": { "code": "INTERNAL" } }] })
-    });
-    if !ran && let Some(object) = body.as_object_mut() {
-        // Nothing executed (a parse, validation or variable error): no data entry at all.
-        object.remove("data");
-    }
     let (status, media) = match answer {
-        Answer::GraphqlResponse if !ran => (StatusCode::BAD_REQUEST, GRAPHQL_RESPONSE),
-        Answer::GraphqlResponse => (StatusCode::OK, GRAPHQL_RESPONSE),
-        Answer::Json => (StatusCode::OK, "application/json"),
+        Answer::GraphqlResponse if !ran => (StatusCode::BAD_REQUEST, GRAPHQL_RESPONSE_UTF8),
+        Answer::GraphqlResponse => (StatusCode::OK, GRAPHQL_RESPONSE_UTF8),
+        Answer::Json => (StatusCode::OK, "application/json; charset=utf-8"),
     };
-    let mut http = (status, Json(body)).into_response();
+    let mut http = if ran {
+        (status, Json(response)).into_response()
+    } else {
+        // Nothing executed (a parse, validation or variable error): no data entry at all.
+        (status, Json(NotExecuted::from(response))).into_response()
+    };
     let headers = http.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&format!("{media}; charset=utf-8")) {
-        headers.insert(header::CONTENT_TYPE, value);
-    }
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(media));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
     http
+}
+
+/// The answer to a request that never ran: its errors (and extensions), without `data`.
+#[derive(serde::Serialize)]
+struct NotExecuted {
+    errors: Vec<async_graphql::ServerError>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    extensions: std::collections::BTreeMap<String, async_graphql::Value>,
+}
+
+impl From<async_graphql::Response> for NotExecuted {
+    fn from(response: async_graphql::Response) -> Self {
+        NotExecuted {
+            errors: response.errors,
+            extensions: response.extensions,
+        }
+    }
 }
 
 /// The token of a `connection_init` payload: `{"authorization": "Bearer …"}` (any case) or
