@@ -292,8 +292,8 @@ impl Task {
 
     /// The template version this task runs.
     async fn template(&self) -> Result<Template> {
-        let record = self.set.template(self.record.template_id).await.gql()?;
-        Ok(Template(record.clone()))
+        let record = self.set.template(self.record.id).await.gql()?;
+        Ok(Template(TemplateRecord::clone(&record)))
     }
 
     async fn template_name(&self) -> &str {
@@ -380,7 +380,7 @@ impl Task {
     /// failure, or all complete.
     async fn execution_status(&self) -> Result<ExecutionStatusValue> {
         let (progress, dag) = self.progress().await?;
-        let now = self.set.store().clock().now().timestamp_millis();
+        let now = self.set.now().timestamp_millis();
         Ok(execution_status(&progress, &dag, now).into())
     }
 
@@ -392,18 +392,14 @@ impl Task {
 
     /// How many steps are in each state.
     async fn step_counts(&self) -> Result<StepCounts> {
-        Ok(StepCounts::of(self.set.steps(self.record.id).await.gql()?))
+        Ok(StepCounts::of(&self.set.steps(self.record.id).await.gql()?))
     }
 
     /// The dependency graph: nodes, edges, levels, roots, leaves.
     async fn graph(&self) -> Result<TaskGraph> {
         let steps = self.set.steps(self.record.id).await.gql()?;
         let edges = self.set.edges(self.record.id).await.gql()?;
-        Ok(TaskGraph::build(
-            steps,
-            edges,
-            self.set.store().clock().now(),
-        ))
+        Ok(TaskGraph::build(&steps, &edges, self.set.now()))
     }
 
     /// This task's entries in the event log, in order.
@@ -424,7 +420,7 @@ impl Task {
                 next_attempt_ms: step.next_attempt_at.map(|at| at.timestamp_millis()),
             })
             .collect();
-        Ok((progress, step_dag(steps, edges)))
+        Ok((progress, step_dag(&steps, &edges)))
     }
 }
 
