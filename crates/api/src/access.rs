@@ -1,22 +1,89 @@
-//! The only way a resolver reaches data: [`grant`] checks the caller's permission and hands
-//! back a [`Granted`] view that carries the caller's namespace scope. Records outside the
-//! scope are answered exactly like missing ones, so a caller cannot learn that they exist.
+//! The only way a resolver reaches data. [`grant`] checks that the caller holds a permission
+//! and hands back a [`Granted`] view typed by it: its methods are exactly the operations that
+//! permission allows, and each keeps to the caller's namespaces. Resolvers never see the store
+//! or the engine — [`Services`], the schema's handle on them, has no public field — so a
+//! resolver cannot forget a check: without the permission it has no view, and with it, no
+//! way around the scope. Records outside the scope are answered exactly like missing ones, so
+//! a caller cannot learn that they exist.
 
 use crate::auth::Principal;
+use crate::batch::TaskSet;
 use crate::error::{ApiError, GqlResultExt};
+use crate::objects::{Namespace, Step, Task, Template};
 use async_graphql::{Context, Result};
+use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::Arc;
-use tasker_domain::{NamespaceScope, Permission};
-use tasker_engine::Engine;
-use tasker_store::{StepRecord, Store, TaskRecord};
+use std::time::Duration;
+use tasker_domain::{NamespaceScope, Permission, Within};
+use tasker_engine::{Decision, Engine, Follow};
+use tasker_store::{
+    AttemptFailure, ClaimRequest, ClaimedStep, Completion, EventCursor, EventFilter, EventRecord,
+    NewTask, Registration, StepAction, StepInputs, StepRecord, TaskFilter, TaskRecord,
+    TemplateRecord,
+};
 use uuid::Uuid;
 
-/// What a caller was granted for one resolver.
-pub(crate) struct Granted<'a> {
-    pub store: &'a Store,
-    pub engine: &'a Arc<Engine>,
-    pub scope: &'a NamespaceScope,
+/// The schema's handle on the engine (and through it the store). Its field is private to
+/// this module: the only way through it is [`grant`].
+#[derive(Clone)]
+pub(crate) struct Services {
+    engine: Arc<Engine>,
+}
+
+impl Services {
+    pub fn new(engine: Arc<Engine>) -> Services {
+        Services { engine }
+    }
+}
+
+/// A permission as a type, so the operations it allows are checked when the code compiles.
+pub(crate) trait Grant {
+    const PERMISSION: Permission;
+}
+
+/// One type per permission, named after it.
+pub(crate) mod can {
+    use super::Grant;
+    use tasker_domain::Permission;
+
+    macro_rules! permissions {
+        ($($name:ident),* $(,)?) => {$(
+            #[doc = concat!("Holds `", stringify!($name), "`.")]
+            pub(crate) enum $name {}
+            impl Grant for $name {
+                const PERMISSION: Permission = Permission::$name;
+            }
+        )*};
+    }
+
+    permissions!(
+        TemplateIndex,
+        TemplateShow,
+        TemplateRegister,
+        TaskIndex,
+        TaskShow,
+        TaskCreate,
+        TaskRetry,
+        TaskCancel,
+        StepShow,
+        StepRetry,
+        StepResolve,
+        StepUpdate,
+        EventSubscribe,
+        WorkerClaim,
+        HealthStatusIndex,
+    );
+}
+
+/// What a caller was granted for one operation: the permission `P` within its namespaces.
+pub(crate) struct Granted<'a, P> {
+    engine: &'a Arc<Engine>,
+    scope: &'a NamespaceScope,
+    permission: PhantomData<P>,
 }
 
 /// The caller of this operation (set by the HTTP handler or the WebSocket's init).
@@ -26,31 +93,49 @@ pub(crate) fn principal<'a>(ctx: &'a Context<'_>) -> Result<&'a Principal> {
         .gql()
 }
 
-/// Checks that the caller holds `permission`.
-pub(crate) fn grant<'a>(ctx: &'a Context<'_>, permission: Permission) -> Result<Granted<'a>> {
-    let principal = principal(ctx)?;
-    if !principal.permissions.contains(permission) {
+/// The server's clock, for stamping messages: any authenticated caller may read the time.
+pub(crate) fn clock(ctx: &Context<'_>) -> Result<Arc<dyn tasker_domain::Clock>> {
+    principal(ctx)?;
+    Ok(ctx
+        .data_unchecked::<Services>()
+        .engine
+        .store()
+        .clock()
+        .clone())
+}
+
+/// Checks that the caller of a GraphQL operation holds the permission `P`.
+pub(crate) fn grant<'a, P: Grant>(ctx: &'a Context<'_>) -> Result<Granted<'a, P>> {
+    grant_to(principal(ctx)?, ctx.data_unchecked::<Services>()).gql()
+}
+
+/// Checks that `principal` holds the permission `P` (for the HTTP endpoints).
+pub(crate) fn grant_to<'a, P: Grant>(
+    principal: &'a Principal,
+    services: &'a Services,
+) -> Result<Granted<'a, P>, ApiError> {
+    if !principal.permissions.contains(P::PERMISSION) {
         return Err(ApiError::Forbidden(format!(
-            "this needs the {permission} permission, which your token does not grant"
-        )))
-        .gql();
+            "this needs the {} permission, which your token does not grant",
+            P::PERMISSION
+        )));
     }
     Ok(Granted {
-        store: ctx.data_unchecked::<Store>(),
-        engine: ctx.data_unchecked::<Arc<Engine>>(),
+        engine: &services.engine,
         scope: &principal.namespaces,
+        permission: PhantomData,
     })
 }
 
-impl Granted<'_> {
+/// What every view may do for itself: keep to the scope.
+impl<P> Granted<'_, P> {
+    fn store(&self) -> &tasker_store::Store {
+        self.engine.store()
+    }
+
     /// The store's `NOT_FOUND` for a missing record unless the namespace is in scope, so the
     /// two cannot be told apart.
-    pub fn check(
-        &self,
-        namespace: &str,
-        what: &'static str,
-        key: &str,
-    ) -> Result<(), tasker_store::Error> {
+    fn check(&self, namespace: &str, what: &'static str, key: &str) -> Result<()> {
         if self.scope.allows(namespace) {
             Ok(())
         } else {
@@ -58,27 +143,61 @@ impl Granted<'_> {
                 what,
                 key: key.to_owned(),
             })
+            .gql()
         }
     }
 
-    /// A worker's lease token from input, if its step is in scope (`LEASE_LOST` otherwise).
-    pub async fn lease(&self, id: &async_graphql::ID, field: &str) -> Result<Uuid> {
-        let token = crate::ids::parse_id(id, field).gql()?;
-        self.lease_in_scope(token).await
+    /// Where a query asked to look `asked` may look; `None`: nowhere, answer empty.
+    fn confine(&self, asked: &Within) -> Option<Within> {
+        match asked {
+            Within::Any => self.scope.narrow(&[]),
+            Within::Only(names) => self
+                .scope
+                .narrow(&names.iter().cloned().collect::<Vec<_>>()),
+        }
     }
 
-    /// Where to look (see [`NamespaceScope::narrow`]); `None`: nowhere, answer empty.
-    pub fn narrow(&self, asked: &[String]) -> Option<tasker_domain::Within> {
-        self.scope.narrow(asked)
+    async fn task_record(&self, id: Uuid) -> Result<TaskRecord> {
+        let task = self.store().task(id).await.gql()?;
+        self.check(&task.namespace, "task", &id.to_string())?;
+        Ok(task)
+    }
+
+    /// A step with its task.
+    async fn step_records(&self, id: Uuid) -> Result<(StepRecord, TaskRecord)> {
+        let step = self.store().step(id).await.gql()?;
+        let task = self.store().task(step.task_id).await.gql()?;
+        self.check(&task.namespace, "step", &id.to_string())?;
+        Ok((step, task))
+    }
+
+    /// A step changed by a person, with its task.
+    async fn change_step(
+        &self,
+        id: Uuid,
+        action: StepAction,
+        reason: Option<String>,
+    ) -> Result<(Step, Task)> {
+        self.step_records(id).await?;
+        let change = self.engine.change_step(id, action, reason).await.gql()?;
+        Ok(self.step_and_task(change.step, change.task))
+    }
+
+    fn step_and_task(&self, step: StepRecord, task: TaskRecord) -> (Step, Task) {
+        let store = self.store().clone();
+        (
+            Step::single(store.clone(), step, task.clone()),
+            Task::single(store, task),
+        )
     }
 
     /// The lease tokens among `tokens` whose steps are in scope; the others are treated as
     /// lost leases. Costs nothing for a caller that sees every namespace.
-    pub async fn leases_in_scope(&self, tokens: Vec<Uuid>) -> Result<Vec<Uuid>> {
+    async fn leases_in_scope(&self, tokens: Vec<Uuid>) -> Result<Vec<Uuid>> {
         if *self.scope == NamespaceScope::All {
             return Ok(tokens);
         }
-        let namespaces = self.store.lease_namespaces(&tokens).await.gql()?;
+        let namespaces = self.store().lease_namespaces(&tokens).await.gql()?;
         Ok(tokens
             .into_iter()
             .filter(|token| {
@@ -90,7 +209,7 @@ impl Granted<'_> {
     }
 
     /// A lease token, if its step is in scope; `LEASE_LOST` otherwise, like an expired lease.
-    pub async fn lease_in_scope(&self, token: Uuid) -> Result<Uuid> {
+    async fn lease_in_scope(&self, token: Uuid) -> Result<Uuid> {
         self.leases_in_scope(vec![token])
             .await?
             .pop()
@@ -98,18 +217,459 @@ impl Granted<'_> {
             .gql()
     }
 
-    pub async fn task(&self, id: Uuid) -> Result<TaskRecord> {
-        let task = self.store.task(id).await.gql()?;
-        self.check(&task.namespace, "task", &id.to_string()).gql()?;
-        Ok(task)
+    /// The step a worker holds, with its task.
+    async fn held_step(&self, step: StepRecord) -> Result<Step> {
+        let task = self.store().task(step.task_id).await.gql()?;
+        Ok(Step::single(self.store().clone(), step, task))
+    }
+}
+
+impl Granted<'_, can::TemplateIndex> {
+    /// Every namespace in scope that has templates.
+    pub async fn namespaces(&self) -> Result<Vec<Namespace>> {
+        let records = self.store().namespaces().await.gql()?;
+        let visible = records
+            .into_iter()
+            .filter(|record| self.scope.allows(&record.name))
+            .collect();
+        Ok(Namespace::all(self.store(), visible))
     }
 
-    /// A step with its task.
-    pub async fn step(&self, id: Uuid) -> Result<(StepRecord, TaskRecord)> {
-        let step = self.store.step(id).await.gql()?;
-        let task = self.store.task(step.task_id).await.gql()?;
-        self.check(&task.namespace, "step", &id.to_string()).gql()?;
-        Ok((step, task))
+    /// Registered templates in scope, optionally of one namespace and one name.
+    pub async fn templates(
+        &self,
+        namespace: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<Template>> {
+        let records = self.store().templates(namespace, name).await.gql()?;
+        Ok(records
+            .into_iter()
+            .filter(|record| self.scope.allows(&record.template.namespace))
+            .map(Template)
+            .collect())
+    }
+}
+
+impl Granted<'_, can::TemplateShow> {
+    /// One template version; the newest when `version` is `None`.
+    pub async fn template(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Template> {
+        let key = match version {
+            Some(version) => format!("{namespace}/{name}@{version}"),
+            None => format!("{namespace}/{name}"),
+        };
+        self.check(namespace, "template", &key)?;
+        let record = self
+            .store()
+            .template(namespace, name, version)
+            .await
+            .gql()?;
+        Ok(Template(record))
+    }
+}
+
+impl Granted<'_, can::TemplateRegister> {
+    /// Registers a template version in a namespace in scope.
+    pub async fn register_template(&self, definition: &str, replace: bool) -> Result<Registration> {
+        // A definition that does not parse is reported by the registration itself.
+        if let Ok(template) = tasker_domain::TaskTemplate::parse(definition)
+            && !self.scope.allows(&template.namespace)
+        {
+            return Err(ApiError::Forbidden(format!(
+                "your token may not register templates in namespace {:?}",
+                template.namespace
+            )))
+            .gql();
+        }
+        self.store()
+            .register_template(definition, replace)
+            .await
+            .gql()
+    }
+}
+
+impl Granted<'_, can::TaskShow> {
+    pub async fn task(&self, id: Uuid) -> Result<Task> {
+        let record = self.task_record(id).await?;
+        Ok(Task::single(self.store().clone(), record))
+    }
+}
+
+/// A page of tasks.
+pub(crate) struct TaskPage {
+    /// The filter as confined to the caller's scope, for counting; `None` when the scope
+    /// leaves nothing to list.
+    pub filter: Option<TaskFilter>,
+    pub tasks: Arc<TaskSet>,
+    pub has_next_page: bool,
+}
+
+impl Granted<'_, can::TaskIndex> {
+    /// Up to `first` tasks matching `filter` (kept to the caller's scope), newest first,
+    /// after the task `after`.
+    pub async fn tasks(
+        &self,
+        mut filter: TaskFilter,
+        after: Option<Uuid>,
+        first: u64,
+    ) -> Result<TaskPage> {
+        let Some(within) = self.confine(&filter.within) else {
+            return Ok(TaskPage {
+                filter: None,
+                tasks: TaskSet::new(self.store().clone(), Vec::new()),
+                has_next_page: false,
+            });
+        };
+        filter.within = within;
+        let mut tasks = self
+            .store()
+            .list_tasks(&filter, after, first + 1)
+            .await
+            .gql()?;
+        let has_next_page = tasks.len() as u64 > first;
+        tasks.truncate(first as usize);
+        Ok(TaskPage {
+            filter: Some(filter),
+            tasks: TaskSet::new(self.store().clone(), tasks),
+            has_next_page,
+        })
+    }
+
+    /// How many tasks match `filter`, kept to the caller's scope.
+    pub async fn count_tasks(&self, filter: &TaskFilter) -> Result<u64> {
+        let Some(within) = self.confine(&filter.within) else {
+            return Ok(0);
+        };
+        let filter = TaskFilter {
+            within,
+            ..filter.clone()
+        };
+        self.store().count_tasks(&filter).await.gql()
+    }
+}
+
+impl Granted<'_, can::StepShow> {
+    pub async fn step(&self, id: Uuid) -> Result<Step> {
+        let (step, task) = self.step_records(id).await?;
+        Ok(Step::single(self.store().clone(), step, task))
+    }
+}
+
+impl Granted<'_, can::TaskCreate> {
+    /// Starts a task from a template in scope; `false` when an earlier request with the same
+    /// idempotency key created it.
+    pub async fn create_task(&self, new: NewTask) -> Result<(Task, bool)> {
+        let key = match &new.version {
+            Some(version) => format!("{}/{}@{version}", new.namespace, new.template),
+            None => format!("{}/{}", new.namespace, new.template),
+        };
+        self.check(&new.namespace, "template", &key)?;
+        let creation = self.engine.create_task(new).await.gql()?;
+        Ok((
+            Task::single(self.store().clone(), creation.task),
+            creation.created,
+        ))
+    }
+}
+
+impl Granted<'_, can::TaskRetry> {
+    pub async fn retry_task(&self, id: Uuid, reason: Option<String>) -> Result<Task> {
+        self.task_record(id).await?;
+        let task = self.engine.retry_task(id, reason).await.gql()?;
+        Ok(Task::single(self.store().clone(), task))
+    }
+}
+
+impl Granted<'_, can::TaskCancel> {
+    pub async fn cancel_task(&self, id: Uuid, reason: Option<String>) -> Result<Task> {
+        self.task_record(id).await?;
+        let task = self.engine.cancel_task(id, reason).await.gql()?;
+        Ok(Task::single(self.store().clone(), task))
+    }
+}
+
+impl Granted<'_, can::StepRetry> {
+    pub async fn retry_step(&self, id: Uuid, reason: Option<String>) -> Result<(Step, Task)> {
+        self.change_step(id, StepAction::Retry, reason).await
+    }
+}
+
+impl Granted<'_, can::StepResolve> {
+    pub async fn resolve_step(
+        &self,
+        id: Uuid,
+        results: Value,
+        reason: Option<String>,
+    ) -> Result<(Step, Task)> {
+        self.change_step(id, StepAction::Resolve { results }, reason)
+            .await
+    }
+}
+
+impl Granted<'_, can::StepUpdate> {
+    pub async fn skip_step(&self, id: Uuid, reason: Option<String>) -> Result<(Step, Task)> {
+        self.change_step(id, StepAction::Skip, reason).await
+    }
+
+    /// Approves or rejects a step waiting for a person.
+    pub async fn decide(&self, id: Uuid, decision: Decision) -> Result<(Step, Task)> {
+        self.step_records(id).await?;
+        let step = self.engine.decide(id, decision).await.gql()?;
+        let task = self.store().task(step.task_id).await.gql()?;
+        Ok(self.step_and_task(step, task))
+    }
+}
+
+/// A task after events about it committed.
+pub(crate) struct TaskChange {
+    pub task: Task,
+    /// The steps the events are about.
+    pub changed_steps: Vec<Step>,
+    pub events: Vec<EventRecord>,
+}
+
+impl Granted<'_, can::EventSubscribe> {
+    /// The templates in scope, for the custom events they declare.
+    pub async fn templates(&self) -> Result<Vec<TemplateRecord>> {
+        let records = self.store().templates(None, None).await.gql()?;
+        Ok(records
+            .into_iter()
+            .filter(|record| self.scope.allows(&record.template.namespace))
+            .collect())
+    }
+
+    /// `NOT_FOUND` unless the task exists in scope.
+    pub async fn check_task(&self, id: Uuid) -> Result<()> {
+        self.task_record(id).await.map(drop)
+    }
+
+    /// Up to `first` events matching `filter` (kept to the caller's scope) after `after`.
+    pub async fn events(
+        &self,
+        filter: EventFilter,
+        after: Option<EventCursor>,
+        first: u64,
+    ) -> Result<Vec<EventRecord>> {
+        let Some(within) = self.confine(&filter.within) else {
+            return Ok(Vec::new());
+        };
+        let filter = EventFilter { within, ..filter };
+        self.store().events_page(&filter, after, first).await.gql()
+    }
+
+    /// Follows the log after `after` (from now when `None`) for the events matching `filter`,
+    /// kept to the caller's scope; `None` when the scope leaves nothing to read.
+    pub async fn follow(
+        &self,
+        filter: EventFilter,
+        after: Option<EventCursor>,
+    ) -> Result<Option<Follow>> {
+        let Some(within) = self.confine(&filter.within) else {
+            return Ok(None);
+        };
+        let start = match after {
+            Some(cursor) => Some(cursor),
+            None => self.store().event_head().await.gql()?,
+        };
+        let filter = EventFilter { within, ..filter };
+        Ok(Some(self.engine.events().follow(filter, start)))
+    }
+
+    /// A task in scope now, then a change whenever events about it commit.
+    pub async fn follow_task(
+        &self,
+        id: Uuid,
+    ) -> Result<(
+        Task,
+        impl Stream<Item = TaskChange> + Send + 'static + use<>,
+    )> {
+        let record = self.task_record(id).await?;
+        let start = self.store().event_head().await.gql()?;
+        // The task is in scope; its namespace is where to read.
+        let within = tasker_domain::NamespaceSet::new([record.namespace.clone()])
+            .map_or(Within::Any, Within::Only);
+        let filter = EventFilter {
+            task_id: Some(id),
+            ..EventFilter::within(within)
+        };
+        let follow = self.engine.events().follow(filter, start);
+        let store = self.store().clone();
+        let changes = futures::stream::unfold((follow, store), |(mut follow, store)| async move {
+            loop {
+                let batch = follow.next_batch().await?;
+                match task_change(&store, batch).await {
+                    Ok(change) => return Some((change, (follow, store))),
+                    Err(err) => tracing::warn!(error = %err, "reading a task snapshot failed"),
+                }
+            }
+        });
+        Ok((Task::single(self.store().clone(), record), changes))
+    }
+}
+
+/// The task and steps that `events` (about one task) are about, read now.
+async fn task_change(
+    store: &tasker_store::Store,
+    events: Vec<EventRecord>,
+) -> tasker_store::Result<TaskChange> {
+    let task_id = events.first().and_then(|e| e.task_id).unwrap_or_default();
+    let task = store.task(task_id).await?;
+    let mut step_ids: Vec<Uuid> = events.iter().filter_map(|e| e.step_id).collect();
+    step_ids.sort_unstable();
+    step_ids.dedup();
+    let steps = store.steps_by_ids(&step_ids).await?;
+    Ok(TaskChange {
+        changed_steps: steps
+            .into_iter()
+            .map(|step| Step::single(store.clone(), step, task.clone()))
+            .collect(),
+        task: Task::single(store.clone(), task),
+        events,
+    })
+}
+
+impl Granted<'_, can::WorkerClaim> {
+    /// The time by the server's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.store().clock().now()
+    }
+
+    /// Leases ready steps within `namespaces` (any when empty) kept to the caller's scope,
+    /// waiting up to `wait` for some; each with what its handler needs.
+    pub async fn claim(
+        &self,
+        worker_id: String,
+        handlers: Vec<String>,
+        namespaces: &[String],
+        limit: u32,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<(ClaimedStep, StepInputs)>> {
+        let Some(within) = self.scope.narrow(namespaces) else {
+            return Ok(Vec::new());
+        };
+        let request = ClaimRequest {
+            worker_id,
+            handlers,
+            within,
+            limit,
+            lease,
+        };
+        let claimed = self.engine.claim(&request, wait).await.gql()?;
+        let steps: Vec<_> = claimed.iter().map(|c| c.step.clone()).collect();
+        let mut inputs = self.store().step_inputs(&steps).await.gql()?;
+        Ok(claimed
+            .into_iter()
+            .map(|claim| {
+                let input = inputs.remove(&claim.step.id).unwrap_or_default();
+                (claim, input)
+            })
+            .collect())
+    }
+
+    /// Extends the leases in scope; the expiry of each that is still held.
+    pub async fn heartbeat(
+        &self,
+        tokens: Vec<Uuid>,
+        lease: Duration,
+    ) -> Result<HashMap<Uuid, DateTime<Utc>>> {
+        let in_scope = self.leases_in_scope(tokens).await?;
+        self.store().heartbeat(&in_scope, lease).await.gql()
+    }
+
+    /// Records a successful attempt of a held step.
+    pub async fn complete(&self, lease_token: Uuid, results: Value) -> Result<Step> {
+        let lease_token = self.lease_in_scope(lease_token).await?;
+        let report = self
+            .engine
+            .complete(&[Completion {
+                lease_token,
+                results,
+            }])
+            .await
+            .gql()?;
+        let step = report
+            .completed
+            .into_iter()
+            .next()
+            .ok_or(tasker_store::Error::LeaseLost)
+            .gql()?;
+        self.held_step(step).await
+    }
+
+    /// Records a failed attempt of a held step.
+    pub async fn fail(&self, failure: AttemptFailure) -> Result<Step> {
+        let failure = AttemptFailure {
+            lease_token: self.lease_in_scope(failure.lease_token).await?,
+            ..failure
+        };
+        let report = self.engine.fail(&failure).await.gql()?;
+        self.held_step(report.step).await
+    }
+
+    /// Publishes a custom event of a held step's template.
+    pub async fn publish_event(
+        &self,
+        lease_token: Uuid,
+        name: &str,
+        payload: Value,
+    ) -> Result<EventRecord> {
+        let lease_token = self.lease_in_scope(lease_token).await?;
+        self.store()
+            .publish_event(lease_token, name, payload)
+            .await
+            .gql()
+    }
+
+    /// Counts of claimable steps for `handlers` within `namespaces` (kept to the caller's
+    /// scope), with the time counted, whenever some are; `None` when the scope leaves nothing.
+    pub fn ready_steps(
+        &self,
+        handlers: Vec<String>,
+        namespaces: &[String],
+    ) -> Option<impl Stream<Item = (u64, DateTime<Utc>)> + Send + 'static + use<>> {
+        let within = self.scope.narrow(namespaces)?;
+        let clock = self.store().clock().clone();
+        Some(
+            self.engine
+                .ready_steps(handlers, within)
+                .map(move |ready| (ready, clock.now())),
+        )
+    }
+}
+
+impl Granted<'_, can::HealthStatusIndex> {
+    /// Tasks by state, and claimable steps (up to 10,000), within the caller's namespaces.
+    pub async fn status_counts(&self) -> tasker_store::Result<(Vec<(String, u64)>, u64)> {
+        use tasker_domain::StateMachine as _;
+        let within = self.scope.narrow(&[]);
+        let mut tasks = Vec::new();
+        for task_state in tasker_domain::TaskState::ALL {
+            let count = match &within {
+                Some(within) => {
+                    let filter = TaskFilter {
+                        states: vec![task_state],
+                        ..TaskFilter::within(within.clone())
+                    };
+                    self.store().count_tasks(&filter).await?
+                }
+                None => 0,
+            };
+            tasks.push((task_state.as_str().to_owned(), count));
+        }
+        let ready = match &within {
+            Some(within) => self.store().count_ready_steps(&[], within, 10_000).await?,
+            None => 0,
+        };
+        Ok((tasks, ready))
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.store().backend_name()
     }
 }
 
@@ -133,7 +693,7 @@ where
         .data_unchecked::<Arc<crate::quota::Quotas>>()
         .subscribe(caller.key)
         .gql()?;
-    let clock = ctx.data_unchecked::<Store>().clock().clone();
+    let clock = clock(ctx)?;
     let state = (Box::pin(stream), false, held);
     Ok(futures::stream::unfold(
         state,

@@ -43,6 +43,16 @@ pub enum ApiError {
     Internal,
 }
 
+/// One broken rule of the input: a `VALIDATION_FAILED` naming where.
+impl From<Problem> for ApiError {
+    fn from(problem: Problem) -> Self {
+        ApiError::Validation {
+            message: problem.to_string(),
+            problems: vec![problem],
+        }
+    }
+}
+
 impl ApiError {
     /// The stable code clients switch on.
     pub fn code(&self) -> &'static str {
@@ -61,11 +71,7 @@ impl ApiError {
 
     /// A validation error about one input field.
     pub fn invalid(path: &str, message: impl Into<String>) -> Self {
-        let problem = Problem::new(path, message);
-        ApiError::Validation {
-            message: problem.to_string(),
-            problems: vec![problem],
-        }
+        Problem::new(path, message).into()
     }
 }
 

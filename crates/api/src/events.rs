@@ -2,16 +2,15 @@
 //! and a subscription that replays from a cursor and then follows live — the same cursors,
 //! the same order, no gap and no duplicate.
 
-use crate::access::{Granted, grant};
+use crate::access::{Granted, can, grant};
 use crate::error::{ApiError, GqlResultExt};
-use crate::feed::EventFeed;
 use crate::objects::Event;
 use async_graphql::{Context, ID, InputObject, Object, Result, SimpleObject};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::{Stream, StreamExt};
-use tasker_domain::{EventName, Permission};
-use tasker_store::{EventCursor, EventFilter, EventRecord, Store};
+use tasker_domain::{EventName, Within};
+use tasker_store::{EventCursor, EventFilter, EventRecord};
 
 const CURSOR_PREFIX: &str = "ev2:";
 
@@ -45,17 +44,14 @@ pub struct EventFilterInput {
 }
 
 impl EventFilterInput {
-    /// Checks names against the catalog and that the task exists (in the caller's scope), and
-    /// keeps to the caller's namespaces; `None` when they leave nothing to read.
-    async fn resolve(self, granted: &Granted<'_>) -> Result<Option<EventFilter>> {
+    /// Checks names against the catalog and that the task exists (in the caller's scope); the
+    /// view keeps the filter to the caller's namespaces.
+    async fn resolve(self, granted: &Granted<'_, can::EventSubscribe>) -> Result<EventFilter> {
         crate::limits::filter_list("filter.names", self.names.as_ref()).gql()?;
         crate::limits::filter_list("filter.namespaces", self.namespaces.as_ref()).gql()?;
         let names = self.names.unwrap_or_default();
         for (i, name) in names.iter().enumerate() {
-            let custom = name
-                .strip_prefix(tasker_domain::template::CUSTOM_EVENT_PREFIX)
-                .is_some_and(|custom| tasker_domain::template::check_name(custom).is_ok());
-            if EventName::parse(name).is_none() && !custom {
+            if !EventName::is_subscribable(name) {
                 return Err(ApiError::invalid(
                     &format!("filter.names[{i}]"),
                     format!("{name:?} is not in the event catalog (query eventCatalog; custom events are custom.<name>)"),
@@ -66,17 +62,21 @@ impl EventFilterInput {
         let task_id = match self.task_id {
             Some(id) => {
                 let id = crate::ids::parse_id(&id, "filter.taskId").gql()?;
-                granted.task(id).await?;
+                granted.check_task(id).await?;
                 Some(id)
             }
             None => None,
         };
-        Ok(granted.narrow(&[]).map(|within| EventFilter {
-            namespaces: self.namespaces.unwrap_or_default(),
+        let namespaces = self.namespaces.unwrap_or_default();
+        let within = match tasker_domain::NamespaceSet::new(namespaces) {
+            Some(asked) => Within::Only(asked),
+            None => Within::Any,
+        };
+        Ok(EventFilter {
             task_id,
             names,
             within,
-        }))
+        })
     }
 }
 
@@ -145,7 +145,7 @@ impl EventQuery {
     /// Every event this server emits, with its payload fields, then the custom events the
     /// registered templates declare.
     async fn event_catalog(&self, ctx: &Context<'_>) -> Result<Vec<EventDefinition>> {
-        let granted = grant(ctx, Permission::EventSubscribe)?;
+        let granted = grant::<can::EventSubscribe>(ctx)?;
         let fields = |list: &[&str]| list.iter().map(|f| (*f).to_owned()).collect::<Vec<_>>();
         let mut catalog: Vec<EventDefinition> = EventName::ALL
             .into_iter()
@@ -156,14 +156,7 @@ impl EventQuery {
                 template: None,
             })
             .collect();
-        for record in granted
-            .store
-            .templates(None, None)
-            .await
-            .gql()?
-            .into_iter()
-            .filter(|record| granted.scope.allows(&record.template.namespace))
-        {
+        for record in granted.templates().await? {
             for custom in &record.template.custom_events {
                 catalog.push(EventDefinition {
                     name: format!(
@@ -198,18 +191,9 @@ impl EventQuery {
             .map(|text| parse_event_cursor(text, "after"))
             .transpose()
             .gql()?;
-        let granted = grant(ctx, Permission::EventSubscribe)?;
-        let Some(filter) = filter.unwrap_or_default().resolve(&granted).await? else {
-            return Ok(EventConnection {
-                events: Vec::new(),
-                has_next_page: false,
-            });
-        };
-        let mut events = granted
-            .store
-            .events_page(&filter, after, first + 1)
-            .await
-            .gql()?;
+        let granted = grant::<can::EventSubscribe>(ctx)?;
+        let filter = filter.unwrap_or_default().resolve(&granted).await?;
+        let mut events = granted.events(filter, after, first + 1).await?;
         let has_next_page = events.len() > first as usize;
         events.truncate(first as usize);
         Ok(EventConnection {
@@ -225,25 +209,20 @@ pub async fn subscribe(
     filter: Option<EventFilterInput>,
     after: Option<String>,
 ) -> Result<impl Stream<Item = Event> + use<>> {
-    let granted = grant(ctx, Permission::EventSubscribe)?;
-    let store = granted.store.clone();
+    let granted = grant::<can::EventSubscribe>(ctx)?;
     let after = after
         .as_deref()
         .map(|text| parse_event_cursor(text, "after"))
         .transpose()
         .gql()?;
-    let Some(filter) = filter.unwrap_or_default().resolve(&granted).await? else {
+    let filter = filter.unwrap_or_default().resolve(&granted).await?;
+    let Some(follow) = granted.follow(filter, after).await? else {
         // Nothing the caller may read: a stream that stays quiet.
         return Ok(futures::stream::pending().left_stream());
     };
-    let start = match after {
-        Some(cursor) => Some(cursor),
-        None => store.event_head().await.gql()?,
-    };
-    let state = ctx.data_unchecked::<EventFeed>().follow(filter, start);
-    Ok(futures::stream::unfold(state, |mut state| async move {
-        let event = state.next().await?;
-        Some((Event(event), state))
+    Ok(futures::stream::unfold(follow, |mut follow| async move {
+        let event = follow.next().await?;
+        Some((Event(event), follow))
     })
     .right_stream())
 }
@@ -264,57 +243,20 @@ pub async fn task_updates(
     ctx: &Context<'_>,
     id: ID,
 ) -> Result<impl Stream<Item = TaskUpdate> + use<>> {
-    let granted = grant(ctx, Permission::EventSubscribe)?;
-    let store = granted.store.clone();
+    let granted = grant::<can::EventSubscribe>(ctx)?;
     let task_id = crate::ids::parse_id(&id, "id").gql()?;
-    let record = granted.task(task_id).await?;
-    let start = store.event_head().await.gql()?;
-    // The task is in scope (or `task` answered NOT_FOUND); its namespace is where to read.
-    let within = tasker_domain::NamespaceSet::new([record.namespace.clone()])
-        .map_or(tasker_domain::Within::Any, tasker_domain::Within::Only);
-    let filter = EventFilter {
-        task_id: Some(task_id),
-        ..EventFilter::within(within)
-    };
-    let follow = ctx.data_unchecked::<EventFeed>().follow(filter, start);
+    let (task, changes) = granted.follow_task(task_id).await?;
     let first = TaskUpdate {
-        task: crate::objects::Task::single(store.clone(), record),
+        task,
         changed_steps: Vec::new(),
         events: Vec::new(),
     };
-    let updates =
-        futures::stream::unfold((follow, store.clone()), |(mut follow, store)| async move {
-            loop {
-                let batch = follow.next_batch().await?;
-                match snapshot(&store, batch).await {
-                    Ok(update) => return Some((update, (follow, store))),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "reading a task snapshot failed");
-                    }
-                }
-            }
-        });
+    let updates = changes.map(|change| TaskUpdate {
+        task: change.task,
+        changed_steps: change.changed_steps,
+        events: change.events.into_iter().map(Event).collect(),
+    });
     Ok(futures::stream::once(async move { first }).chain(updates))
-}
-
-async fn snapshot(
-    store: &Store,
-    events: Vec<EventRecord>,
-) -> Result<TaskUpdate, tasker_store::Error> {
-    let task_id = events.first().and_then(|e| e.task_id).unwrap_or_default();
-    let task = store.task(task_id).await?;
-    let mut step_ids: Vec<uuid::Uuid> = events.iter().filter_map(|e| e.step_id).collect();
-    step_ids.sort_unstable();
-    step_ids.dedup();
-    let steps = store.steps_by_ids(&step_ids).await?;
-    Ok(TaskUpdate {
-        changed_steps: steps
-            .into_iter()
-            .map(|step| crate::objects::Step::single(store.clone(), step, task.clone()))
-            .collect(),
-        task: crate::objects::Task::single(store.clone(), task),
-        events: events.into_iter().map(Event).collect(),
-    })
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@ pub mod browser;
 mod deadline;
 mod error;
 mod events;
-mod feed;
 mod ids;
 pub mod limits;
 mod objects;

@@ -6,12 +6,11 @@ use crate::error::{ApiError, GqlResultExt};
 use async_graphql::{ComplexObject, Enum, ID, Json, Object, Result, SimpleObject};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use std::collections::HashMap;
 use std::sync::Arc;
 use tasker_domain::execution::{
     ExecutionStatus, StepProgress, completion_percentage, execution_status,
 };
-use tasker_domain::insight::{StepTiming, analyze};
+use tasker_domain::insight::{StepTiming, analyze, attempt_seconds};
 use tasker_domain::{Dag, StepState, TaskState, TaskTemplate};
 use tasker_store::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
@@ -426,15 +425,12 @@ impl Task {
 
 /// A task's steps as a DAG over their positions in `steps`.
 fn step_dag(steps: &[StepRecord], edges: &[EdgeRecord]) -> Dag {
-    let index: HashMap<Uuid, usize> = steps.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
-    Dag::new(
-        steps.len(),
-        edges.iter().filter_map(|edge| {
-            Some((
-                *index.get(&edge.parent_step_id)?,
-                *index.get(&edge.child_step_id)?,
-            ))
-        }),
+    let ids: Vec<Uuid> = steps.iter().map(|step| step.id).collect();
+    Dag::from_keys(
+        &ids,
+        edges
+            .iter()
+            .map(|edge| (edge.parent_step_id, edge.child_step_id)),
     )
 }
 
@@ -887,13 +883,12 @@ impl TaskGraph {
             .map(|step| StepTiming {
                 state: step.state,
                 handler: step.handler.clone(),
-                seconds: step.attempt_started_at.and_then(|started| {
-                    let end = match step.state {
-                        StepState::InProgress => Some(now),
-                        _ => step.completed_at,
-                    }?;
-                    Some((end - started).num_milliseconds().max(0) as f64 / 1000.0)
-                }),
+                seconds: attempt_seconds(
+                    step.state,
+                    step.attempt_started_at,
+                    step.completed_at,
+                    now,
+                ),
             })
             .collect();
         let insight = analyze(&dag, &timings);

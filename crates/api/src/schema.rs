@@ -1,7 +1,7 @@
 //! The schema's roots: queries, mutations and subscriptions, and the extension that gives every
 //! error a code.
 
-use crate::access::grant;
+use crate::access::{can, grant};
 use crate::batch::TaskSet;
 use crate::error::{ApiError, GqlResultExt};
 use crate::ids::{parse_id, parse_task_cursor, task_cursor};
@@ -20,9 +20,9 @@ use futures::{Stream, StreamExt};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
-use tasker_domain::{Permission, TaskRequest};
+use tasker_domain::{TaskRequest, Within};
 use tasker_engine::{Decision, Engine};
-use tasker_store::{NewTask, RegistrationOutcome, StepAction, Store, TaskFilter};
+use tasker_store::{NewTask, RegistrationOutcome, TaskFilter};
 use tokio_stream::wrappers::IntervalStream;
 
 /// The whole schema type.
@@ -44,11 +44,8 @@ pub fn build_schema(
 ) -> TaskerSchema {
     let mut builder = Schema::build(Query::default(), Mutation::default(), Subscription)
         .data(quotas)
-        .data(Arc::new(crate::workers::ReadyCounts::default()))
         .data(limits.clone())
-        .data(engine.store().clone())
-        .data(crate::feed::EventFeed::new(engine.store().clone()))
-        .data(engine)
+        .data(crate::access::Services::new(engine))
         .extension(ErrorCodes)
         .extension(crate::limits::QueryShape(limits.clone()))
         .limit_depth(limits.max_depth)
@@ -74,13 +71,7 @@ pub struct TaskQuery;
 impl TaskQuery {
     /// Every namespace that has templates.
     async fn namespaces(&self, ctx: &Context<'_>) -> Result<Vec<Namespace>> {
-        let granted = grant(ctx, Permission::TemplateIndex)?;
-        let records = granted.store.namespaces().await.gql()?;
-        let visible = records
-            .into_iter()
-            .filter(|record| granted.scope.allows(&record.name))
-            .collect();
-        Ok(Namespace::all(granted.store, visible))
+        grant::<can::TemplateIndex>(ctx)?.namespaces().await
     }
 
     /// Registered templates, every version (newest first per name), optionally of one
@@ -91,17 +82,9 @@ impl TaskQuery {
         namespace: Option<String>,
         name: Option<String>,
     ) -> Result<Vec<Template>> {
-        let granted = grant(ctx, Permission::TemplateIndex)?;
-        let records = granted
-            .store
+        grant::<can::TemplateIndex>(ctx)?
             .templates(namespace.as_deref(), name.as_deref())
             .await
-            .gql()?;
-        Ok(records
-            .into_iter()
-            .filter(|record| granted.scope.allows(&record.template.namespace))
-            .map(Template)
-            .collect())
     }
 
     /// One template version; the newest (by semantic version) when `version` is omitted.
@@ -112,25 +95,14 @@ impl TaskQuery {
         name: String,
         version: Option<String>,
     ) -> Result<Template> {
-        let granted = grant(ctx, Permission::TemplateShow)?;
-        let key = match &version {
-            Some(version) => format!("{namespace}/{name}@{version}"),
-            None => format!("{namespace}/{name}"),
-        };
-        granted.check(&namespace, "template", &key).gql()?;
-        let record = granted
-            .store
+        grant::<can::TemplateShow>(ctx)?
             .template(&namespace, &name, version.as_deref())
             .await
-            .gql()?;
-        Ok(Template(record))
     }
 
     async fn task(&self, ctx: &Context<'_>, id: ID) -> Result<Task> {
-        let granted = grant(ctx, Permission::TaskShow)?;
-        let id = parse_id(&id, "id").gql()?;
-        let record = granted.task(id).await?;
-        Ok(Task::single(granted.store.clone(), record))
+        let granted = grant::<can::TaskShow>(ctx)?;
+        granted.task(parse_id(&id, "id").gql()?).await
     }
 
     /// Tasks, newest first, filtered, in pages of `first` (at most 100 by default) after a
@@ -143,41 +115,24 @@ impl TaskQuery {
         after: Option<String>,
     ) -> Result<TaskConnection> {
         let first = crate::limits::page_size(ctx, first, |limits| limits.max_tasks_page)?;
-        let granted = grant(ctx, Permission::TaskIndex)?;
+        let granted = grant::<can::TaskIndex>(ctx)?;
         let after = after.as_deref().map(parse_task_cursor).transpose().gql()?;
-        // Outside the caller's scope entirely: an empty page, without a query.
-        let Some(within) = granted.narrow(&[]) else {
-            return Ok(TaskConnection {
-                filter: None,
-                tasks: TaskSet::new(granted.store.clone(), Vec::new()),
-                has_next_page: false,
-                has_previous_page: after.is_some(),
-            });
-        };
         let filter = match filter {
-            Some(filter) => filter.into_filter(within).gql()?,
-            None => TaskFilter::within(within),
+            Some(filter) => filter.into_filter().gql()?,
+            None => TaskFilter::within(Within::Any),
         };
-        let mut tasks = granted
-            .store
-            .list_tasks(&filter, after, first + 1)
-            .await
-            .gql()?;
-        let has_next_page = tasks.len() as u64 > first;
-        tasks.truncate(first as usize);
+        let page = granted.tasks(filter, after, first).await?;
         Ok(TaskConnection {
-            filter: Some(filter),
-            tasks: TaskSet::new(granted.store.clone(), tasks),
-            has_next_page,
+            filter: page.filter,
+            tasks: page.tasks,
+            has_next_page: page.has_next_page,
             has_previous_page: after.is_some(),
         })
     }
 
     async fn step(&self, ctx: &Context<'_>, id: ID) -> Result<Step> {
-        let granted = grant(ctx, Permission::StepShow)?;
-        let id = parse_id(&id, "id").gql()?;
-        let (step, task) = granted.step(id).await?;
-        Ok(Step::single(granted.store.clone(), step, task))
+        let granted = grant::<can::StepShow>(ctx)?;
+        granted.step(parse_id(&id, "id").gql()?).await
     }
 }
 
@@ -198,8 +153,9 @@ pub struct TaskFilterInput {
 }
 
 impl TaskFilterInput {
-    /// The store's filter within the caller's namespaces, once its lists are within bounds.
-    fn into_filter(self, within: tasker_domain::Within) -> Result<TaskFilter, ApiError> {
+    /// The store's filter (in any namespace: the view keeps it to the caller's), once its
+    /// lists are within bounds.
+    fn into_filter(self) -> Result<TaskFilter, ApiError> {
         let input = self;
         crate::limits::filter_list("filter.states", input.states.as_ref())?;
         crate::limits::filter_list("filter.tags", input.tags.as_ref())?;
@@ -215,7 +171,7 @@ impl TaskFilterInput {
             tags: input.tags.unwrap_or_default(),
             created_after: input.created_after,
             created_before: input.created_before,
-            within,
+            within: Within::Any,
         })
     }
 }
@@ -259,10 +215,9 @@ impl TaskConnection {
 
     /// Every task matching the filter, across all pages.
     async fn total_count(&self, ctx: &Context<'_>) -> Result<u64> {
-        // The filter already holds the caller's scope.
-        let granted = grant(ctx, Permission::TaskIndex)?;
+        let granted = grant::<can::TaskIndex>(ctx)?;
         match &self.filter {
-            Some(filter) => granted.store.count_tasks(filter).await.gql(),
+            Some(filter) => granted.count_tasks(filter).await,
             None => Ok(0),
         }
     }
@@ -422,8 +377,14 @@ pub struct RejectStepInput {
 /// A step after a person changed it, with its task.
 #[derive(SimpleObject)]
 pub struct StepChangePayload {
-    step: crate::objects::Step,
+    step: Step,
     task: Task,
+}
+
+impl StepChangePayload {
+    fn of((step, task): (Step, Task)) -> Result<StepChangePayload> {
+        Ok(StepChangePayload { step, task })
+    }
 }
 
 #[Object]
@@ -435,22 +396,9 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: RegisterTemplateInput,
     ) -> Result<RegisterTemplatePayload> {
-        let granted = grant(ctx, Permission::TemplateRegister)?;
-        // A definition that does not parse is reported by the registration itself.
-        if let Ok(template) = tasker_domain::TaskTemplate::parse(&input.definition)
-            && !granted.scope.allows(&template.namespace)
-        {
-            return Err(ApiError::Forbidden(format!(
-                "your token may not register templates in namespace {:?}",
-                template.namespace
-            )))
-            .gql();
-        }
-        let registration = granted
-            .store
+        let registration = grant::<can::TemplateRegister>(ctx)?
             .register_template(&input.definition, input.replace.unwrap_or(false))
-            .await
-            .gql()?;
+            .await?;
         Ok(RegisterTemplatePayload {
             template: Template(registration.template),
             result: match registration.outcome {
@@ -467,14 +415,8 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: CreateTaskInput,
     ) -> Result<CreateTaskPayload> {
-        let granted = grant(ctx, Permission::TaskCreate)?;
-        let key = match &input.version {
-            Some(version) => format!("{}/{}@{version}", input.namespace, input.template),
-            None => format!("{}/{}", input.namespace, input.template),
-        };
-        granted.check(&input.namespace, "template", &key).gql()?;
-        let creation = granted
-            .engine
+        let granted = grant::<can::TaskCreate>(ctx)?;
+        let (task, created) = granted
             .create_task(NewTask {
                 namespace: input.namespace,
                 template: input.template,
@@ -492,12 +434,8 @@ impl TaskMutation {
                     correlation_id: input.correlation_id,
                 },
             })
-            .await
-            .gql()?;
-        Ok(CreateTaskPayload {
-            task: Task::single(granted.store.clone(), creation.task),
-            created: creation.created,
-        })
+            .await?;
+        Ok(CreateTaskPayload { task, created })
     }
 
     /// Runs a failed task again: its failed steps go back to pending with fresh attempts.
@@ -507,13 +445,10 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: RetryTaskInput,
     ) -> Result<RetryTaskPayload> {
-        let granted = grant(ctx, Permission::TaskRetry)?;
+        let granted = grant::<can::TaskRetry>(ctx)?;
         let id = parse_id(&input.id, "input.id").gql()?;
-        granted.task(id).await?;
-        let task = granted.engine.retry_task(id, input.reason).await.gql()?;
-        Ok(RetryTaskPayload {
-            task: Task::single(granted.store.clone(), task),
-        })
+        let task = granted.retry_task(id, input.reason).await?;
+        Ok(RetryTaskPayload { task })
     }
 
     /// Reopens a failed step with fresh attempts. A step that has not failed is a CONFLICT.
@@ -522,7 +457,9 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: RetryStepInput,
     ) -> Result<StepChangePayload> {
-        change_step(ctx, &input.id, StepAction::Retry, input.reason).await
+        let granted = grant::<can::StepRetry>(ctx)?;
+        let id = parse_id(&input.id, "input.id").gql()?;
+        StepChangePayload::of(granted.retry_step(id, input.reason).await?)
     }
 
     /// Marks a step done by hand, with the results its dependents should see.
@@ -535,13 +472,9 @@ impl TaskMutation {
             .results
             .map(|json| json.0)
             .unwrap_or_else(|| Value::Object(Default::default()));
-        change_step(
-            ctx,
-            &input.id,
-            StepAction::Resolve { results },
-            input.reason,
-        )
-        .await
+        let granted = grant::<can::StepResolve>(ctx)?;
+        let id = parse_id(&input.id, "input.id").gql()?;
+        StepChangePayload::of(granted.resolve_step(id, results, input.reason).await?)
     }
 
     /// Skips a step that has not finished: its dependents proceed without it.
@@ -550,7 +483,9 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: SkipStepInput,
     ) -> Result<StepChangePayload> {
-        change_step(ctx, &input.id, StepAction::Skip, input.reason).await
+        let granted = grant::<can::StepUpdate>(ctx)?;
+        let id = parse_id(&input.id, "input.id").gql()?;
+        StepChangePayload::of(granted.skip_step(id, input.reason).await?)
     }
 
     /// Approves a step waiting for a person (handler `approval`): it completes with `results`.
@@ -564,7 +499,9 @@ impl TaskMutation {
             .results
             .map(|json| json.0)
             .unwrap_or_else(|| Value::Object(Default::default()));
-        decide(ctx, &input.id, Decision::Approve { results }).await
+        let granted = grant::<can::StepUpdate>(ctx)?;
+        let id = parse_id(&input.id, "input.id").gql()?;
+        StepChangePayload::of(granted.decide(id, Decision::Approve { results }).await?)
     }
 
     /// Rejects a step waiting for a person: it fails for good (or is skipped when skippable).
@@ -573,14 +510,12 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: RejectStepInput,
     ) -> Result<StepChangePayload> {
-        decide(
-            ctx,
-            &input.id,
-            Decision::Reject {
-                reason: input.reason,
-            },
-        )
-        .await
+        let granted = grant::<can::StepUpdate>(ctx)?;
+        let id = parse_id(&input.id, "input.id").gql()?;
+        let rejection = Decision::Reject {
+            reason: input.reason,
+        };
+        StepChangePayload::of(granted.decide(id, rejection).await?)
     }
 
     /// Cancels a task and its unfinished steps. A finished task is a CONFLICT.
@@ -589,51 +524,11 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: CancelTaskInput,
     ) -> Result<CancelTaskPayload> {
-        let granted = grant(ctx, Permission::TaskCancel)?;
+        let granted = grant::<can::TaskCancel>(ctx)?;
         let id = parse_id(&input.id, "input.id").gql()?;
-        granted.task(id).await?;
-        let task = granted.engine.cancel_task(id, input.reason).await.gql()?;
-        Ok(CancelTaskPayload {
-            task: Task::single(granted.store.clone(), task),
-        })
+        let task = granted.cancel_task(id, input.reason).await?;
+        Ok(CancelTaskPayload { task })
     }
-}
-
-async fn change_step(
-    ctx: &Context<'_>,
-    id: &ID,
-    action: StepAction,
-    reason: Option<String>,
-) -> Result<StepChangePayload> {
-    let granted = grant(
-        ctx,
-        match action {
-            StepAction::Retry => Permission::StepRetry,
-            StepAction::Resolve { .. } => Permission::StepResolve,
-            StepAction::Skip => Permission::StepUpdate,
-        },
-    )?;
-    let id = parse_id(id, "input.id").gql()?;
-    granted.step(id).await?;
-    let change = granted.engine.change_step(id, action, reason).await.gql()?;
-    let store = granted.store.clone();
-    Ok(StepChangePayload {
-        step: crate::objects::Step::single(store.clone(), change.step, change.task.clone()),
-        task: Task::single(store, change.task),
-    })
-}
-
-async fn decide(ctx: &Context<'_>, id: &ID, decision: Decision) -> Result<StepChangePayload> {
-    let granted = grant(ctx, Permission::StepUpdate)?;
-    let id = parse_id(id, "input.id").gql()?;
-    granted.step(id).await?;
-    let step = granted.engine.decide(id, decision).await.gql()?;
-    let store = granted.store.clone();
-    let task = store.task(step.task_id).await.gql()?;
-    Ok(StepChangePayload {
-        step: crate::objects::Step::single(store.clone(), step, task.clone()),
-        task: Task::single(store, task),
-    })
 }
 
 pub struct Subscription;
@@ -697,8 +592,7 @@ impl Subscription {
             ))
             .gql();
         }
-        crate::access::principal(ctx)?;
-        let clock = ctx.data_unchecked::<Store>().clock().clone();
+        let clock = crate::access::clock(ctx)?;
         let period = Duration::from_secs(every_seconds as u64);
         let ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let beats = IntervalStream::new(ticks)

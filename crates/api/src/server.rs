@@ -55,7 +55,10 @@ struct AppState {
     auth: AuthMode,
     quotas: Arc<crate::quota::Quotas>,
     schema: TaskerSchema,
+    /// For the liveness and readiness probes, which answer anyone.
     store: Store,
+    /// For `/health/status`, through a grant like any resolver.
+    services: crate::access::Services,
     limits: HttpLimits,
     playground: std::sync::Arc<str>,
 }
@@ -73,6 +76,7 @@ pub fn router(
         quotas: quotas.clone(),
         schema: build_schema(engine.clone(), &limits.query, quotas),
         store: engine.store().clone(),
+        services: crate::access::Services::new(engine.clone()),
         limits: limits.clone(),
         playground: playground::page().into(),
     };
@@ -552,22 +556,27 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
         Ok(principal) => principal,
         Err(response) => return *response,
     };
-    let needed = tasker_domain::Permission::HealthStatusIndex;
-    if !principal.permissions.contains(needed) {
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "FORBIDDEN",
-            &format!("this needs the {needed} permission, which your token does not grant"),
-        );
-    }
-    match status_counts(&state.store, principal.namespaces.narrow(&[])).await {
-        Ok((tasks, ready_steps)) => Json(json!({
-            "status": "ok",
-            "database": state.store.backend_name(),
-            "tasks": tasks,
-            "ready_steps": ready_steps,
-        }))
-        .into_response(),
+    let granted = match crate::access::grant_to::<crate::access::can::HealthStatusIndex>(
+        &principal,
+        &state.services,
+    ) {
+        Ok(granted) => granted,
+        Err(err) => return error_response(StatusCode::FORBIDDEN, "FORBIDDEN", &err.to_string()),
+    };
+    match granted.status_counts().await {
+        Ok((tasks, ready_steps)) => {
+            let tasks: serde_json::Map<String, serde_json::Value> = tasks
+                .into_iter()
+                .map(|(state, count)| (state, json!(count)))
+                .collect();
+            Json(json!({
+                "status": "ok",
+                "database": granted.backend_name(),
+                "tasks": tasks,
+                "ready_steps": ready_steps,
+            }))
+            .into_response()
+        }
         Err(err) => {
             tracing::warn!(error = %err, "health status could not read the counts");
             error_response(
@@ -577,33 +586,6 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
             )
         }
     }
-}
-
-/// Tasks by state and claimable steps within these namespaces (`None`: nowhere, all zero).
-async fn status_counts(
-    store: &Store,
-    within: Option<tasker_domain::Within>,
-) -> tasker_store::Result<(serde_json::Map<String, serde_json::Value>, u64)> {
-    use tasker_domain::StateMachine as _;
-    let mut tasks = serde_json::Map::new();
-    for task_state in tasker_domain::TaskState::ALL {
-        let count = match &within {
-            Some(within) => {
-                let filter = tasker_store::TaskFilter {
-                    states: vec![task_state],
-                    ..tasker_store::TaskFilter::within(within.clone())
-                };
-                store.count_tasks(&filter).await?
-            }
-            None => 0,
-        };
-        tasks.insert(task_state.as_str().to_owned(), json!(count));
-    }
-    let ready_steps = match &within {
-        Some(within) => store.count_ready_steps(&[], within, 10_000).await?,
-        None => 0,
-    };
-    Ok((tasks, ready_steps))
 }
 
 /// How long readiness waits for its probe write while writes are failing.

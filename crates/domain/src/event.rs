@@ -247,6 +247,15 @@ impl EventName {
         Self::ALL.into_iter().find(|event| event.as_str() == name)
     }
 
+    /// Whether a subscriber may ask for events named `name`: one of the catalog's, or a
+    /// well-formed custom one (`custom.<name>`).
+    pub fn is_subscribable(name: &str) -> bool {
+        EventName::parse(name).is_some()
+            || name
+                .strip_prefix(crate::template::CUSTOM_EVENT_PREFIX)
+                .is_some_and(|custom| crate::template::check_name(custom).is_ok())
+    }
+
     /// The event a task's arrival in `to` (from `from`, or newly created) stands for.
     pub fn of_task_transition(from: Option<TaskState>, to: TaskState) -> EventName {
         use EventName::*;
@@ -294,6 +303,21 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), EventName::ALL.len());
         assert!(names.iter().all(|n| n.split('.').count() == 2));
+    }
+
+    #[test]
+    fn subscribers_may_ask_for_catalog_and_well_formed_custom_names() {
+        assert!(EventName::is_subscribable("task.completed"));
+        assert!(EventName::is_subscribable("custom.invoice_sent"));
+        for bad in [
+            "task.unknown",
+            "custom.",
+            "custom.has space",
+            "invoice_sent",
+            "",
+        ] {
+            assert!(!EventName::is_subscribable(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -13,6 +13,21 @@ pub struct Dag {
 }
 
 impl Dag {
+    /// Builds the graph over `keys` (node `i` is `keys[i]`) from edges between keys (parent,
+    /// child); edges naming a key not in `keys` are ignored.
+    pub fn from_keys<K: std::hash::Hash + Eq + Copy>(
+        keys: &[K],
+        edges: impl IntoIterator<Item = (K, K)>,
+    ) -> Self {
+        let index: std::collections::HashMap<K, usize> =
+            keys.iter().enumerate().map(|(i, key)| (*key, i)).collect();
+        let edges: Vec<(usize, usize)> = edges
+            .into_iter()
+            .filter_map(|(parent, child)| Some((*index.get(&parent)?, *index.get(&child)?)))
+            .collect();
+        Dag::new(keys.len(), edges)
+    }
+
     /// Builds the graph; edges naming a node outside `0..node_count` are ignored.
     pub fn new(node_count: usize, edges: impl IntoIterator<Item = (usize, usize)>) -> Self {
         let mut parents = vec![Vec::new(); node_count];
@@ -268,6 +283,23 @@ mod tests {
     fn diamond() -> Dag {
         // 0 -> 1, 0 -> 2, 1 -> 3, 2 -> 3
         Dag::new(4, [(0, 1), (0, 2), (1, 3), (2, 3)])
+    }
+
+    #[test]
+    fn a_dag_over_keys_matches_one_over_positions_and_ignores_unknown_keys() {
+        let keys = ["fetch", "left", "right", "merge"];
+        let dag = Dag::from_keys(
+            &keys,
+            [
+                ("fetch", "left"),
+                ("fetch", "right"),
+                ("left", "merge"),
+                ("right", "merge"),
+                ("ghost", "merge"),
+            ],
+        );
+        assert_eq!(dag.levels(), diamond().levels());
+        assert_eq!(dag.roots(), vec![0]);
     }
 
     #[test]

@@ -15,6 +15,22 @@ pub struct StepTiming {
     pub seconds: Option<f64>,
 }
 
+/// Seconds an attempt took (finished) or has taken so far (running, until `now`); `None` if
+/// it never started or has no end.
+pub fn attempt_seconds(
+    state: StepState,
+    started: Option<chrono::DateTime<chrono::Utc>>,
+    completed: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<f64> {
+    let started = started?;
+    let end = match state {
+        StepState::InProgress => now,
+        _ => completed?,
+    };
+    Some((end - started).num_milliseconds().max(0) as f64 / 1000.0)
+}
+
 /// What the analysis found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Insight {
@@ -111,6 +127,24 @@ fn unfinished_descendants(dag: &Dag, start: usize, unfinished: &impl Fn(usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attempts_are_timed_to_their_end_or_to_now_while_running() {
+        let at = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap();
+        let timed = |state, started, completed| attempt_seconds(state, started, completed, at(100));
+        assert_eq!(
+            timed(StepState::Complete, Some(at(10)), Some(at(12))),
+            Some(2.0)
+        );
+        assert_eq!(timed(StepState::InProgress, Some(at(40)), None), Some(60.0));
+        assert_eq!(timed(StepState::Pending, None, None), None);
+        assert_eq!(timed(StepState::Error, Some(at(10)), None), None);
+        // A clock that moved back never gives a negative duration.
+        assert_eq!(
+            timed(StepState::Complete, Some(at(12)), Some(at(10))),
+            Some(0.0)
+        );
+    }
     use StepState::*;
 
     fn timing(state: StepState, handler: &str, seconds: Option<f64>) -> StepTiming {

@@ -13,6 +13,7 @@ pub mod permission;
 pub mod state;
 pub mod task;
 pub mod template;
+pub mod worker;
 
 mod problem;
 

@@ -347,13 +347,9 @@ mod tests {
             let store = &db.store;
             let feed = EventFeed::new(store.clone());
             let mut everything = feed.follow(EventFilter::within(tasker_domain::Within::Any), None);
-            let mut evens = feed.follow(
-                EventFilter {
-                    namespaces: vec!["even".into()],
-                    ..EventFilter::within(tasker_domain::Within::Any)
-                },
-                None,
-            );
+            let even = tasker_domain::NamespaceSet::new(["even".to_owned()]).unwrap();
+            let mut evens =
+                feed.follow(EventFilter::within(tasker_domain::Within::Only(even)), None);
             for i in 0..20 {
                 store.register_template(&template(i), false).await.unwrap();
             }

@@ -4,12 +4,15 @@
 //! fixed interval on the hot path: a completion that makes children ready wakes the workers at
 //! once; timers sleep until the earliest due time; a slow safety sweep backs them up.
 
+mod feed;
 mod handlers;
 mod http;
 mod outbound;
+mod ready;
 mod seed;
 mod workers;
 
+pub use feed::{EventFeed, Follow};
 pub use handlers::BUILT_IN_HANDLERS;
 pub use outbound::OutboundPolicy;
 pub use seed::{BundledTemplate, seed_templates};
@@ -69,7 +72,8 @@ pub enum Decision {
 }
 
 /// The longest a claim may wait for work.
-pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(60);
+pub const MAX_CLAIM_WAIT: Duration =
+    Duration::from_secs(tasker_domain::worker::WAIT_SECONDS.max as u64);
 /// The slow safety sweep behind the timers.
 const SAFETY_SWEEP: Duration = Duration::from_secs(5);
 
@@ -84,16 +88,27 @@ pub struct Engine {
     /// Bumped whenever tasks finish (complete, error or cancelled), for those who wait on
     /// outcomes.
     finished: watch::Sender<u64>,
+    /// The one reader of the event log that every subscription shares.
+    events: EventFeed,
+    /// Ready-step counts shared by the `stepsAvailable` subscriptions.
+    ready: ready::ReadyCounts,
 }
 
 impl Engine {
     pub fn new(store: Store) -> Arc<Engine> {
         Arc::new(Engine {
+            events: EventFeed::new(store.clone()),
             store,
             work: watch::Sender::new(0),
             timers: Notify::new(),
             finished: watch::Sender::new(0),
+            ready: ready::ReadyCounts::default(),
         })
+    }
+
+    /// The event log as it grows, shared by every subscription of this process.
+    pub fn events(&self) -> &EventFeed {
+        &self.events
     }
 
     pub fn store(&self) -> &Store {

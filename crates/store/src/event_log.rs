@@ -20,13 +20,12 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventCursor(pub i64);
 
-/// Which events to read; empty fields do not filter; `within` always does.
+/// Which events to read: those within these namespaces (the ones asked for, inside the
+/// caller's scope), of this task if given, with these names if any.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventFilter {
-    pub namespaces: Vec<String>,
     pub task_id: Option<Uuid>,
     pub names: Vec<String>,
-    /// Only events in these namespaces (the caller's scope).
     pub within: Within,
 }
 
@@ -34,7 +33,6 @@ impl EventFilter {
     /// Every event within these namespaces; narrow further with the other fields.
     pub fn within(within: Within) -> EventFilter {
         EventFilter {
-            namespaces: Vec::new(),
             task_id: None,
             names: Vec::new(),
             within,
@@ -43,12 +41,7 @@ impl EventFilter {
 
     /// Whether an event passes: the test the log query makes in SQL, for events already read.
     pub fn matches(&self, event: &EventRecord) -> bool {
-        (self.namespaces.is_empty()
-            || event
-                .namespace
-                .as_ref()
-                .is_some_and(|namespace| self.namespaces.contains(namespace)))
-            && self.task_id.is_none_or(|id| event.task_id == Some(id))
+        self.task_id.is_none_or(|id| event.task_id == Some(id))
             && (self.names.is_empty() || self.names.contains(&event.name))
             && match &event.namespace {
                 Some(namespace) => self.within.allows(namespace),
@@ -90,10 +83,6 @@ impl Store {
             .push(order)
             .push(" > ")
             .bind(after.map_or(0, |cursor| cursor.0));
-        if !filter.namespaces.is_empty() {
-            sql.push(" AND namespace IN ")
-                .bind_list(filter.namespaces.iter().cloned());
-        }
         if let Within::Only(within) = &filter.within {
             sql.push(" AND namespace IN ")
                 .bind_list(within.iter().cloned());

@@ -69,8 +69,9 @@ async fn pages_follow_cursors_and_filters_without_gaps_or_repeats() {
         assert!(events.iter().all(|e| e.task_id == Some(second.id)));
         let tasks_only = EventFilter {
             names: vec!["task.created".into()],
-            namespaces: vec!["shop".into()],
-            ..EventFilter::within(tasker_domain::Within::Any)
+            ..EventFilter::within(tasker_domain::Within::Only(
+                tasker_domain::NamespaceSet::new(["shop".to_owned()]).unwrap(),
+            ))
         };
         let events = all_after(store, &tasks_only, None).await;
         let ids: Vec<_> = events.iter().map(|e| e.task_id.unwrap()).collect();
