@@ -14,9 +14,10 @@ use crate::events::{
 };
 use crate::records::{StepRecord, TaskRecord, convert_all};
 use crate::sql::Sql;
+use crate::state_change::{CompletedAt, TaskMove, move_tasks};
 use crate::{Error, Result, Store};
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
     TransactionTrait,
@@ -184,20 +185,18 @@ impl Store {
             return Ok(Vec::new());
         }
         let task_ids: Vec<Uuid> = distinct(claimed.iter().map(|step| step.task_id));
-        let started = task::Entity::update_many()
-            .col_expr(
-                task::Column::State,
-                Expr::value(TaskState::InProgress.as_str()),
-            )
-            .col_expr(
-                task::Column::Version,
-                Expr::col(task::Column::Version).add(1),
-            )
-            .col_expr(task::Column::UpdatedAt, Expr::value(now))
-            .filter(task::Column::Id.is_in(task_ids.clone()))
-            .filter(task::Column::State.eq(TaskState::Pending.as_str()))
-            .exec_with_returning(&txn)
-            .await?;
+        let started = move_tasks(
+            &txn,
+            TaskMove {
+                ids: &task_ids,
+                from: &[TaskState::Pending],
+                to: TaskState::InProgress,
+                version: None,
+                completed_at: CompletedAt::Keep,
+            },
+            now,
+        )
+        .await?;
         let subjects = self.subjects(&txn, &task_ids, &started).await?;
         let mut events = Vec::new();
         let mut task_transitions = Vec::new();
@@ -719,18 +718,14 @@ impl Store {
             if ids.is_empty() {
                 continue;
             }
-            let updated = task::Entity::update_many()
-                .col_expr(task::Column::State, Expr::value(to.as_str()))
-                .col_expr(
-                    task::Column::Version,
-                    Expr::col(task::Column::Version).add(1),
-                )
-                .col_expr(task::Column::UpdatedAt, Expr::value(now))
-                .col_expr(task::Column::CompletedAt, Expr::value(now))
-                .filter(task::Column::Id.is_in(ids))
-                .filter(task::Column::State.eq(TaskState::InProgress.as_str()))
-                .exec_with_returning(txn)
-                .await?;
+            let change = TaskMove {
+                ids: &ids,
+                from: &[TaskState::InProgress],
+                to,
+                version: None,
+                completed_at: CompletedAt::Stamp,
+            };
+            let updated = move_tasks(txn, change, now).await?;
             for task in updated {
                 let (row, event) = task_rows(
                     subjects.subject(task.id),

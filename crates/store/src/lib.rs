@@ -15,6 +15,7 @@ mod parking;
 mod queries;
 mod records;
 mod sql;
+mod state_change;
 mod tasks;
 mod templates;
 #[cfg(feature = "testing")]

@@ -2,12 +2,13 @@
 //! it. Each checks the state machine (a refused change is a conflict), records transitions and
 //! events, and reopens the task for execution when it had stopped.
 
-use crate::entities::{task, workflow_step};
 use crate::events::{metadata, step_transition as step_rows, task_transition as task_rows};
 use crate::records::{StepRecord, TaskRecord};
+use crate::state_change::{
+    CompletedAt, StepEffect, StepMove, Steps, TaskMove, move_steps, move_tasks,
+};
 use crate::{Error, Result, Store};
-use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{DatabaseTransaction, TransactionTrait};
 use serde_json::{Value, json};
 use tasker_domain::{StateMachine, StepState, TaskState};
 use uuid::Uuid;
@@ -51,32 +52,21 @@ impl Store {
             };
             from.transition_to(to)?;
             let version = step.version + 1;
-            let mut update = crate::execution::ending_attempt(workflow_step::Entity::update_many())
-                .col_expr(workflow_step::Column::State, Expr::value(to.as_str()))
-                .col_expr(workflow_step::Column::Version, Expr::value(version))
-                .col_expr(
-                    workflow_step::Column::NextAttemptMs,
-                    Expr::value(Option::<i64>::None),
-                )
-                .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now));
-            update = match &action {
-                StepAction::Retry => update
-                    .col_expr(workflow_step::Column::Attempts, Expr::value(0))
-                    .col_expr(
-                        workflow_step::Column::LastError,
-                        Expr::value(Option::<String>::None),
-                    ),
-                StepAction::Resolve { results } => update
-                    .col_expr(workflow_step::Column::Results, Expr::value(results.clone()))
-                    .col_expr(workflow_step::Column::CompletedAt, Expr::value(now)),
-                StepAction::Skip => {
-                    update.col_expr(workflow_step::Column::CompletedAt, Expr::value(now))
-                }
+            let effect = match &action {
+                StepAction::Retry => StepEffect::Reset,
+                StepAction::Resolve { results } => StepEffect::Finish {
+                    results: Some(results.clone()),
+                },
+                StepAction::Skip => StepEffect::Finish { results: None },
             };
-            let updated = update
-                .filter(workflow_step::Column::Id.eq(step_id))
-                .filter(workflow_step::Column::Version.eq(step.version))
-                .exec_with_returning(&txn)
+            let change = StepMove {
+                steps: Steps::One(step_id),
+                from: &[from],
+                to,
+                version: Some(step.version),
+                effect,
+            };
+            let updated = move_steps(&txn, change, now)
                 .await?
                 .into_iter()
                 .next()
@@ -147,29 +137,14 @@ impl Store {
                     "only a failed task can be retried; task {task_id} is {state}"
                 )));
             }
-            let reopened = workflow_step::Entity::update_many()
-                .col_expr(
-                    workflow_step::Column::State,
-                    Expr::value(StepState::Pending.as_str()),
-                )
-                .col_expr(workflow_step::Column::Attempts, Expr::value(0))
-                .col_expr(
-                    workflow_step::Column::NextAttemptMs,
-                    Expr::value(Option::<i64>::None),
-                )
-                .col_expr(
-                    workflow_step::Column::LastError,
-                    Expr::value(Option::<String>::None),
-                )
-                .col_expr(
-                    workflow_step::Column::Version,
-                    Expr::col(workflow_step::Column::Version).add(1),
-                )
-                .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now))
-                .filter(workflow_step::Column::TaskId.eq(task_id))
-                .filter(workflow_step::Column::State.eq(StepState::Error.as_str()))
-                .exec_with_returning(&txn)
-                .await?;
+            let change = StepMove {
+                steps: Steps::OfTask(task_id),
+                from: &[StepState::Error],
+                to: StepState::Pending,
+                version: None,
+                effect: StepEffect::Reset,
+            };
+            let reopened = move_steps(&txn, change, now).await?;
             let subjects = self
                 .subjects(&txn, &[task_id], std::slice::from_ref(&current))
                 .await?;
@@ -224,26 +199,14 @@ impl Store {
         events: &mut Vec<crate::entities::event::ActiveModel>,
     ) -> Result<Vec<crate::entities::task_transition::ActiveModel>> {
         let now = self.now();
-        let reopened = task::Entity::update_many()
-            .col_expr(
-                task::Column::State,
-                Expr::value(TaskState::InProgress.as_str()),
-            )
-            .col_expr(
-                task::Column::Version,
-                Expr::col(task::Column::Version).add(1),
-            )
-            .col_expr(task::Column::UpdatedAt, Expr::value(now))
-            .col_expr(
-                task::Column::CompletedAt,
-                Expr::value(Option::<chrono::DateTime<chrono::Utc>>::None),
-            )
-            .filter(task::Column::Id.eq(task_id))
-            .filter(
-                task::Column::State.is_in([TaskState::Pending.as_str(), TaskState::Error.as_str()]),
-            )
-            .exec_with_returning(txn)
-            .await?;
+        let change = TaskMove {
+            ids: &[task_id],
+            from: &[TaskState::Pending, TaskState::Error],
+            to: TaskState::InProgress,
+            version: None,
+            completed_at: CompletedAt::Clear,
+        };
+        let reopened = move_tasks(txn, change, now).await?;
         let mut transitions = Vec::new();
         for task in reopened {
             let subjects = self

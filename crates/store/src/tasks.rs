@@ -5,6 +5,7 @@ use crate::events::{
     Subject, metadata, step_transition as step_rows, task_transition as task_rows,
 };
 use crate::records::{TaskRecord, TemplateRecord};
+use crate::state_change::{CompletedAt, TaskMove, move_tasks};
 use crate::{Error, Result, Store};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, ExprTrait};
@@ -255,19 +256,14 @@ impl Store {
             let from = TaskState::parse(&current.state)?;
             from.transition_to(TaskState::Cancelled)?;
             let version = current.version + 1;
-            let updated = task::Entity::update_many()
-                .col_expr(
-                    task::Column::State,
-                    Expr::value(TaskState::Cancelled.as_str()),
-                )
-                .col_expr(task::Column::Version, Expr::value(version))
-                .col_expr(task::Column::UpdatedAt, Expr::value(now))
-                .col_expr(task::Column::CompletedAt, Expr::value(now))
-                .filter(task::Column::Id.eq(id))
-                .filter(task::Column::State.eq(from.as_str()))
-                .filter(task::Column::Version.eq(current.version))
-                .exec_with_returning(&txn)
-                .await?;
+            let change = TaskMove {
+                ids: &[id],
+                from: &[from],
+                to: TaskState::Cancelled,
+                version: Some(current.version),
+                completed_at: CompletedAt::Stamp,
+            };
+            let updated = move_tasks(&txn, change, now).await?;
             let Some(updated) = updated.into_iter().next() else {
                 return Err(Error::Conflict(format!(
                     "task {id} changed while it was being cancelled; read it again and retry"
