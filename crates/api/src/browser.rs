@@ -165,7 +165,7 @@ pub(crate) async fn guard(
         None => next.run(request).await,
         Some(Refusal::Host(host)) => {
             tracing::warn!(%host, path = %request.uri().path(), "refused a request for an unknown host name (DNS rebinding?)");
-            crate::server::error_response(
+            crate::error::error_response(
                 StatusCode::FORBIDDEN,
                 "HOST_NOT_ALLOWED",
                 &format!(
@@ -175,7 +175,7 @@ pub(crate) async fn guard(
         }
         Some(Refusal::Origin(origin)) => {
             tracing::warn!(%origin, path = %request.uri().path(), "refused a request from another web origin");
-            crate::server::error_response(
+            crate::error::error_response(
                 StatusCode::FORBIDDEN,
                 "ORIGIN_NOT_ALLOWED",
                 &format!(

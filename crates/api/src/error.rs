@@ -1,7 +1,11 @@
 //! Errors as clients see them: a message a person can act on and a stable `extensions.code`.
 //! Internal details (SQL, causes) are logged here and never returned.
 
-use async_graphql::{ErrorExtensions, Value as GqlValue};
+use async_graphql::{ErrorExtensions, ServerError, Value as GqlValue};
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
 use tasker_domain::Problem;
 
 /// Every error a resolver can answer with.
@@ -182,4 +186,25 @@ impl<T, E: Into<ApiError>> GqlResultExt<T> for Result<T, E> {
     fn gql(self) -> async_graphql::Result<T> {
         self.map_err(|err| err.into().extend())
     }
+}
+
+/// Sets the error's code unless it has one.
+pub(crate) fn with_code(mut error: ServerError, code: &str) -> ServerError {
+    let has_code = error
+        .extensions
+        .as_ref()
+        .is_some_and(|extensions| extensions.get("code").is_some());
+    if !has_code {
+        error
+            .extensions
+            .get_or_insert_with(Default::default)
+            .set("code", code);
+    }
+    error
+}
+
+/// A JSON body shaped like a GraphQL response, for requests that never reached GraphQL.
+pub(crate) fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = json!({ "errors": [{ "message": message, "extensions": { "code": code } }] });
+    (status, Json(body)).into_response()
 }

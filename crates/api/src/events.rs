@@ -4,33 +4,12 @@
 
 use crate::access::{Granted, can, grant};
 use crate::error::{ApiError, GqlResultExt};
+use crate::ids::{event_cursor, parse_event_cursor};
 use crate::objects::Event;
 use async_graphql::{Context, ID, InputObject, Object, Result, SimpleObject};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::{Stream, StreamExt};
 use tasker_domain::{EventName, Within};
-use tasker_store::{EventCursor, EventFilter, EventRecord};
-
-const CURSOR_PREFIX: &str = "ev2:";
-
-/// The opaque cursor of an event.
-pub fn event_cursor(cursor: EventCursor) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{CURSOR_PREFIX}{}", cursor.0))
-}
-
-fn parse_event_cursor(text: &str, field: &str) -> Result<EventCursor, ApiError> {
-    let invalid = || {
-        ApiError::invalid(
-            field,
-            "malformed event cursor: pass the cursor of an event you received",
-        )
-    };
-    let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| invalid())?;
-    let decoded = String::from_utf8(bytes).map_err(|_| invalid())?;
-    let number = decoded.strip_prefix(CURSOR_PREFIX).ok_or_else(invalid)?;
-    number.parse().map(EventCursor).map_err(|_| invalid())
-}
+use tasker_store::{EventFilter, EventRecord};
 
 /// Which events; every given field must match.
 #[derive(InputObject, Default, Clone)]
@@ -111,8 +90,8 @@ impl EventConnection {
         self.events.iter().cloned().map(Event).collect()
     }
 
-    async fn page_info(&self) -> crate::schema::PageInfo {
-        crate::schema::PageInfo::new(
+    async fn page_info(&self) -> crate::objects::PageInfo {
+        crate::objects::PageInfo::new(
             self.has_next_page,
             false,
             self.events.first().map(|e| event_cursor(e.cursor())),
@@ -257,25 +236,4 @@ pub async fn task_updates(
         events: change.events.into_iter().map(Event).collect(),
     });
     Ok(futures::stream::once(async move { first }).chain(updates))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_round_trip_and_foreign_ones_are_refused() {
-        let cursor = EventCursor(42);
-        assert_eq!(
-            parse_event_cursor(&event_cursor(cursor), "after").unwrap(),
-            cursor
-        );
-        let task = crate::ids::task_cursor(uuid::Uuid::now_v7());
-        for bad in ["", "%%", task.as_str(), &URL_SAFE_NO_PAD.encode("ev2:x")] {
-            assert_eq!(
-                parse_event_cursor(bad, "after").unwrap_err().code(),
-                "VALIDATION_FAILED"
-            );
-        }
-    }
 }

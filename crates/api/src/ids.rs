@@ -4,6 +4,7 @@ use crate::error::ApiError;
 use async_graphql::ID;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use tasker_store::EventCursor;
 use uuid::Uuid;
 
 /// Object ids are UUIDv7 strings.
@@ -44,9 +45,47 @@ fn shorten(text: &str) -> String {
     text.chars().take(64).collect()
 }
 
+const EVENT_CURSOR_PREFIX: &str = "ev2:";
+
+/// The opaque cursor of an event.
+pub fn event_cursor(cursor: EventCursor) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{EVENT_CURSOR_PREFIX}{}", cursor.0))
+}
+
+pub fn parse_event_cursor(text: &str, field: &str) -> Result<EventCursor, ApiError> {
+    let invalid = || {
+        ApiError::invalid(
+            field,
+            "malformed event cursor: pass the cursor of an event you received",
+        )
+    };
+    let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| invalid())?;
+    let decoded = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let number = decoded
+        .strip_prefix(EVENT_CURSOR_PREFIX)
+        .ok_or_else(invalid)?;
+    number.parse().map(EventCursor).map_err(|_| invalid())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_cursors_round_trip_and_foreign_ones_are_refused() {
+        let cursor = EventCursor(42);
+        assert_eq!(
+            parse_event_cursor(&event_cursor(cursor), "after").unwrap(),
+            cursor
+        );
+        let task = task_cursor(Uuid::now_v7());
+        for bad in ["", "%%", task.as_str(), &URL_SAFE_NO_PAD.encode("ev2:x")] {
+            assert_eq!(
+                parse_event_cursor(bad, "after").unwrap_err().code(),
+                "VALIDATION_FAILED"
+            );
+        }
+    }
 
     #[test]
     fn cursors_round_trip_and_foreign_ones_are_refused() {

@@ -90,7 +90,7 @@ impl ExtensionFactory for QueryShape {
 struct QueryShapeExtension(QueryLimits);
 
 fn refusal(message: String) -> ServerError {
-    crate::schema::with_code(ServerError::new(message, Some(Pos::default())), LIMIT_CODE)
+    crate::error::with_code(ServerError::new(message, Some(Pos::default())), LIMIT_CODE)
 }
 
 #[async_graphql::async_trait::async_trait]

@@ -7,11 +7,9 @@ use async_graphql::{ComplexObject, Enum, ID, Json, Object, Result, SimpleObject}
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::sync::Arc;
-use tasker_domain::execution::{
-    ExecutionStatus, StepProgress, completion_percentage, execution_status,
-};
+use tasker_domain::execution::{StepProgress, completion_percentage, execution_status};
 use tasker_domain::insight::{StepTiming, analyze, attempt_seconds};
-use tasker_domain::{Dag, StepState, TaskState, TaskTemplate};
+use tasker_domain::{Dag, StepState, TaskTemplate};
 use tasker_store::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
     TaskTransitionRecord, TemplateRecord,
@@ -25,7 +23,7 @@ fn id(uuid: Uuid) -> ID {
 
 /// Where a task is in its life.
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
-#[graphql(name = "TaskState")]
+#[graphql(name = "TaskState", remote = "tasker_domain::TaskState")]
 pub enum TaskStateValue {
     Pending,
     InProgress,
@@ -37,7 +35,7 @@ pub enum TaskStateValue {
 
 /// Where a step is in its life.
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
-#[graphql(name = "StepState")]
+#[graphql(name = "StepState", remote = "tasker_domain::StepState")]
 pub enum StepStateValue {
     Pending,
     InProgress,
@@ -46,46 +44,6 @@ pub enum StepStateValue {
     Cancelled,
     ResolvedManually,
     Skipped,
-}
-
-impl From<TaskState> for TaskStateValue {
-    fn from(state: TaskState) -> Self {
-        match state {
-            TaskState::Pending => Self::Pending,
-            TaskState::InProgress => Self::InProgress,
-            TaskState::Complete => Self::Complete,
-            TaskState::Error => Self::Error,
-            TaskState::Cancelled => Self::Cancelled,
-            TaskState::ResolvedManually => Self::ResolvedManually,
-        }
-    }
-}
-
-impl From<TaskStateValue> for TaskState {
-    fn from(state: TaskStateValue) -> Self {
-        match state {
-            TaskStateValue::Pending => Self::Pending,
-            TaskStateValue::InProgress => Self::InProgress,
-            TaskStateValue::Complete => Self::Complete,
-            TaskStateValue::Error => Self::Error,
-            TaskStateValue::Cancelled => Self::Cancelled,
-            TaskStateValue::ResolvedManually => Self::ResolvedManually,
-        }
-    }
-}
-
-impl From<StepState> for StepStateValue {
-    fn from(state: StepState) -> Self {
-        match state {
-            StepState::Pending => Self::Pending,
-            StepState::InProgress => Self::InProgress,
-            StepState::Complete => Self::Complete,
-            StepState::Error => Self::Error,
-            StepState::Cancelled => Self::Cancelled,
-            StepState::ResolvedManually => Self::ResolvedManually,
-            StepState::Skipped => Self::Skipped,
-        }
-    }
 }
 
 /// A group of templates and their tasks; the unit of ownership.
@@ -436,7 +394,7 @@ fn step_dag(steps: &[StepRecord], edges: &[EdgeRecord]) -> Dag {
 
 /// Where a task's execution stands.
 #[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
-#[graphql(name = "ExecutionStatus")]
+#[graphql(name = "ExecutionStatus", remote = "tasker_domain::ExecutionStatus")]
 pub enum ExecutionStatusValue {
     /// At least one step can be claimed now.
     HasReadySteps,
@@ -450,19 +408,6 @@ pub enum ExecutionStatusValue {
     AllComplete,
     /// Nothing can run and nothing failed: the remaining steps were cancelled.
     Halted,
-}
-
-impl From<ExecutionStatus> for ExecutionStatusValue {
-    fn from(status: ExecutionStatus) -> Self {
-        match status {
-            ExecutionStatus::HasReadySteps => Self::HasReadySteps,
-            ExecutionStatus::Processing => Self::Processing,
-            ExecutionStatus::WaitingForRetry => Self::WaitingForRetry,
-            ExecutionStatus::BlockedByFailures => Self::BlockedByFailures,
-            ExecutionStatus::AllComplete => Self::AllComplete,
-            ExecutionStatus::Halted => Self::Halted,
-        }
-    }
 }
 
 /// One node of a task's DAG.
@@ -736,7 +681,7 @@ impl Event {
 
     /// Where the event is in the log: pass it as `after` to read or follow what comes next.
     async fn cursor(&self) -> String {
-        crate::events::event_cursor(self.0.cursor())
+        crate::ids::event_cursor(self.0.cursor())
     }
 
     /// The row's insertion number (log order follows `cursor`, which is commit order).
@@ -961,6 +906,30 @@ impl TaskGraph {
                     blocked_steps,
                 })
                 .collect(),
+        }
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct PageInfo {
+    has_next_page: bool,
+    has_previous_page: bool,
+    start_cursor: Option<String>,
+    end_cursor: Option<String>,
+}
+
+impl PageInfo {
+    pub fn new(
+        has_next_page: bool,
+        has_previous_page: bool,
+        start_cursor: Option<String>,
+        end_cursor: Option<String>,
+    ) -> Self {
+        Self {
+            has_next_page,
+            has_previous_page,
+            start_cursor,
+            end_cursor,
         }
     }
 }

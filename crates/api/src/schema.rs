@@ -3,17 +3,17 @@
 
 use crate::access::{can, grant};
 use crate::batch::TaskSet;
-use crate::error::{ApiError, GqlResultExt};
+use crate::error::{ApiError, GqlResultExt, with_code};
 use crate::ids::{parse_id, parse_task_cursor, task_cursor};
 use crate::limits::QueryLimits;
-use crate::objects::{Namespace, Step, Task, TaskStateValue, Template};
+use crate::objects::{Namespace, PageInfo, Step, Task, TaskStateValue, Template};
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest,
 };
 use async_graphql::parser::types::ExecutableDocument;
 use async_graphql::{
     Context, Enum, ID, InputObject, Json, MergedObject, Object, Response, Result, Schema,
-    ServerError, ServerResult, SimpleObject, Subscription, Variables,
+    ServerResult, SimpleObject, Subscription, Variables,
 };
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tasker_domain::{TaskRequest, Within};
 use tasker_engine::{Decision, Engine};
-use tasker_store::{NewTask, RegistrationOutcome, TaskFilter};
+use tasker_store::{NewTask, TaskFilter};
 use tokio_stream::wrappers::IntervalStream;
 
 /// The whole schema type.
@@ -205,12 +205,12 @@ impl TaskConnection {
     }
 
     async fn page_info(&self) -> PageInfo {
-        PageInfo {
-            has_next_page: self.has_next_page,
-            has_previous_page: self.has_previous_page,
-            start_cursor: self.tasks.tasks().first().map(|t| task_cursor(t.id)),
-            end_cursor: self.tasks.tasks().last().map(|t| task_cursor(t.id)),
-        }
+        PageInfo::new(
+            self.has_next_page,
+            self.has_previous_page,
+            self.tasks.tasks().first().map(|t| task_cursor(t.id)),
+            self.tasks.tasks().last().map(|t| task_cursor(t.id)),
+        )
     }
 
     /// Every task matching the filter, across all pages.
@@ -239,30 +239,6 @@ impl TaskEdge {
     }
 }
 
-#[derive(SimpleObject)]
-pub struct PageInfo {
-    has_next_page: bool,
-    has_previous_page: bool,
-    start_cursor: Option<String>,
-    end_cursor: Option<String>,
-}
-
-impl PageInfo {
-    pub fn new(
-        has_next_page: bool,
-        has_previous_page: bool,
-        start_cursor: Option<String>,
-        end_cursor: Option<String>,
-    ) -> Self {
-        Self {
-            has_next_page,
-            has_previous_page,
-            start_cursor,
-            end_cursor,
-        }
-    }
-}
-
 #[derive(Default)]
 pub struct TaskMutation;
 
@@ -277,6 +253,7 @@ pub struct RegisterTemplateInput {
 
 /// What registering did.
 #[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "tasker_store::RegistrationOutcome")]
 pub enum RegistrationResult {
     /// A new version was stored.
     Created,
@@ -401,11 +378,7 @@ impl TaskMutation {
             .await?;
         Ok(RegisterTemplatePayload {
             template: Template(registration.template),
-            result: match registration.outcome {
-                RegistrationOutcome::Created => RegistrationResult::Created,
-                RegistrationOutcome::Unchanged => RegistrationResult::Unchanged,
-                RegistrationOutcome::Replaced => RegistrationResult::Replaced,
-            },
+            result: registration.outcome.into(),
         })
     }
 
@@ -628,21 +601,6 @@ impl Executed {
     pub(crate) fn happened(&self) -> bool {
         self.0.load(std::sync::atomic::Ordering::Relaxed)
     }
-}
-
-/// Sets the error's code unless it has one.
-pub(crate) fn with_code(mut error: ServerError, code: &str) -> ServerError {
-    let has_code = error
-        .extensions
-        .as_ref()
-        .is_some_and(|extensions| extensions.get("code").is_some());
-    if !has_code {
-        error
-            .extensions
-            .get_or_insert_with(Default::default)
-            .set("code", code);
-    }
-    error
 }
 
 #[async_graphql::async_trait::async_trait]

@@ -97,7 +97,7 @@ pub fn router(
         ))
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("a request handler panicked");
-            error_response(
+            crate::error::error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "INTERNAL",
                 "internal error",
@@ -126,12 +126,6 @@ pub async fn serve(
         .await
 }
 
-/// A JSON body shaped like a GraphQL response, for requests that never reached GraphQL.
-pub(crate) fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = json!({ "errors": [{ "message": message, "extensions": { "code": code } }] });
-    (status, Json(body)).into_response()
-}
-
 /// The caller of an HTTP request, or the 401 that refuses it.
 fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
     let header = headers
@@ -141,7 +135,7 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Box<
         .and_then(|token| state.auth.principal(token))
         .map_err(|err| {
             tracing::warn!(reason = %err, "refused a request without valid credentials");
-            let mut response = error_response(
+            let mut response = crate::error::error_response(
                 StatusCode::UNAUTHORIZED,
                 "UNAUTHENTICATED",
                 &err.to_string(),
@@ -170,7 +164,7 @@ async fn graphql_post(State(state): State<AppState>, request: axum::extract::Req
     let body = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return error_response(
+            return crate::error::error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "PAYLOAD_TOO_LARGE",
                 &format!(
@@ -180,7 +174,7 @@ async fn graphql_post(State(state): State<AppState>, request: axum::extract::Req
             );
         }
         Err(_) => {
-            return error_response(
+            return crate::error::error_response(
                 StatusCode::BAD_REQUEST,
                 "BAD_REQUEST",
                 "unreadable request body",
@@ -244,7 +238,7 @@ async fn graphql_get(State(state): State<AppState>, request: axum::extract::Requ
     };
     if !runs_a_query(&request) {
         tracing::warn!("refused a mutation or subscription sent with GET");
-        let mut response = error_response(
+        let mut response = crate::error::error_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "METHOD_NOT_ALLOWED",
             "only queries run over GET: send mutations and subscriptions with POST (or over WebSocket)",
@@ -283,7 +277,7 @@ fn runs_a_query(request: &async_graphql::Request) -> bool {
 
 /// A 400 for a request that is not a GraphQL request.
 fn bad_request(message: &str) -> Response {
-    error_response(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+    crate::error::error_response(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
 }
 
 /// Refuses a POST whose body is not declared JSON (415), before reading it.
@@ -306,7 +300,7 @@ fn json_body(headers: &HeaderMap) -> Result<(), Box<Response>> {
         return Ok(());
     }
     tracing::warn!(content_type = ?declared, "refused a POST /graphql whose body is not JSON");
-    Err(Box::new(error_response(
+    Err(Box::new(crate::error::error_response(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "UNSUPPORTED_MEDIA_TYPE",
         &format!(
@@ -410,7 +404,7 @@ async fn execute(
         .data(deadline.clone())
         .data(executed.clone());
     let Some(response) = deadline.run(state.schema.execute(request)).await else {
-        return error_response(
+        return crate::error::error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "TIMEOUT",
             "the request took too long and was stopped",
@@ -481,7 +475,7 @@ async fn websocket(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let Ok(protocol) = GraphQLProtocol::from_request_parts(parts, state).await else {
-        return error_response(
+        return crate::error::error_response(
             StatusCode::BAD_REQUEST,
             "BAD_REQUEST",
             "unsupported WebSocket subprotocol: use graphql-transport-ws or graphql-ws",
@@ -561,7 +555,13 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
         &state.services,
     ) {
         Ok(granted) => granted,
-        Err(err) => return error_response(StatusCode::FORBIDDEN, "FORBIDDEN", &err.to_string()),
+        Err(err) => {
+            return crate::error::error_response(
+                StatusCode::FORBIDDEN,
+                "FORBIDDEN",
+                &err.to_string(),
+            );
+        }
     };
     match granted.status_counts().await {
         Ok((tasks, ready_steps)) => {
@@ -579,7 +579,7 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
         }
         Err(err) => {
             tracing::warn!(error = %err, "health status could not read the counts");
-            error_response(
+            crate::error::error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "INTERNAL",
                 "the database did not answer; the server log has the details",

@@ -75,7 +75,7 @@ impl Store {
                     ),
                 ));
             }
-            let correlation_id = crate::tasks::correlation_of(&task);
+            let correlation_id = crate::events::correlation_of(&task);
             let subject = crate::events::Subject {
                 namespace: &task.namespace,
                 template: &task.template_name,

@@ -1,9 +1,11 @@
 //! Rows for the event log and the transition tables, built inside the transaction of the
 //! change they record.
 
-use crate::entities::{event, step_transition, task_transition};
+use crate::Result;
+use crate::entities::{event, step_transition, task, task_transition};
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::{NotSet, Set};
+use sea_orm::{ActiveModelTrait, DatabaseTransaction, EntityTrait, IntoActiveModel};
 use serde_json::{Map, Value, json};
 use tasker_domain::{EventName, StateMachine, StepState, TaskState};
 use uuid::Uuid;
@@ -177,4 +179,33 @@ pub(crate) fn metadata(fields: &[(&str, Option<Value>)]) -> Value {
         .filter_map(|(key, value)| value.clone().map(|v| ((*key).to_owned(), v)))
         .collect();
     Value::Object(map)
+}
+
+/// Rows per multi-row INSERT: keeps every statement under the databases' parameter limits.
+const INSERT_CHUNK: usize = 400;
+
+/// Inserts rows in multi-row statements of at most [`INSERT_CHUNK`] rows.
+pub(crate) async fn insert_all<A>(
+    txn: &DatabaseTransaction,
+    rows: impl IntoIterator<Item = A>,
+) -> Result<()>
+where
+    A: ActiveModelTrait + Send,
+    A: IntoActiveModel<A>,
+{
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<A> = rows.by_ref().take(INSERT_CHUNK).collect();
+        <A::Entity as EntityTrait>::insert_many(chunk)
+            .exec_without_returning(txn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// A task's correlation id (its own id for tasks from before correlation ids).
+pub(crate) fn correlation_of(task: &task::Model) -> String {
+    task.correlation_id
+        .clone()
+        .unwrap_or_else(|| task.id.to_string())
 }

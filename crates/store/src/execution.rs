@@ -14,7 +14,7 @@ use crate::events::{
 };
 use crate::records::{StepRecord, TaskRecord, convert_all};
 use crate::sql::Sql;
-use crate::state_change::{CompletedAt, TaskMove, move_tasks};
+use crate::state_change::{CompletedAt, TaskMove, ending_attempt, move_tasks};
 use crate::{Error, Result, Store};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
@@ -241,9 +241,9 @@ impl Store {
                 lease_expires_at,
             });
         }
-        crate::tasks::insert_all(&txn, task_transitions).await?;
-        crate::tasks::insert_all(&txn, step_transitions).await?;
-        crate::tasks::insert_all(&txn, events).await?;
+        crate::events::insert_all(&txn, task_transitions).await?;
+        crate::events::insert_all(&txn, step_transitions).await?;
+        crate::events::insert_all(&txn, events).await?;
         self.commit_events(txn).await?;
         Ok(leases)
         })
@@ -364,9 +364,9 @@ impl Store {
         let finished = self
             .finalize_tasks(&txn, &task_ids, &subjects, now, &mut events)
             .await?;
-        crate::tasks::insert_all(&txn, transitions).await?;
-        crate::tasks::insert_all(&txn, finished.1).await?;
-        crate::tasks::insert_all(&txn, events).await?;
+        crate::events::insert_all(&txn, transitions).await?;
+        crate::events::insert_all(&txn, finished.1).await?;
+        crate::events::insert_all(&txn, events).await?;
         self.commit_events(txn).await?;
         // A completed step keeps the token that completed it; the others were lost.
         let completed_tokens: HashSet<Uuid> = completed
@@ -623,9 +623,9 @@ impl Store {
         let (mut finished, task_transitions) = self
             .finalize_tasks(txn, &[step.task_id], &subjects, now, &mut events)
             .await?;
-        crate::tasks::insert_all(txn, [row]).await?;
-        crate::tasks::insert_all(txn, task_transitions).await?;
-        crate::tasks::insert_all(txn, events).await?;
+        crate::events::insert_all(txn, [row]).await?;
+        crate::events::insert_all(txn, task_transitions).await?;
+        crate::events::insert_all(txn, events).await?;
         Ok(FailureReport {
             step: updated.try_into()?,
             newly_ready,
@@ -823,7 +823,7 @@ impl Store {
                 let names = SubjectNames {
                     namespace: t.namespace.clone(),
                     template: t.template_name.clone(),
-                    correlation_id: crate::tasks::correlation_of(t),
+                    correlation_id: crate::events::correlation_of(t),
                 };
                 (t.id, names)
             })
@@ -931,21 +931,6 @@ fn truncate(message: &str) -> String {
         end -= 1;
     }
     message[..end].to_owned()
-}
-
-/// An update that ends the step's running attempt: no live lease, no attempt deadline.
-pub(crate) fn ending_attempt(
-    update: sea_orm::UpdateMany<workflow_step::Entity>,
-) -> sea_orm::UpdateMany<workflow_step::Entity> {
-    update
-        .col_expr(
-            workflow_step::Column::LeaseExpiresMs,
-            Expr::value(Option::<i64>::None),
-        )
-        .col_expr(
-            workflow_step::Column::DeadlineMs,
-            Expr::value(Option::<i64>::None),
-        )
 }
 
 /// The readiness rule over `workflow_steps s JOIN tasks t`, narrowed to handlers (when given)

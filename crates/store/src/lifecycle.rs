@@ -110,9 +110,9 @@ impl Store {
                 .finalize_tasks(&txn, &[step.task_id], &subjects, now, &mut events)
                 .await?;
             task_transitions.extend(finished);
-            crate::tasks::insert_all(&txn, [row]).await?;
-            crate::tasks::insert_all(&txn, task_transitions).await?;
-            crate::tasks::insert_all(&txn, events).await?;
+            crate::events::insert_all(&txn, [row]).await?;
+            crate::events::insert_all(&txn, task_transitions).await?;
+            crate::events::insert_all(&txn, events).await?;
             let task = Self::task_row(&txn, step.task_id).await?;
             self.commit_events(txn).await?;
             Ok(StepChange {
@@ -179,9 +179,9 @@ impl Store {
             let task_transitions = self
                 .reopen_task(&txn, task_id, reason.as_deref(), &mut events)
                 .await?;
-            crate::tasks::insert_all(&txn, step_transitions).await?;
-            crate::tasks::insert_all(&txn, task_transitions).await?;
-            crate::tasks::insert_all(&txn, events).await?;
+            crate::events::insert_all(&txn, step_transitions).await?;
+            crate::events::insert_all(&txn, task_transitions).await?;
+            crate::events::insert_all(&txn, events).await?;
             let task = Self::task_row(&txn, task_id).await?;
             self.commit_events(txn).await?;
             task.try_into()

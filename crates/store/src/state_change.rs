@@ -103,7 +103,7 @@ pub(crate) async fn move_steps(
     change: StepMove<'_>,
     now: DateTime<Utc>,
 ) -> Result<Vec<workflow_step::Model>> {
-    let mut update = crate::execution::ending_attempt(workflow_step::Entity::update_many())
+    let mut update = ending_attempt(workflow_step::Entity::update_many())
         .col_expr(
             workflow_step::Column::State,
             Expr::value(change.to.as_str()),
@@ -144,4 +144,19 @@ pub(crate) async fn move_steps(
         update = update.filter(workflow_step::Column::Version.eq(version));
     }
     Ok(update.exec_with_returning(txn).await?)
+}
+
+/// An update that ends the step's running attempt: no live lease, no attempt deadline.
+pub(crate) fn ending_attempt(
+    update: sea_orm::UpdateMany<workflow_step::Entity>,
+) -> sea_orm::UpdateMany<workflow_step::Entity> {
+    update
+        .col_expr(
+            workflow_step::Column::LeaseExpiresMs,
+            Expr::value(Option::<i64>::None),
+        )
+        .col_expr(
+            workflow_step::Column::DeadlineMs,
+            Expr::value(Option::<i64>::None),
+        )
 }

@@ -2,23 +2,18 @@
 
 use crate::entities::{task, task_tag, task_transition, workflow_step, workflow_step_edge};
 use crate::events::{
-    Subject, metadata, step_transition as step_rows, task_transition as task_rows,
+    Subject, correlation_of, insert_all, metadata, step_transition as step_rows,
+    task_transition as task_rows,
 };
 use crate::records::{TaskRecord, TemplateRecord};
 use crate::state_change::{CompletedAt, TaskMove, move_tasks};
 use crate::{Error, Result, Store};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseTransaction, EntityTrait, IntoActiveModel, QueryFilter,
-    TransactionTrait,
-};
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
 use serde_json::{Value, json};
 use tasker_domain::{StateMachine, StepState, TaskRequest, TaskState};
 use uuid::Uuid;
-
-/// Rows per multi-row INSERT: keeps every statement under the databases' parameter limits.
-const INSERT_CHUNK: usize = 400;
 
 /// A request to start a task from `namespace/template@version` (the newest version when none).
 #[derive(Debug, Clone)]
@@ -293,7 +288,7 @@ impl Store {
             // One guarded UPDATE per unfinished state: each re-checks its rows' state under lock.
             for step_from in [StepState::Pending, StepState::InProgress, StepState::Error] {
                 let cancelled =
-                    crate::execution::ending_attempt(workflow_step::Entity::update_many())
+                    crate::state_change::ending_attempt(workflow_step::Entity::update_many())
                         .col_expr(
                             workflow_step::Column::State,
                             Expr::value(StepState::Cancelled.as_str()),
@@ -342,30 +337,4 @@ impl Store {
         })
         .await
     }
-}
-
-/// Inserts rows in multi-row statements of at most [`INSERT_CHUNK`] rows.
-pub(crate) async fn insert_all<A>(
-    txn: &DatabaseTransaction,
-    rows: impl IntoIterator<Item = A>,
-) -> Result<()>
-where
-    A: ActiveModelTrait + Send,
-    A: IntoActiveModel<A>,
-{
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<A> = rows.by_ref().take(INSERT_CHUNK).collect();
-        <A::Entity as EntityTrait>::insert_many(chunk)
-            .exec_without_returning(txn)
-            .await?;
-    }
-    Ok(())
-}
-
-/// A task's correlation id (its own id for tasks from before correlation ids).
-pub(crate) fn correlation_of(task: &task::Model) -> String {
-    task.correlation_id
-        .clone()
-        .unwrap_or_else(|| task.id.to_string())
 }
