@@ -7,6 +7,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tasker_store::EventCursor;
 use uuid::Uuid;
 
+/// A record's id as GraphQL shows it.
+pub fn id(uuid: Uuid) -> ID {
+    ID::from(uuid.to_string())
+}
+
 /// Object ids are UUIDv7 strings.
 pub fn parse_id(id: &ID, field: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(id.as_str()).map_err(|_| {

@@ -3,10 +3,11 @@
 
 use crate::access::{can, grant};
 use crate::batch::TaskSet;
+use crate::enums::TaskStateValue;
 use crate::error::{ApiError, GqlResultExt, with_code};
 use crate::ids::{parse_id, parse_task_cursor, task_cursor};
 use crate::limits::QueryLimits;
-use crate::objects::{Namespace, PageInfo, Step, Task, TaskStateValue, Template};
+use crate::objects::{Namespace, PageInfo, Step, Task, Template};
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest,
 };

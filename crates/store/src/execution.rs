@@ -1,6 +1,6 @@
 //! Running steps: claiming ready steps under a lease, heartbeats, completing and failing
-//! attempts, expiring lost leases, and finishing tasks. Each operation is one transaction that
-//! also appends its transitions and events.
+//! attempts, expiring lost leases (what a finished step means for its task: `progress.rs`).
+//! Each operation is one transaction that also appends its transitions and events.
 //!
 //! Readiness (DESIGN.md invariant 5) is one indexed condition: a step whose parents are all
 //! done has `pending_parents = 0` (the counter drops as parents complete), and it is `pending`,
@@ -8,10 +8,8 @@
 //! good. A claimed step whose attempt count is 1 came from `pending`, any later one from
 //! `error` (reopening a step resets its attempts).
 
-use crate::entities::{event, task, task_transition, workflow_step, workflow_step_edge};
-use crate::events::{
-    Subject, metadata, step_transition as step_rows, task_transition as task_rows,
-};
+use crate::entities::workflow_step;
+use crate::events::{metadata, step_transition as step_rows, task_transition as task_rows};
 use crate::records::{StepRecord, TaskRecord, convert_all};
 use crate::sql::Sql;
 use crate::state_change::{CompletedAt, TaskMove, ending_attempt, move_tasks};
@@ -25,8 +23,8 @@ use sea_orm::{
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
-use tasker_domain::execution::{Failure, FailureOutcome, StepProgress, task_outcome};
-use tasker_domain::{Backoff, Dag, EventName, StateMachine, StepState, TaskState, Within};
+use tasker_domain::execution::{Failure, FailureOutcome};
+use tasker_domain::{Backoff, EventName, StateMachine, StepState, TaskState, Within};
 use uuid::Uuid;
 
 /// What a worker asks for.
@@ -98,35 +96,11 @@ pub struct StepInputs {
 }
 
 #[derive(Debug, FromQueryResult)]
-struct TaskStepCounts {
-    task_id: Uuid,
-    total: i64,
-    done: i64,
-    /// Failed for good (no retry time).
-    failed: i64,
-    /// Running, or claimable now.
-    active: i64,
-    /// Failed, waiting for a retry time still to come.
-    backing_off: i64,
-    /// The earliest of those retry times.
-    next_retry_ms: Option<i64>,
-}
-
-#[derive(Debug, FromQueryResult)]
-struct ReadyChild {
-    id: Uuid,
-    task_id: Uuid,
-    name: String,
-    position: i32,
-    pending_parents: i32,
-}
-
-#[derive(Debug, FromQueryResult)]
 struct Wakeup {
     due: Option<i64>,
 }
 
-const DONE_STATES: &str = "('complete', 'skipped', 'resolved_manually')";
+pub(crate) const DONE_STATES: &str = "('complete', 'skipped', 'resolved_manually')";
 
 impl Store {
     pub(crate) fn now_ms(&self) -> i64 {
@@ -632,288 +606,6 @@ impl Store {
             finished_task: finished.pop(),
         })
     }
-
-    /// Drops the dependency counters of the children of steps that just became done, and
-    /// appends a `task.steps_ready` event for each task where some became claimable;
-    /// returns how many did.
-    pub(crate) async fn release_children(
-        &self,
-        txn: &DatabaseTransaction,
-        parent_ids: &[Uuid],
-        subjects: &Subjects,
-        now: DateTime<Utc>,
-        events: &mut Vec<event::ActiveModel>,
-    ) -> Result<usize> {
-        if parent_ids.is_empty() {
-            return Ok(0);
-        }
-        let mut sql = Sql::new(self.db.get_database_backend());
-        sql.push("UPDATE workflow_steps SET pending_parents = pending_parents - (SELECT COUNT(*) FROM workflow_step_edges e WHERE e.child_step_id = workflow_steps.id AND e.parent_step_id IN ")
-            .bind_list(parent_ids.iter().copied())
-            .push(") WHERE id IN (SELECT child_step_id FROM workflow_step_edges WHERE parent_step_id IN ")
-            .bind_list(parent_ids.iter().copied())
-            .push(") RETURNING id, task_id, name, position, pending_parents");
-        let children = ReadyChild::find_by_statement(sql.build()).all(txn).await?;
-        let mut ready: Vec<&ReadyChild> =
-            children.iter().filter(|c| c.pending_parents == 0).collect();
-        ready.sort_by_key(|c| c.position);
-        events.extend(subjects.steps_ready(
-            ready.iter().map(|c| (c.task_id, c.id, c.name.as_str())),
-            now,
-        ));
-        Ok(ready.len())
-    }
-
-    /// Moves running tasks whose steps are all done to `complete`, and those where a step
-    /// failed for good and nothing else can run to `error` (each with a `task.finalized`
-    /// summary), and notes with `task.waiting` those left with nothing to run until a retry
-    /// time. Their events are appended to `events`; their transition rows are returned for
-    /// the caller to insert.
-    pub(crate) async fn finalize_tasks(
-        &self,
-        txn: &DatabaseTransaction,
-        task_ids: &[Uuid],
-        subjects: &Subjects,
-        now: DateTime<Utc>,
-        events: &mut Vec<event::ActiveModel>,
-    ) -> Result<(Vec<TaskRecord>, Vec<task_transition::ActiveModel>)> {
-        let mut sql = Sql::new(self.db.get_database_backend());
-        sql.push("SELECT task_id, COUNT(*) AS total, SUM(CASE WHEN state IN ")
-            .push(DONE_STATES)
-            .push(" THEN 1 ELSE 0 END) AS done, SUM(CASE WHEN state = 'error' AND next_attempt_ms IS NULL THEN 1 ELSE 0 END) AS failed, SUM(CASE WHEN state = 'in_progress' OR (state = 'pending' AND pending_parents = 0) OR (state = 'error' AND next_attempt_ms <= ")
-            .bind(now.timestamp_millis())
-            .push(") THEN 1 ELSE 0 END) AS active, SUM(CASE WHEN state = 'error' AND next_attempt_ms > ")
-            .bind(now.timestamp_millis())
-            .push(" THEN 1 ELSE 0 END) AS backing_off, MIN(CASE WHEN state = 'error' THEN next_attempt_ms END) AS next_retry_ms FROM workflow_steps WHERE task_id IN ")
-            .bind_list(task_ids.iter().copied())
-            .push(" GROUP BY task_id");
-        let counts = TaskStepCounts::find_by_statement(sql.build())
-            .all(txn)
-            .await?;
-        let complete: Vec<Uuid> = counts
-            .iter()
-            .filter(|c| c.done == c.total)
-            .map(|c| c.task_id)
-            .collect();
-        let suspects: Vec<Uuid> = counts
-            .iter()
-            .filter(|c| c.done < c.total && c.failed > 0)
-            .map(|c| c.task_id)
-            .collect();
-        let failed = self.blocked_tasks(txn, &suspects).await?;
-        for waiting in counts.iter().filter(|c| {
-            c.done < c.total && c.active == 0 && c.backing_off > 0 && !failed.contains(&c.task_id)
-        }) {
-            events.push(subjects.subject(waiting.task_id).event(
-                EventName::TaskWaiting.as_str(),
-                None,
-                json!({ "waiting_steps": waiting.backing_off, "retry_at_ms": waiting.next_retry_ms }),
-                &Value::Null,
-                now,
-            ));
-        }
-        let mut finished = Vec::new();
-        let mut transitions = Vec::new();
-        for (ids, to) in [(complete, TaskState::Complete), (failed, TaskState::Error)] {
-            if ids.is_empty() {
-                continue;
-            }
-            let change = TaskMove {
-                ids: &ids,
-                from: &[TaskState::InProgress],
-                to,
-                version: None,
-                completed_at: CompletedAt::Stamp,
-            };
-            let updated = move_tasks(txn, change, now).await?;
-            for task in updated {
-                let (row, event) = task_rows(
-                    subjects.subject(task.id),
-                    Some(TaskState::InProgress),
-                    to,
-                    task.version,
-                    json!({}),
-                    now,
-                );
-                transitions.push(row);
-                events.push(event);
-                if let Some(count) = counts.iter().find(|c| c.task_id == task.id) {
-                    events.push(subjects.subject(task.id).event(
-                        EventName::TaskFinalized.as_str(),
-                        None,
-                        json!({
-                            "outcome": to.as_str(),
-                            "duration_ms": (now - task.created_at).num_milliseconds(),
-                            "steps_total": count.total,
-                            "steps_done": count.done,
-                            "steps_failed": count.failed,
-                        }),
-                        &Value::Null,
-                        now,
-                    ));
-                }
-                finished.push(task.try_into()?);
-            }
-        }
-        Ok((finished, transitions))
-    }
-
-    /// Of tasks with a step that failed for good, those where nothing else can run.
-    async fn blocked_tasks(
-        &self,
-        txn: &DatabaseTransaction,
-        task_ids: &[Uuid],
-    ) -> Result<Vec<Uuid>> {
-        if task_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let steps = workflow_step::Entity::find()
-            .filter(workflow_step::Column::TaskId.is_in(task_ids.iter().copied()))
-            .order_by_asc(workflow_step::Column::Position)
-            .all(txn)
-            .await?;
-        let edges = workflow_step_edge::Entity::find()
-            .filter(workflow_step_edge::Column::TaskId.is_in(task_ids.iter().copied()))
-            .all(txn)
-            .await?;
-        let mut blocked = Vec::new();
-        for &task_id in task_ids {
-            let own: Vec<&workflow_step::Model> =
-                steps.iter().filter(|s| s.task_id == task_id).collect();
-            let index: HashMap<Uuid, usize> =
-                own.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
-            let dag = Dag::new(
-                own.len(),
-                edges
-                    .iter()
-                    .filter(|e| e.task_id == task_id)
-                    .filter_map(|e| {
-                        Some((
-                            *index.get(&e.parent_step_id)?,
-                            *index.get(&e.child_step_id)?,
-                        ))
-                    }),
-            );
-            let progress: Vec<StepProgress> = own
-                .iter()
-                .map(|s| {
-                    Ok(StepProgress {
-                        state: StepState::parse(&s.state)?,
-                        next_attempt_ms: s.next_attempt_ms,
-                    })
-                })
-                .collect::<Result<_>>()?;
-            if task_outcome(&progress, &dag) == Some(TaskState::Error) {
-                blocked.push(task_id);
-            }
-        }
-        Ok(blocked)
-    }
-
-    /// Namespace, template and correlation id of each task, for event payloads.
-    pub(crate) async fn subjects(
-        &self,
-        txn: &DatabaseTransaction,
-        task_ids: &[Uuid],
-        known: &[task::Model],
-    ) -> Result<Subjects> {
-        let mut names: HashMap<Uuid, SubjectNames> = known
-            .iter()
-            .map(|t| {
-                let names = SubjectNames {
-                    namespace: t.namespace.clone(),
-                    template: t.template_name.clone(),
-                    correlation_id: crate::events::correlation_of(t),
-                };
-                (t.id, names)
-            })
-            .collect();
-        let missing: Vec<Uuid> = task_ids
-            .iter()
-            .copied()
-            .filter(|id| !names.contains_key(id))
-            .collect();
-        if !missing.is_empty() {
-            let mut sql = Sql::new(self.db.get_database_backend());
-            sql.push("SELECT id, namespace, template_name, correlation_id FROM tasks WHERE id IN ")
-                .bind_list(missing);
-            for row in TaskNames::find_by_statement(sql.build()).all(txn).await? {
-                let names_of_row = SubjectNames {
-                    correlation_id: row.correlation_id.unwrap_or_else(|| row.id.to_string()),
-                    namespace: row.namespace,
-                    template: row.template_name,
-                };
-                names.insert(row.id, names_of_row);
-            }
-        }
-        Ok(Subjects { names })
-    }
-}
-
-#[derive(Debug, FromQueryResult)]
-struct LeaseNamespace {
-    token: Uuid,
-    namespace: String,
-}
-
-#[derive(Debug, FromQueryResult)]
-struct TaskNames {
-    id: Uuid,
-    namespace: String,
-    template_name: String,
-    correlation_id: Option<String>,
-}
-
-#[derive(Debug, FromQueryResult)]
-struct ParentResult {
-    child_id: Uuid,
-    name: String,
-    results: Option<Value>,
-}
-
-struct SubjectNames {
-    namespace: String,
-    template: String,
-    correlation_id: String,
-}
-
-/// Namespace, template and correlation id by task id.
-pub(crate) struct Subjects {
-    names: HashMap<Uuid, SubjectNames>,
-}
-
-impl Subjects {
-    /// One `task.steps_ready` event per task among `(task, step, name)` steps.
-    pub fn steps_ready<'s>(
-        &self,
-        steps: impl Iterator<Item = (Uuid, Uuid, &'s str)>,
-        now: DateTime<Utc>,
-    ) -> Vec<event::ActiveModel> {
-        let mut by_task: Vec<(Uuid, Vec<(Uuid, &str)>)> = Vec::new();
-        let mut index: HashMap<Uuid, usize> = HashMap::new();
-        for (task_id, step_id, name) in steps {
-            let slot = *index.entry(task_id).or_insert_with(|| {
-                by_task.push((task_id, Vec::new()));
-                by_task.len() - 1
-            });
-            by_task[slot].1.push((step_id, name));
-        }
-        by_task
-            .into_iter()
-            .map(|(task_id, list)| crate::events::steps_ready(self.subject(task_id), &list, now))
-            .collect()
-    }
-
-    pub fn subject(&self, task_id: Uuid) -> Subject<'_> {
-        let names = self.names.get(&task_id);
-        let text = |field: fn(&SubjectNames) -> &String| names.map_or("", |n| field(n).as_str());
-        Subject {
-            namespace: text(|n| &n.namespace),
-            template: text(|n| &n.template),
-            correlation_id: text(|n| &n.correlation_id),
-            task_id,
-        }
-    }
 }
 
 /// A uniform sample in [0, 1) for backoff jitter.
@@ -983,4 +675,17 @@ fn distinct(ids: impl Iterator<Item = Uuid>) -> Vec<Uuid> {
     ids.sort_unstable();
     ids.dedup();
     ids
+}
+
+#[derive(Debug, FromQueryResult)]
+struct LeaseNamespace {
+    token: Uuid,
+    namespace: String,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct ParentResult {
+    child_id: Uuid,
+    name: String,
+    results: Option<Value>,
 }

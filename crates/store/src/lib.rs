@@ -12,6 +12,7 @@ mod health;
 mod lifecycle;
 mod notify;
 mod parking;
+mod progress;
 mod queries;
 mod records;
 mod sql;

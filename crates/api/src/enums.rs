@@ -1,0 +1,47 @@
+//! The GraphQL mirrors of the domain's state enums, generated from them (`remote`), so the
+//! schema and the rules can never disagree on a state.
+
+use async_graphql::Enum;
+
+/// Where a task is in its life.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "TaskState", remote = "tasker_domain::TaskState")]
+pub enum TaskStateValue {
+    Pending,
+    InProgress,
+    Complete,
+    Error,
+    Cancelled,
+    ResolvedManually,
+}
+
+/// Where a step is in its life.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "StepState", remote = "tasker_domain::StepState")]
+pub enum StepStateValue {
+    Pending,
+    InProgress,
+    Complete,
+    Error,
+    Cancelled,
+    ResolvedManually,
+    Skipped,
+}
+
+/// Where a task's execution stands.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "ExecutionStatus", remote = "tasker_domain::ExecutionStatus")]
+pub enum ExecutionStatusValue {
+    /// At least one step can be claimed now.
+    HasReadySteps,
+    /// Steps are running and nothing else can start yet.
+    Processing,
+    /// Nothing runs; failed steps wait for their retry time.
+    WaitingForRetry,
+    /// A step failed for good and nothing else can run.
+    BlockedByFailures,
+    /// Every step is complete, skipped or resolved.
+    AllComplete,
+    /// Nothing can run and nothing failed: the remaining steps were cancelled.
+    Halted,
+}
