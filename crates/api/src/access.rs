@@ -149,12 +149,20 @@ impl<P> Granted<'_, P> {
 
     /// Where a query asked to look `asked` may look; `None`: nowhere, answer empty.
     fn confine(&self, asked: &Within) -> Option<Within> {
-        match asked {
-            Within::Any => self.scope.narrow(&[]),
-            Within::Only(names) => self
-                .scope
-                .narrow(&names.iter().cloned().collect::<Vec<_>>()),
-        }
+        self.scope.confine(asked)
+    }
+
+    /// Registered templates in scope, optionally of one namespace and one name.
+    async fn templates_in_scope(
+        &self,
+        namespace: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<TemplateRecord>> {
+        let records = self.store().templates(namespace, name).await.gql()?;
+        Ok(records
+            .into_iter()
+            .filter(|record| self.scope.allows(&record.template.namespace))
+            .collect())
     }
 
     async fn task_record(&self, id: Uuid) -> Result<TaskRecord> {
@@ -163,12 +171,10 @@ impl<P> Granted<'_, P> {
         Ok(task)
     }
 
-    /// A step with its task.
-    async fn step_records(&self, id: Uuid) -> Result<(StepRecord, TaskRecord)> {
-        let step = self.store().step(id).await.gql()?;
-        let task = self.store().task(step.task_id).await.gql()?;
-        self.check(&task.namespace, "step", &id.to_string())?;
-        Ok((step, task))
+    /// `NOT_FOUND` unless the step exists in scope (one statement, no records read).
+    async fn check_step(&self, id: Uuid) -> Result<()> {
+        let namespace = self.store().step_namespace(id).await.gql()?;
+        self.check(&namespace, "step", &id.to_string())
     }
 
     /// A step changed by a person, with its task.
@@ -178,17 +184,15 @@ impl<P> Granted<'_, P> {
         action: StepAction,
         reason: Option<String>,
     ) -> Result<(Step, Task)> {
-        self.step_records(id).await?;
+        self.check_step(id).await?;
         let change = self.engine.change_step(id, action, reason).await.gql()?;
         Ok(self.step_and_task(change.step, change.task))
     }
 
+    /// A step and its task in one result set, so their nested fields share their loads.
     fn step_and_task(&self, step: StepRecord, task: TaskRecord) -> (Step, Task) {
-        let store = self.store().clone();
-        (
-            Step::single(store.clone(), step, task.clone()),
-            Task::single(store, task),
-        )
+        let (task, step) = Task::with_step(self.store().clone(), task, step);
+        (step, task)
     }
 
     /// The lease tokens among `tokens` whose steps are in scope; the others are treated as
@@ -241,12 +245,8 @@ impl Granted<'_, can::TemplateIndex> {
         namespace: Option<&str>,
         name: Option<&str>,
     ) -> Result<Vec<Template>> {
-        let records = self.store().templates(namespace, name).await.gql()?;
-        Ok(records
-            .into_iter()
-            .filter(|record| self.scope.allows(&record.template.namespace))
-            .map(Template)
-            .collect())
+        let records = self.templates_in_scope(namespace, name).await?;
+        Ok(records.into_iter().map(Template).collect())
     }
 }
 
@@ -258,10 +258,7 @@ impl Granted<'_, can::TemplateShow> {
         name: &str,
         version: Option<&str>,
     ) -> Result<Template> {
-        let key = match version {
-            Some(version) => format!("{namespace}/{name}@{version}"),
-            None => format!("{namespace}/{name}"),
-        };
+        let key = tasker_domain::template::reference(namespace, name, version);
         self.check(namespace, "template", &key)?;
         let record = self
             .store()
@@ -301,9 +298,6 @@ impl Granted<'_, can::TaskShow> {
 
 /// A page of tasks.
 pub(crate) struct TaskPage {
-    /// The filter as confined to the caller's scope, for counting; `None` when the scope
-    /// leaves nothing to list.
-    pub filter: Option<TaskFilter>,
     pub tasks: Arc<TaskSet>,
     pub has_next_page: bool,
 }
@@ -313,27 +307,26 @@ impl Granted<'_, can::TaskIndex> {
     /// after the task `after`.
     pub async fn tasks(
         &self,
-        mut filter: TaskFilter,
+        filter: &TaskFilter,
         after: Option<Uuid>,
         first: u64,
     ) -> Result<TaskPage> {
-        let Some(within) = self.confine(&filter.within) else {
-            return Ok(TaskPage {
-                filter: None,
-                tasks: TaskSet::new(self.store().clone(), Vec::new()),
-                has_next_page: false,
-            });
+        let mut tasks = match self.confine(&filter.within) {
+            Some(within) => {
+                let filter = TaskFilter {
+                    within,
+                    ..filter.clone()
+                };
+                self.store()
+                    .list_tasks(&filter, after, first + 1)
+                    .await
+                    .gql()?
+            }
+            None => Vec::new(),
         };
-        filter.within = within;
-        let mut tasks = self
-            .store()
-            .list_tasks(&filter, after, first + 1)
-            .await
-            .gql()?;
         let has_next_page = tasks.len() as u64 > first;
         tasks.truncate(first as usize);
         Ok(TaskPage {
-            filter: Some(filter),
             tasks: TaskSet::new(self.store().clone(), tasks),
             has_next_page,
         })
@@ -354,7 +347,9 @@ impl Granted<'_, can::TaskIndex> {
 
 impl Granted<'_, can::StepShow> {
     pub async fn step(&self, id: Uuid) -> Result<Step> {
-        let (step, task) = self.step_records(id).await?;
+        let step = self.store().step(id).await.gql()?;
+        let task = self.store().task(step.task_id).await.gql()?;
+        self.check(&task.namespace, "step", &id.to_string())?;
         Ok(Step::single(self.store().clone(), step, task))
     }
 }
@@ -363,10 +358,11 @@ impl Granted<'_, can::TaskCreate> {
     /// Starts a task from a template in scope; `false` when an earlier request with the same
     /// idempotency key created it.
     pub async fn create_task(&self, new: NewTask) -> Result<(Task, bool)> {
-        let key = match &new.version {
-            Some(version) => format!("{}/{}@{version}", new.namespace, new.template),
-            None => format!("{}/{}", new.namespace, new.template),
-        };
+        let key = tasker_domain::template::reference(
+            &new.namespace,
+            &new.template,
+            new.version.as_deref(),
+        );
         self.check(&new.namespace, "template", &key)?;
         let creation = self.engine.create_task(new).await.gql()?;
         Ok((
@@ -417,7 +413,7 @@ impl Granted<'_, can::StepUpdate> {
 
     /// Approves or rejects a step waiting for a person.
     pub async fn decide(&self, id: Uuid, decision: Decision) -> Result<(Step, Task)> {
-        self.step_records(id).await?;
+        self.check_step(id).await?;
         let step = self.engine.decide(id, decision).await.gql()?;
         let task = self.store().task(step.task_id).await.gql()?;
         Ok(self.step_and_task(step, task))
@@ -435,11 +431,7 @@ pub(crate) struct TaskChange {
 impl Granted<'_, can::EventSubscribe> {
     /// The templates in scope, for the custom events they declare.
     pub async fn templates(&self) -> Result<Vec<TemplateRecord>> {
-        let records = self.store().templates(None, None).await.gql()?;
-        Ok(records
-            .into_iter()
-            .filter(|record| self.scope.allows(&record.template.namespace))
-            .collect())
+        self.templates_in_scope(None, None).await
     }
 
     /// `NOT_FOUND` unless the task exists in scope.
@@ -490,44 +482,42 @@ impl Granted<'_, can::EventSubscribe> {
         let record = self.task_record(id).await?;
         let start = self.store().event_head().await.gql()?;
         // The task is in scope; its namespace is where to read.
-        let within = tasker_domain::NamespaceSet::new([record.namespace.clone()])
-            .map_or(Within::Any, Within::Only);
+        let within = Within::Only(tasker_domain::NamespaceSet::one(record.namespace.clone()));
         let filter = EventFilter {
             task_id: Some(id),
             ..EventFilter::within(within)
         };
         let follow = self.engine.events().follow(filter, start);
         let store = self.store().clone();
-        let changes = futures::stream::unfold((follow, store), |(mut follow, store)| async move {
-            loop {
-                let batch = follow.next_batch().await?;
-                match task_change(&store, batch).await {
-                    Ok(change) => return Some((change, (follow, store))),
-                    Err(err) => tracing::warn!(error = %err, "reading a task snapshot failed"),
+        let changes =
+            futures::stream::unfold((follow, store), move |(mut follow, store)| async move {
+                loop {
+                    let batch = follow.next_batch().await?;
+                    match task_change(&store, id, batch).await {
+                        Ok(change) => return Some((change, (follow, store))),
+                        Err(err) => tracing::warn!(error = %err, "reading a task snapshot failed"),
+                    }
                 }
-            }
-        });
+            });
         Ok((Task::single(self.store().clone(), record), changes))
     }
 }
 
-/// The task and steps that `events` (about one task) are about, read now.
+/// Task `task_id` and the steps that `events` (about it) are about, read now.
 async fn task_change(
     store: &tasker_store::Store,
+    task_id: Uuid,
     events: Vec<EventRecord>,
 ) -> tasker_store::Result<TaskChange> {
-    let task_id = events.first().and_then(|e| e.task_id).unwrap_or_default();
     let task = store.task(task_id).await?;
     let mut step_ids: Vec<Uuid> = events.iter().filter_map(|e| e.step_id).collect();
     step_ids.sort_unstable();
     step_ids.dedup();
     let steps = store.steps_by_ids(&step_ids).await?;
+    let (task, changed_steps) = Task::with_steps(store.clone(), task, &steps);
     Ok(TaskChange {
-        changed_steps: steps
-            .into_iter()
-            .map(|step| Step::single(store.clone(), step, task.clone()))
-            .collect(),
-        task: Task::single(store.clone(), task),
+        task,
+        changed_steps,
         events,
     })
 }
@@ -549,7 +539,7 @@ impl Granted<'_, can::WorkerClaim> {
         lease: Duration,
         wait: Duration,
     ) -> Result<Vec<(ClaimedStep, StepInputs)>> {
-        let Some(within) = self.scope.narrow(namespaces) else {
+        let Some(within) = self.confine(&Within::of(namespaces.iter().cloned())) else {
             return Ok(Vec::new());
         };
         let request = ClaimRequest {
@@ -632,7 +622,7 @@ impl Granted<'_, can::WorkerClaim> {
         handlers: Vec<String>,
         namespaces: &[String],
     ) -> Option<impl Stream<Item = (u64, DateTime<Utc>)> + Send + 'static + use<>> {
-        let within = self.scope.narrow(namespaces)?;
+        let within = self.confine(&Within::of(namespaces.iter().cloned()))?;
         let clock = self.store().clock().clone();
         Some(
             self.engine
@@ -646,25 +636,21 @@ impl Granted<'_, can::HealthStatusIndex> {
     /// Tasks by state, and claimable steps (up to 10,000), within the caller's namespaces.
     pub async fn status_counts(&self) -> tasker_store::Result<(Vec<(String, u64)>, u64)> {
         use tasker_domain::StateMachine as _;
-        let within = self.scope.narrow(&[]);
-        let mut tasks = Vec::new();
-        for task_state in tasker_domain::TaskState::ALL {
-            let count = match &within {
-                Some(within) => {
-                    let filter = TaskFilter {
-                        states: vec![task_state],
-                        ..TaskFilter::within(within.clone())
-                    };
-                    self.store().count_tasks(&filter).await?
-                }
-                None => 0,
-            };
-            tasks.push((task_state.as_str().to_owned(), count));
-        }
-        let ready = match &within {
-            Some(within) => self.store().count_ready_steps(&[], within, 10_000).await?,
-            None => 0,
+        let states = tasker_domain::TaskState::ALL;
+        let Some(within) = self.confine(&Within::Any) else {
+            let none = states.iter().map(|state| (state.as_str().to_owned(), 0));
+            return Ok((none.collect(), 0));
         };
+        let mut tasks = Vec::new();
+        for state in states {
+            let filter = TaskFilter {
+                states: vec![state],
+                ..TaskFilter::within(within.clone())
+            };
+            let count = self.store().count_tasks(&filter).await?;
+            tasks.push((state.as_str().to_owned(), count));
+        }
+        let ready = self.store().count_ready_steps(&[], &within, 10_000).await?;
         Ok((tasks, ready))
     }
 

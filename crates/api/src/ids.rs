@@ -40,10 +40,14 @@ pub fn parse_task_cursor(cursor: &str) -> Result<Uuid, ApiError> {
             "malformed cursor: pass the endCursor or an edge cursor of a previous page",
         )
     };
-    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| invalid())?;
-    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-    let id = text.strip_prefix(TASK_CURSOR_PREFIX).ok_or_else(invalid)?;
-    Uuid::parse_str(id).map_err(|_| invalid())
+    let id = cursor_body(cursor, TASK_CURSOR_PREFIX).ok_or_else(invalid)?;
+    Uuid::parse_str(&id).map_err(|_| invalid())
+}
+
+/// What an opaque cursor of this kind (`prefix`) holds; `None` for anything else.
+fn cursor_body(cursor: &str, prefix: &str) -> Option<String> {
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).ok()?).ok()?;
+    text.strip_prefix(prefix).map(str::to_owned)
 }
 
 fn shorten(text: &str) -> String {
@@ -57,6 +61,8 @@ pub fn event_cursor(cursor: EventCursor) -> String {
     URL_SAFE_NO_PAD.encode(format!("{EVENT_CURSOR_PREFIX}{}", cursor.0))
 }
 
+/// Reads a cursor made by [`event_cursor`] from the argument `field`; anything else is a
+/// validation error.
 pub fn parse_event_cursor(text: &str, field: &str) -> Result<EventCursor, ApiError> {
     let invalid = || {
         ApiError::invalid(
@@ -64,11 +70,7 @@ pub fn parse_event_cursor(text: &str, field: &str) -> Result<EventCursor, ApiErr
             "malformed event cursor: pass the cursor of an event you received",
         )
     };
-    let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| invalid())?;
-    let decoded = String::from_utf8(bytes).map_err(|_| invalid())?;
-    let number = decoded
-        .strip_prefix(EVENT_CURSOR_PREFIX)
-        .ok_or_else(invalid)?;
+    let number = cursor_body(text, EVENT_CURSOR_PREFIX).ok_or_else(invalid)?;
     number.parse().map(EventCursor).map_err(|_| invalid())
 }
 

@@ -1,6 +1,7 @@
 //! Tasker's API: the async-graphql schema (queries, mutations, subscriptions), the batch
 //! loading nested fields go through, and the axum router that serves GraphQL over HTTP and WebSocket,
-//! the playground and health checks. Resolvers stay thin: they parse input and call the store.
+//! the playground and health checks. Resolvers stay thin: they parse input and call the view
+//! their permission grants (`access.rs`).
 
 mod access;
 pub mod auth;
@@ -22,5 +23,5 @@ mod workers;
 
 pub use browser::BrowserPolicy;
 pub use error::ApiError;
-pub use schema::{TaskerSchema, build_schema, sdl};
+pub use schema::{TaskerSchema, sdl};
 pub use server::{HttpLimits, router, serve};

@@ -185,7 +185,7 @@ mod tests {
     async fn run(limits: QueryLimits, query: &str) -> async_graphql::Response {
         let db = TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await;
         let schema = crate::schema::build_schema(
-            tasker_engine::Engine::new(db.store.clone()),
+            crate::access::Services::new(tasker_engine::Engine::new(db.store.clone())),
             &limits,
             crate::quota::Quotas::new(Default::default()),
         );

@@ -10,8 +10,8 @@ use async_graphql::{ID, Json, Object, Result, SimpleObject};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::sync::Arc;
+use tasker_domain::TaskTemplate;
 use tasker_domain::execution::{StepProgress, completion_percentage, execution_status};
-use tasker_domain::{Dag, TaskTemplate};
 use tasker_store::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
     TaskTransitionRecord, TemplateRecord,
@@ -208,6 +208,32 @@ impl Task {
         let set = TaskSet::new(store, vec![record.clone()]);
         Task { record, set }
     }
+
+    /// A task and one of its steps returned together, as one result set: their nested
+    /// fields share their loads.
+    pub fn with_step(
+        store: tasker_store::Store,
+        record: TaskRecord,
+        step: StepRecord,
+    ) -> (Task, Step) {
+        let task = Task::single(store, record);
+        let step = Step::in_set(&step, &task.set);
+        (task, step)
+    }
+
+    /// A task and some of its steps returned together (see [`Task::with_step`]).
+    pub fn with_steps(
+        store: tasker_store::Store,
+        record: TaskRecord,
+        steps: &[StepRecord],
+    ) -> (Task, Vec<Step>) {
+        let task = Task::single(store, record);
+        let steps = steps
+            .iter()
+            .map(|step| Step::in_set(step, &task.set))
+            .collect();
+        (task, steps)
+    }
 }
 
 #[Object]
@@ -309,15 +335,16 @@ impl Task {
     /// Where execution stands: ready steps, processing, waiting for a retry, blocked by a
     /// failure, or all complete.
     async fn execution_status(&self) -> Result<ExecutionStatusValue> {
-        let (progress, dag) = self.progress().await?;
+        let steps = self.set.steps(self.record.id).await.gql()?;
+        let edges = self.set.edges(self.record.id).await.gql()?;
         let now = self.set.now().timestamp_millis();
-        Ok(execution_status(&progress, &dag, now).into())
+        Ok(execution_status(&progress(&steps), &step_dag(&steps, &edges), now).into())
     }
 
     /// The share of steps complete, skipped or resolved, 0 to 100.
     async fn completion_percentage(&self) -> Result<f64> {
-        let (progress, _) = self.progress().await?;
-        Ok(completion_percentage(&progress))
+        let steps = self.set.steps(self.record.id).await.gql()?;
+        Ok(completion_percentage(&progress(&steps)))
     }
 
     /// How many steps are in each state.
@@ -339,19 +366,15 @@ impl Task {
     }
 }
 
-impl Task {
-    async fn progress(&self) -> Result<(Vec<StepProgress>, Dag)> {
-        let steps = self.set.steps(self.record.id).await.gql()?;
-        let edges = self.set.edges(self.record.id).await.gql()?;
-        let progress = steps
-            .iter()
-            .map(|step| StepProgress {
-                state: step.state,
-                next_attempt_ms: step.next_attempt_at.map(|at| at.timestamp_millis()),
-            })
-            .collect();
-        Ok((progress, step_dag(&steps, &edges)))
-    }
+/// Where each step stands, as the execution rules read it.
+fn progress(steps: &[StepRecord]) -> Vec<StepProgress> {
+    steps
+        .iter()
+        .map(|step| StepProgress {
+            state: step.state,
+            next_attempt_ms: step.next_attempt_at.map(|at| at.timestamp_millis()),
+        })
+        .collect()
 }
 
 /// One node of a task's DAG.
@@ -680,4 +703,9 @@ impl PageInfo {
             end_cursor,
         }
     }
+}
+
+/// A JSON object from input (a context, results), or `{}` when omitted.
+pub fn object_or_empty(json: Option<Json<Value>>) -> Value {
+    json.map_or_else(|| Value::Object(Default::default()), |json| json.0)
 }

@@ -22,7 +22,7 @@ use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use tasker_domain::{TaskRequest, Within};
-use tasker_engine::{Decision, Engine};
+use tasker_engine::Decision;
 use tasker_store::{NewTask, TaskFilter};
 use tokio_stream::wrappers::IntervalStream;
 
@@ -37,16 +37,17 @@ pub struct Query(TaskQuery, crate::events::EventQuery);
 #[derive(MergedObject, Default)]
 pub struct Mutation(TaskMutation, crate::workers::WorkerMutation);
 
-/// Builds the schema around the engine (and its store), with limits on operations.
-pub fn build_schema(
-    engine: Arc<Engine>,
+/// Builds the schema around the engine (reached only through grants), with limits on
+/// operations.
+pub(crate) fn build_schema(
+    services: crate::access::Services,
     limits: &QueryLimits,
     quotas: Arc<crate::quota::Quotas>,
 ) -> TaskerSchema {
     let mut builder = Schema::build(Query::default(), Mutation::default(), Subscription)
         .data(quotas)
         .data(limits.clone())
-        .data(crate::access::Services::new(engine))
+        .data(services)
         .extension(ErrorCodes)
         .extension(crate::limits::QueryShape(limits.clone()))
         .limit_depth(limits.max_depth)
@@ -122,9 +123,9 @@ impl TaskQuery {
             Some(filter) => filter.into_filter().gql()?,
             None => TaskFilter::within(Within::Any),
         };
-        let page = granted.tasks(filter, after, first).await?;
+        let page = granted.tasks(&filter, after, first).await?;
         Ok(TaskConnection {
-            filter: page.filter,
+            filter,
             tasks: page.tasks,
             has_next_page: page.has_next_page,
             has_previous_page: after.is_some(),
@@ -157,21 +158,20 @@ impl TaskFilterInput {
     /// The store's filter (in any namespace: the view keeps it to the caller's), once its
     /// lists are within bounds.
     fn into_filter(self) -> Result<TaskFilter, ApiError> {
-        let input = self;
-        crate::limits::filter_list("filter.states", input.states.as_ref())?;
-        crate::limits::filter_list("filter.tags", input.tags.as_ref())?;
+        crate::limits::filter_list("filter.states", self.states.as_ref())?;
+        crate::limits::filter_list("filter.tags", self.tags.as_ref())?;
         Ok(TaskFilter {
-            namespace: input.namespace,
-            template: input.template,
-            states: input
+            namespace: self.namespace,
+            template: self.template,
+            states: self
                 .states
                 .unwrap_or_default()
                 .into_iter()
                 .map(Into::into)
                 .collect(),
-            tags: input.tags.unwrap_or_default(),
-            created_after: input.created_after,
-            created_before: input.created_before,
+            tags: self.tags.unwrap_or_default(),
+            created_after: self.created_after,
+            created_before: self.created_before,
             within: Within::Any,
         })
     }
@@ -179,8 +179,8 @@ impl TaskFilterInput {
 
 /// A page of tasks (Relay connection).
 pub struct TaskConnection {
-    /// `None`: the caller's scope leaves nothing to list.
-    filter: Option<TaskFilter>,
+    /// As asked: the view keeps it to the caller's scope.
+    filter: TaskFilter,
     tasks: Arc<TaskSet>,
     has_next_page: bool,
     has_previous_page: bool,
@@ -216,11 +216,9 @@ impl TaskConnection {
 
     /// Every task matching the filter, across all pages.
     async fn total_count(&self, ctx: &Context<'_>) -> Result<u64> {
-        let granted = grant::<can::TaskIndex>(ctx)?;
-        match &self.filter {
-            Some(filter) => granted.count_tasks(filter).await,
-            None => Ok(0),
-        }
+        grant::<can::TaskIndex>(ctx)?
+            .count_tasks(&self.filter)
+            .await
     }
 }
 
@@ -360,8 +358,8 @@ pub struct StepChangePayload {
 }
 
 impl StepChangePayload {
-    fn of((step, task): (Step, Task)) -> Result<StepChangePayload> {
-        Ok(StepChangePayload { step, task })
+    fn of((step, task): (Step, Task)) -> StepChangePayload {
+        StepChangePayload { step, task }
     }
 }
 
@@ -396,10 +394,7 @@ impl TaskMutation {
                 template: input.template,
                 version: input.version,
                 request: TaskRequest {
-                    context: input
-                        .context
-                        .map(|json| json.0)
-                        .unwrap_or_else(|| Value::Object(Default::default())),
+                    context: crate::objects::object_or_empty(input.context),
                     initiator: input.initiator,
                     source_system: input.source_system,
                     reason: input.reason,
@@ -433,7 +428,9 @@ impl TaskMutation {
     ) -> Result<StepChangePayload> {
         let granted = grant::<can::StepRetry>(ctx)?;
         let id = parse_id(&input.id, "input.id").gql()?;
-        StepChangePayload::of(granted.retry_step(id, input.reason).await?)
+        Ok(StepChangePayload::of(
+            granted.retry_step(id, input.reason).await?,
+        ))
     }
 
     /// Marks a step done by hand, with the results its dependents should see.
@@ -442,13 +439,12 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: ResolveStepManuallyInput,
     ) -> Result<StepChangePayload> {
-        let results = input
-            .results
-            .map(|json| json.0)
-            .unwrap_or_else(|| Value::Object(Default::default()));
+        let results = crate::objects::object_or_empty(input.results);
         let granted = grant::<can::StepResolve>(ctx)?;
         let id = parse_id(&input.id, "input.id").gql()?;
-        StepChangePayload::of(granted.resolve_step(id, results, input.reason).await?)
+        Ok(StepChangePayload::of(
+            granted.resolve_step(id, results, input.reason).await?,
+        ))
     }
 
     /// Skips a step that has not finished: its dependents proceed without it.
@@ -459,7 +455,9 @@ impl TaskMutation {
     ) -> Result<StepChangePayload> {
         let granted = grant::<can::StepUpdate>(ctx)?;
         let id = parse_id(&input.id, "input.id").gql()?;
-        StepChangePayload::of(granted.skip_step(id, input.reason).await?)
+        Ok(StepChangePayload::of(
+            granted.skip_step(id, input.reason).await?,
+        ))
     }
 
     /// Approves a step waiting for a person (handler `approval`): it completes with `results`.
@@ -469,13 +467,12 @@ impl TaskMutation {
         ctx: &Context<'_>,
         input: ApproveStepInput,
     ) -> Result<StepChangePayload> {
-        let results = input
-            .results
-            .map(|json| json.0)
-            .unwrap_or_else(|| Value::Object(Default::default()));
+        let results = crate::objects::object_or_empty(input.results);
         let granted = grant::<can::StepUpdate>(ctx)?;
         let id = parse_id(&input.id, "input.id").gql()?;
-        StepChangePayload::of(granted.decide(id, Decision::Approve { results }).await?)
+        Ok(StepChangePayload::of(
+            granted.decide(id, Decision::Approve { results }).await?,
+        ))
     }
 
     /// Rejects a step waiting for a person: it fails for good (or is skipped when skippable).
@@ -489,7 +486,7 @@ impl TaskMutation {
         let rejection = Decision::Reject {
             reason: input.reason,
         };
-        StepChangePayload::of(granted.decide(id, rejection).await?)
+        Ok(StepChangePayload::of(granted.decide(id, rejection).await?))
     }
 
     /// Cancels a task and its unfinished steps. A finished task is a CONFLICT.
@@ -654,6 +651,7 @@ impl Extension for ErrorCodesExtension {
 mod tests {
     use super::*;
     use tasker_domain::ManualClock;
+    use tasker_engine::Engine;
     use tasker_store::testing::TestDatabase;
 
     #[tokio::test]
@@ -664,7 +662,7 @@ mod tests {
         let clock = Arc::new(ManualClock::new(start));
         let db = TestDatabase::sqlite(clock.clone()).await;
         let schema = build_schema(
-            Engine::new(db.store.clone()),
+            crate::access::Services::new(Engine::new(db.store.clone())),
             &QueryLimits::default(),
             crate::quota::Quotas::new(Default::default()),
         );

@@ -71,12 +71,13 @@ pub fn router(
     browser: BrowserPolicy,
 ) -> Router {
     let quotas = crate::quota::Quotas::new(limits.quota.clone());
+    let services = crate::access::Services::new(engine.clone());
     let state = AppState {
         auth,
         quotas: quotas.clone(),
-        schema: build_schema(engine.clone(), &limits.query, quotas),
+        schema: build_schema(services.clone(), &limits.query, quotas),
         store: engine.store().clone(),
-        services: crate::access::Services::new(engine.clone()),
+        services,
         limits: limits.clone(),
         playground: playground::page().into(),
     };
@@ -558,7 +559,7 @@ async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
         Err(err) => {
             return crate::error::error_response(
                 StatusCode::FORBIDDEN,
-                "FORBIDDEN",
+                err.code(),
                 &err.to_string(),
             );
         }

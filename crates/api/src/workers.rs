@@ -134,10 +134,10 @@ impl WorkerMutation {
         let limit = worker::CLAIM_LIMIT
             .check(input.limit, "input.limit")
             .gql()?;
-        let lease = (worker::LEASE_SECONDS)
+        let lease = worker::LEASE_SECONDS
             .check(input.lease_seconds, "input.leaseSeconds")
             .gql()?;
-        let wait = (worker::WAIT_SECONDS)
+        let wait = worker::WAIT_SECONDS
             .check(input.wait_seconds, "input.waitSeconds")
             .gql()?;
         worker::check_worker_id(&input.worker_id, "input.workerId").gql()?;
@@ -193,7 +193,7 @@ impl WorkerMutation {
         ctx: &Context<'_>,
         input: HeartbeatStepsInput,
     ) -> Result<HeartbeatStepsPayload> {
-        let lease = (worker::LEASE_SECONDS)
+        let lease = worker::LEASE_SECONDS
             .check(input.lease_seconds, "input.leaseSeconds")
             .gql()?;
         if input.lease_tokens.len() > worker::CLAIM_LIMIT.max as usize {
@@ -232,10 +232,7 @@ impl WorkerMutation {
     ) -> Result<StepPayload> {
         let granted = grant::<can::WorkerClaim>(ctx)?;
         let lease_token = token(&input.lease_token, "input.leaseToken")?;
-        let results = input
-            .results
-            .map(|json| json.0)
-            .unwrap_or_else(|| Value::Object(Default::default()));
+        let results = crate::objects::object_or_empty(input.results);
         let step = granted.complete(lease_token, results).await?;
         Ok(StepPayload { step })
     }

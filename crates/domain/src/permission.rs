@@ -166,18 +166,15 @@ impl NamespaceScope {
         }
     }
 
-    /// Where to look: the namespaces asked for (none asked: any) that are in scope. `None`
+    /// Where a query that asked to look `asked` may look: the part of it in scope. `None`
     /// when that leaves nothing: the caller gets an empty answer without a query.
-    pub fn narrow(&self, asked: &[String]) -> Option<Within> {
-        match (self, asked.is_empty()) {
-            (NamespaceScope::All, true) => Some(Within::Any),
-            (NamespaceScope::All, false) => {
-                NamespaceSet::new(asked.iter().cloned()).map(Within::Only)
-            }
-            (NamespaceScope::Only(names), true) => {
+    pub fn confine(&self, asked: &Within) -> Option<Within> {
+        match (self, asked) {
+            (NamespaceScope::All, asked) => Some(asked.clone()),
+            (NamespaceScope::Only(names), Within::Any) => {
                 NamespaceSet::new(names.iter().cloned()).map(Within::Only)
             }
-            (NamespaceScope::Only(names), false) => {
+            (NamespaceScope::Only(names), Within::Only(asked)) => {
                 NamespaceSet::new(asked.iter().filter(|name| names.contains(*name)).cloned())
                     .map(Within::Only)
             }
@@ -196,6 +193,11 @@ pub enum Within {
 }
 
 impl Within {
+    /// The namespaces a caller asked for: any when it named none.
+    pub fn of(names: impl IntoIterator<Item = String>) -> Within {
+        NamespaceSet::new(names).map_or(Within::Any, Within::Only)
+    }
+
     pub fn allows(&self, namespace: &str) -> bool {
         match self {
             Within::Any => true,
@@ -213,6 +215,11 @@ impl NamespaceSet {
     pub fn new(names: impl IntoIterator<Item = String>) -> Option<NamespaceSet> {
         let set: BTreeSet<String> = names.into_iter().collect();
         (!set.is_empty()).then_some(NamespaceSet(set))
+    }
+
+    /// The set of one name.
+    pub fn one(name: impl Into<String>) -> NamespaceSet {
+        NamespaceSet(BTreeSet::from([name.into()]))
     }
 
     pub fn contains(&self, namespace: &str) -> bool {
@@ -256,36 +263,41 @@ mod tests {
     }
 
     #[test]
-    fn scopes_narrow_what_is_asked() {
+    fn scopes_confine_what_is_asked() {
         let scope = NamespaceScope::from_claim(["payments", "billing"]);
         assert!(scope.allows("payments") && !scope.allows("shop"));
         let only = |names: &[&str]| {
             NamespaceSet::new(names.iter().map(|n| (*n).to_owned())).map(Within::Only)
         };
+        let asked = |names: &[&str]| Within::of(names.iter().map(|n| (*n).to_owned()));
         assert_eq!(
-            scope.narrow(&["shop".into(), "billing".into()]),
+            scope.confine(&asked(&["shop", "billing"])),
             only(&["billing"])
         );
-        assert_eq!(scope.narrow(&[]), only(&["billing", "payments"]));
+        assert_eq!(scope.confine(&asked(&[])), only(&["billing", "payments"]));
         assert_eq!(
-            scope.narrow(&["shop".into()]),
+            scope.confine(&asked(&["shop"])),
             None,
             "nothing left to look in"
         );
         assert_eq!(
-            NamespaceScope::from_claim(["*"]).narrow(&[]),
+            NamespaceScope::from_claim(["*"]).confine(&asked(&[])),
             Some(Within::Any),
             "no restriction"
         );
         assert_eq!(
-            NamespaceScope::from_claim(["*"]).narrow(&["shop".into()]),
+            NamespaceScope::from_claim(["*"]).confine(&asked(&["shop"])),
             only(&["shop"])
         );
         assert_eq!(
-            NamespaceScope::from_claim([]).narrow(&[]),
+            NamespaceScope::from_claim([]).confine(&asked(&[])),
             None,
             "an empty scope sees nothing"
         );
         assert_eq!(NamespaceSet::new(Vec::new()), None, "no empty set");
+        assert_eq!(
+            Some(Within::Only(NamespaceSet::one("shop"))),
+            only(&["shop"])
+        );
     }
 }

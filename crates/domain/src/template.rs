@@ -50,6 +50,15 @@ pub struct CustomEvent {
     pub description: Option<String>,
 }
 
+/// How a person names a template: `namespace/name@version`, or `namespace/name` for its
+/// newest version.
+pub fn reference(namespace: &str, name: &str, version: Option<impl std::fmt::Display>) -> String {
+    match version {
+        Some(version) => format!("{namespace}/{name}@{version}"),
+        None => format!("{namespace}/{name}"),
+    }
+}
+
 /// The prefix that keeps custom event names apart from the catalog's.
 pub const CUSTOM_EVENT_PREFIX: &str = "custom.";
 
@@ -156,7 +165,7 @@ impl TaskTemplate {
 
     /// The key people use to name it: `namespace/name@version`.
     pub fn key(&self) -> String {
-        format!("{}/{}@{}", self.namespace, self.name, self.version)
+        reference(&self.namespace, &self.name, Some(&self.version))
     }
 
     /// The step DAG, nodes in declaration order. Validation guarantees it is acyclic.

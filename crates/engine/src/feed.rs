@@ -347,7 +347,7 @@ mod tests {
             let store = &db.store;
             let feed = EventFeed::new(store.clone());
             let mut everything = feed.follow(EventFilter::within(tasker_domain::Within::Any), None);
-            let even = tasker_domain::NamespaceSet::new(["even".to_owned()]).unwrap();
+            let even = tasker_domain::NamespaceSet::one("even");
             let mut evens =
                 feed.follow(EventFilter::within(tasker_domain::Within::Only(even)), None);
             for i in 0..20 {

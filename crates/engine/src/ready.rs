@@ -135,7 +135,7 @@ mod tests {
         );
         assert_eq!(counts.count(&shop, 2, false, || count(4)).await.unwrap(), 4);
         assert_eq!(counts.count(&shop, 2, true, || count(5)).await.unwrap(), 5);
-        let billing = tasker_domain::NamespaceSet::new(["billing".to_owned()]).unwrap();
+        let billing = tasker_domain::NamespaceSet::one("billing");
         let other = ReadyCounts::key(vec![], Within::Only(billing));
         assert_eq!(
             counts.count(&other, 2, false, || count(0)).await.unwrap(),

@@ -12,10 +12,16 @@ use crate::{Result, Store};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Query;
 use sea_orm::{
-    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, Condition, EntityTrait, FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
 };
 use tasker_domain::{StateMachine, TaskState, Within};
 use uuid::Uuid;
+
+#[derive(Debug, FromQueryResult)]
+struct NamespaceOf {
+    namespace: String,
+}
 
 /// Ids per `IN (...)` list: well below SQLite's and PostgreSQL's parameter limits.
 pub(crate) const ID_CHUNK: usize = 500;
@@ -152,6 +158,22 @@ impl Store {
 
     pub async fn step(&self, id: Uuid) -> Result<StepRecord> {
         Self::step_row(&self.db, id).await?.try_into()
+    }
+
+    /// The namespace of a step's task, to check a caller's scope without reading either
+    /// record; `NOT_FOUND` for a missing step.
+    pub async fn step_namespace(&self, id: Uuid) -> Result<String> {
+        let mut sql = crate::sql::Sql::new(self.db.get_database_backend());
+        sql.push("SELECT t.namespace FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE s.id = ")
+            .bind(id);
+        let row = NamespaceOf::find_by_statement(sql.build())
+            .one(&self.db)
+            .await?;
+        row.map(|row| row.namespace)
+            .ok_or_else(|| crate::Error::NotFound {
+                what: "step",
+                key: id.to_string(),
+            })
     }
 
     /// Steps by id, in no particular order; ids not found are left out.

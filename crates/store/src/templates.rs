@@ -178,10 +178,7 @@ impl Store {
     ) -> Result<TemplateRecord> {
         let not_found = || Error::NotFound {
             what: "template",
-            key: match version {
-                Some(version) => format!("{namespace}/{name}@{version}"),
-                None => format!("{namespace}/{name}"),
-            },
+            key: tasker_domain::template::reference(namespace, name, version),
         };
         let found = match version {
             None => self

@@ -70,7 +70,7 @@ async fn pages_follow_cursors_and_filters_without_gaps_or_repeats() {
         let tasks_only = EventFilter {
             names: vec!["task.created".into()],
             ..EventFilter::within(tasker_domain::Within::Only(
-                tasker_domain::NamespaceSet::new(["shop".to_owned()]).unwrap(),
+                tasker_domain::NamespaceSet::one("shop"),
             ))
         };
         let events = all_after(store, &tasks_only, None).await;

@@ -141,6 +141,16 @@ async fn a_lease_fences_a_worker_that_lost_it() {
         store.create_task(order("shop", "fulfil", 1)).await.unwrap();
         let claimed = store.claim_steps(&claim(1)).await.unwrap();
         let token = claimed[0].lease_token;
+        assert_eq!(
+            store.lease_namespaces(&[token]).await.unwrap()[&token],
+            "shop"
+        );
+        assert_eq!(
+            store.step_namespace(claimed[0].step.id).await.unwrap(),
+            "shop"
+        );
+        let missing = store.step_namespace(uuid::Uuid::now_v7()).await;
+        assert!(matches!(missing, Err(Error::NotFound { what: "step", .. })));
 
         // A heartbeat keeps it; past its expiry the worker has lost it.
         clock.advance(Minutes::seconds(20));
@@ -550,5 +560,5 @@ async fn a_parked_timer_comes_due_by_the_clock_and_survives_a_restart() {
 
 /// Claims within one namespace.
 fn only(namespace: &str) -> Within {
-    Within::Only(NamespaceSet::new([namespace.to_owned()]).unwrap())
+    Within::Only(NamespaceSet::one(namespace))
 }
