@@ -288,9 +288,7 @@ impl Database {
     async fn postgres(url: &str) -> anyhow::Result<Database> {
         let schema = format!("tasker_bench_{}", Uuid::new_v4().simple());
         let admin = Store::connect(&StoreOptions::new(url), Arc::new(SystemClock)).await?;
-        admin
-            .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
-            .await?;
+        admin.create_schema(&schema).await?;
         admin.close().await?;
         let mut options = StoreOptions::new(url);
         options.schema = Some(schema.clone());
@@ -306,9 +304,7 @@ impl Database {
         self.store.close().await?;
         if let Some((url, schema)) = self.cleanup {
             let admin = Store::connect(&StoreOptions::new(url), Arc::new(SystemClock)).await?;
-            admin
-                .execute_unprepared(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                .await?;
+            admin.drop_schema(&schema).await?;
             admin.close().await?;
         }
         Ok(())

@@ -328,7 +328,7 @@ steps:
 /// leased once, every task completes, and both replicas take part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_postgres_without_double_leases() {
-    let Some(url) = tasker_store::testing::postgres_url("the replica test") else {
+    let Some(url) = tasker_store::testing::postgres_url() else {
         return;
     };
     let db = tasker_store::testing::TestDatabase::postgres(

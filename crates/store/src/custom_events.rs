@@ -75,14 +75,8 @@ impl Store {
                     ),
                 ));
             }
-            let correlation_id = crate::events::correlation_of(&task);
-            let subject = crate::events::Subject {
-                namespace: &task.namespace,
-                template: &task.template_name,
-                task_id: task.id,
-                correlation_id: &correlation_id,
-            };
-            let row = subject.event(
+            let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(&task));
+            let row = subjects.subject(task.id).event(
                 &format!("{CUSTOM_EVENT_PREFIX}{name}"),
                 Some((step.id, &step.name)),
                 json!({ "attempt": step.attempts, "data": payload }),

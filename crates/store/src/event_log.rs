@@ -123,8 +123,9 @@ impl Store {
         self.writing(self.number_events()).await
     }
 
-    /// [`Store::sequence_events`] without the write-health bookkeeping, for a caller that just
-    /// committed (its own commit is the news; a failure here is retried by the sweep).
+    /// [`Store::sequence_events`] without recording a failure as a fault episode, for a caller
+    /// that just committed (its own commit is the news; a failure here is retried by the
+    /// sweep).
     async fn number_events(&self) -> Result<u64> {
         if self.db.get_database_backend() != DbBackend::Postgres {
             return Ok(0);
@@ -153,10 +154,9 @@ impl Store {
                 .bind(self.events_channel())
                 .push(", '')");
             txn.execute_raw(notify.build()).await?;
-        }
-        if numbered > 0 {
             self.commit(txn).await?;
         } else {
+            // Nothing written: no news about whether writes work.
             txn.commit().await?;
         }
         Ok(numbered)

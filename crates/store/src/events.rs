@@ -2,7 +2,7 @@
 //! change they record.
 
 use crate::Result;
-use crate::entities::{event, step_transition, task, task_transition};
+use crate::entities::{event, step_transition, task_transition};
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::{NotSet, Set};
 use sea_orm::{ActiveModelTrait, DatabaseTransaction, EntityTrait, IntoActiveModel};
@@ -201,11 +201,4 @@ where
             .await?;
     }
     Ok(())
-}
-
-/// A task's correlation id (its own id for tasks from before correlation ids).
-pub(crate) fn correlation_of(task: &task::Model) -> String {
-    task.correlation_id
-        .clone()
-        .unwrap_or_else(|| task.id.to_string())
 }

@@ -110,7 +110,11 @@ impl Store {
     /// Leases up to `limit` ready steps to a worker in one statement, then records their
     /// transitions and events, and starts their tasks if they were pending.
     pub async fn claim_steps(&self, request: &ClaimRequest) -> Result<Vec<ClaimedStep>> {
-        self.writing(async {
+        self.writing(self.claim_in_transaction(request)).await
+    }
+
+    /// The claim itself, one transaction.
+    async fn claim_in_transaction(&self, request: &ClaimRequest) -> Result<Vec<ClaimedStep>> {
         let now = self.now();
         let now_ms = now.timestamp_millis();
         let lease_ms = i64::try_from(request.lease.as_millis()).unwrap_or(i64::MAX / 4);
@@ -220,8 +224,6 @@ impl Store {
         crate::events::insert_all(&txn, events).await?;
         self.commit_events(txn).await?;
         Ok(leases)
-        })
-        .await
     }
 
     /// Extends the leases still held; returns the new expiry for each live token (tokens
@@ -278,7 +280,15 @@ impl Store {
     /// Records finished attempts in one transaction: steps complete, their children's
     /// dependency counters drop, and tasks whose steps are all done complete.
     pub async fn complete_steps(&self, completions: &[Completion]) -> Result<CompletionReport> {
-        self.writing(async {
+        self.writing(self.complete_in_transaction(completions))
+            .await
+    }
+
+    /// The completion itself, one transaction.
+    async fn complete_in_transaction(
+        &self,
+        completions: &[Completion],
+    ) -> Result<CompletionReport> {
         if completions.is_empty() {
             return Ok(CompletionReport::default());
         }
@@ -355,8 +365,6 @@ impl Store {
         report.completed = convert_all(completed)?;
         report.finished_tasks = finished.0;
         Ok(report)
-        })
-        .await
     }
 
     /// Records a failed attempt: a retry after the backoff (or the handler's Retry-After), or,

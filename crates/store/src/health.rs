@@ -105,12 +105,13 @@ impl Fault {
 /// (a conflict within one connection: a bug), nor corruption (`SQLITE_CORRUPT`,
 /// `SQLITE_NOTADB`), which retrying cannot cure.
 fn sqlite_fault(code: i32) -> Option<Fault> {
+    use libsqlite3_sys as sqlite;
     match code & 0xff {
-        13 => Some(Fault::DiskFull),
-        8 => Some(Fault::ReadOnly),
-        10 | 14 => Some(Fault::Io),
-        5 => Some(Fault::Busy),
-        7 => Some(Fault::Resources),
+        sqlite::SQLITE_FULL => Some(Fault::DiskFull),
+        sqlite::SQLITE_READONLY => Some(Fault::ReadOnly),
+        sqlite::SQLITE_IOERR | sqlite::SQLITE_CANTOPEN => Some(Fault::Io),
+        sqlite::SQLITE_BUSY => Some(Fault::Busy),
+        sqlite::SQLITE_NOMEM => Some(Fault::Resources),
         _ => None,
     }
 }
@@ -189,18 +190,16 @@ impl WriteHealth {
     }
 }
 
-/// Whether a SQLite connection coming back to the pool may be used again: outside any
-/// transaction by the driver's count and by SQLite's own flag. The common case costs nothing:
-/// the driver counts no transaction, and SQLite can only be inside one the driver does not
-/// count after a raw `BEGIN`, which the store never sends (`execute_unprepared` refuses it).
+/// Whether a SQLite connection that comes back to the pool counted inside a transaction by
+/// the driver may be used again: outside one by the driver's count and by SQLite's own flag
+/// once the queued rollback ran. (One the driver counts outside any transaction is reused at
+/// once: SQLite can only be inside one the driver does not count after a raw `BEGIN`, which
+/// the store never sends — raw statements exist only in test builds.)
 pub(crate) async fn sqlite_reusable(
     conn: &mut sea_orm::sqlx::SqliteConnection,
     health: &WriteHealth,
 ) -> Result<bool, sea_orm::sqlx::Error> {
     use sea_orm::sqlx::Connection as _;
-    if !conn.is_in_transaction() {
-        return Ok(true);
-    }
     // A transaction was dropped: its rollback is queued to the connection's worker. Reaching
     // the handle goes through the same queue, so after it both answers are current.
     let mut handle = conn.lock_handle().await?;

@@ -46,6 +46,24 @@ use std::time::Duration;
 use tasker_domain::Clock;
 use tasker_migrations::{Migrator, MigratorTrait};
 
+/// A schema name safe to put in a statement: lowercase letters, digits and `_`.
+fn schema_name(schema: &str) -> Result<&str> {
+    let valid = !schema.is_empty()
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(schema)
+    } else {
+        Err(Error::Domain(tasker_domain::Error::InvalidRequest(vec![
+            tasker_domain::Problem::new(
+                "schema",
+                format!("{schema:?} must be lowercase letters, digits and '_'"),
+            ),
+        ])))
+    }
+}
+
 /// Every way a store operation can fail.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,7 +83,7 @@ pub enum Error {
     )]
     LeaseLost,
     /// The database cannot do its part now (a full disk, a lost connection…): nothing was
-    /// written, and the same request may succeed later.
+    /// written unless `uncertain` says so, and the same request may succeed later.
     #[error("the database cannot take this now: {}; retry later", .fault.reason())]
     Unavailable {
         fault: Fault,
@@ -194,6 +212,11 @@ impl Store {
                 // release is what keeps it sound.
                 pool.test_before_acquire(false)
                     .after_release(move |conn, _| {
+                        use sea_orm::sqlx::Connection as _;
+                        // The common case answers at once, with nothing to clone or await.
+                        if !conn.is_in_transaction() {
+                            return Box::pin(std::future::ready(Ok(true)));
+                        }
                         let health = health.clone();
                         Box::pin(async move { health::sqlite_reusable(conn, &health).await })
                     })
@@ -378,19 +401,30 @@ impl Store {
         )
     }
 
-    /// Runs a raw statement; used by tests and tools that prepare a database. Transaction
-    /// control is refused: a transaction the driver does not know about would outlive the
-    /// statement on a pooled connection.
+    /// PostgreSQL: creates an empty schema (`[a-z0-9_]` name) for a private database, as
+    /// the benchmark and the tests use.
+    pub async fn create_schema(&self, schema: &str) -> Result<()> {
+        let schema = schema_name(schema)?;
+        self.db
+            .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
+            .await?;
+        Ok(())
+    }
+
+    /// PostgreSQL: drops a schema made by [`Store::create_schema`] and everything in it.
+    pub async fn drop_schema(&self, schema: &str) -> Result<()> {
+        let schema = schema_name(schema)?;
+        self.db
+            .execute_unprepared(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await?;
+        Ok(())
+    }
+
+    /// Runs a raw statement (a `PRAGMA`, a checkpoint): test builds only, so the server has
+    /// no way to send statements — transaction control among them — that its operations do
+    /// not.
+    #[cfg(feature = "testing")]
     pub async fn execute_unprepared(&self, sql: &str) -> Result<()> {
-        let first = sql.split_whitespace().next().unwrap_or_default();
-        if ["BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE"]
-            .iter()
-            .any(|word| first.eq_ignore_ascii_case(word))
-        {
-            return Err(Error::Conflict(format!(
-                "{first} is not run here: transactions belong to the store's operations"
-            )));
-        }
         self.db.execute_unprepared(sql).await?;
         Ok(())
     }

@@ -44,6 +44,7 @@ impl Store {
             let now = self.now();
             let txn = self.db.begin().await?;
             let step = Self::step_row(&txn, step_id).await?;
+            let task = Self::task_row(&txn, step.task_id).await?;
             let from = StepState::parse(&step.state)?;
             let to = match action {
                 StepAction::Retry => StepState::Pending,
@@ -51,7 +52,6 @@ impl Store {
                 StepAction::Skip => StepState::Skipped,
             };
             from.transition_to(to)?;
-            let version = step.version + 1;
             let effect = match &action {
                 StepAction::Retry => StepEffect::Reset,
                 StepAction::Resolve { results } => StepEffect::Finish {
@@ -75,14 +75,14 @@ impl Store {
                         "step {step_id} changed while it was being updated; read it again and retry"
                     ))
                 })?;
-            let subjects = self.subjects(&txn, &[step.task_id], &[]).await?;
+            let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(&task));
             let (row, event) = step_rows(
                 subjects.subject(step.task_id),
                 step.id,
                 &step.name,
                 Some(from),
                 to,
-                version,
+                updated.version,
                 metadata(&[
                     ("reason", reason.clone().map(Value::from)),
                     ("triggered_by", Some(json!("manual"))),
@@ -103,21 +103,25 @@ impl Store {
             } else {
                 0
             };
-            let mut task_transitions = self
+            let (mut task_transitions, reopened) = self
                 .reopen_task(&txn, step.task_id, reason.as_deref(), &mut events)
                 .await?;
-            let (_, finished) = self
+            let (mut finished, finishing) = self
                 .finalize_tasks(&txn, &[step.task_id], &subjects, now, &mut events)
                 .await?;
-            task_transitions.extend(finished);
+            task_transitions.extend(finishing);
             crate::events::insert_all(&txn, [row]).await?;
             crate::events::insert_all(&txn, task_transitions).await?;
             crate::events::insert_all(&txn, events).await?;
-            let task = Self::task_row(&txn, step.task_id).await?;
             self.commit_events(txn).await?;
+            // The task as this change left it: finished, reopened, or as it was.
+            let task = match finished.pop() {
+                Some(finished) => finished,
+                None => reopened.unwrap_or(task).try_into()?,
+            };
             Ok(StepChange {
                 step: updated.try_into()?,
-                task: task.try_into()?,
+                task,
                 newly_ready,
             })
         })
@@ -145,9 +149,7 @@ impl Store {
                 effect: StepEffect::Reset,
             };
             let reopened = move_steps(&txn, change, now).await?;
-            let subjects = self
-                .subjects(&txn, &[task_id], std::slice::from_ref(&current))
-                .await?;
+            let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(&current));
             let mut events = Vec::new();
             let mut step_transitions = Vec::new();
             for step in &reopened {
@@ -176,13 +178,14 @@ impl Store {
                     now,
                 ),
             );
-            let task_transitions = self
+            let (task_transitions, reopened) = self
                 .reopen_task(&txn, task_id, reason.as_deref(), &mut events)
                 .await?;
             crate::events::insert_all(&txn, step_transitions).await?;
             crate::events::insert_all(&txn, task_transitions).await?;
             crate::events::insert_all(&txn, events).await?;
-            let task = Self::task_row(&txn, task_id).await?;
+            // A failed task always reopens: it was read in `error` in this transaction.
+            let task = reopened.unwrap_or(current);
             self.commit_events(txn).await?;
             task.try_into()
         })
@@ -197,7 +200,10 @@ impl Store {
         task_id: Uuid,
         reason: Option<&str>,
         events: &mut Vec<crate::entities::event::ActiveModel>,
-    ) -> Result<Vec<crate::entities::task_transition::ActiveModel>> {
+    ) -> Result<(
+        Vec<crate::entities::task_transition::ActiveModel>,
+        Option<crate::entities::task::Model>,
+    )> {
         let now = self.now();
         let change = TaskMove {
             ids: &[task_id],
@@ -206,12 +212,10 @@ impl Store {
             version: None,
             completed_at: CompletedAt::Clear,
         };
-        let reopened = move_tasks(txn, change, now).await?;
+        let reopened = move_tasks(txn, change, now).await?.pop();
         let mut transitions = Vec::new();
-        for task in reopened {
-            let subjects = self
-                .subjects(txn, &[task.id], std::slice::from_ref(&task))
-                .await?;
+        if let Some(task) = &reopened {
+            let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(task));
             // Versions count transitions: a task at version 2 was created (1) and is now
             // starting; any later one is coming back from `error`.
             let from = if task.version == 2 {
@@ -233,6 +237,6 @@ impl Store {
             transitions.push(row);
             events.push(event);
         }
-        Ok(transitions)
+        Ok((transitions, reopened))
     }
 }

@@ -205,17 +205,7 @@ impl Store {
         task_ids: &[Uuid],
         known: &[task::Model],
     ) -> Result<Subjects> {
-        let mut names: HashMap<Uuid, SubjectNames> = known
-            .iter()
-            .map(|t| {
-                let names = SubjectNames {
-                    namespace: t.namespace.clone(),
-                    template: t.template_name.clone(),
-                    correlation_id: crate::events::correlation_of(t),
-                };
-                (t.id, names)
-            })
-            .collect();
+        let Subjects { mut names } = Subjects::of_tasks(known);
         let missing: Vec<Uuid> = task_ids
             .iter()
             .copied()
@@ -227,7 +217,7 @@ impl Store {
                 .bind_list(missing);
             for row in TaskNames::find_by_statement(sql.build()).all(txn).await? {
                 let names_of_row = SubjectNames {
-                    correlation_id: row.correlation_id.unwrap_or_else(|| row.id.to_string()),
+                    correlation_id: correlation_or_id(row.correlation_id, row.id),
                     namespace: row.namespace,
                     template: row.template_name,
                 };
@@ -257,7 +247,28 @@ pub(crate) struct Subjects {
     names: HashMap<Uuid, SubjectNames>,
 }
 
+/// A task's correlation id (its own id for tasks from before correlation ids).
+fn correlation_or_id(correlation_id: Option<String>, task_id: Uuid) -> String {
+    correlation_id.unwrap_or_else(|| task_id.to_string())
+}
+
 impl Subjects {
+    /// The subjects of tasks already read, without a query.
+    pub fn of_tasks(tasks: &[task::Model]) -> Subjects {
+        let names = tasks
+            .iter()
+            .map(|t| {
+                let names = SubjectNames {
+                    namespace: t.namespace.clone(),
+                    template: t.template_name.clone(),
+                    correlation_id: correlation_or_id(t.correlation_id.clone(), t.id),
+                };
+                (t.id, names)
+            })
+            .collect();
+        Subjects { names }
+    }
+
     /// One `task.steps_ready` event per task among `(task, step, name)` steps.
     pub fn steps_ready<'s>(
         &self,

@@ -83,10 +83,12 @@ pub(crate) enum StepEffect {
     Reset,
     /// Done by hand: finished now, with these results for its dependents if given.
     Finish { results: Option<serde_json::Value> },
+    /// Its task was cancelled: finished now, and no worker holds it any more.
+    Cancel,
 }
 
-/// A person's change of state for some steps: the attempt in flight (if any) ends, no retry
-/// stays scheduled.
+/// A person's change of state for some steps (or a cancellation): the attempt in flight (if
+/// any) ends, no retry stays scheduled.
 pub(crate) struct StepMove<'a> {
     pub steps: Steps,
     pub from: &'a [StepState],
@@ -122,6 +124,16 @@ pub(crate) async fn move_steps(
             .col_expr(workflow_step::Column::Attempts, Expr::value(0))
             .col_expr(
                 workflow_step::Column::LastError,
+                Expr::value(Option::<String>::None),
+            ),
+        StepEffect::Cancel => update
+            .col_expr(workflow_step::Column::CompletedAt, Expr::value(now))
+            .col_expr(
+                workflow_step::Column::LeaseToken,
+                Expr::value(Option::<Uuid>::None),
+            )
+            .col_expr(
+                workflow_step::Column::LeaseHolder,
                 Expr::value(Option::<String>::None),
             ),
         StepEffect::Finish { results } => {

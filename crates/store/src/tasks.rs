@@ -2,14 +2,14 @@
 
 use crate::entities::{task, task_tag, task_transition, workflow_step, workflow_step_edge};
 use crate::events::{
-    Subject, correlation_of, insert_all, metadata, step_transition as step_rows,
-    task_transition as task_rows,
+    Subject, insert_all, metadata, step_transition as step_rows, task_transition as task_rows,
 };
 use crate::records::{TaskRecord, TemplateRecord};
-use crate::state_change::{CompletedAt, TaskMove, move_tasks};
+use crate::state_change::{
+    CompletedAt, StepEffect, StepMove, Steps, TaskMove, move_steps, move_tasks,
+};
 use crate::{Error, Result, Store};
 use sea_orm::ActiveValue::Set;
-use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
 use serde_json::{Value, json};
 use tasker_domain::{StateMachine, StepState, TaskRequest, TaskState};
@@ -250,7 +250,6 @@ impl Store {
             let current = Self::task_row(&txn, id).await?;
             let from = TaskState::parse(&current.state)?;
             from.transition_to(TaskState::Cancelled)?;
-            let version = current.version + 1;
             let change = TaskMove {
                 ids: &[id],
                 from: &[from],
@@ -264,19 +263,14 @@ impl Store {
                     "task {id} changed while it was being cancelled; read it again and retry"
                 )));
             };
-            let correlation_id = correlation_of(&current);
-            let subject = Subject {
-                namespace: &current.namespace,
-                template: &current.template_name,
-                task_id: id,
-                correlation_id: &correlation_id,
-            };
+            let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(&current));
+            let subject = subjects.subject(id);
             let reason_value = reason.clone().map(Value::from);
             let (transition, event) = task_rows(
                 subject,
                 Some(from),
                 TaskState::Cancelled,
-                version,
+                updated.version,
                 metadata(&[("reason", reason_value.clone())]),
                 now,
             );
@@ -287,34 +281,14 @@ impl Store {
             let mut transitions = Vec::new();
             // One guarded UPDATE per unfinished state: each re-checks its rows' state under lock.
             for step_from in [StepState::Pending, StepState::InProgress, StepState::Error] {
-                let cancelled =
-                    crate::state_change::ending_attempt(workflow_step::Entity::update_many())
-                        .col_expr(
-                            workflow_step::Column::State,
-                            Expr::value(StepState::Cancelled.as_str()),
-                        )
-                        .col_expr(
-                            workflow_step::Column::Version,
-                            Expr::col(workflow_step::Column::Version).add(1),
-                        )
-                        .col_expr(
-                            workflow_step::Column::LeaseToken,
-                            Expr::value(Option::<Uuid>::None),
-                        )
-                        .col_expr(
-                            workflow_step::Column::LeaseHolder,
-                            Expr::value(Option::<String>::None),
-                        )
-                        .col_expr(
-                            workflow_step::Column::NextAttemptMs,
-                            Expr::value(Option::<i64>::None),
-                        )
-                        .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now))
-                        .col_expr(workflow_step::Column::CompletedAt, Expr::value(now))
-                        .filter(workflow_step::Column::TaskId.eq(id))
-                        .filter(workflow_step::Column::State.eq(step_from.as_str()))
-                        .exec_with_returning(&txn)
-                        .await?;
+                let change = StepMove {
+                    steps: Steps::OfTask(id),
+                    from: &[step_from],
+                    to: StepState::Cancelled,
+                    version: None,
+                    effect: StepEffect::Cancel,
+                };
+                let cancelled = move_steps(&txn, change, now).await?;
                 for step in cancelled {
                     let (row, event) = step_rows(
                         subject,

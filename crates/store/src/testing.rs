@@ -18,8 +18,11 @@ pub const REQUIRE_POSTGRES_VAR: &str = "TASKER_REQUIRE_POSTGRES";
 
 /// The PostgreSQL URL for tests, or `None` (saying which test skips, and why) when none is
 /// configured. Panics when none is configured but [`REQUIRE_POSTGRES_VAR`] is set, so the
-/// PostgreSQL coverage cannot vanish silently.
-pub fn postgres_url(test: &str) -> Option<String> {
+/// PostgreSQL coverage cannot vanish silently. Messages name the running test (libtest names
+/// its thread after it).
+pub fn postgres_url() -> Option<String> {
+    let current = std::thread::current();
+    let test = current.name().unwrap_or("this test");
     match std::env::var(POSTGRES_URL_VAR) {
         Ok(url) => Some(url),
         Err(_) => {
@@ -49,7 +52,7 @@ impl TestDatabase {
     /// One database per backend under test: SQLite always, PostgreSQL when configured.
     pub async fn all(clock: Arc<dyn Clock>) -> Vec<TestDatabase> {
         let mut databases = vec![Self::sqlite(clock.clone()).await];
-        if let Some(url) = postgres_url("a test on every backend") {
+        if let Some(url) = postgres_url() {
             databases.push(Self::postgres(&url, clock).await);
         }
         databases
@@ -76,7 +79,7 @@ impl TestDatabase {
             .await
             .expect("connect to PostgreSQL");
         admin
-            .execute_unprepared(&format!("CREATE SCHEMA {schema}"))
+            .create_schema(&schema)
             .await
             .expect("create test schema");
         admin.close().await.ok();
@@ -115,19 +118,14 @@ impl Blocker {
     /// Ends the other session's transaction; writers go on.
     pub async fn release(self) {
         use sea_orm::sqlx::Connection as _;
+        let rollback = sea_orm::sqlx::raw_sql("ROLLBACK");
         match self {
             Blocker::Sqlite(mut conn) => {
-                sea_orm::sqlx::raw_sql("ROLLBACK")
-                    .execute(&mut conn)
-                    .await
-                    .expect("rollback");
+                rollback.execute(&mut conn).await.expect("rollback");
                 conn.close().await.expect("close");
             }
             Blocker::Postgres(mut conn) => {
-                sea_orm::sqlx::raw_sql("ROLLBACK")
-                    .execute(&mut conn)
-                    .await
-                    .expect("rollback");
+                rollback.execute(&mut conn).await.expect("rollback");
                 conn.close().await.expect("close");
             }
         }
@@ -172,46 +170,70 @@ impl TestDatabase {
         drop(txn);
     }
 
-    /// PostgreSQL: how many sessions of this test's store wait on a lock.
-    pub async fn waiting_sessions(&self) -> u64 {
-        use sea_orm::sqlx::Connection as _;
-        let Cleanup::Postgres { url, schema } = &self.cleanup else {
-            panic!("waiting_sessions is for PostgreSQL");
-        };
-        let mut conn = sea_orm::sqlx::PgConnection::connect(url)
-            .await
-            .expect("an admin session");
-        let (waiting,): (i64,) = sea_orm::sqlx::query_as(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
-        )
-        .bind(schema)
-        .fetch_one(&mut conn)
+    /// PostgreSQL: waits until a session of this test's store waits on a lock (another
+    /// process's state, so looked at every few milliseconds over one admin session), for at
+    /// most `within`; whether one did.
+    pub async fn until_a_session_waits(&self, within: std::time::Duration) -> bool {
+        let (mut admin, schema) = self.admin_session().await;
+        let waits = tokio::time::timeout(within, async {
+            loop {
+                let (waiting,): (i64,) = sea_orm::sqlx::query_as(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                )
+                .bind(schema)
+                .fetch_one(&mut admin)
+                .await
+                .expect("pg_stat_activity");
+                if waiting > 0 {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
         .await
-        .expect("pg_stat_activity");
-        conn.close().await.ok();
-        waiting as u64
+        .is_ok();
+        close(admin).await;
+        waits
     }
 
     /// PostgreSQL: ends every session of this test's store (`pg_terminate_backend`), as a
     /// database restart or a network cut would; returns how many there were.
     pub async fn terminate_sessions(&self) -> u64 {
+        let (mut admin, schema) = self.admin_session().await;
+        let ended = terminate(&mut admin, schema).await;
+        close(admin).await;
+        ended
+    }
+
+    /// PostgreSQL: a session of its own beside the test's store, and the schema (which is
+    /// also the store's application name).
+    async fn admin_session(&self) -> (sea_orm::sqlx::PgConnection, &str) {
         use sea_orm::sqlx::Connection as _;
         let Cleanup::Postgres { url, schema } = &self.cleanup else {
-            panic!("terminate_sessions is for PostgreSQL");
+            panic!("this is for PostgreSQL test databases");
         };
-        let mut conn = sea_orm::sqlx::PgConnection::connect(url)
+        let admin = sea_orm::sqlx::PgConnection::connect(url)
             .await
             .expect("an admin session");
-        let ended: Vec<(bool,)> = sea_orm::sqlx::query_as(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-        )
-        .bind(schema)
-        .fetch_all(&mut conn)
-        .await
-        .expect("terminate");
-        conn.close().await.ok();
-        ended.len() as u64
+        (admin, schema)
     }
+}
+
+/// Ends every session named `application_name`; returns how many there were.
+async fn terminate(admin: &mut sea_orm::sqlx::PgConnection, application_name: &str) -> u64 {
+    let ended: Vec<(bool,)> = sea_orm::sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(application_name)
+    .fetch_all(admin)
+    .await
+    .expect("terminate");
+    ended.len() as u64
+}
+
+async fn close(admin: sea_orm::sqlx::PgConnection) {
+    use sea_orm::sqlx::Connection as _;
+    admin.close().await.ok();
 }
 
 impl Drop for TestDatabase {
@@ -225,22 +247,19 @@ impl Drop for TestDatabase {
                     .build()
                     .expect("cleanup runtime");
                 runtime.block_on(async {
+                    use sea_orm::sqlx::Connection as _;
+                    // The test's own pool may still hold a transaction open (its runtime is
+                    // blocked in this drop): end those sessions, then drop the schema.
+                    if let Ok(mut admin) = sea_orm::sqlx::PgConnection::connect(&url).await {
+                        terminate(&mut admin, &schema).await;
+                        close(admin).await;
+                    }
                     let admin = Store::connect(
                         &StoreOptions::new(url),
                         Arc::new(tasker_domain::SystemClock),
                     )
                     .await?;
-                    // The test's own pool may still hold a transaction open (its runtime is
-                    // blocked in this drop): end those sessions, then drop the schema.
-                    admin
-                        .execute_unprepared(&format!(
-                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                             WHERE application_name = '{schema}'"
-                        ))
-                        .await?;
-                    admin
-                        .execute_unprepared(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                        .await?;
+                    admin.drop_schema(&schema).await?;
                     admin.close().await
                 })
             })

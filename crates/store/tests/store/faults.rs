@@ -201,10 +201,9 @@ async fn a_writer_holding_the_lock_past_the_busy_timeout_is_a_busy_fault() {
     for round in 0..5 {
         write_round(&store, round, Fault::Busy, &mut acked).await;
     }
+    // Each write waits out the whole busy timeout: one round shows it.
     let blocker = db.block_writes().await;
-    for round in 5..10 {
-        write_round(&store, round, Fault::Busy, &mut acked).await;
-    }
+    write_round(&store, 5, Fault::Busy, &mut acked).await;
     assert_eq!(
         acked.tasks.len(),
         5,
@@ -235,7 +234,7 @@ async fn a_writer_holding_the_lock_past_the_busy_timeout_is_a_busy_fault() {
 
 /// PostgreSQL when configured (see `testing::postgres_url`).
 async fn postgres(clock: Arc<ManualClock>) -> Option<TestDatabase> {
-    let url = tasker_store::testing::postgres_url("the PostgreSQL fault test")?;
+    let url = tasker_store::testing::postgres_url()?;
     Some(TestDatabase::postgres(&url, clock).await)
 }
 
@@ -280,15 +279,11 @@ async fn postgres_sessions_ended_mid_transaction_and_statement_timeouts_lose_not
         let store = patient.clone();
         async move { store.create_task(order("shop", "fulfil", 200)).await }
     });
-    // The create is inside its transaction once its INSERT waits on the lock (another
-    // process's state: looked at every few milliseconds, for at most 30 s).
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while db.waiting_sessions().await == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the create waits on the lock");
+    // The create is inside its transaction once its INSERT waits on the lock.
+    assert!(
+        db.until_a_session_waits(Duration::from_secs(30)).await,
+        "the create waits on the lock"
+    );
     assert!(db.terminate_sessions().await > 0);
     let ended = waiting.await.unwrap();
     assert!(
