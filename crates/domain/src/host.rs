@@ -1,6 +1,12 @@
 //! Host-name patterns of the allowlists (the server's own host names, the `http` handler's
 //! destinations): an exact name, or `*.example.com` for every subdomain of a name.
 
+/// The address a host written as an IP address stands for (`10.0.0.1`, `::1`, `[::1]`);
+/// `None` for a host name.
+pub fn ip_literal(host: &str) -> Option<std::net::IpAddr> {
+    host.trim_matches(['[', ']']).parse().ok()
+}
+
 /// A host name, or every subdomain of one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPattern {
@@ -44,6 +50,21 @@ impl HostPattern {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_literals_are_told_from_names() {
+        assert_eq!(ip_literal("10.0.0.1"), Some([10, 0, 0, 1].into()));
+        assert_eq!(
+            ip_literal("[::1]"),
+            Some(std::net::Ipv6Addr::LOCALHOST.into())
+        );
+        assert_eq!(
+            ip_literal("::1"),
+            Some(std::net::Ipv6Addr::LOCALHOST.into())
+        );
+        assert_eq!(ip_literal("localhost"), None);
+        assert_eq!(ip_literal("10.0.0.1.example.com"), None);
+    }
 
     #[test]
     fn exact_names_and_subdomains_match() {

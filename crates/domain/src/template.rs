@@ -20,6 +20,11 @@ pub const MAX_STEPS: usize = 10_000;
 pub const MAX_ATTEMPTS: u32 = 100;
 /// The longest timeout or backoff cap, in seconds (30 days).
 pub const MAX_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
+
+/// Whether `seconds` is a duration a template or a worker may ask for: 0 to [`MAX_SECONDS`].
+pub fn seconds_in_range(seconds: f64) -> bool {
+    seconds.is_finite() && (0.0..=MAX_SECONDS).contains(&seconds)
+}
 const MAX_NAME_LEN: usize = 64;
 const MAX_HANDLER_LEN: usize = 128;
 const MAX_DESCRIPTION_LEN: usize = 4096;
@@ -170,19 +175,13 @@ impl TaskTemplate {
 
     /// The step DAG, nodes in declaration order. Validation guarantees it is acyclic.
     pub fn dag(&self) -> Dag {
-        let index: HashMap<&str, usize> = self
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, step)| (step.name.as_str(), i))
-            .collect();
-        let edges = self.steps.iter().enumerate().flat_map(|(child, step)| {
-            let index = &index;
+        let names: Vec<&str> = self.steps.iter().map(|step| step.name.as_str()).collect();
+        let edges = self.steps.iter().flat_map(|step| {
             step.depends_on
                 .iter()
-                .filter_map(move |parent| index.get(parent.as_str()).map(|&p| (p, child)))
+                .map(|parent| (parent.as_str(), step.name.as_str()))
         });
-        Dag::new(self.steps.len(), edges)
+        Dag::from_keys(&names, edges)
     }
 
     /// Checks a task context against the template's `context_schema` (any context passes when
@@ -391,7 +390,7 @@ impl<'a> ObjectReader<'a> {
             _ => None,
         };
         match seconds {
-            Some(s) if s.is_finite() && (0.0..=MAX_SECONDS).contains(&s) => Some(s),
+            Some(s) if seconds_in_range(s) => Some(s),
             Some(_) => {
                 problems.push(
                     self.path(key),

@@ -66,12 +66,16 @@ pub fn check_worker_id(worker_id: &str, path: &str) -> Result<(), Problem> {
 /// A worker's "retry after" is a number of seconds from 0 to the longest delay a template
 /// may declare.
 pub fn check_retry_after(seconds: f64, path: &str) -> Result<(), Problem> {
-    if seconds.is_finite() && (0.0..=crate::template::MAX_SECONDS).contains(&seconds) {
+    if crate::template::seconds_in_range(seconds) {
         Ok(())
     } else {
         Err(Problem::new(
             path,
-            "must be a number of seconds from 0 to 30 days",
+            format!(
+                "must be a number of seconds from 0 to {} ({} days)",
+                crate::template::MAX_SECONDS,
+                crate::template::MAX_SECONDS / 86_400.0
+            ),
         ))
     }
 }

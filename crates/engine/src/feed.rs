@@ -93,16 +93,6 @@ impl EventFeed {
     }
 }
 
-/// Logs a failed read that will be retried: a database fault only at debug (the store logs
-/// each fault episode once), anything else at warn.
-fn read_failed(what: &str, err: &tasker_store::Error) {
-    if err.is_fault() {
-        tracing::debug!(error = %err, "{what}");
-    } else {
-        tracing::warn!(error = %err, "{what}");
-    }
-}
-
 /// The feed's task: after each signal, reads everything new and broadcasts it; stops when no
 /// subscription is left.
 async fn read(inner: Arc<Inner>) {
@@ -124,7 +114,9 @@ async fn read(inner: Arc<Inner>) {
                     position = Some(now);
                     inner.position.send_replace(now);
                 }
-                Err(err) => read_failed("reading the event log's head failed", &err),
+                Err(err) => {
+                    crate::retried("reading the event log's head failed", &err);
+                }
             }
         }
         if let Some(head) = position.as_mut() {
@@ -163,7 +155,7 @@ async fn broadcast_new(inner: &Inner, head: &mut Option<EventCursor>) {
             }
             Ok(_) => return,
             Err(err) => {
-                read_failed("reading the event log for subscriptions failed", &err);
+                crate::retried("reading the event log for subscriptions failed", &err);
                 return;
             }
         }
@@ -283,7 +275,7 @@ impl Follow {
         let head = match self.store.event_head().await {
             Ok(head) => head,
             Err(err) => {
-                read_failed("reading the event log for a subscription failed", &err);
+                crate::retried("reading the event log for a subscription failed", &err);
                 self.pause().await;
                 return;
             }
@@ -300,7 +292,7 @@ impl Follow {
                 self.ready.extend(page);
             }
             Err(err) => {
-                read_failed("reading the event log for a subscription failed", &err);
+                crate::retried("reading the event log for a subscription failed", &err);
                 self.pause().await;
             }
         }

@@ -51,14 +51,35 @@ impl Error {
     }
 }
 
+/// An error of background work, which is retried.
+pub(crate) trait Retried: std::fmt::Display {
+    /// Whether it is a database fault, whose episode the store logs once.
+    fn is_fault(&self) -> bool;
+}
+
+impl Retried for tasker_store::Error {
+    fn is_fault(&self) -> bool {
+        tasker_store::Error::is_fault(self)
+    }
+}
+
+impl Retried for Error {
+    fn is_fault(&self) -> bool {
+        Error::is_fault(self)
+    }
+}
+
 /// Logs a failure of background work that will be retried: at warn, unless it is a database
 /// fault, which the store logs once per episode (a full disk must not flood the log).
-pub(crate) fn retried(what: &str, is_fault: bool, err: &dyn std::fmt::Display) {
-    if is_fault {
+/// Returns whether it was a fault.
+pub(crate) fn retried(what: &str, err: &impl Retried) -> bool {
+    let fault = err.is_fault();
+    if fault {
         tracing::debug!(error = %err, "{what}");
     } else {
         tracing::warn!(error = %err, "{what}");
     }
+    fault
 }
 
 /// Result alias for engine operations.
@@ -75,7 +96,7 @@ pub enum Decision {
 pub const MAX_CLAIM_WAIT: Duration =
     Duration::from_secs(tasker_domain::worker::WAIT_SECONDS.max as u64);
 /// The slow safety sweep behind the timers.
-const SAFETY_SWEEP: Duration = Duration::from_secs(5);
+pub(crate) const SAFETY_SWEEP: Duration = Duration::from_secs(5);
 
 /// The orchestrator shared by the API, the worker pool and the maintenance loop.
 pub struct Engine {
@@ -333,13 +354,15 @@ impl Engine {
         loop {
             let mut sleep_for = SAFETY_SWEEP;
             if let Err(err) = self.wake_parked_steps().await {
-                retried("waking timers failed", err.is_fault(), &err);
+                retried("waking timers failed", &err);
             }
             // Events a crashed writer committed but could not number yet.
             match self.store.sequence_events().await {
                 Ok(0) => {}
                 Ok(_) => self.store.note_events_appended(),
-                Err(err) => retried("numbering events failed", err.is_fault(), &err),
+                Err(err) => {
+                    retried("numbering events failed", &err);
+                }
             }
             match self.store.expire_leases().await {
                 Ok(expired) if expired > 0 => {
@@ -347,7 +370,9 @@ impl Engine {
                     self.work_available();
                 }
                 Ok(_) => {}
-                Err(err) => retried("lease sweep failed", err.is_fault(), &err),
+                Err(err) => {
+                    retried("lease sweep failed", &err);
+                }
             }
             // Retries whose time has come are claimable now.
             self.work_available();
@@ -358,7 +383,9 @@ impl Engine {
                     sleep_for = sleep_for.min(Duration::from_millis(wait));
                 }
                 Ok(None) => {}
-                Err(err) => retried("timer query failed", err.is_fault(), &err),
+                Err(err) => {
+                    retried("timer query failed", &err);
+                }
             }
             tokio::select! {
                 () = tokio::time::sleep(sleep_for) => {}

@@ -47,7 +47,8 @@ impl fmt::Display for Refusal {
             IpAddr::V6(v6) => format!("[{v6}]"),
             IpAddr::V4(v4) => v4.to_string(),
         };
-        let named = if self.host.trim_matches(['[', ']']) == self.address.to_string() {
+        let literal = tasker_domain::host::ip_literal(&self.host).is_some();
+        let named = if literal {
             format!("{address} is")
         } else {
             format!("{} resolves to {address},", self.host)
@@ -56,11 +57,7 @@ impl fmt::Display for Refusal {
             f,
             "the destination is refused: {named} a {} address; allow it with {ALLOW_SETTING}, e.g. --http-allow {}",
             self.rule,
-            if self.host.parse::<IpAddr>().is_ok() || self.host.starts_with('[') {
-                address
-            } else {
-                self.host.clone()
-            }
+            if literal { address } else { self.host.clone() }
         )
     }
 }
@@ -83,7 +80,7 @@ impl OutboundPolicy {
             }
             if let Ok(network) = entry.parse::<IpNet>() {
                 policy.networks.push(canonical(network.trunc()));
-            } else if let Ok(address) = entry.trim_matches(['[', ']']).parse::<IpAddr>() {
+            } else if let Some(address) = tasker_domain::host::ip_literal(entry) {
                 policy.networks.push(IpNet::from(address.to_canonical()));
             } else if entry.contains('/') {
                 return Err(invalid("not a network in CIDR notation"));
@@ -126,9 +123,9 @@ impl OutboundPolicy {
         let Some(host) = url.host_str() else {
             return Ok(());
         };
-        match host.trim_matches(['[', ']']).parse::<IpAddr>() {
-            Ok(address) => self.check(host, address),
-            Err(_) => Ok(()),
+        match tasker_domain::host::ip_literal(host) {
+            Some(address) => self.check(host, address),
+            None => Ok(()),
         }
     }
 }

@@ -6,23 +6,24 @@ use crate::Engine;
 use futures::Stream;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 use tasker_domain::Within;
 
 /// Counted up to this many: enough to say "plenty".
 const COUNT_CAP: u32 = 1000;
 /// Filters remembered at most; beyond, the memory starts over.
 const MAX_REMEMBERED_FILTERS: usize = 1024;
-/// The safety sweep behind the work signal: time alone can make steps ready.
-const SWEEP: Duration = Duration::from_secs(5);
 
 /// A waiter's filter: handlers (sorted, distinct) and namespaces.
 type ReadyFilter = (Vec<String>, Within);
 
-/// Per filter, the signal generation it was counted at and the count.
+/// The last count of one filter: the signal generation it was made at, and the count.
+type LastCount = Arc<tokio::sync::Mutex<Option<(u64, u64)>>>;
+
+/// Per filter, its last count, behind a lock of its own: waiters on one filter share a
+/// count, and waiters on different filters never wait for each other's queries.
 #[derive(Debug, Default)]
 pub(crate) struct ReadyCounts {
-    counts: tokio::sync::Mutex<HashMap<ReadyFilter, (u64, u64)>>,
+    filters: std::sync::Mutex<HashMap<ReadyFilter, LastCount>>,
 }
 
 impl ReadyCounts {
@@ -32,8 +33,20 @@ impl ReadyCounts {
         (handlers, within)
     }
 
+    /// The last count of `filter` (held only for the lookup).
+    fn last_count(&self, filter: &ReadyFilter) -> LastCount {
+        let mut filters = self.filters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(last) = filters.get(filter) {
+            return last.clone();
+        }
+        if filters.len() >= MAX_REMEMBERED_FILTERS {
+            filters.clear();
+        }
+        filters.entry(filter.clone()).or_default().clone()
+    }
+
     /// The count for `filter` at `generation`: the one already made for it, unless `fresh`;
-    /// otherwise `count` runs (one at a time, so waiters waking together share it).
+    /// otherwise `count` runs (one at a time per filter, so waiters waking together share it).
     async fn count<F, Fut>(
         &self,
         filter: &ReadyFilter,
@@ -45,18 +58,16 @@ impl ReadyCounts {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = tasker_store::Result<u64>>,
     {
-        let mut counts = self.counts.lock().await;
+        let last = self.last_count(filter);
+        let mut last = last.lock().await;
         if !fresh
-            && let Some((at, ready)) = counts.get(filter)
-            && *at == generation
+            && let Some((at, ready)) = *last
+            && at == generation
         {
-            return Ok(*ready);
+            return Ok(ready);
         }
         let ready = count().await?;
-        if counts.len() >= MAX_REMEMBERED_FILTERS {
-            counts.clear();
-        }
-        counts.insert(filter.clone(), (generation, ready));
+        *last = Some((generation, ready));
         Ok(ready)
     }
 }
@@ -84,7 +95,7 @@ impl Engine {
                     // with every waiter alike.
                     let mut fresh = first;
                     if !first {
-                        match tokio::time::timeout(SWEEP, signal.changed()).await {
+                        match tokio::time::timeout(crate::SAFETY_SWEEP, signal.changed()).await {
                             Ok(Err(_)) => return None,
                             Ok(Ok(())) => {}
                             Err(_) => fresh = true,
@@ -103,7 +114,9 @@ impl Engine {
                     match counted {
                         Ok(0) => {}
                         Ok(ready) => return Some((ready, (engine, signal, filter, first))),
-                        Err(err) => tracing::warn!(error = %err, "counting ready steps failed"),
+                        Err(err) => {
+                            crate::retried("counting ready steps failed", &err);
+                        }
                     }
                 }
             },
@@ -146,5 +159,39 @@ mod tests {
             4,
             "a new signal, a fresh sweep, another filter"
         );
+    }
+
+    #[tokio::test]
+    async fn a_slow_count_of_one_filter_does_not_hold_up_another() {
+        let counts = Arc::new(ReadyCounts::default());
+        let (started, counting) = tokio::sync::oneshot::channel::<()>();
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let slow = tokio::spawn({
+            let counts = counts.clone();
+            async move {
+                let filter = ReadyCounts::key(vec!["slow".into()], Within::Any);
+                counts
+                    .count(&filter, 1, false, || async move {
+                        started.send(()).unwrap();
+                        held.await.unwrap();
+                        Ok(7)
+                    })
+                    .await
+            }
+        });
+        counting.await.unwrap();
+        let fast = ReadyCounts::key(vec!["fast".into()], Within::Any);
+        let answered = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            counts.count(&fast, 1, false, || async { Ok(3) }),
+        )
+        .await;
+        assert_eq!(
+            answered.unwrap().unwrap(),
+            3,
+            "not held up by the slow count"
+        );
+        release.send(()).unwrap();
+        assert_eq!(slow.await.unwrap().unwrap(), 7);
     }
 }

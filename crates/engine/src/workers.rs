@@ -35,8 +35,8 @@ impl Default for WorkerPoolConfig {
 
 type Finished = (Uuid, Outcome);
 
-/// How soon outcomes the database could not take are offered again.
-const RECORD_RETRY: Duration = Duration::from_millis(500);
+/// How soon the pool tries again what the database could not take: a claim, or outcomes.
+const FAULT_RETRY: Duration = Duration::from_millis(500);
 
 impl Engine {
     /// The embedded worker pool, to run until `shutdown` changes; an error (the `http`
@@ -87,13 +87,9 @@ impl Engine {
                 match self.store.claim_steps(&request).await {
                     Ok(steps) => claimed = steps,
                     Err(err) => {
-                        crate::retried(
-                            "the worker pool could not claim steps",
-                            err.is_fault(),
-                            &err,
-                        );
+                        crate::retried("the worker pool could not claim steps", &err);
                         tokio::select! {
-                            () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                            () = tokio::time::sleep(FAULT_RETRY) => continue,
                             _ = shutdown.changed() => return,
                         }
                     }
@@ -119,7 +115,7 @@ impl Engine {
                 // The database cannot take them now: keep them (their leases still hold) and
                 // try again shortly, rather than let the leases expire and spend attempts.
                 tokio::select! {
-                    () = tokio::time::sleep(RECORD_RETRY) => continue,
+                    () = tokio::time::sleep(FAULT_RETRY) => continue,
                     _ = shutdown.changed() => return,
                 }
             }
@@ -159,7 +155,6 @@ impl Engine {
             Err(err) => {
                 crate::retried(
                     "reading the inputs of http steps failed; their leases will expire and they will run again",
-                    err.is_fault(),
                     &err,
                 );
                 return 0;
@@ -203,24 +198,15 @@ impl Engine {
                         retryable,
                         retry_after_seconds,
                     };
-                    if let Err(err) = self.fail(&failure).await {
-                        crate::retried("recording a failed attempt failed", err.is_fault(), &err);
-                        if err.is_fault() {
-                            let AttemptFailure {
-                                message,
-                                retryable,
-                                retry_after_seconds,
-                                ..
-                            } = failure;
-                            unrecorded.push((
-                                lease_token,
-                                Outcome::Fail {
-                                    message,
-                                    retryable,
-                                    retry_after_seconds,
-                                },
-                            ));
-                        }
+                    if let Err(err) = self.fail(&failure).await
+                        && crate::retried("recording a failed attempt failed", &err)
+                    {
+                        let outcome = Outcome::Fail {
+                            message: failure.message,
+                            retryable,
+                            retry_after_seconds,
+                        };
+                        unrecorded.push((lease_token, outcome));
                     }
                 }
                 Outcome::Park { wake_at_ms } => {
@@ -232,8 +218,7 @@ impl Engine {
                     match self.store.park_step(lease_token, wake_at_ms, holder).await {
                         Ok(()) => parked += 1,
                         Err(err) => {
-                            crate::retried("parking a step failed", err.is_fault(), &err);
-                            if err.is_fault() {
+                            if crate::retried("parking a step failed", &err) {
                                 unrecorded.push((lease_token, Outcome::Park { wake_at_ms }));
                             }
                         }
@@ -245,15 +230,14 @@ impl Engine {
             // A wake time may be earlier than the one the timer sleeps toward.
             self.timers.notify_one();
         }
-        if let Err(err) = self.complete(&completions).await {
-            crate::retried("recording completed steps failed", err.is_fault(), &err);
-            if err.is_fault() {
-                unrecorded.extend(
-                    completions
-                        .into_iter()
-                        .map(|c| (c.lease_token, Outcome::Complete(c.results))),
-                );
-            }
+        if let Err(err) = self.complete(&completions).await
+            && crate::retried("recording completed steps failed", &err)
+        {
+            unrecorded.extend(
+                completions
+                    .into_iter()
+                    .map(|c| (c.lease_token, Outcome::Complete(c.results))),
+            );
         }
         unrecorded
     }

@@ -168,19 +168,13 @@ impl Store {
         for &task_id in task_ids {
             let own: Vec<&workflow_step::Model> =
                 steps.iter().filter(|s| s.task_id == task_id).collect();
-            let index: HashMap<Uuid, usize> =
-                own.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
-            let dag = Dag::new(
-                own.len(),
+            let ids: Vec<Uuid> = own.iter().map(|s| s.id).collect();
+            let dag = Dag::from_keys(
+                &ids,
                 edges
                     .iter()
                     .filter(|e| e.task_id == task_id)
-                    .filter_map(|e| {
-                        Some((
-                            *index.get(&e.parent_step_id)?,
-                            *index.get(&e.child_step_id)?,
-                        ))
-                    }),
+                    .map(|e| (e.parent_step_id, e.child_step_id)),
             );
             let progress: Vec<StepProgress> = own
                 .iter()
