@@ -120,17 +120,39 @@ impl App {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        tasker_api::serve(self.listener, self.router, shutdown).await?;
-        let _ = self.stop.send(true);
-        for task in self.background {
-            if let Err(err) = task.await {
-                tracing::error!(error = %err, "a background task ended abnormally");
-            }
-        }
-        self.store.close().await?;
-        tracing::info!("stopped");
-        Ok(())
+        let App {
+            listener,
+            router,
+            store,
+            stop,
+            background,
+            ..
+        } = self;
+        tasker_api::serve(listener, router, shutdown).await?;
+        stop_background(stop, background, store).await
     }
+
+    /// Stops the background tasks (the batch in hand is recorded) and closes the database,
+    /// without serving: for a caller that only wanted the engine running (the benchmark).
+    pub async fn stop(self) -> anyhow::Result<()> {
+        stop_background(self.stop, self.background, self.store).await
+    }
+}
+
+async fn stop_background(
+    stop: watch::Sender<bool>,
+    background: Vec<JoinHandle<()>>,
+    store: Store,
+) -> anyhow::Result<()> {
+    let _ = stop.send(true);
+    for task in background {
+        if let Err(err) = task.await {
+            tracing::error!(error = %err, "a background task ended abnormally");
+        }
+    }
+    store.close().await?;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 /// Connects to the configured database and applies the migrations.

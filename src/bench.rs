@@ -207,7 +207,7 @@ async fn measure(
     let steps = template.steps.len() * ids.len();
     let (p50, p99) = handoff_latencies(store, &ids).await?;
     // Stops the pool and closes the database.
-    app.serve(std::future::ready(())).await?;
+    app.stop().await?;
     Ok(Measurement {
         backend: backend.to_owned(),
         scenario: scenario.key.to_owned(),
@@ -300,8 +300,8 @@ impl Database {
         })
     }
 
+    /// Removes the database; the scenario's app closed its store.
     async fn drop(self) -> anyhow::Result<()> {
-        self.store.close().await?;
         if let Some((url, schema)) = self.cleanup {
             let admin = Store::connect(&StoreOptions::new(url), Arc::new(SystemClock)).await?;
             admin.drop_schema(&schema).await?;

@@ -278,9 +278,8 @@ pub struct Settings {
     /// How tokens are checked; `None`: no key configured.
     pub auth: Option<tasker_api::auth::AuthSettings>,
     pub insecure_no_auth: bool,
-    /// Which web pages and host names are served. The default is for a server without
-    /// authentication (host names checked); with `auth`, build it with
-    /// `BrowserPolicy::new(…, true)` as `load` does.
+    /// Which web pages and host names are served besides the server's own and local ones
+    /// (whether `Host` is checked follows from `auth`).
     pub browser: tasker_api::BrowserPolicy,
     /// Where the `http` handler may connect.
     pub outbound: tasker_engine::OutboundPolicy,
@@ -378,7 +377,6 @@ impl Settings {
         let browser = tasker_api::BrowserPolicy::new(
             &list(&cli.allowed_origins, &file.allowed_origins),
             &list(&cli.allowed_hosts, &file.allowed_hosts),
-            auth.is_some(),
         )?;
         let outbound =
             tasker_engine::OutboundPolicy::allowing(&list(&cli.http_allow, &file.http_allow))?;
@@ -503,6 +501,15 @@ mod tests {
         Cli::try_parse_from(std::iter::once("tasker").chain(args.iter().copied())).unwrap()
     }
 
+    /// A TOML file holding `text`, and its path (the directory goes when dropped).
+    fn config_file(text: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasker.toml");
+        std::fs::write(&path, text).unwrap();
+        let path = path.to_str().unwrap().to_owned();
+        (dir, path)
+    }
+
     #[test]
     fn defaults_need_no_configuration() {
         let settings = Settings::load(&parse(&[])).unwrap();
@@ -516,14 +523,10 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_file_and_credentials_are_never_shown() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tasker.toml");
-        std::fs::write(
-            &path,
+        let (_dir, config) = config_file(
             "bind = \"127.0.0.1:9000\"\nexamples = false\ndatabase_url = \"postgres://admin:secret@db:5432/tasker\"\n",
-        )
-        .unwrap();
-        let config = path.to_str().unwrap();
+        );
+        let config = config.as_str();
         let settings = Settings::load(&parse(&["serve", "--config", config])).unwrap();
         assert_eq!(settings.bind.to_string(), "127.0.0.1:9000");
         assert!(!settings.examples);
@@ -535,14 +538,10 @@ mod tests {
 
     #[test]
     fn allowlists_come_from_flags_or_the_file_and_bad_entries_stop_the_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tasker.toml");
-        std::fs::write(
-            &path,
+        let (_dir, config) = config_file(
             "allowed_origins = [\"https://dash.example.com\"]\nhttp_allow = [\"10.0.0.0/8\"]\n",
-        )
-        .unwrap();
-        let config = path.to_str().unwrap();
+        );
+        let config = config.as_str();
         let from_file = Settings::load(&parse(&["--config", config])).unwrap();
         let expected = tasker_engine::OutboundPolicy::allowing(&["10.0.0.0/8"]).unwrap();
         assert_eq!(from_file.outbound, expected);
@@ -569,10 +568,8 @@ mod tests {
 
     #[test]
     fn unknown_file_settings_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tasker.toml");
-        std::fs::write(&path, "bnid = \"127.0.0.1:9000\"\n").unwrap();
-        let cli = parse(&["--config", path.to_str().unwrap()]);
+        let (_dir, config) = config_file("bnid = \"127.0.0.1:9000\"\n");
+        let cli = parse(&["--config", &config]);
         assert!(Settings::load(&cli).is_err());
     }
 }

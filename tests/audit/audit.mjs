@@ -49,14 +49,18 @@ const address = await new Promise((resolve, reject) => {
 
 const url = `http://${address}/graphql`;
 const counts = { ok: 0, notice: 0, warn: 0, error: 0 };
-for (const audit of serverAudits({ url })) {
-  const result = await audit.fn();
-  counts[result.status] += 1;
-  const mark = { ok: 'ok    ', notice: 'notice', warn: 'WARN  ', error: 'ERROR ' }[result.status];
-  const reason = result.status === 'ok' ? '' : ` — ${result.reason}`;
-  console.log(`${mark} ${audit.id} ${audit.name}${reason}`);
+try {
+  for (const audit of serverAudits({ url })) {
+    const result = await audit.fn();
+    counts[result.status] += 1;
+    const mark = { ok: 'ok    ', notice: 'notice', warn: 'WARN  ', error: 'ERROR ' }[result.status];
+    const reason = result.status === 'ok' ? '' : ` — ${result.reason}`;
+    console.log(`${mark} ${audit.id} ${audit.name}${reason}`);
+  }
+} finally {
+  // Also when an audit throws: no server or data directory is left behind.
+  stop();
 }
-stop();
 console.log(
   `\n${counts.ok} passed, ${counts.error} failures (MUST), ${counts.warn} warnings (SHOULD), ${counts.notice} notices (MAY) against ${url}`,
 );

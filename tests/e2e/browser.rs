@@ -524,8 +524,8 @@ async fn a_long_poll_outlives_the_request_timeout() {
         .await;
     assert_eq!(claimed["claimSteps"]["leases"], json!([]));
     assert!(
-        started.elapsed() > std::time::Duration::from_millis(200),
-        "the request outlived its timeout"
+        started.elapsed() >= std::time::Duration::from_secs(1),
+        "the claim waited its full second, past the 200 ms request timeout"
     );
 }
 
@@ -606,17 +606,7 @@ async fn the_browser_exploit_chain_fails_at_every_step() {
         .await["task"]["id"]
         .clone();
     let query = "query($id: ID!) { task(id: $id) { state steps { state results lastError } } }";
-    let mut finished = server.engine.finished_tasks();
-    let task = loop {
-        let task = server.data(query, json!({ "id": id })).await["task"].clone();
-        if task["state"] == "ERROR" || task["state"] == "COMPLETE" {
-            break task;
-        }
-        tokio::time::timeout(std::time::Duration::from_secs(30), finished.changed())
-            .await
-            .expect("the task finishes")
-            .unwrap();
-    };
+    let task = server.finished_task(query, &id).await;
     assert_eq!(task["state"], "ERROR", "{task:#}");
     assert!(
         task["steps"][0]["results"].is_null(),

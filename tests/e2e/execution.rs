@@ -33,21 +33,12 @@ async fn the_embedded_pool_runs_built_in_steps_to_completion() {
     for db in TestDatabase::all(std::sync::Arc::new(tasker_domain::SystemClock)).await {
         let server = TestServer::start_running(db).await;
         server.register(BUILT_IN).await;
-        let mut finished = server.engine.finished_tasks();
         let created = server
             .create_task(json!({ "namespace": "demo", "template": "builtin" }))
             .await;
         let id = created["task"]["id"].clone();
-        let task = loop {
-            let task = server.data(TASK, json!({ "id": id })).await["task"].clone();
-            if task["state"] == "COMPLETE" {
-                break task;
-            }
-            tokio::time::timeout(Duration::from_secs(30), finished.changed())
-                .await
-                .expect("the task finishes")
-                .unwrap();
-        };
+        let task = server.finished_task(TASK, &id).await;
+        assert_eq!(task["state"], "COMPLETE", "{task:#}");
         assert_eq!(task["executionStatus"], "ALL_COMPLETE");
         assert_eq!(task["completionPercentage"], 100.0);
         assert_eq!(task["steps"][0]["results"], json!({ "greeting": "hello" }));
@@ -483,21 +474,11 @@ steps:
 "#
     .replace("SERVICE", &service);
     server.register(&template).await;
-    let mut finished = server.engine.finished_tasks();
     let id = server
         .create_task(json!({ "namespace": "web", "template": "calls", "context": { "order_id": 7, "token": "s3cret" } }))
         .await["task"]["id"]
         .clone();
-    let task = loop {
-        let task = server.data(TASK, json!({ "id": id })).await["task"].clone();
-        if task["state"] != "IN_PROGRESS" && task["state"] != "PENDING" {
-            break task;
-        }
-        tokio::time::timeout(Duration::from_secs(30), finished.changed())
-            .await
-            .expect("the task finishes")
-            .unwrap();
-    };
+    let task = server.finished_task(TASK, &id).await;
     assert_eq!(task["state"], "COMPLETE", "{task:#}");
     assert_eq!(
         task["steps"][1]["results"],
@@ -616,17 +597,7 @@ async fn workers_publish_the_custom_events_their_template_declares() {
 /// The steps of a task once none of them can change any more without a person.
 async fn settled_steps(server: &TestServer, id: &Value) -> Value {
     let query = "query($id: ID!) { task(id: $id) { state steps { name state attempts lastError nextAttemptAt results } } }";
-    let mut finished = server.engine.finished_tasks();
-    loop {
-        let task = server.data(query, json!({ "id": id })).await["task"].clone();
-        if task["state"] == "COMPLETE" || task["state"] == "ERROR" {
-            return task["steps"].clone();
-        }
-        tokio::time::timeout(Duration::from_secs(30), finished.changed())
-            .await
-            .unwrap_or_else(|_| panic!("the task never finished: {task:#}"))
-            .unwrap();
-    }
+    server.finished_task(query, id).await["steps"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

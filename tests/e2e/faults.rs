@@ -4,7 +4,7 @@
 
 use crate::binary::post;
 use serde_json::{Value, json};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::mpsc;
 
 const TEMPLATE: &str = "namespace: shop\nname: order\nversion: 1.0.0\nsteps:\n  - {name: a, handler: ext.a}\n  - {name: b, handler: ext.b, depends_on: [a]}\n";
@@ -234,11 +234,7 @@ async fn a_full_disk_never_turns_into_acknowledged_writes_that_vanish() {
         "every event once, in order, across the fault"
     );
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(crate::binary::terminate(&mut child).success());
     // The reader thread ends at the log's end: every line is here.
     let lines: Vec<String> = logs.iter().collect();
     let began = lines
@@ -324,9 +320,5 @@ async fn a_full_disk_never_turns_into_acknowledged_writes_that_vanish() {
         log,
         "the log survived as it was served"
     );
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    child.wait().unwrap();
+    crate::binary::terminate(&mut child);
 }

@@ -84,7 +84,7 @@ impl TestServer {
         origins: &[&str],
         hosts: &[&str],
     ) -> TestServer {
-        let browser = tasker_api::BrowserPolicy::new(origins, hosts, auth.is_some()).unwrap();
+        let browser = tasker_api::BrowserPolicy::new(origins, hosts).unwrap();
         let settings = Settings {
             auth,
             http: limits,
@@ -151,6 +151,22 @@ impl TestServer {
             .expect("request sent");
         assert_eq!(response.status(), 200, "{}", self.backend());
         response.json().await.expect("a JSON body")
+    }
+
+    /// Task `id` as `query` (taking `$id` and selecting `task { state … }`) reads it once it
+    /// has finished; woken by the engine when tasks finish, for 30 s at most.
+    pub async fn finished_task(&self, query: &str, id: &Value) -> Value {
+        let mut finished = self.engine.finished_tasks();
+        loop {
+            let task = self.data(query, json!({ "id": id })).await["task"].clone();
+            if !matches!(task["state"].as_str(), Some("PENDING" | "IN_PROGRESS")) {
+                return task;
+            }
+            tokio::time::timeout(std::time::Duration::from_secs(30), finished.changed())
+                .await
+                .unwrap_or_else(|_| panic!("the task never finished: {task:#}"))
+                .unwrap();
+        }
     }
 
     /// The `data` of an operation that must succeed.

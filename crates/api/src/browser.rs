@@ -18,7 +18,6 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tasker_domain::HostPattern;
@@ -30,7 +29,8 @@ pub const ORIGINS_SETTING: &str =
 pub const HOSTS_SETTING: &str =
     "--allowed-hosts (TASKER_ALLOWED_HOSTS, allowed_hosts in the TOML file)";
 
-/// Which web origins and host names the server answers.
+/// Which web origins and host names the server answers. Whether `Host` is checked follows
+/// from the authentication mode, set when the router is built.
 #[derive(Debug, Clone)]
 pub struct BrowserPolicy {
     /// Origins besides the server's own whose pages may call the API, normalized
@@ -40,17 +40,13 @@ pub struct BrowserPolicy {
     /// subdomain).
     hosts: Vec<HostPattern>,
     /// Whether `Host` is checked: always without authentication, and with it when host names
-    /// are configured.
+    /// are configured (see [`BrowserPolicy::authenticated`]).
     check_host: bool,
 }
 
 impl BrowserPolicy {
-    /// The policy of these allowlists; `authenticated` tells whether callers need tokens.
-    pub fn new<S: AsRef<str>>(
-        origins: &[S],
-        hosts: &[S],
-        authenticated: bool,
-    ) -> Result<BrowserPolicy, ApiError> {
+    /// The policy of these allowlists, for a server without authentication.
+    pub fn new<S: AsRef<str>>(origins: &[S], hosts: &[S]) -> Result<BrowserPolicy, ApiError> {
         let origins = parse_entries(
             origins,
             "allowed_origins",
@@ -63,22 +59,29 @@ impl BrowserPolicy {
             HostPattern::parse,
             "a host name (no scheme, no port)",
         )?;
-        let check_host = !authenticated || !hosts.is_empty();
         Ok(BrowserPolicy {
             origins,
             hosts,
-            check_host,
-        })
+            check_host: true,
+        }
+        .authenticated(false))
     }
 
-    /// The default of a server without authentication: its own pages only, and only local
-    /// host names and addresses.
+    /// The default: the server's own pages only, and only local host names and addresses.
     pub fn local() -> BrowserPolicy {
         BrowserPolicy {
             origins: Vec::new(),
             hosts: Vec::new(),
             check_host: true,
         }
+    }
+
+    /// The same allowlists for a server whose callers need tokens (`true`) or not. Without
+    /// authentication `Host` is always checked (DNS rebinding); with it, only when host names
+    /// are configured, since a rebinding page has no token to send.
+    pub fn authenticated(self, authenticated: bool) -> BrowserPolicy {
+        let check_host = !authenticated || !self.hosts.is_empty();
+        BrowserPolicy { check_host, ..self }
     }
 
     /// Why this request must not be served, if it must not.
@@ -106,7 +109,7 @@ impl BrowserPolicy {
             return false;
         };
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        if name == "localhost" || name.trim_matches(['[', ']']).parse::<IpAddr>().is_ok() {
+        if name == "localhost" || tasker_domain::host::ip_literal(&name).is_some() {
             return true;
         }
         self.hosts.iter().any(|pattern| pattern.matches(&name))
@@ -262,7 +265,7 @@ mod tests {
 
     #[test]
     fn without_authentication_only_local_names_and_addresses_are_served() {
-        let policy = BrowserPolicy::new::<&str>(&[], &[], false).unwrap();
+        let policy = BrowserPolicy::local();
         for host in [
             "127.0.0.1:8080",
             "localhost:8080",
@@ -282,21 +285,22 @@ mod tests {
             assert!(!served(&policy, Some(host), None), "{host}");
         }
         assert!(served(&policy, None, None), "no Host: not a browser");
-        let listed =
-            BrowserPolicy::new(&[], &["tasker.internal", "*.corp.example"], false).unwrap();
+        let listed = BrowserPolicy::new(&[], &["tasker.internal", "*.corp.example"]).unwrap();
         assert!(served(&listed, Some("tasker.internal:8080"), None));
         assert!(served(&listed, Some("a.corp.example"), None));
         assert!(!served(&listed, Some("corp.example"), None));
         // With authentication the check is off unless hosts are configured.
-        let secured = BrowserPolicy::new::<&str>(&[], &[], true).unwrap();
+        let secured = BrowserPolicy::local().authenticated(true);
         assert!(served(&secured, Some("evil.example"), None));
-        let secured = BrowserPolicy::new(&[], &["tasker.example.com"], true).unwrap();
+        let secured = BrowserPolicy::new(&[], &["tasker.example.com"])
+            .map(|p| p.authenticated(true))
+            .unwrap();
         assert!(!served(&secured, Some("evil.example"), None));
     }
 
     #[test]
     fn only_the_servers_own_and_listed_origins_are_served() {
-        let policy = BrowserPolicy::new(&["https://Dash.example.com:443/"], &[], false).unwrap();
+        let policy = BrowserPolicy::new(&["https://Dash.example.com:443/"], &[]).unwrap();
         let host = Some("127.0.0.1:8080");
         assert!(served(&policy, host, None));
         assert!(served(&policy, host, Some("http://127.0.0.1:8080")));
@@ -332,10 +336,10 @@ mod tests {
             "https://x/path",
             "http://x:99999",
         ] {
-            let err = BrowserPolicy::new(&[bad], &[], false).unwrap_err();
+            let err = BrowserPolicy::new(&[bad], &[]).unwrap_err();
             assert!(err.to_string().contains("allowed_origins[0]"), "{err}");
         }
-        let err = BrowserPolicy::new(&[], &["http://x"], false).unwrap_err();
+        let err = BrowserPolicy::new(&[], &["http://x"]).unwrap_err();
         assert!(err.to_string().contains("allowed_hosts[0]"), "{err}");
     }
 }

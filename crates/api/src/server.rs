@@ -70,6 +70,7 @@ pub fn router(
     auth: AuthMode,
     browser: BrowserPolicy,
 ) -> Router {
+    let browser = browser.authenticated(matches!(auth, AuthMode::Jwt(_)));
     let quotas = crate::quota::Quotas::new(limits.quota.clone());
     let services = crate::access::Services::new(engine.clone());
     let state = AppState {
