@@ -420,8 +420,8 @@ async fn isolation_on(db: TestDatabase) {
         sockets.push((name, socket, variables));
     }
     assert!(
-        sockets.len() >= 3,
-        "events, taskUpdated, stepsAvailable at least"
+        sockets.len() >= 4,
+        "events, taskUpdated, tasksUpdated, stepsAvailable at least"
     );
     for _ in 0..2 {
         graphql(&server, &admin, "mutation { createTask(input: {namespace: \"billing\", template: \"fulfil\", context: {order_id: 2}}) { created } }", json!({})).await;
@@ -444,6 +444,7 @@ async fn isolation_on(db: TestDatabase) {
                     data["readySteps"], 1,
                     "only shop's ready step counts: {message}"
                 ),
+                "tasksUpdated" => assert_eq!(data["task"]["namespace"], "shop", "{message}"),
                 _ => assert_eq!(data["namespace"], "shop", "{message}"),
             }
         }

@@ -414,3 +414,213 @@ async fn a_subscriber_on_one_replica_receives_events_written_on_another() {
     // The replica stops and closes its database.
     serving.await.unwrap().unwrap();
 }
+
+const TASK_UPDATES: &str = "subscription($id: ID!, $after: String) { taskUpdated(id: $id, after: $after) { cursor last task { state } events { cursor name } } }";
+
+/// The next `next` payload's data for `field`, or `None` when the server completed the stream.
+async fn next_data(socket: &mut Socket, field: &str) -> Option<Value> {
+    let message = receive(socket).await;
+    match message["type"].as_str() {
+        Some("complete") => None,
+        Some("next") => {
+            assert!(message["payload"]["errors"].is_null(), "{message}");
+            Some(message["payload"]["data"][field].clone())
+        }
+        _ => panic!("unexpected message {message}"),
+    }
+}
+
+fn cursors(events: &Value) -> Vec<String> {
+    events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["cursor"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn claim_one(server: &TestServer, handler: &str) -> Value {
+    let leases = server
+        .data(
+            "mutation($h: String!) { claimSteps(input: { workerId: \"w\", handlers: [$h], limit: 1 }) { leases { leaseToken } } }",
+            json!({ "h": handler }),
+        )
+        .await;
+    leases["claimSteps"]["leases"][0]["leaseToken"].clone()
+}
+
+async fn complete_lease(server: &TestServer, token: &Value) {
+    server
+        .data(
+            "mutation($t: ID!) { completeStep(input: { leaseToken: $t }) { step { state } } }",
+            json!({ "t": token }),
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_updated_resumes_from_a_cursor_as_the_log_says_and_completes_when_the_task_ends() {
+    for server in TestServer::all().await {
+        server.register(PAIR).await;
+        let id = server
+            .create_task(json!({ "namespace": "ops", "template": "pair" }))
+            .await["task"]["id"]
+            .clone();
+        let mut first = subscribe(&server, "t", TASK_UPDATES, json!({ "id": id })).await;
+        let snapshot = next_data(&mut first, "taskUpdated").await.unwrap();
+        assert_eq!(snapshot["task"]["state"], "PENDING", "{}", server.backend());
+        assert_eq!(snapshot["events"], json!([]));
+        assert_eq!(snapshot["last"], false);
+
+        let a = claim_one(&server, "ext.a").await;
+        let started = next_data(&mut first, "taskUpdated").await.unwrap();
+        assert_eq!(started["task"]["state"], "IN_PROGRESS");
+        let seen = cursors(&started["events"]);
+        assert_eq!(started["cursor"].as_str(), seen.last().map(String::as_str));
+        drop(first);
+
+        // Away: a completes, b is claimed.
+        complete_lease(&server, &a).await;
+        let b = claim_one(&server, "ext.b").await;
+        let mut resumed = subscribe(
+            &server,
+            "t",
+            TASK_UPDATES,
+            json!({ "id": id, "after": started["cursor"] }),
+        )
+        .await;
+        let caught_up = next_data(&mut resumed, "taskUpdated").await.unwrap();
+        let polled = server
+            .data(
+                "query($f: EventFilterInput, $a: String) { events(filter: $f, after: $a, first: 100) { edges { cursor } } }",
+                json!({ "f": { "taskId": id }, "a": started["cursor"] }),
+            )
+            .await;
+        let polled: Vec<String> = polled["events"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["cursor"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(cursors(&caught_up["events"]), polled, "no gap, no repeat");
+        assert!(!polled.is_empty());
+        assert_eq!(caught_up["last"], false);
+
+        // b completes: the task ends, the last update says so, and the stream completes.
+        complete_lease(&server, &b).await;
+        let mut names = Vec::new();
+        let mut last = Value::Null;
+        while let Some(update) = next_data(&mut resumed, "taskUpdated").await {
+            names.extend(
+                update["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["name"].as_str().unwrap().to_owned()),
+            );
+            last = update;
+        }
+        assert_eq!(last["last"], true, "{last}");
+        assert_eq!(last["task"]["state"], "COMPLETE");
+        assert!(names.contains(&"task.completed".to_owned()), "{names:?}");
+
+        // Resuming after the end: the task as it is, marked last, then complete.
+        let mut after_end = subscribe(
+            &server,
+            "t",
+            TASK_UPDATES,
+            json!({ "id": id, "after": last["cursor"] }),
+        )
+        .await;
+        let end = next_data(&mut after_end, "taskUpdated").await.unwrap();
+        assert_eq!(end["last"], true);
+        assert_eq!(end["events"], json!([]));
+        assert!(next_data(&mut after_end, "taskUpdated").await.is_none());
+    }
+}
+
+/// The snapshot race: subscriptions opened while the change that ends the task commits. Each
+/// reads the log's head before the task, so whichever side of the commit it lands on, it sees
+/// the task end and completes (reading the task first would leave some waiting forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_committed_while_a_subscription_starts_is_delivered() {
+    let server = server().await;
+    server
+        .register(
+            "namespace: ops\nname: one\nversion: 1.0.0\nsteps:\n  - {name: x, handler: ext.x}\n",
+        )
+        .await;
+    for _ in 0..10 {
+        let id = server
+            .create_task(json!({ "namespace": "ops", "template": "one" }))
+            .await["task"]["id"]
+            .clone();
+        let lease = claim_one(&server, "ext.x").await;
+        let watchers = (0..6).map(|_| {
+            let server = &server;
+            let id = id.clone();
+            async move {
+                let mut socket = subscribe(server, "r", TASK_UPDATES, json!({ "id": id })).await;
+                let mut last = Value::Null;
+                while let Some(update) = next_data(&mut socket, "taskUpdated").await {
+                    last = update;
+                }
+                last
+            }
+        });
+        let (ends, ()) = tokio::join!(
+            futures::future::join_all(watchers),
+            complete_lease(&server, &lease)
+        );
+        for end in ends {
+            assert_eq!(end["task"]["state"], "COMPLETE", "{end}");
+            assert_eq!(end["last"], true);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_updated_follows_a_filtered_list_live_and_resumes() {
+    for server in TestServer::all().await {
+        let registered = server.register(PAIR).await;
+        assert_eq!(registered["result"], "CREATED");
+        let since = server
+            .data("{ events(first: 1) { edges { cursor } } }", json!({}))
+            .await["events"]["edges"][0]["cursor"]
+            .clone();
+        const LIST: &str = "subscription($after: String) { tasksUpdated(filter: {namespace: \"ops\", template: \"pair\", tags: [\"watched\"]}, after: $after) { cursor event { name cursor } task { id state tags } } }";
+        let mut list = subscribe(&server, "l", LIST, json!({ "after": since })).await;
+        let watched = server
+            .create_task(json!({ "namespace": "ops", "template": "pair", "tags": ["watched"] }))
+            .await["task"]["id"]
+            .clone();
+        server
+            .create_task(json!({ "namespace": "ops", "template": "pair" }))
+            .await;
+        let created = next_data(&mut list, "tasksUpdated").await.unwrap();
+        assert_eq!(
+            created["event"]["name"],
+            "task.created",
+            "{}",
+            server.backend()
+        );
+        assert_eq!(created["task"]["id"], watched);
+        assert_eq!(created["cursor"], created["event"]["cursor"]);
+
+        // Both tasks start; only the watched one is announced.
+        claim_one(&server, "ext.a").await;
+        claim_one(&server, "ext.a").await;
+        let started = next_data(&mut list, "tasksUpdated").await.unwrap();
+        assert_eq!(started["event"]["name"], "task.started");
+        assert_eq!(started["task"]["id"], watched);
+        assert_eq!(started["task"]["state"], "IN_PROGRESS");
+        drop(list);
+
+        // Resumed after the creation: the start comes again, with the same cursor.
+        let mut resumed =
+            subscribe(&server, "l", LIST, json!({ "after": created["cursor"] })).await;
+        let again = next_data(&mut resumed, "tasksUpdated").await.unwrap();
+        assert_eq!(again["cursor"], started["cursor"]);
+        assert_eq!(again["event"]["name"], "task.started");
+    }
+}

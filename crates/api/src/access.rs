@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
-use tasker_domain::{NamespaceScope, Permission, Within};
+use tasker_domain::{EventName, NamespaceScope, Permission, Within};
 use tasker_engine::{Decision, Engine, Follow};
 use tasker_store::{
     AttemptFailure, ClaimRequest, ClaimedStep, Completion, EventCursor, EventFilter, EventRecord,
@@ -68,6 +68,7 @@ pub(crate) mod can {
         TaskShow,
         TaskCreate,
         TaskRetry,
+        TaskUpdate,
         TaskCancel,
         StepShow,
         StepRetry,
@@ -380,6 +381,15 @@ impl Granted<'_, can::TaskRetry> {
     }
 }
 
+impl Granted<'_, can::TaskUpdate> {
+    /// Marks a failed task in scope as resolved by a person.
+    pub async fn resolve_task(&self, id: Uuid, reason: Option<String>) -> Result<Task> {
+        self.task_record(id).await?;
+        let task = self.engine.resolve_task(id, reason).await.gql()?;
+        Ok(Task::single(self.store().clone(), task))
+    }
+}
+
 impl Granted<'_, can::TaskCancel> {
     pub async fn cancel_task(&self, id: Uuid, reason: Option<String>) -> Result<Task> {
         self.task_record(id).await?;
@@ -391,6 +401,23 @@ impl Granted<'_, can::TaskCancel> {
 impl Granted<'_, can::StepRetry> {
     pub async fn retry_step(&self, id: Uuid, reason: Option<String>) -> Result<(Step, Task)> {
         self.change_step(id, StepAction::Retry, reason).await
+    }
+}
+
+/// What re-running from a step did, as the API shows it.
+pub(crate) struct Rerun {
+    pub task: Task,
+    /// The steps that went back to pending.
+    pub steps: Vec<Step>,
+}
+
+impl Granted<'_, can::StepRetry> {
+    /// Re-runs a step in scope and everything downstream of it.
+    pub async fn rerun_from_step(&self, id: Uuid, reason: Option<String>) -> Result<Rerun> {
+        self.check_step(id).await?;
+        let rerun = self.engine.rerun_from_step(id, reason).await.gql()?;
+        let (task, steps) = Task::with_steps(self.store().clone(), rerun.task, &rerun.reset);
+        Ok(Rerun { task, steps })
     }
 }
 
@@ -422,11 +449,26 @@ impl Granted<'_, can::StepUpdate> {
 
 /// A task after events about it committed.
 pub(crate) struct TaskChange {
+    /// Where in the log this change stands: resume after it.
+    pub cursor: EventCursor,
+    /// The task read after the events.
     pub task: Task,
     /// The steps the events are about.
     pub changed_steps: Vec<Step>,
     pub events: Vec<EventRecord>,
+    /// The task has ended and the log holds nothing more about it: the last change.
+    pub last: bool,
 }
+
+/// A task whose events appeared in the list-level stream.
+pub(crate) struct TaskListChange {
+    pub event: EventRecord,
+    /// The task as read after the batch of events this one arrived in.
+    pub task: Task,
+}
+
+/// Events a resumed `taskUpdated` delivers in its first message; the rest follow.
+const TASK_CATCH_UP: u64 = 500;
 
 impl Granted<'_, can::EventSubscribe> {
     /// The templates in scope, for the custom events they declare.
@@ -471,54 +513,190 @@ impl Granted<'_, can::EventSubscribe> {
         Ok(Some(self.engine.events().follow(filter, start)))
     }
 
-    /// A task in scope now, then a change whenever events about it commit.
+    /// A task in scope now (or, resuming after `after`, its events since then with the task
+    /// as it is), then a change whenever events about it commit; the stream ends with the
+    /// change that leaves the task ended with nothing more in the log about it.
+    ///
+    /// The snapshot race: the log's head is read *before* the task, so a change committed
+    /// between the two reads is both in the snapshot and delivered as an event after it.
     pub async fn follow_task(
         &self,
         id: Uuid,
-    ) -> Result<(
-        Task,
-        impl Stream<Item = TaskChange> + Send + 'static + use<>,
-    )> {
+        after: Option<EventCursor>,
+    ) -> Result<impl Stream<Item = TaskChange> + Send + 'static + use<>> {
         let record = self.task_record(id).await?;
-        let start = self.store().event_head().await.gql()?;
         // The task is in scope; its namespace is where to read.
         let within = Within::Only(tasker_domain::NamespaceSet::one(record.namespace.clone()));
         let filter = EventFilter {
             task_id: Some(id),
             ..EventFilter::within(within)
         };
-        let follow = self.engine.events().follow(filter, start);
         let store = self.store().clone();
-        let changes =
-            futures::stream::unfold((follow, store), move |(mut follow, store)| async move {
+        let (start, caught_up) = match after {
+            Some(cursor) => (
+                cursor,
+                store
+                    .events_page(&filter, Some(cursor), TASK_CATCH_UP)
+                    .await
+                    .gql()?,
+            ),
+            None => (
+                store.event_head().await.gql()?.unwrap_or(EventCursor(0)),
+                Vec::new(),
+            ),
+        };
+        let first = task_change(&store, &filter, start, caught_up).await.gql()?;
+        let follow = self
+            .engine
+            .events()
+            .follow(filter.clone(), Some(first.cursor));
+        let done = first.last;
+        let changes = futures::stream::unfold(
+            (follow, store, filter, done),
+            move |(mut follow, store, filter, done)| async move {
+                if done {
+                    return None;
+                }
                 loop {
                     let batch = follow.next_batch().await?;
-                    match task_change(&store, id, batch).await {
-                        Ok(change) => return Some((change, (follow, store))),
+                    let cursor = batch.last().map(EventRecord::cursor)?;
+                    match task_change(&store, &filter, cursor, batch).await {
+                        Ok(change) => {
+                            let last = change.last;
+                            return Some((change, (follow, store, filter, last)));
+                        }
                         Err(err) => tracing::warn!(error = %err, "reading a task snapshot failed"),
                     }
                 }
-            });
-        Ok((Task::single(self.store().clone(), record), changes))
+            },
+        );
+        Ok(futures::stream::once(async move { first }).chain(changes))
     }
 }
 
-/// Task `task_id` and the steps that `events` (about it) are about, read now.
+/// Which tasks a list-level stream follows; every given field must match.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TaskStream {
+    pub namespace: Option<String>,
+    pub template: Option<String>,
+    /// Every one of these tags.
+    pub tags: Vec<String>,
+}
+
+impl TaskStream {
+    fn matches(&self, task: &TaskRecord) -> bool {
+        self.template
+            .as_ref()
+            .is_none_or(|name| *name == task.template_name)
+            && self.tags.iter().all(|tag| task.tags.contains(tag))
+    }
+}
+
+impl Granted<'_, can::EventSubscribe> {
+    /// Follows the tasks matching `stream` in the caller's scope after `after` (from now when
+    /// `None`): every task lifecycle event (created, started, completed, failed, retried,
+    /// cancelled, resolved) in log order, each with its task read after its batch. `None`
+    /// when the scope leaves nothing to read.
+    pub async fn follow_tasks(
+        &self,
+        stream: TaskStream,
+        after: Option<EventCursor>,
+    ) -> Result<Option<impl Stream<Item = Vec<TaskListChange>> + Send + 'static + use<>>> {
+        let within = match &stream.namespace {
+            Some(namespace) => Within::Only(tasker_domain::NamespaceSet::one(namespace.clone())),
+            None => Within::Any,
+        };
+        let filter = EventFilter {
+            names: EventName::TASK_LIFECYCLE
+                .iter()
+                .map(|name| name.as_str().to_owned())
+                .collect(),
+            ..EventFilter::within(within)
+        };
+        let Some(follow) = self.follow(filter, after).await? else {
+            return Ok(None);
+        };
+        let store = self.store().clone();
+        let changes = futures::stream::unfold(
+            (follow, store, stream),
+            |(mut follow, store, stream)| async move {
+                loop {
+                    let batch = follow.next_batch().await?;
+                    match task_list_changes(&store, &stream, batch).await {
+                        Ok(changes) if changes.is_empty() => continue,
+                        Ok(changes) => return Some((changes, (follow, store, stream))),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "reading tasks for a list stream failed")
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Some(changes))
+    }
+}
+
+/// The events of a batch whose tasks match `stream`, each with its task read now (one read
+/// for the batch, one result set for their nested fields).
+async fn task_list_changes(
+    store: &tasker_store::Store,
+    stream: &TaskStream,
+    events: Vec<EventRecord>,
+) -> tasker_store::Result<Vec<TaskListChange>> {
+    let mut ids: Vec<Uuid> = events.iter().filter_map(|event| event.task_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let tasks: Vec<TaskRecord> = store
+        .tasks_by_ids(&ids)
+        .await?
+        .into_iter()
+        .filter(|task| stream.matches(task))
+        .collect();
+    let set = crate::batch::TaskSet::new(store.clone(), tasks);
+    let tasks = Task::all_of(&set);
+    Ok(events
+        .into_iter()
+        .filter_map(|event| {
+            let task = tasks
+                .iter()
+                .find(|task| Some(task.task_id()) == event.task_id)?;
+            Some(TaskListChange {
+                event,
+                task: task.clone(),
+            })
+        })
+        .collect())
+}
+
+/// The change a batch of a task's events (read after `start`) makes: the task read after
+/// them, their steps, and whether it is the last.
 async fn task_change(
     store: &tasker_store::Store,
-    task_id: Uuid,
+    filter: &EventFilter,
+    start: EventCursor,
     events: Vec<EventRecord>,
 ) -> tasker_store::Result<TaskChange> {
+    let task_id = filter.task_id.unwrap_or_default();
     let task = store.task(task_id).await?;
+    let cursor = events.last().map_or(start, EventRecord::cursor);
     let mut step_ids: Vec<Uuid> = events.iter().filter_map(|e| e.step_id).collect();
     step_ids.sort_unstable();
     step_ids.dedup();
     let steps = store.steps_by_ids(&step_ids).await?;
+    // Ended, and the event that ended it is at or before the cursor: it committed before the
+    // task was read, so once committed events are numbered, anything after the cursor is
+    // news (a person reopened the task) and the stream goes on.
+    let last = task.state.has_ended() && {
+        store.sequence_events().await?;
+        store.events_page(filter, Some(cursor), 1).await?.is_empty()
+    };
     let (task, changed_steps) = Task::with_steps(store.clone(), task, &steps);
     Ok(TaskChange {
+        cursor,
         task,
         changed_steps,
         events,
+        last,
     })
 }
 

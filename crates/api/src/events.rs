@@ -11,6 +11,15 @@ use futures::{Stream, StreamExt};
 use tasker_domain::{EventName, Within};
 use tasker_store::{EventFilter, EventRecord};
 
+/// The `after` argument of the log's readers, checked.
+fn after_cursor(after: Option<String>) -> Result<Option<tasker_store::EventCursor>> {
+    after
+        .as_deref()
+        .map(|text| parse_event_cursor(text, "after"))
+        .transpose()
+        .gql()
+}
+
 /// Which events; every given field must match.
 #[derive(InputObject, Default, Clone)]
 pub struct EventFilterInput {
@@ -165,11 +174,7 @@ impl EventQuery {
         after: Option<String>,
     ) -> Result<EventConnection> {
         let first = crate::limits::page_size(ctx, first, |limits| limits.max_events_page)?;
-        let after = after
-            .as_deref()
-            .map(|text| parse_event_cursor(text, "after"))
-            .transpose()
-            .gql()?;
+        let after = after_cursor(after)?;
         let granted = grant::<can::EventSubscribe>(ctx)?;
         let filter = filter.unwrap_or_default().resolve(&granted).await?;
         let mut events = granted.events(filter, after, first + 1).await?;
@@ -189,11 +194,7 @@ pub async fn subscribe(
     after: Option<String>,
 ) -> Result<impl Stream<Item = Event> + use<>> {
     let granted = grant::<can::EventSubscribe>(ctx)?;
-    let after = after
-        .as_deref()
-        .map(|text| parse_event_cursor(text, "after"))
-        .transpose()
-        .gql()?;
+    let after = after_cursor(after)?;
     let filter = filter.unwrap_or_default().resolve(&granted).await?;
     let Some(follow) = granted.follow(filter, after).await? else {
         // Nothing the caller may read: a stream that stays quiet.
@@ -206,34 +207,99 @@ pub async fn subscribe(
     .right_stream())
 }
 
-/// A snapshot of a task after something about it changed.
+/// A task after something about it changed.
 #[derive(SimpleObject)]
 pub struct TaskUpdate {
+    /// Where this update stands in the event log: pass it as `after` to resume with no gap and
+    /// no duplicate.
+    cursor: String,
+    /// The task, read after the events below (fresh: ask for `changedSteps` rather than the
+    /// whole graph on every update).
     task: crate::objects::Task,
-    /// The steps the new events are about (empty in the first snapshot).
+    /// The steps the new events are about (empty in a first snapshot with no events).
     changed_steps: Vec<crate::objects::Step>,
-    /// The events since the previous snapshot, in log order.
+    /// The task's events since the previous update (or since `after`), in log order.
     events: Vec<Event>,
+    /// The task has ended (complete, failed, cancelled or resolved) and the log holds nothing
+    /// more about it: the stream completes after this update.
+    last: bool,
 }
 
-/// The `taskUpdated` subscription: the task now, then a new snapshot whenever events about it
-/// commit.
+impl From<crate::access::TaskChange> for TaskUpdate {
+    fn from(change: crate::access::TaskChange) -> Self {
+        TaskUpdate {
+            cursor: event_cursor(change.cursor),
+            task: change.task,
+            changed_steps: change.changed_steps,
+            events: change.events.into_iter().map(Event).collect(),
+            last: change.last,
+        }
+    }
+}
+
+/// The `taskUpdated` subscription: the task now (or its events after `after`, with the task),
+/// then an update whenever events about it commit, until it has ended.
 pub async fn task_updates(
     ctx: &Context<'_>,
     id: ID,
+    after: Option<String>,
 ) -> Result<impl Stream<Item = TaskUpdate> + use<>> {
+    let after = after_cursor(after)?;
     let granted = grant::<can::EventSubscribe>(ctx)?;
     let task_id = crate::ids::parse_id(&id, "id").gql()?;
-    let (task, changes) = granted.follow_task(task_id).await?;
-    let first = TaskUpdate {
-        task,
-        changed_steps: Vec::new(),
-        events: Vec::new(),
+    let changes = granted.follow_task(task_id, after).await?;
+    Ok(changes.map(TaskUpdate::from))
+}
+
+/// Which tasks `tasksUpdated` follows; every given field must match. There is no state
+/// filter: a list filtered by state must see its tasks leave that state.
+#[derive(InputObject, Default)]
+pub struct TaskStreamFilterInput {
+    namespace: Option<String>,
+    /// Template name.
+    template: Option<String>,
+    /// Every one of these tags.
+    tags: Option<Vec<String>>,
+}
+
+/// A task's own state changed (or it was created).
+#[derive(SimpleObject)]
+pub struct TaskListUpdate {
+    /// Where this update stands in the event log: pass it as `after` to resume.
+    cursor: String,
+    /// The lifecycle event (`task.created`, `task.started`, `task.completed`, …).
+    event: Event,
+    /// The task as read just after the event (at least as new as it).
+    task: crate::objects::Task,
+}
+
+/// The `tasksUpdated` subscription: every lifecycle event of the matching tasks in log order,
+/// replayed after `after` (or from now), each with its task.
+pub async fn task_list_updates(
+    ctx: &Context<'_>,
+    filter: Option<TaskStreamFilterInput>,
+    after: Option<String>,
+) -> Result<impl Stream<Item = TaskListUpdate> + use<>> {
+    let after = after_cursor(after)?;
+    let filter = filter.unwrap_or_default();
+    crate::limits::filter_list("filter.tags", filter.tags.as_ref()).gql()?;
+    let stream = crate::access::TaskStream {
+        namespace: filter.namespace,
+        template: filter.template,
+        tags: filter.tags.unwrap_or_default(),
     };
-    let updates = changes.map(|change| TaskUpdate {
-        task: change.task,
-        changed_steps: change.changed_steps,
-        events: change.events.into_iter().map(Event).collect(),
-    });
-    Ok(futures::stream::once(async move { first }).chain(updates))
+    let granted = grant::<can::EventSubscribe>(ctx)?;
+    let Some(changes) = granted.follow_tasks(stream, after).await? else {
+        // Nothing the caller may read: a stream that stays quiet.
+        return Ok(futures::stream::pending().left_stream());
+    };
+    Ok(changes
+        .flat_map(|batch| {
+            futures::stream::iter(batch.into_iter().map(|change| TaskListUpdate {
+                cursor: event_cursor(change.event.cursor()),
+                event: Event(change.event),
+                task: change.task,
+            }))
+        })
+        .right_stream())
 }

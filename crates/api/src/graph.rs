@@ -110,6 +110,20 @@ pub struct GraphNode {
     handler: String,
     state: StepStateValue,
     level: usize,
+    /// Attempts made so far.
+    attempts: u32,
+    /// When its current (or last) attempt started.
+    started_at: Option<DateTime<Utc>>,
+    /// When it finished.
+    completed_at: Option<DateTime<Utc>>,
+    /// How long its current attempt has run, or its last one took.
+    duration_ms: Option<i64>,
+}
+
+/// Milliseconds the step's current attempt has run, or its last one took.
+pub(crate) fn attempt_ms(step: &StepRecord, now: DateTime<Utc>) -> Option<i64> {
+    attempt_seconds(step.state, step.attempt_started_at, step.completed_at, now)
+        .map(|seconds| (seconds * 1000.0).round() as i64)
 }
 
 #[derive(SimpleObject)]
@@ -163,6 +177,10 @@ impl TaskGraph {
                     handler: step.handler.clone(),
                     state: step.state.into(),
                     level,
+                    attempts: step.attempts,
+                    started_at: step.attempt_started_at,
+                    completed_at: step.completed_at,
+                    duration_ms: attempt_ms(step, now),
                 })
                 .collect(),
             edges: edges

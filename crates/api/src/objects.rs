@@ -186,6 +186,7 @@ fn step_templates(template: &TaskTemplate) -> Vec<StepTemplate> {
 }
 
 /// One run of a template.
+#[derive(Clone)]
 pub struct Task {
     record: TaskRecord,
     set: Arc<TaskSet>,
@@ -201,6 +202,11 @@ impl Task {
                 set: set.clone(),
             })
             .collect()
+    }
+
+    /// Its id, for matching it with what it was read for.
+    pub(crate) fn task_id(&self) -> Uuid {
+        self.record.id
     }
 
     /// A task returned on its own.
@@ -496,8 +502,21 @@ impl Step {
         self.record.updated_at
     }
 
+    /// When it finished (completed, skipped, resolved or cancelled); empty while it can
+    /// still run.
     async fn completed_at(&self) -> Option<DateTime<Utc>> {
         self.record.completed_at
+    }
+
+    /// When its current (or last) attempt started.
+    async fn started_at(&self) -> Option<DateTime<Utc>> {
+        self.record.attempt_started_at
+    }
+
+    /// How long its current attempt has run, or its last one took, in milliseconds; empty
+    /// if it never ran.
+    async fn duration_ms(&self) -> Option<i64> {
+        crate::graph::attempt_ms(&self.record, self.set.now())
     }
 
     /// The steps this one depends on.

@@ -324,6 +324,31 @@ pub struct RetryStepInput {
 }
 
 #[derive(InputObject)]
+pub struct ResolveTaskInput {
+    id: ID,
+    reason: Option<String>,
+}
+
+#[derive(SimpleObject)]
+pub struct ResolveTaskPayload {
+    task: Task,
+}
+
+#[derive(InputObject)]
+pub struct RerunFromStepInput {
+    /// The step to run again; everything that depends on it runs again after it.
+    id: ID,
+    reason: Option<String>,
+}
+
+#[derive(SimpleObject)]
+pub struct RerunFromStepPayload {
+    task: Task,
+    /// The steps that went back to pending (those already pending are not listed).
+    reset_steps: Vec<Step>,
+}
+
+#[derive(InputObject)]
 pub struct ResolveStepManuallyInput {
     id: ID,
     /// The results its dependents should see.
@@ -418,6 +443,36 @@ impl TaskMutation {
         let id = parse_id(&input.id, "input.id").gql()?;
         let task = granted.retry_task(id, input.reason).await?;
         Ok(RetryTaskPayload { task })
+    }
+
+    /// Marks a failed task as resolved by a person (`task.resolved_manually`); it is finished
+    /// and its steps stay as they are. A task that has not failed is a CONFLICT.
+    async fn resolve_task(
+        &self,
+        ctx: &Context<'_>,
+        input: ResolveTaskInput,
+    ) -> Result<ResolveTaskPayload> {
+        let granted = grant::<can::TaskUpdate>(ctx)?;
+        let id = parse_id(&input.id, "input.id").gql()?;
+        let task = granted.resolve_task(id, input.reason).await?;
+        Ok(ResolveTaskPayload { task })
+    }
+
+    /// Runs a step again with everything downstream of it: each goes back to pending with
+    /// fresh attempts (one `step.retry_requested` each), in one transaction, and a failed
+    /// task runs again. A CONFLICT while one of them is running or when the task is finished.
+    async fn rerun_from_step(
+        &self,
+        ctx: &Context<'_>,
+        input: RerunFromStepInput,
+    ) -> Result<RerunFromStepPayload> {
+        let granted = grant::<can::StepRetry>(ctx)?;
+        let id = parse_id(&input.id, "input.id").gql()?;
+        let rerun = granted.rerun_from_step(id, input.reason).await?;
+        Ok(RerunFromStepPayload {
+            task: rerun.task,
+            reset_steps: rerun.steps,
+        })
     }
 
     /// Reopens a failed step with fresh attempts. A step that has not failed is a CONFLICT.
@@ -525,14 +580,32 @@ impl Subscription {
         crate::access::until_expiry(ctx, stream)
     }
 
-    /// A task now, then a fresh snapshot (state, execution status, counts, completion, the
-    /// steps that changed and the events) each time something about it changes.
+    /// A task now, then an update (the task read after its new events, the steps they are
+    /// about, and the events) each time something about it changes; the stream completes
+    /// after the task has ended. Each update carries a `cursor`: subscribe again with
+    /// `after` set to it to resume — the events since then come first, with no gap and no
+    /// duplicate.
     async fn task_updated(
         &self,
         ctx: &Context<'_>,
         id: ID,
+        after: Option<String>,
     ) -> Result<impl Stream<Item = Result<crate::events::TaskUpdate>> + use<>> {
-        let stream = crate::events::task_updates(ctx, id).await?;
+        let stream = crate::events::task_updates(ctx, id, after).await?;
+        crate::access::until_expiry(ctx, stream)
+    }
+
+    /// Tasks as their own state changes: every task created, started, completed, failed,
+    /// retried, cancelled or resolved among those matching `filter`, in log order, each with
+    /// the task as it is now — what a live list of tasks needs. Replays the events after
+    /// `after` (or starts now); keep the last `cursor` to resume.
+    async fn tasks_updated(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<crate::events::TaskStreamFilterInput>,
+        after: Option<String>,
+    ) -> Result<impl Stream<Item = Result<crate::events::TaskListUpdate>> + use<>> {
+        let stream = crate::events::task_list_updates(ctx, filter, after).await?;
         crate::access::until_expiry(ctx, stream)
     }
 

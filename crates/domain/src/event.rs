@@ -71,6 +71,17 @@ impl EventName {
         EventName::StepTimedOut,
     ];
 
+    /// The changes of a task's own state: what a list of tasks follows.
+    pub const TASK_LIFECYCLE: [EventName; 7] = [
+        EventName::TaskCreated,
+        EventName::TaskStarted,
+        EventName::TaskCompleted,
+        EventName::TaskFailed,
+        EventName::TaskRetryRequested,
+        EventName::TaskCancelled,
+        EventName::TaskResolvedManually,
+    ];
+
     pub fn as_str(self) -> &'static str {
         use EventName::*;
         match self {
@@ -113,7 +124,10 @@ impl EventName {
             }
             TaskCompleted => "Every step of a task is complete, skipped or resolved.",
             TaskFailed => "A step failed for good and nothing else in the task can run.",
-            TaskRetryRequested => "A failed task was sent back to pending.",
+            TaskRetryRequested => {
+                "A person retried a failed task: it went back to pending with its failed steps \
+                 (listed in steps), and starts again at once."
+            }
             TaskCancelled => "A task was cancelled; its unfinished steps were cancelled with it.",
             TaskResolvedManually => "A person marked a failed task as resolved.",
             TaskStepsReady => {
@@ -129,13 +143,19 @@ impl EventName {
                 "A task reached its outcome on its own (complete or error): a summary with its \
                  duration and step counts, following task.completed or task.failed."
             }
-            StepCreated => "A step was created, pending, with its task.",
+            StepCreated => {
+                "A step was created, pending, with its task; the payload names its handler and \
+                 the steps it depends on, so a live graph can be drawn from the events alone."
+            }
             StepStarted => "A step was claimed under a lease and an attempt began.",
             StepCompleted => "An attempt succeeded; the step's results are recorded.",
             StepFailed => {
                 "An attempt failed; the payload says whether and when it will be retried."
             }
-            StepRetryRequested => "A person reopened a failed step with fresh attempts.",
+            StepRetryRequested => {
+                "A person reopened a step with fresh attempts: a failed one (retry), or a step \
+                 and everything downstream of it (re-run, with rerun_from naming where it began)."
+            }
             StepCancelled => "A step was cancelled with its task.",
             StepResolvedManually => {
                 "A person marked a step done, with the results its dependents see."
@@ -181,6 +201,7 @@ impl EventName {
                 "source_system",
                 "version",
                 "triggered_by",
+                "steps",
             ],
             TaskStepsReady => &[
                 "task_id",
@@ -210,8 +231,21 @@ impl EventName {
                 "steps_done",
                 "steps_failed",
             ],
-            StepCreated
-            | StepStarted
+            StepCreated => &[
+                "task_id",
+                "step_id",
+                "step",
+                "namespace",
+                "template",
+                "correlation_id",
+                "from_state",
+                "to_state",
+                "handler",
+                "position",
+                "depends_on",
+                "depends_on_ids",
+            ],
+            StepStarted
             | StepCompleted
             | StepFailed
             | StepRetryRequested
@@ -238,6 +272,7 @@ impl EventName {
                 "retry_at_ms",
                 "reason",
                 "triggered_by",
+                "rerun_from",
             ],
         }
     }

@@ -152,6 +152,26 @@ impl Dag {
         Some((path, best[end]))
     }
 
+    /// `start` and every node that depends on it, directly or transitively, in ascending
+    /// order: what a re-run from `start` resets.
+    pub fn descendants(&self, start: usize) -> Vec<usize> {
+        if start >= self.node_count() {
+            return Vec::new();
+        }
+        let mut seen = vec![false; self.node_count()];
+        seen[start] = true;
+        let mut stack = vec![start];
+        while let Some(node) = stack.pop() {
+            for &child in &self.children[node] {
+                if !seen[child] {
+                    seen[child] = true;
+                    stack.push(child);
+                }
+            }
+        }
+        (0..self.node_count()).filter(|&node| seen[node]).collect()
+    }
+
     /// For every node, how many nodes depend on it directly or transitively.
     pub fn descendant_counts(&self) -> Vec<usize> {
         let n = self.node_count();
@@ -387,6 +407,14 @@ mod tests {
         let n = 2_000;
         let chain = Dag::new(n, (1..n).map(|i| (i - 1, i)));
         assert_eq!(chain.descendant_counts()[0], n - 1);
+    }
+
+    #[test]
+    fn descendants_include_the_start_and_everything_downstream() {
+        assert_eq!(diamond().descendants(0), vec![0, 1, 2, 3]);
+        assert_eq!(diamond().descendants(1), vec![1, 3]);
+        assert_eq!(diamond().descendants(3), vec![3]);
+        assert!(diamond().descendants(9).is_empty());
     }
 
     #[test]

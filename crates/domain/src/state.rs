@@ -27,6 +27,12 @@ pub trait StateMachine: Copy + PartialEq + 'static {
             })
     }
 
+    /// The name the API shows (`IN_PROGRESS`): the schema's enum value, also used in event
+    /// payloads so a client compares one spelling.
+    fn api_name(self) -> String {
+        self.as_str().to_ascii_uppercase()
+    }
+
     /// No further transition is possible.
     fn is_terminal(self) -> bool {
         self.successors().is_empty()
@@ -70,6 +76,12 @@ pub enum StepState {
 }
 
 impl TaskState {
+    /// Nothing more happens to the task unless a person acts: finished for good, or failed
+    /// (a person may retry or resolve it). A live view of one task ends here.
+    pub fn has_ended(self) -> bool {
+        self == TaskState::Error || self.is_terminal()
+    }
+
     pub const ALL: [TaskState; 6] = [
         TaskState::Pending,
         TaskState::InProgress,

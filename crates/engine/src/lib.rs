@@ -298,6 +298,29 @@ impl Engine {
         Ok(task)
     }
 
+    /// Marks a failed task as resolved by a person.
+    pub async fn resolve_task(
+        &self,
+        task_id: uuid::Uuid,
+        reason: Option<String>,
+    ) -> Result<TaskRecord> {
+        let task = self.store.resolve_task(task_id, reason).await?;
+        self.tasks_finished(1);
+        Ok(task)
+    }
+
+    /// Re-runs a step and everything downstream of it; the first of them is claimable at
+    /// once when its parents are done.
+    pub async fn rerun_from_step(
+        &self,
+        step_id: uuid::Uuid,
+        reason: Option<String>,
+    ) -> Result<tasker_store::Rerun> {
+        let rerun = self.store.rerun_from_step(step_id, reason).await?;
+        self.announce().await;
+        Ok(rerun)
+    }
+
     /// Records a person's decision on a step waiting for one (an `approval` step): approving
     /// completes it with `results`; rejecting fails it for good (or skips it when skippable).
     pub async fn decide(

@@ -115,7 +115,7 @@ pub(crate) fn task_transition(
     at: DateTime<Utc>,
 ) -> (task_transition::ActiveModel, event::ActiveModel) {
     let name = EventName::of_task_transition(from, to);
-    let states = json!({ "from_state": from.map(TaskState::as_str), "to_state": to.as_str() });
+    let states = json!({ "from_state": from.map(TaskState::api_name), "to_state": to.api_name() });
     let event = subject.event(name.as_str(), None, states, &metadata, at);
     let row = task_transition::ActiveModel {
         id: Set(Uuid::now_v7()),
@@ -142,7 +142,7 @@ pub(crate) fn step_transition(
     at: DateTime<Utc>,
 ) -> (step_transition::ActiveModel, event::ActiveModel) {
     let name = EventName::of_step_transition(from, to);
-    let states = json!({ "from_state": from.map(StepState::as_str), "to_state": to.as_str() });
+    let states = json!({ "from_state": from.map(StepState::api_name), "to_state": to.api_name() });
     let event = subject.event(
         name.as_str(),
         Some((step_id, step_name)),

@@ -28,7 +28,7 @@ pub use execution::{
     StepInputs,
 };
 pub use health::Fault;
-pub use lifecycle::{StepAction, StepChange};
+pub use lifecycle::{Rerun, StepAction, StepChange};
 pub use notify::WorkListener;
 pub use parking::AWAITING_DECISION;
 pub use queries::TaskFilter;

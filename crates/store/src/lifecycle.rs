@@ -1,16 +1,22 @@
-//! What people do to running tasks: retry a failed task or step, resolve a step by hand, skip
-//! it. Each checks the state machine (a refused change is a conflict), records transitions and
+//! What people do to running tasks: retry a failed task or step, resolve a failed task or a
+//! step by hand, skip a step, re-run from a step. Each checks the state machine (a refused change is a conflict), records transitions and
 //! events, and reopens the task for execution when it had stopped.
 
+use crate::entities::{workflow_step, workflow_step_edge};
 use crate::events::{metadata, step_transition as step_rows, task_transition as task_rows};
+use crate::execution::DONE_STATES;
 use crate::records::{StepRecord, TaskRecord};
+use crate::sql::Sql;
 use crate::state_change::{
     CompletedAt, StepEffect, StepMove, Steps, TaskMove, move_steps, move_tasks,
 };
 use crate::{Error, Result, Store};
-use sea_orm::{DatabaseTransaction, TransactionTrait};
+use sea_orm::{
+    ColumnTrait, DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter, QuerySelect,
+    TransactionTrait,
+};
 use serde_json::{Value, json};
-use tasker_domain::{StateMachine, StepState, TaskState};
+use tasker_domain::{Dag, StateMachine, StepState, TaskState};
 use uuid::Uuid;
 
 /// A change a person makes to one step.
@@ -45,6 +51,7 @@ impl Store {
             let txn = self.db.begin().await?;
             let step = Self::step_row(&txn, step_id).await?;
             let task = Self::task_row(&txn, step.task_id).await?;
+            let task_state = open_task_state(&task)?;
             let from = StepState::parse(&step.state)?;
             let to = match action {
                 StepAction::Retry => StepState::Pending,
@@ -104,7 +111,7 @@ impl Store {
                 0
             };
             let (mut task_transitions, reopened) = self
-                .reopen_task(&txn, step.task_id, reason.as_deref(), &mut events)
+                .reopen_task(&txn, &task, task_state, reason.as_deref(), &mut events)
                 .await?;
             let (mut finished, finishing) = self
                 .finalize_tasks(&txn, &[step.task_id], &subjects, now, &mut events)
@@ -128,19 +135,13 @@ impl Store {
         .await
     }
 
-    /// Retries a failed task: every failed step goes back to pending with fresh attempts, and
-    /// the task runs again.
+    /// Retries a failed task: it goes back to pending (`task.retry_requested`) with every
+    /// failed step and fresh attempts, and starts again at once.
     pub async fn retry_task(&self, task_id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
         self.writing(async {
             let now = self.now();
             let txn = self.db.begin().await?;
-            let current = Self::task_row(&txn, task_id).await?;
-            let state = TaskState::parse(&current.state)?;
-            if state != TaskState::Error {
-                return Err(Error::Conflict(format!(
-                    "only a failed task can be retried; task {task_id} is {state}"
-                )));
-            }
+            let current = failed_task_row(&txn, task_id, "retried").await?;
             let change = StepMove {
                 steps: Steps::OfTask(task_id),
                 from: &[StepState::Error],
@@ -150,20 +151,49 @@ impl Store {
             };
             let reopened = move_steps(&txn, change, now).await?;
             let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(&current));
-            let mut events = Vec::new();
+            let subject = subjects.subject(task_id);
+            let manual = |extra: Option<(&str, Value)>| {
+                let mut fields = vec![
+                    ("reason", reason.clone().map(Value::from)),
+                    ("triggered_by", Some(json!("manual"))),
+                ];
+                fields.extend(extra.map(|(key, value)| (key, Some(value))));
+                metadata(&fields)
+            };
+            let pending = move_tasks(
+                &txn,
+                TaskMove {
+                    ids: &[task_id],
+                    from: &[TaskState::Error],
+                    to: TaskState::Pending,
+                    version: Some(current.version),
+                    completed_at: CompletedAt::Clear,
+                },
+                now,
+            )
+            .await?
+            .pop()
+            .ok_or_else(|| task_moved(task_id))?;
+            let retried: Vec<&str> = reopened.iter().map(|step| step.name.as_str()).collect();
+            let (requested, request_event) = task_rows(
+                subject,
+                Some(TaskState::Error),
+                TaskState::Pending,
+                pending.version,
+                manual(Some(("steps", json!(retried)))),
+                now,
+            );
+            let mut events = vec![request_event];
             let mut step_transitions = Vec::new();
             for step in &reopened {
                 let (row, event) = step_rows(
-                    subjects.subject(task_id),
+                    subject,
                     step.id,
                     &step.name,
                     Some(StepState::Error),
                     StepState::Pending,
                     step.version,
-                    metadata(&[
-                        ("reason", reason.clone().map(Value::from)),
-                        ("triggered_by", Some(json!("manual"))),
-                    ]),
+                    manual(None),
                     now,
                 );
                 step_transitions.push(row);
@@ -178,65 +208,314 @@ impl Store {
                     now,
                 ),
             );
-            let (task_transitions, reopened) = self
-                .reopen_task(&txn, task_id, reason.as_deref(), &mut events)
+            let (mut task_transitions, running) = self
+                .reopen_task(
+                    &txn,
+                    &pending,
+                    TaskState::Pending,
+                    reason.as_deref(),
+                    &mut events,
+                )
                 .await?;
+            task_transitions.insert(0, requested);
             crate::events::insert_all(&txn, step_transitions).await?;
             crate::events::insert_all(&txn, task_transitions).await?;
             crate::events::insert_all(&txn, events).await?;
-            // A failed task always reopens: it was read in `error` in this transaction.
-            let task = reopened.unwrap_or(current);
+            let task = running.unwrap_or(pending);
             self.commit_events(txn).await?;
             task.try_into()
         })
         .await
     }
 
-    /// A task that stopped (failed) or never started is put back in progress so its steps can
-    /// run and it can finish; a running task is left as it is.
-    async fn reopen_task(
-        &self,
-        txn: &DatabaseTransaction,
-        task_id: Uuid,
-        reason: Option<&str>,
-        events: &mut Vec<crate::entities::event::ActiveModel>,
-    ) -> Result<(
-        Vec<crate::entities::task_transition::ActiveModel>,
-        Option<crate::entities::task::Model>,
-    )> {
-        let now = self.now();
-        let change = TaskMove {
-            ids: &[task_id],
-            from: &[TaskState::Pending, TaskState::Error],
-            to: TaskState::InProgress,
-            version: None,
-            completed_at: CompletedAt::Clear,
-        };
-        let reopened = move_tasks(txn, change, now).await?.pop();
-        let mut transitions = Vec::new();
-        if let Some(task) = &reopened {
-            let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(task));
-            // Versions count transitions: a task at version 2 was created (1) and is now
-            // starting; any later one is coming back from `error`.
-            let from = if task.version == 2 {
-                TaskState::Pending
-            } else {
-                TaskState::Error
-            };
+    /// Marks a failed task as resolved by a person (`task.resolved_manually`): it is finished,
+    /// and its steps stay as they are for the record.
+    pub async fn resolve_task(&self, task_id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
+        self.writing(async {
+            let now = self.now();
+            let txn = self.db.begin().await?;
+            let current = failed_task_row(&txn, task_id, "resolved by hand").await?;
+            let resolved = move_tasks(
+                &txn,
+                TaskMove {
+                    ids: &[task_id],
+                    from: &[TaskState::Error],
+                    to: TaskState::ResolvedManually,
+                    version: Some(current.version),
+                    completed_at: CompletedAt::Stamp,
+                },
+                now,
+            )
+            .await?
+            .pop()
+            .ok_or_else(|| task_moved(task_id))?;
+            let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(&current));
             let (row, event) = task_rows(
-                subjects.subject(task.id),
-                Some(from),
-                TaskState::InProgress,
-                task.version,
+                subjects.subject(task_id),
+                Some(TaskState::Error),
+                TaskState::ResolvedManually,
+                resolved.version,
                 metadata(&[
                     ("reason", reason.map(Value::from)),
                     ("triggered_by", Some(json!("manual"))),
                 ]),
                 now,
             );
-            transitions.push(row);
-            events.push(event);
-        }
-        Ok((transitions, reopened))
+            crate::events::insert_all(&txn, [row]).await?;
+            crate::events::insert_all(&txn, [event]).await?;
+            self.commit_events(txn).await?;
+            resolved.try_into()
+        })
+        .await
     }
+
+    /// Runs a step again with everything downstream of it: each goes back to pending with
+    /// fresh attempts, in one transaction (a `step.retry_requested` per step that moved,
+    /// naming the step the re-run began at), and a failed task runs again. Refused while one
+    /// of them is running, and on a finished task.
+    pub async fn rerun_from_step(&self, step_id: Uuid, reason: Option<String>) -> Result<Rerun> {
+        self.writing(async {
+            let now = self.now();
+            let txn = self.db.begin().await?;
+            let start = Self::step_row(&txn, step_id).await?;
+            let task = Self::task_row(&txn, start.task_id).await?;
+            let task_state = open_task_state(&task)?;
+            let mut steps = workflow_step::Entity::find()
+                .filter(workflow_step::Column::TaskId.eq(task.id));
+            if self.db.get_database_backend() == sea_orm::DbBackend::Postgres {
+                // Claims skip locked rows: none of these can be leased while we decide.
+                steps = steps.lock_exclusive();
+            }
+            let steps = steps.all(&txn).await?;
+            let edges = workflow_step_edge::Entity::find()
+                .filter(workflow_step_edge::Column::TaskId.eq(task.id))
+                .all(&txn)
+                .await?;
+            let ids: Vec<Uuid> = steps.iter().map(|step| step.id).collect();
+            let dag = Dag::from_keys(
+                &ids,
+                edges.iter().map(|e| (e.parent_step_id, e.child_step_id)),
+            );
+            let Some(from_index) = ids.iter().position(|&id| id == step_id) else {
+                return Err(Error::NotFound {
+                    what: "step",
+                    key: step_id.to_string(),
+                });
+            };
+            let downstream: Vec<&workflow_step::Model> = dag
+                .descendants(from_index)
+                .into_iter()
+                .map(|i| &steps[i])
+                .collect();
+            if let Some(running) = downstream
+                .iter()
+                .find(|step| step.state == StepState::InProgress.as_str())
+            {
+                return Err(Error::Conflict(format!(
+                    "step {:?} is running; wait for its attempt to end (or cancel the task) before re-running from {:?}",
+                    running.name, start.name
+                )));
+            }
+            let moving: Vec<Uuid> = downstream
+                .iter()
+                .filter(|step| step.state != StepState::Pending.as_str())
+                .map(|step| step.id)
+                .collect();
+            let moved = move_steps(
+                &txn,
+                StepMove {
+                    steps: Steps::Listed(&moving),
+                    from: &[
+                        StepState::Complete,
+                        StepState::Error,
+                        StepState::Skipped,
+                        StepState::ResolvedManually,
+                    ],
+                    to: StepState::Pending,
+                    version: None,
+                    effect: StepEffect::Reset,
+                },
+                now,
+            )
+            .await?;
+            if moved.len() != moving.len() {
+                return Err(Error::Conflict(format!(
+                    "steps of task {} changed while re-running from {:?}; read the task again and retry",
+                    task.id, start.name
+                )));
+            }
+            let reset: Vec<Uuid> = downstream.iter().map(|step| step.id).collect();
+            let counted = self.count_pending_parents(&txn, &reset).await?;
+            let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(&task));
+            let subject = subjects.subject(task.id);
+            let details = metadata(&[
+                ("reason", reason.clone().map(Value::from)),
+                ("triggered_by", Some(json!("manual"))),
+                ("rerun_from", Some(json!(start.name))),
+            ]);
+            let mut events = Vec::new();
+            let mut step_transitions = Vec::new();
+            for step in &moved {
+                let before = downstream
+                    .iter()
+                    .find(|old| old.id == step.id)
+                    .map(|old| StepState::parse(&old.state))
+                    .transpose()?;
+                let (row, event) = step_rows(
+                    subject,
+                    step.id,
+                    &step.name,
+                    before,
+                    StepState::Pending,
+                    step.version,
+                    details.clone(),
+                    now,
+                );
+                step_transitions.push(row);
+                events.push(event);
+            }
+            let ready: Vec<(Uuid, Uuid, &str)> = counted
+                .iter()
+                .filter(|(_, pending_parents)| *pending_parents == 0)
+                .filter_map(|(id, _)| downstream.iter().find(|step| step.id == *id))
+                .map(|step| (task.id, step.id, step.name.as_str()))
+                .collect();
+            events.extend(subjects.steps_ready(ready.iter().copied(), now));
+            let (task_transitions, reopened) = self
+                .reopen_task(&txn, &task, task_state, reason.as_deref(), &mut events)
+                .await?;
+            crate::events::insert_all(&txn, step_transitions).await?;
+            crate::events::insert_all(&txn, task_transitions).await?;
+            crate::events::insert_all(&txn, events).await?;
+            self.commit_events(txn).await?;
+            let mut steps = Vec::with_capacity(moved.len());
+            for step in moved {
+                steps.push(step.try_into()?);
+            }
+            Ok(Rerun {
+                task: reopened.unwrap_or(task).try_into()?,
+                reset: steps,
+                ready: ready.len(),
+            })
+        })
+        .await
+    }
+
+    /// Sets each step's count of unfinished parents from its parents' states now; returns
+    /// each step with its count.
+    async fn count_pending_parents(
+        &self,
+        txn: &DatabaseTransaction,
+        step_ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, i32)>> {
+        let mut sql = Sql::new(self.db.get_database_backend());
+        sql.push("UPDATE workflow_steps SET pending_parents = (SELECT COUNT(*) FROM workflow_step_edges e JOIN workflow_steps p ON p.id = e.parent_step_id WHERE e.child_step_id = workflow_steps.id AND p.state NOT IN ")
+            .push(DONE_STATES)
+            .push(") WHERE id IN ")
+            .bind_list(step_ids.iter().copied())
+            .push(" RETURNING id, pending_parents");
+        let rows = PendingParents::find_by_statement(sql.build())
+            .all(txn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.id, row.pending_parents))
+            .collect())
+    }
+
+    /// A task that stopped (failed) or never started is put back in progress so its steps can
+    /// run and it can finish; a running task is left as it is. `from` is the state the caller
+    /// read `task` in, inside this transaction.
+    async fn reopen_task(
+        &self,
+        txn: &DatabaseTransaction,
+        task: &crate::entities::task::Model,
+        from: TaskState,
+        reason: Option<&str>,
+        events: &mut Vec<crate::entities::event::ActiveModel>,
+    ) -> Result<(
+        Vec<crate::entities::task_transition::ActiveModel>,
+        Option<crate::entities::task::Model>,
+    )> {
+        if !matches!(from, TaskState::Pending | TaskState::Error) {
+            return Ok((Vec::new(), None));
+        }
+        let now = self.now();
+        let change = TaskMove {
+            ids: &[task.id],
+            from: &[from],
+            to: TaskState::InProgress,
+            version: None,
+            completed_at: CompletedAt::Clear,
+        };
+        // Guarded by the state alone: a task started meanwhile (its first claim) needs nothing.
+        let Some(reopened) = move_tasks(txn, change, now).await?.pop() else {
+            return Ok((Vec::new(), None));
+        };
+        let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(task));
+        let (row, event) = task_rows(
+            subjects.subject(task.id),
+            Some(from),
+            TaskState::InProgress,
+            reopened.version,
+            metadata(&[
+                ("reason", reason.map(Value::from)),
+                ("triggered_by", Some(json!("manual"))),
+            ]),
+            now,
+        );
+        events.push(event);
+        Ok((vec![row], Some(reopened)))
+    }
+}
+
+/// The state of a task people may still change the steps of; a finished one is a conflict.
+fn open_task_state(task: &crate::entities::task::Model) -> Result<TaskState> {
+    let state = TaskState::parse(&task.state)?;
+    if state.is_terminal() {
+        return Err(Error::Conflict(format!(
+            "task {} is {state}: a finished task's steps cannot change; start a new task",
+            task.id
+        )));
+    }
+    Ok(state)
+}
+
+/// A task that must have failed to be `what` ("retried"): a conflict otherwise.
+async fn failed_task_row(
+    txn: &DatabaseTransaction,
+    task_id: Uuid,
+    what: &str,
+) -> Result<crate::entities::task::Model> {
+    let task = Store::task_row(txn, task_id).await?;
+    let state = TaskState::parse(&task.state)?;
+    if state != TaskState::Error {
+        return Err(Error::Conflict(format!(
+            "only a failed task can be {what}; task {task_id} is {state}"
+        )));
+    }
+    Ok(task)
+}
+
+fn task_moved(task_id: Uuid) -> Error {
+    Error::Conflict(format!(
+        "task {task_id} changed while it was being updated; read it again and retry"
+    ))
+}
+
+/// What re-running from a step did.
+#[derive(Debug, Clone)]
+pub struct Rerun {
+    /// The task after it (running again if it had failed).
+    pub task: TaskRecord,
+    /// The steps that went back to pending.
+    pub reset: Vec<StepRecord>,
+    /// How many of them are claimable now.
+    pub ready: usize,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct PendingParents {
+    id: Uuid,
+    pending_parents: i32,
 }

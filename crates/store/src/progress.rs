@@ -130,7 +130,7 @@ impl Store {
                         EventName::TaskFinalized.as_str(),
                         None,
                         json!({
-                            "outcome": to.as_str(),
+                            "outcome": to.api_name(),
                             "duration_ms": (now - task.created_at).num_milliseconds(),
                             "steps_total": count.total,
                             "steps_done": count.done,

@@ -71,15 +71,17 @@ pub(crate) async fn move_tasks(
 
 /// Which steps a step change is about.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Steps {
+pub(crate) enum Steps<'a> {
     One(Uuid),
     OfTask(Uuid),
+    /// These steps (of one task).
+    Listed(&'a [Uuid]),
 }
 
 /// What a person's change does to a step besides its state.
 #[derive(Debug, Clone)]
 pub(crate) enum StepEffect {
-    /// Back to pending with fresh attempts and no error.
+    /// Back to pending with fresh attempts: no error, no results, not finished.
     Reset,
     /// Done by hand: finished now, with these results for its dependents if given.
     Finish { results: Option<serde_json::Value> },
@@ -90,7 +92,7 @@ pub(crate) enum StepEffect {
 /// A person's change of state for some steps (or a cancellation): the attempt in flight (if
 /// any) ends, no retry stays scheduled.
 pub(crate) struct StepMove<'a> {
-    pub steps: Steps,
+    pub steps: Steps<'a>,
     pub from: &'a [StepState],
     pub to: StepState,
     /// The version the caller read, when it read the step before deciding.
@@ -125,6 +127,14 @@ pub(crate) async fn move_steps(
             .col_expr(
                 workflow_step::Column::LastError,
                 Expr::value(Option::<String>::None),
+            )
+            .col_expr(
+                workflow_step::Column::Results,
+                Expr::value(Option::<serde_json::Value>::None),
+            )
+            .col_expr(
+                workflow_step::Column::CompletedAt,
+                Expr::value(Option::<DateTime<Utc>>::None),
             ),
         StepEffect::Cancel => update
             .col_expr(workflow_step::Column::CompletedAt, Expr::value(now))
@@ -149,6 +159,7 @@ pub(crate) async fn move_steps(
     update = match change.steps {
         Steps::One(id) => update.filter(workflow_step::Column::Id.eq(id)),
         Steps::OfTask(task_id) => update.filter(workflow_step::Column::TaskId.eq(task_id)),
+        Steps::Listed(ids) => update.filter(workflow_step::Column::Id.is_in(ids.iter().copied())),
     };
     update =
         update.filter(workflow_step::Column::State.is_in(change.from.iter().map(|s| s.as_str())));

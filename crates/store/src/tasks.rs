@@ -206,7 +206,9 @@ impl Store {
             (row, vec![event])
         };
         let mut step_transitions = Vec::with_capacity(step_ids.len());
-        for (step, id) in template.steps.iter().zip(&step_ids) {
+        for (index, (step, id)) in template.steps.iter().zip(&step_ids).enumerate() {
+            // What a live graph needs to draw the step without reading the task again.
+            let parents: Vec<Uuid> = dag.parents(index).iter().map(|&p| step_ids[p]).collect();
             let (row, event) = step_rows(
                 subject,
                 *id,
@@ -214,7 +216,12 @@ impl Store {
                 None,
                 StepState::Pending,
                 1,
-                json!({}),
+                json!({
+                    "handler": step.handler,
+                    "position": index,
+                    "depends_on": step.depends_on,
+                    "depends_on_ids": parents,
+                }),
                 now,
             );
             step_transitions.push(row);

@@ -126,7 +126,7 @@ async fn a_diamond_runs_in_dependency_order_and_completes_its_task() {
         );
         let summary = events.last().unwrap();
         assert_eq!(summary.name, "task.finalized");
-        assert_eq!(summary.payload["outcome"], "complete");
+        assert_eq!(summary.payload["outcome"], "COMPLETE");
         assert_eq!(summary.payload["steps_done"], 4);
         assert_eq!(count("task.waiting"), 0);
     }
@@ -318,7 +318,7 @@ async fn failures_retry_then_fail_the_task_or_skip_and_let_dependents_run() {
         );
         assert_eq!(names[names.len() - 2..], ["task.failed", "task.finalized"]);
         let summary = &events.last().unwrap().payload;
-        assert_eq!(summary["outcome"], "error");
+        assert_eq!(summary["outcome"], "ERROR");
         assert_eq!(
             (
                 &summary["steps_total"],

@@ -14,6 +14,7 @@ use tasker_store::{Error, NewTask, RegistrationOutcome, Store, TaskFilter};
 mod event_log;
 mod execution;
 mod faults;
+mod lifecycle;
 
 pub const DIAMOND: &str = r#"
 namespace: shop
