@@ -73,11 +73,29 @@ impl App {
         let engine = Engine::new(store.clone());
         let (stop, stopping) = watch::channel(false);
         let mut background = Vec::new();
+        let mut outbound = settings.outbound.clone();
+        if settings.demo {
+            crate::demo::register(&engine).await?;
+            // The demo's http steps call this server; 0.0.0.0 is reached over loopback.
+            let own = if address.ip().is_unspecified() {
+                SocketAddr::from(([127, 0, 0, 1], address.port()))
+            } else {
+                address
+            };
+            outbound = outbound.also_allowing(own.ip());
+            tracing::warn!(address = %own.ip(), "demo: the http handler may reach this server's address");
+            background.push(tokio::spawn(crate::demo::trickle(
+                engine.clone(),
+                format!("http://{own}/demo"),
+                crate::demo::EVERY,
+                stopping.clone(),
+            )));
+        }
         if settings.workers > 0 {
             let pool = WorkerPoolConfig {
                 concurrency: settings.workers,
                 lease: settings.worker_lease,
-                outbound: settings.outbound.clone(),
+                outbound,
                 ..WorkerPoolConfig::default()
             };
             background.push(tokio::spawn(
@@ -88,12 +106,15 @@ impl App {
             engine.clone().run_maintenance(stopping.clone()),
         ));
         background.push(tokio::spawn(engine.clone().run_listener(stopping)));
-        let router = tasker_api::router(
+        let mut router = tasker_api::router(
             engine.clone(),
             settings.http.clone(),
             auth,
             settings.browser.clone(),
         );
+        if settings.demo {
+            router = router.merge(crate::demo::routes());
+        }
         Ok(App {
             address,
             store,

@@ -41,6 +41,11 @@ pub struct Cli {
     #[arg(long, env = "TASKER_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
 
+    /// Something to watch: register the demo templates, serve their demo services and start
+    /// a task every few seconds (the `http` handler may then reach this server's address).
+    #[arg(long, env = "TASKER_DEMO", global = true)]
+    pub demo: bool,
+
     /// Do not register the example templates on an empty database.
     #[arg(long, env = "TASKER_NO_EXAMPLES", global = true)]
     pub no_examples: bool,
@@ -229,6 +234,7 @@ struct FileSettings {
     database_url: Option<String>,
     data_dir: Option<PathBuf>,
     examples: Option<bool>,
+    demo: Option<bool>,
     workers: Option<usize>,
     worker_lease_seconds: Option<u64>,
     log_format: Option<LogFormat>,
@@ -269,6 +275,8 @@ pub struct Settings {
     pub database_url: Option<String>,
     pub data_dir: PathBuf,
     pub examples: bool,
+    /// Demo templates, services and a trickle of tasks (`--demo`).
+    pub demo: bool,
     /// Steps of built-in handlers at once; 0 turns the embedded pool off.
     pub workers: usize,
     pub worker_lease: Duration,
@@ -293,6 +301,7 @@ impl Default for Settings {
             database_url: None,
             data_dir: PathBuf::from("tasker-data"),
             examples: true,
+            demo: false,
             workers: pool.concurrency,
             worker_lease: pool.lease,
             log_format: LogFormat::default(),
@@ -390,6 +399,7 @@ impl Settings {
                 .or(file.data_dir)
                 .unwrap_or(defaults.data_dir),
             examples: !cli.no_examples && file.examples.unwrap_or(defaults.examples),
+            demo: cli.demo || file.demo.unwrap_or(defaults.demo),
             workers: cli.workers.or(file.workers).unwrap_or(defaults.workers),
             worker_lease: cli
                 .worker_lease_seconds

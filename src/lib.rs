@@ -3,5 +3,6 @@
 
 mod app;
 pub mod config;
+mod demo;
 
 pub use app::{App, connect};

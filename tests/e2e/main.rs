@@ -9,6 +9,7 @@ mod bad_input;
 mod binary;
 mod browser;
 mod chromium;
+mod dashboard;
 mod execution;
 mod faults;
 mod isolation;

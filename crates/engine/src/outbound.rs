@@ -93,6 +93,12 @@ impl OutboundPolicy {
         Ok(policy)
     }
 
+    /// This policy, also allowing one address (the server's own, for `--demo`'s services).
+    pub fn also_allowing(mut self, address: IpAddr) -> OutboundPolicy {
+        self.networks.push(IpNet::from(address.to_canonical()));
+        self
+    }
+
     /// Checks one address the host resolved to (or names). An allowed host name opens every
     /// address but link-local ones: cloud metadata answers there, and a name's DNS may be
     /// less trustworthy than the name (a dangling record under an allowed domain); a network
