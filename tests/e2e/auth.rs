@@ -18,7 +18,7 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-async fn secured() -> TestServer {
+pub(crate) async fn secured() -> TestServer {
     secured_on(TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await).await
 }
 
@@ -58,7 +58,7 @@ fn sign(claims: &Value, secret: &str, algorithm: Algorithm) -> String {
     .unwrap()
 }
 
-fn token(permissions: &[&str], namespaces: &[&str]) -> String {
+pub(crate) fn token(permissions: &[&str], namespaces: &[&str]) -> String {
     sign(
         &claims(permissions, namespaces, json!({})),
         SECRET,

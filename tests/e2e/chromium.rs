@@ -72,8 +72,20 @@ async fn attacker() -> (String, tokio::sync::mpsc::Receiver<Value>) {
     (origin, received)
 }
 
+/// Headless, quiet, no calls home: the flags every browser test starts Chromium with.
+pub(crate) const HEADLESS: [&str; 8] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];
+
 /// The Chromium to drive, or `None` (with a note) where there is none and none is required.
-fn chromium() -> Option<String> {
+pub(crate) fn chromium() -> Option<String> {
     let path = std::env::var("TASKER_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     if std::path::Path::new(&path).exists() {
         return Some(path);
@@ -97,16 +109,7 @@ async fn visit(
     let (origin, mut reports) = page;
     let profile = tempfile::tempdir().unwrap();
     let mut chromium = tokio::process::Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
+        .args(HEADLESS)
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(format!("{origin}/?target=http://{}", server.address))
         .stdout(std::process::Stdio::null())

@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod binary;
 mod browser;
+mod cdp;
 mod chromium;
 mod dashboard;
 mod execution;

@@ -94,6 +94,34 @@ pub(crate) fn principal<'a>(ctx: &'a Context<'_>) -> Result<&'a Principal> {
         .gql()
 }
 
+/// Who the caller is, as a page needs it to show only the actions its token permits.
+#[derive(async_graphql::SimpleObject)]
+pub struct Viewer {
+    /// The token's subject; empty without authentication.
+    subject: Option<String>,
+    /// Every permission granted (`tasker.task:cancel`, …).
+    permissions: Vec<String>,
+    /// The namespaces the caller may see; empty when it may see all.
+    namespaces: Option<Vec<String>>,
+}
+
+/// The caller itself: any authenticated caller may read who it is.
+pub(crate) fn viewer(ctx: &Context<'_>) -> Result<Viewer> {
+    let principal = principal(ctx)?;
+    Ok(Viewer {
+        subject: principal.subject.clone(),
+        permissions: principal
+            .permissions
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect(),
+        namespaces: match &principal.namespaces {
+            NamespaceScope::All => None,
+            NamespaceScope::Only(names) => Some(names.iter().cloned().collect()),
+        },
+    })
+}
+
 /// The server's clock, for stamping messages: any authenticated caller may read the time.
 pub(crate) fn clock(ctx: &Context<'_>) -> Result<Arc<dyn tasker_domain::Clock>> {
     principal(ctx)?;
@@ -474,6 +502,16 @@ impl Granted<'_, can::EventSubscribe> {
     /// The templates in scope, for the custom events they declare.
     pub async fn templates(&self) -> Result<Vec<TemplateRecord>> {
         self.templates_in_scope(None, None).await
+    }
+
+    /// The log's head now: following after it misses nothing that commits from here on.
+    pub async fn event_head(&self) -> Result<EventCursor> {
+        Ok(self
+            .store()
+            .event_head()
+            .await
+            .gql()?
+            .unwrap_or(EventCursor(0)))
     }
 
     /// `NOT_FOUND` unless the task exists in scope.

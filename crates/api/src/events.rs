@@ -164,6 +164,13 @@ impl EventQuery {
         Ok(catalog)
     }
 
+    /// The event log's newest cursor now. Read it before loading a page, then subscribe with
+    /// `after` set to it: every change after the page was read is delivered, none is missed.
+    async fn event_head(&self, ctx: &Context<'_>) -> Result<String> {
+        let granted = grant::<can::EventSubscribe>(ctx)?;
+        Ok(event_cursor(granted.event_head().await?))
+    }
+
     /// The event log in order, `first` at a time (at most 500 by default) after a cursor; the same
     /// cursors as the `events` subscription, for clients that cannot keep a WebSocket.
     async fn events(

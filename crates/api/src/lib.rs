@@ -7,6 +7,7 @@ mod access;
 pub mod auth;
 mod batch;
 pub mod browser;
+mod dashboard;
 mod deadline;
 mod enums;
 mod error;

@@ -41,6 +41,18 @@ const OPERATIONS: &[(&str, Option<&str>)] = &[
         include_str!("../../../playground/operations/08-follow-events.graphql"),
         None,
     ),
+    (
+        include_str!("../../../playground/operations/09-follow-a-task.graphql"),
+        Some("{ \"id\": \"paste a task id here\" }"),
+    ),
+    (
+        include_str!("../../../playground/operations/10-follow-the-task-list.graphql"),
+        None,
+    ),
+    (
+        include_str!("../../../playground/operations/11-rerun-from-a-step.graphql"),
+        Some("{ \"id\": \"paste a step id here\" }"),
+    ),
 ];
 
 const PAGE: &str = include_str!("../../../playground/index.html");

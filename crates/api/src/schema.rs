@@ -71,6 +71,12 @@ pub struct TaskQuery;
 
 #[Object]
 impl TaskQuery {
+    /// The caller: its subject, permissions and namespaces (a page shows only the actions
+    /// they allow).
+    async fn viewer(&self, ctx: &Context<'_>) -> Result<crate::access::Viewer> {
+        crate::access::viewer(ctx)
+    }
+
     /// Every namespace that has templates.
     async fn namespaces(&self, ctx: &Context<'_>) -> Result<Vec<Namespace>> {
         grant::<can::TemplateIndex>(ctx)?.namespaces().await

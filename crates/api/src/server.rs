@@ -86,6 +86,14 @@ pub fn router(
         .route("/", get(playground_page))
         .route("/playground", get(playground_page))
         .route("/playground/vendor/{file}", get(vendor_asset))
+        .route(
+            "/dashboard",
+            get(|| async { crate::dashboard::serve("index.html") }),
+        )
+        .route(
+            "/dashboard/{file}",
+            get(|Path(file): Path<String>| async move { crate::dashboard::serve(&file) }),
+        )
         .route("/graphql", get(graphql_get).post(graphql_post))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
