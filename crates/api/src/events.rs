@@ -140,7 +140,7 @@ impl EventQuery {
             .map(|event| EventDefinition {
                 name: event.as_str().to_owned(),
                 description: event.description().to_owned(),
-                payload_fields: fields(event.payload_fields()),
+                payload_fields: fields(&event.payload_fields()),
                 template: None,
             })
             .collect();

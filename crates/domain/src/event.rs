@@ -44,6 +44,18 @@ pub const CUSTOM_EVENT_FIELDS: &[&str] = &[
     "data",
 ];
 
+/// Where an event about a task happened: the first fields of its payload.
+const TASK_SUBJECT: &[&str] = &["task_id", "namespace", "template", "correlation_id"];
+/// Where an event about a step happened.
+const STEP_SUBJECT: &[&str] = &[
+    "task_id",
+    "step_id",
+    "step",
+    "namespace",
+    "template",
+    "correlation_id",
+];
+
 impl EventName {
     pub const ALL: [EventName; 23] = [
         EventName::TemplateRegistered,
@@ -176,75 +188,58 @@ impl EventName {
         }
     }
 
-    /// The fields its payload carries (those that apply).
-    pub fn payload_fields(self) -> &'static [&'static str] {
+    /// The fields its payload carries (those that apply): where it happened, then its own.
+    pub fn payload_fields(self) -> Vec<&'static str> {
         use EventName::*;
-        match self {
-            TemplateRegistered => &[
-                "template_id",
-                "namespace",
-                "template",
-                "version",
-                "replaced",
-                "steps",
-            ],
+        let (subject, own): (&[&str], &[&str]) = match self {
+            TemplateRegistered => (
+                &[],
+                &[
+                    "template_id",
+                    "namespace",
+                    "template",
+                    "version",
+                    "replaced",
+                    "steps",
+                ],
+            ),
             TaskCreated | TaskStarted | TaskCompleted | TaskFailed | TaskRetryRequested
-            | TaskCancelled | TaskResolvedManually => &[
-                "task_id",
-                "namespace",
-                "template",
-                "correlation_id",
-                "from_state",
-                "to_state",
-                "reason",
-                "initiator",
-                "source_system",
-                "version",
-                "triggered_by",
-                "steps",
-            ],
-            TaskStepsReady => &[
-                "task_id",
-                "namespace",
-                "template",
-                "correlation_id",
-                "steps",
-                "step_ids",
-                "count",
-            ],
-            TaskWaiting => &[
-                "task_id",
-                "namespace",
-                "template",
-                "correlation_id",
-                "waiting_steps",
-                "retry_at_ms",
-            ],
-            TaskFinalized => &[
-                "task_id",
-                "namespace",
-                "template",
-                "correlation_id",
-                "outcome",
-                "duration_ms",
-                "steps_total",
-                "steps_done",
-                "steps_failed",
-            ],
-            StepCreated => &[
-                "task_id",
-                "step_id",
-                "step",
-                "namespace",
-                "template",
-                "correlation_id",
-                "from_state",
-                "to_state",
-                "handler",
-                "position",
-                "depends_on",
-                "depends_on_ids",
-            ],
+            | TaskCancelled | TaskResolvedManually => (
+                TASK_SUBJECT,
+                &[
+                    "from_state",
+                    "to_state",
+                    "reason",
+                    "initiator",
+                    "source_system",
+                    "version",
+                    "triggered_by",
+                    "steps",
+                ],
+            ),
+            TaskStepsReady => (TASK_SUBJECT, &["steps", "step_ids", "count"]),
+            TaskWaiting => (TASK_SUBJECT, &["waiting_steps", "retry_at_ms"]),
+            TaskFinalized => (
+                TASK_SUBJECT,
+                &[
+                    "outcome",
+                    "duration_ms",
+                    "steps_total",
+                    "steps_done",
+                    "steps_failed",
+                ],
+            ),
+            StepCreated => (
+                STEP_SUBJECT,
+                &[
+                    "from_state",
+                    "to_state",
+                    "handler",
+                    "position",
+                    "depends_on",
+                    "depends_on_ids",
+                ],
+            ),
             StepStarted
             | StepCompleted
             | StepFailed
@@ -255,26 +250,26 @@ impl EventName {
             | StepBackoff
             | StepMaxRetriesReached
             | StepLeaseExpired
-            | StepTimedOut => &[
-                "task_id",
-                "step_id",
-                "step",
-                "namespace",
-                "template",
-                "correlation_id",
-                "from_state",
-                "to_state",
-                "attempt",
-                "worker_id",
-                "duration_ms",
-                "error",
-                "retryable",
-                "retry_at_ms",
-                "reason",
-                "triggered_by",
-                "rerun_from",
-            ],
-        }
+            | StepTimedOut => (
+                STEP_SUBJECT,
+                &[
+                    "from_state",
+                    "to_state",
+                    "attempt",
+                    "worker_id",
+                    "duration_ms",
+                    "error",
+                    "retryable",
+                    "retry_at_ms",
+                    "delay_ms",
+                    "max_attempts",
+                    "reason",
+                    "triggered_by",
+                    "rerun_from",
+                ],
+            ),
+        };
+        [subject, own].concat()
     }
 
     /// The catalog entry with this name.

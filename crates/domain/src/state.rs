@@ -29,9 +29,7 @@ pub trait StateMachine: Copy + PartialEq + 'static {
 
     /// The name the API shows (`IN_PROGRESS`): the schema's enum value, also used in event
     /// payloads so a client compares one spelling.
-    fn api_name(self) -> String {
-        self.as_str().to_ascii_uppercase()
-    }
+    fn api_name(self) -> &'static str;
 
     /// No further transition is possible.
     fn is_terminal(self) -> bool {
@@ -110,6 +108,17 @@ impl StateMachine for TaskState {
         }
     }
 
+    fn api_name(self) -> &'static str {
+        match self {
+            TaskState::Pending => "PENDING",
+            TaskState::InProgress => "IN_PROGRESS",
+            TaskState::Complete => "COMPLETE",
+            TaskState::Error => "ERROR",
+            TaskState::Cancelled => "CANCELLED",
+            TaskState::ResolvedManually => "RESOLVED_MANUALLY",
+        }
+    }
+
     /// A failed task can be retried (back to pending or straight to in progress), resolved by
     /// a person, or cancelled; finished tasks stay finished.
     fn successors(self) -> &'static [TaskState] {
@@ -133,6 +142,13 @@ impl StepState {
         StepState::ResolvedManually,
         StepState::Skipped,
     ];
+
+    /// Whether a re-run from a step may send a step in this state back to pending: it
+    /// finished or failed; one running (or cancelled with its task) may not. Pending ones
+    /// stay as they are.
+    pub fn can_rerun(self) -> bool {
+        self.satisfies_dependency() || self == StepState::Error
+    }
 
     /// Whether a child may start once this parent is in this state.
     pub fn satisfies_dependency(self) -> bool {
@@ -159,6 +175,18 @@ impl StateMachine for StepState {
             StepState::Cancelled => "cancelled",
             StepState::ResolvedManually => "resolved_manually",
             StepState::Skipped => "skipped",
+        }
+    }
+
+    fn api_name(self) -> &'static str {
+        match self {
+            StepState::Pending => "PENDING",
+            StepState::InProgress => "IN_PROGRESS",
+            StepState::Complete => "COMPLETE",
+            StepState::Error => "ERROR",
+            StepState::Cancelled => "CANCELLED",
+            StepState::ResolvedManually => "RESOLVED_MANUALLY",
+            StepState::Skipped => "SKIPPED",
         }
     }
 
@@ -191,6 +219,26 @@ impl std::fmt::Display for StepState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_names_are_the_stored_names_in_capitals() {
+        for state in TaskState::ALL {
+            assert_eq!(state.api_name(), state.as_str().to_ascii_uppercase());
+        }
+        for state in StepState::ALL {
+            assert_eq!(state.api_name(), state.as_str().to_ascii_uppercase());
+        }
+    }
+
+    #[test]
+    fn finished_and_failed_steps_can_rerun_running_and_cancelled_ones_cannot() {
+        use StepState::*;
+        let rerunnable: Vec<StepState> = StepState::ALL
+            .into_iter()
+            .filter(|state| state.can_rerun())
+            .collect();
+        assert_eq!(rerunnable, [Complete, Error, ResolvedManually, Skipped]);
+    }
 
     /// The whole task table, written out independently of `successors`: every pair is checked.
     #[test]

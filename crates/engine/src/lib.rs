@@ -20,7 +20,6 @@ pub use workers::WorkerPoolConfig;
 
 use std::sync::Arc;
 use std::time::Duration;
-use tasker_domain::StateMachine;
 use tasker_store::{
     AttemptFailure, ClaimRequest, ClaimedStep, Completion, CompletionReport, FailureReport,
     NewTask, StepAction, StepChange, Store, TaskCreation, TaskRecord,
@@ -281,7 +280,7 @@ impl Engine {
     ) -> Result<StepChange> {
         let change = self.store.change_step(step_id, action, reason).await?;
         self.announce().await;
-        if change.task.state.is_terminal() || change.task.state == tasker_domain::TaskState::Error {
+        if change.task.state.has_ended() {
             self.tasks_finished(1);
         }
         Ok(change)

@@ -3,7 +3,9 @@
 //! events, and reopens the task for execution when it had stopped.
 
 use crate::entities::{workflow_step, workflow_step_edge};
-use crate::events::{metadata, step_transition as step_rows, task_transition as task_rows};
+use crate::events::{
+    Subject, metadata, step_transition as step_rows, task_transition as task_rows,
+};
 use crate::execution::DONE_STATES;
 use crate::records::{StepRecord, TaskRecord};
 use crate::sql::Sql;
@@ -11,11 +13,13 @@ use crate::state_change::{
     CompletedAt, StepEffect, StepMove, Steps, TaskMove, move_steps, move_tasks,
 };
 use crate::{Error, Result, Store};
+use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait, DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter, QuerySelect,
     TransactionTrait,
 };
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use tasker_domain::{Dag, StateMachine, StepState, TaskState};
 use uuid::Uuid;
 
@@ -51,7 +55,7 @@ impl Store {
             let txn = self.db.begin().await?;
             let step = Self::step_row(&txn, step_id).await?;
             let task = Self::task_row(&txn, step.task_id).await?;
-            let task_state = open_task_state(&task)?;
+            ensure_open(&task)?;
             let from = StepState::parse(&step.state)?;
             let to = match action {
                 StepAction::Retry => StepState::Pending,
@@ -90,10 +94,7 @@ impl Store {
                 Some(from),
                 to,
                 updated.version,
-                metadata(&[
-                    ("reason", reason.clone().map(Value::from)),
-                    ("triggered_by", Some(json!("manual"))),
-                ]),
+                manual(reason.as_deref(), None),
                 now,
             );
             let mut events = vec![event];
@@ -110,9 +111,15 @@ impl Store {
             } else {
                 0
             };
-            let (mut task_transitions, reopened) = self
-                .reopen_task(&txn, &task, task_state, reason.as_deref(), &mut events)
-                .await?;
+            let (mut task_transitions, reopened) = reopen_task(
+                &txn,
+                &task,
+                subjects.subject(task.id),
+                now,
+                reason.as_deref(),
+                &mut events,
+            )
+            .await?;
             let (mut finished, finishing) = self
                 .finalize_tasks(&txn, &[step.task_id], &subjects, now, &mut events)
                 .await?;
@@ -152,14 +159,6 @@ impl Store {
             let reopened = move_steps(&txn, change, now).await?;
             let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(&current));
             let subject = subjects.subject(task_id);
-            let manual = |extra: Option<(&str, Value)>| {
-                let mut fields = vec![
-                    ("reason", reason.clone().map(Value::from)),
-                    ("triggered_by", Some(json!("manual"))),
-                ];
-                fields.extend(extra.map(|(key, value)| (key, Some(value))));
-                metadata(&fields)
-            };
             let pending = move_tasks(
                 &txn,
                 TaskMove {
@@ -180,7 +179,7 @@ impl Store {
                 Some(TaskState::Error),
                 TaskState::Pending,
                 pending.version,
-                manual(Some(("steps", json!(retried)))),
+                manual(reason.as_deref(), Some(("steps", json!(retried)))),
                 now,
             );
             let mut events = vec![request_event];
@@ -193,7 +192,7 @@ impl Store {
                     Some(StepState::Error),
                     StepState::Pending,
                     step.version,
-                    manual(None),
+                    manual(reason.as_deref(), None),
                     now,
                 );
                 step_transitions.push(row);
@@ -208,15 +207,8 @@ impl Store {
                     now,
                 ),
             );
-            let (mut task_transitions, running) = self
-                .reopen_task(
-                    &txn,
-                    &pending,
-                    TaskState::Pending,
-                    reason.as_deref(),
-                    &mut events,
-                )
-                .await?;
+            let (mut task_transitions, running) =
+                reopen_task(&txn, &pending, subject, now, reason.as_deref(), &mut events).await?;
             task_transitions.insert(0, requested);
             crate::events::insert_all(&txn, step_transitions).await?;
             crate::events::insert_all(&txn, task_transitions).await?;
@@ -255,10 +247,7 @@ impl Store {
                 Some(TaskState::Error),
                 TaskState::ResolvedManually,
                 resolved.version,
-                metadata(&[
-                    ("reason", reason.map(Value::from)),
-                    ("triggered_by", Some(json!("manual"))),
-                ]),
+                manual(reason.as_deref(), None),
                 now,
             );
             crate::events::insert_all(&txn, [row]).await?;
@@ -279,7 +268,7 @@ impl Store {
             let txn = self.db.begin().await?;
             let start = Self::step_row(&txn, step_id).await?;
             let task = Self::task_row(&txn, start.task_id).await?;
-            let task_state = open_task_state(&task)?;
+            ensure_open(&task)?;
             let mut steps = workflow_step::Entity::find()
                 .filter(workflow_step::Column::TaskId.eq(task.id));
             if self.db.get_database_backend() == sea_orm::DbBackend::Postgres {
@@ -302,35 +291,35 @@ impl Store {
                     key: step_id.to_string(),
                 });
             };
-            let downstream: Vec<&workflow_step::Model> = dag
-                .descendants(from_index)
-                .into_iter()
-                .map(|i| &steps[i])
-                .collect();
-            if let Some(running) = downstream
-                .iter()
-                .find(|step| step.state == StepState::InProgress.as_str())
-            {
-                return Err(Error::Conflict(format!(
-                    "step {:?} is running; wait for its attempt to end (or cancel the task) before re-running from {:?}",
-                    running.name, start.name
-                )));
+            // Each step downstream (the start included) with the state it is in now.
+            let mut downstream: HashMap<Uuid, (&workflow_step::Model, StepState)> =
+                HashMap::new();
+            for index in dag.descendants(from_index) {
+                let step = &steps[index];
+                let state = StepState::parse(&step.state)?;
+                if state == StepState::Pending || state.can_rerun() {
+                    downstream.insert(step.id, (step, state));
+                } else {
+                    return Err(Error::Conflict(format!(
+                        "step {:?} is {state}; wait for its attempt to end (or cancel the task) before re-running from {:?}",
+                        step.name, start.name
+                    )));
+                }
             }
             let moving: Vec<Uuid> = downstream
-                .iter()
-                .filter(|step| step.state != StepState::Pending.as_str())
-                .map(|step| step.id)
+                .values()
+                .filter(|(_, state)| *state != StepState::Pending)
+                .map(|(step, _)| step.id)
+                .collect();
+            let rerunnable: Vec<StepState> = StepState::ALL
+                .into_iter()
+                .filter(|state| state.can_rerun())
                 .collect();
             let moved = move_steps(
                 &txn,
                 StepMove {
                     steps: Steps::Listed(&moving),
-                    from: &[
-                        StepState::Complete,
-                        StepState::Error,
-                        StepState::Skipped,
-                        StepState::ResolvedManually,
-                    ],
+                    from: &rerunnable,
                     to: StepState::Pending,
                     version: None,
                     effect: StepEffect::Reset,
@@ -344,23 +333,15 @@ impl Store {
                     task.id, start.name
                 )));
             }
-            let reset: Vec<Uuid> = downstream.iter().map(|step| step.id).collect();
+            let reset: Vec<Uuid> = downstream.keys().copied().collect();
             let counted = self.count_pending_parents(&txn, &reset).await?;
             let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(&task));
             let subject = subjects.subject(task.id);
-            let details = metadata(&[
-                ("reason", reason.clone().map(Value::from)),
-                ("triggered_by", Some(json!("manual"))),
-                ("rerun_from", Some(json!(start.name))),
-            ]);
+            let details = manual(reason.as_deref(), Some(("rerun_from", json!(start.name))));
             let mut events = Vec::new();
             let mut step_transitions = Vec::new();
             for step in &moved {
-                let before = downstream
-                    .iter()
-                    .find(|old| old.id == step.id)
-                    .map(|old| StepState::parse(&old.state))
-                    .transpose()?;
+                let before = downstream.get(&step.id).map(|(_, state)| *state);
                 let (row, event) = step_rows(
                     subject,
                     step.id,
@@ -377,13 +358,12 @@ impl Store {
             let ready: Vec<(Uuid, Uuid, &str)> = counted
                 .iter()
                 .filter(|(_, pending_parents)| *pending_parents == 0)
-                .filter_map(|(id, _)| downstream.iter().find(|step| step.id == *id))
-                .map(|step| (task.id, step.id, step.name.as_str()))
+                .filter_map(|(id, _)| downstream.get(id))
+                .map(|(step, _)| (task.id, step.id, step.name.as_str()))
                 .collect();
             events.extend(subjects.steps_ready(ready.iter().copied(), now));
-            let (task_transitions, reopened) = self
-                .reopen_task(&txn, &task, task_state, reason.as_deref(), &mut events)
-                .await?;
+            let (task_transitions, reopened) =
+                reopen_task(&txn, &task, subject, now, reason.as_deref(), &mut events).await?;
             crate::events::insert_all(&txn, step_transitions).await?;
             crate::events::insert_all(&txn, task_transitions).await?;
             crate::events::insert_all(&txn, events).await?;
@@ -422,55 +402,61 @@ impl Store {
             .map(|row| (row.id, row.pending_parents))
             .collect())
     }
-
-    /// A task that stopped (failed) or never started is put back in progress so its steps can
-    /// run and it can finish; a running task is left as it is. `from` is the state the caller
-    /// read `task` in, inside this transaction.
-    async fn reopen_task(
-        &self,
-        txn: &DatabaseTransaction,
-        task: &crate::entities::task::Model,
-        from: TaskState,
-        reason: Option<&str>,
-        events: &mut Vec<crate::entities::event::ActiveModel>,
-    ) -> Result<(
-        Vec<crate::entities::task_transition::ActiveModel>,
-        Option<crate::entities::task::Model>,
-    )> {
-        if !matches!(from, TaskState::Pending | TaskState::Error) {
-            return Ok((Vec::new(), None));
-        }
-        let now = self.now();
-        let change = TaskMove {
-            ids: &[task.id],
-            from: &[from],
-            to: TaskState::InProgress,
-            version: None,
-            completed_at: CompletedAt::Clear,
-        };
-        // Guarded by the state alone: a task started meanwhile (its first claim) needs nothing.
-        let Some(reopened) = move_tasks(txn, change, now).await?.pop() else {
-            return Ok((Vec::new(), None));
-        };
-        let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(task));
-        let (row, event) = task_rows(
-            subjects.subject(task.id),
-            Some(from),
-            TaskState::InProgress,
-            reopened.version,
-            metadata(&[
-                ("reason", reason.map(Value::from)),
-                ("triggered_by", Some(json!("manual"))),
-            ]),
-            now,
-        );
-        events.push(event);
-        Ok((vec![row], Some(reopened)))
-    }
 }
 
-/// The state of a task people may still change the steps of; a finished one is a conflict.
-fn open_task_state(task: &crate::entities::task::Model) -> Result<TaskState> {
+/// A task that stopped (failed) or never started is put back in progress so its steps can
+/// run and it can finish; a running task is left as it is. `task` is the row as this
+/// transaction read or wrote it.
+async fn reopen_task(
+    txn: &DatabaseTransaction,
+    task: &crate::entities::task::Model,
+    subject: Subject<'_>,
+    now: DateTime<Utc>,
+    reason: Option<&str>,
+    events: &mut Vec<crate::entities::event::ActiveModel>,
+) -> Result<(
+    Vec<crate::entities::task_transition::ActiveModel>,
+    Option<crate::entities::task::Model>,
+)> {
+    let from = TaskState::parse(&task.state)?;
+    if !matches!(from, TaskState::Pending | TaskState::Error) {
+        return Ok((Vec::new(), None));
+    }
+    let change = TaskMove {
+        ids: &[task.id],
+        from: &[from],
+        to: TaskState::InProgress,
+        version: None,
+        completed_at: CompletedAt::Clear,
+    };
+    // Guarded by the state alone: a task started meanwhile (its first claim) needs nothing.
+    let Some(reopened) = move_tasks(txn, change, now).await?.pop() else {
+        return Ok((Vec::new(), None));
+    };
+    let (row, event) = task_rows(
+        subject,
+        Some(from),
+        TaskState::InProgress,
+        reopened.version,
+        manual(reason, None),
+        now,
+    );
+    events.push(event);
+    Ok((vec![row], Some(reopened)))
+}
+
+/// The metadata of a person's change: the reason given, `triggered_by: manual`, and `extra`.
+fn manual(reason: Option<&str>, extra: Option<(&str, Value)>) -> Value {
+    let mut fields = vec![
+        ("reason", reason.map(Value::from)),
+        ("triggered_by", Some(json!("manual"))),
+    ];
+    fields.extend(extra.map(|(key, value)| (key, Some(value))));
+    metadata(&fields)
+}
+
+/// People may change the steps of a task that has not finished; a finished one is a conflict.
+fn ensure_open(task: &crate::entities::task::Model) -> Result<()> {
     let state = TaskState::parse(&task.state)?;
     if state.is_terminal() {
         return Err(Error::Conflict(format!(
@@ -478,7 +464,7 @@ fn open_task_state(task: &crate::entities::task::Model) -> Result<TaskState> {
             task.id
         )));
     }
-    Ok(state)
+    Ok(())
 }
 
 /// A task that must have failed to be `what` ("retried"): a conflict otherwise.

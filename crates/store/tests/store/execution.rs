@@ -1,6 +1,6 @@
 //! Claiming, leases, completion, failure, retries and task finishing, with a manual clock.
 
-use crate::{DIAMOND, databases, order};
+use crate::{DIAMOND, claim, complete, databases, order};
 use chrono::Duration as Minutes;
 use serde_json::json;
 use std::collections::HashSet;
@@ -11,31 +11,10 @@ use tasker_store::{
     AttemptFailure, ClaimRequest, ClaimedStep, Completion, Error, Store, TaskFilter,
 };
 
-fn claim(limit: u32) -> ClaimRequest {
-    ClaimRequest {
-        worker_id: "worker-1".into(),
-        handlers: vec![],
-        within: Within::Any,
-        limit,
-        lease: Duration::from_secs(30),
-    }
-}
-
 fn names(claimed: &[ClaimedStep]) -> Vec<String> {
     let mut names: Vec<String> = claimed.iter().map(|c| c.step.name.clone()).collect();
     names.sort();
     names
-}
-
-async fn complete(store: &Store, claimed: &[ClaimedStep]) -> tasker_store::CompletionReport {
-    let completions: Vec<Completion> = claimed
-        .iter()
-        .map(|c| Completion {
-            lease_token: c.lease_token,
-            results: json!({ "done": c.step.name }),
-        })
-        .collect();
-    store.complete_steps(&completions).await.unwrap()
 }
 
 #[tokio::test]

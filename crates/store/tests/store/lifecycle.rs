@@ -1,35 +1,12 @@
 //! People's changes to whole tasks and to parts of their graphs: retry, resolve, re-run from a
 //! step; and a walk through every path that shows each event of the catalog is emitted.
 
-use crate::{DIAMOND, databases, order};
+use crate::{DIAMOND, claim, complete, databases, order};
 use chrono::Duration as Minutes;
 use std::collections::BTreeSet;
 use std::time::Duration;
 use tasker_domain::{EventName, StepState, TaskState, Within};
-use tasker_store::{
-    AttemptFailure, ClaimRequest, ClaimedStep, Completion, Error, EventFilter, StepAction, Store,
-};
-
-fn claim(limit: u32) -> ClaimRequest {
-    ClaimRequest {
-        worker_id: "worker-1".into(),
-        handlers: vec![],
-        within: Within::Any,
-        limit,
-        lease: Duration::from_secs(30),
-    }
-}
-
-async fn complete(store: &Store, claimed: &[ClaimedStep]) {
-    let completions: Vec<Completion> = claimed
-        .iter()
-        .map(|c| Completion {
-            lease_token: c.lease_token,
-            results: serde_json::json!({ "done": c.step.name }),
-        })
-        .collect();
-    store.complete_steps(&completions).await.unwrap();
-}
+use tasker_store::{AttemptFailure, ClaimedStep, Error, EventFilter, StepAction, Store};
 
 fn fail_for_good(claimed: &ClaimedStep) -> AttemptFailure {
     AttemptFailure {
@@ -49,6 +26,7 @@ async fn failed_diamond(store: &Store, order_id: i64) -> uuid::Uuid {
         .task;
     loop {
         let claimed = store.claim_steps(&claim(10)).await.unwrap();
+        assert!(!claimed.is_empty(), "ship never became claimable");
         if let Some(ship) = claimed.iter().find(|c| c.step.name == "ship") {
             store.fail_step(&fail_for_good(ship)).await.unwrap();
             break;
@@ -166,11 +144,7 @@ async fn a_failed_task_is_retried_or_resolved_by_hand_with_its_events() {
         // Fails again; a person resolves it.
         let ship = store.claim_steps(&claim(10)).await.unwrap();
         store.fail_step(&fail_for_good(&ship[0])).await.unwrap();
-        let refused = store.resolve_task(task_id, None).await;
-        let resolved = match refused {
-            Ok(task) => task,
-            Err(err) => panic!("{err:?}"),
-        };
+        let resolved = store.resolve_task(task_id, None).await.unwrap();
         assert_eq!(resolved.state, TaskState::ResolvedManually);
         assert!(resolved.completed_at.is_some());
         let events = store.events_for_tasks(&[task_id]).await.unwrap();
@@ -303,13 +277,31 @@ async fn every_event_in_the_catalog_is_emitted_by_some_path() {
             .task;
         store.cancel_task(cancelled.id, None).await.unwrap();
 
-        let emitted: BTreeSet<String> = store
+        let log = store
             .events_page(&EventFilter::within(Within::Any), None, 10_000)
             .await
-            .unwrap()
-            .into_iter()
-            .map(|event| event.name)
+            .unwrap();
+        // Every payload carries only fields its catalog entry lists.
+        let undeclared: BTreeSet<(String, String)> = log
+            .iter()
+            .flat_map(|event| {
+                let declared = EventName::parse(&event.name).unwrap().payload_fields();
+                event
+                    .payload
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(move |key| !declared.contains(&key.as_str()))
+                    .map(|key| (event.name.clone(), key.clone()))
+                    .collect::<Vec<_>>()
+            })
             .collect();
+        assert!(
+            undeclared.is_empty(),
+            "{}: payload fields missing from the catalog: {undeclared:?}",
+            db.backend()
+        );
+        let emitted: BTreeSet<String> = log.into_iter().map(|event| event.name).collect();
         let catalog: BTreeSet<String> = EventName::ALL
             .iter()
             .map(|name| name.as_str().to_owned())

@@ -55,6 +55,32 @@ pub fn order(namespace: &str, template: &str, order_id: i64) -> NewTask {
     }
 }
 
+/// A claim of up to `limit` steps of any handler, anywhere, by `worker-1`.
+pub fn claim(limit: u32) -> tasker_store::ClaimRequest {
+    tasker_store::ClaimRequest {
+        worker_id: "worker-1".into(),
+        handlers: vec![],
+        within: tasker_domain::Within::Any,
+        limit,
+        lease: std::time::Duration::from_secs(30),
+    }
+}
+
+/// Completes the claimed steps, each with `{"done": <its name>}`.
+pub async fn complete(
+    store: &Store,
+    claimed: &[tasker_store::ClaimedStep],
+) -> tasker_store::CompletionReport {
+    let completions: Vec<tasker_store::Completion> = claimed
+        .iter()
+        .map(|c| tasker_store::Completion {
+            lease_token: c.lease_token,
+            results: json!({ "done": c.step.name }),
+        })
+        .collect();
+    store.complete_steps(&completions).await.unwrap()
+}
+
 async fn all_tasks(store: &Store) -> Vec<tasker_store::TaskRecord> {
     store
         .list_tasks(&TaskFilter::within(tasker_domain::Within::Any), None, 1_000)
