@@ -15,18 +15,9 @@ use tokio::task::JoinHandle;
 
 /// The example templates, registered on first start.
 const EXAMPLES: &[BundledTemplate] = &[
-    BundledTemplate {
-        file: "examples/order_fulfillment.yaml",
-        source: include_str!("../examples/order_fulfillment.yaml"),
-    },
-    BundledTemplate {
-        file: "examples/inventory_restock.yaml",
-        source: include_str!("../examples/inventory_restock.yaml"),
-    },
-    BundledTemplate {
-        file: "examples/notification_chain.yaml",
-        source: include_str!("../examples/notification_chain.yaml"),
-    },
+    bundled!("examples/order_fulfillment.yaml"),
+    bundled!("examples/inventory_restock.yaml"),
+    bundled!("examples/notification_chain.yaml"),
 ];
 
 /// A server, wired and listening, its background tasks running; [`App::serve`] answers
@@ -75,7 +66,7 @@ impl App {
         let mut background = Vec::new();
         let mut outbound = settings.outbound.clone();
         if settings.demo {
-            crate::demo::register(&engine).await?;
+            tasker_engine::register_bundled(&store, crate::demo::TEMPLATES).await?;
             // The demo's http steps call this server; 0.0.0.0 is reached over loopback.
             let own = if address.ip().is_unspecified() {
                 SocketAddr::from(([127, 0, 0, 1], address.port()))
@@ -106,15 +97,18 @@ impl App {
             engine.clone().run_maintenance(stopping.clone()),
         ));
         background.push(tokio::spawn(engine.clone().run_listener(stopping)));
-        let mut router = tasker_api::router(
+        let demo_routes = if settings.demo {
+            crate::demo::routes()
+        } else {
+            axum::Router::new()
+        };
+        let router = tasker_api::router(
             engine.clone(),
             settings.http.clone(),
             auth,
             settings.browser.clone(),
+            demo_routes,
         );
-        if settings.demo {
-            router = router.merge(crate::demo::routes());
-        }
         Ok(App {
             address,
             store,

@@ -12,23 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tasker_domain::TaskRequest;
 use tasker_engine::{BundledTemplate, Engine};
-use tasker_store::{NewTask, RegistrationOutcome};
+use tasker_store::NewTask;
 use tokio::sync::watch;
 
 /// The demo templates, modelled on the Rails engine's demo apps.
 pub(crate) const TEMPLATES: &[BundledTemplate] = &[
-    BundledTemplate {
-        file: "examples/demo/order_fulfillment.yaml",
-        source: include_str!("../examples/demo/order_fulfillment.yaml"),
-    },
-    BundledTemplate {
-        file: "examples/demo/inventory_restock.yaml",
-        source: include_str!("../examples/demo/inventory_restock.yaml"),
-    },
-    BundledTemplate {
-        file: "examples/demo/customer_onboarding.yaml",
-        source: include_str!("../examples/demo/customer_onboarding.yaml"),
-    },
+    bundled!("examples/demo/order_fulfillment.yaml"),
+    bundled!("examples/demo/inventory_restock.yaml"),
+    bundled!("examples/demo/customer_onboarding.yaml"),
 ];
 
 /// How often the trickle starts a task.
@@ -37,28 +28,6 @@ pub(crate) const EVERY: Duration = Duration::from_secs(3);
 const CUSTOMERS: &[&str] = &[
     "ada", "grace", "linus", "barbara", "ken", "margaret", "dennis",
 ];
-
-/// Registers the demo templates (again on every start: identical content is unchanged; one an
-/// operator replaced is left alone, with a warning).
-pub(crate) async fn register(engine: &Engine) -> anyhow::Result<()> {
-    for template in TEMPLATES {
-        match engine
-            .store()
-            .register_template(template.source, false)
-            .await
-        {
-            Ok(registration) if registration.outcome == RegistrationOutcome::Created => {
-                tracing::info!(template = %registration.template.template.key(), "registered demo template");
-            }
-            Ok(_) => {}
-            Err(tasker_store::Error::Conflict(message)) => {
-                tracing::warn!(file = template.file, %message, "a demo template was changed here; keeping it");
-            }
-            Err(err) => return Err(err.into()),
-        }
-    }
-    Ok(())
-}
 
 /// The demo services: each answers after a short pause, and fails (503) with the probability
 /// its `fail` query parameter gives (0 to 1).

@@ -329,6 +329,9 @@ async fn each_operation_needs_its_permission() {
         ("tasker.template:show", "{ template(namespace: \"shop\", name: \"fulfil\") { key } }".to_owned()),
         ("tasker.event:subscribe", "{ events { edges { cursor } } }".to_owned()),
         ("tasker.event:subscribe", "{ eventCatalog { name } }".to_owned()),
+        ("tasker.event:subscribe", "{ eventHead }".to_owned()),
+        ("tasker.task:update", format!("mutation {{ resolveTask(input: {{id: \"{task}\"}}) {{ task {{ id }} }} }}")),
+        ("tasker.workflow_step:retry", format!("mutation {{ rerunFromStep(input: {{id: \"{step}\"}}) {{ task {{ id }} }} }}")),
         ("tasker.template:register", format!("mutation {{ registerTemplate(input: {{definition: {definition}}}) {{ result }} }}")),
         ("tasker.task:create", "mutation { createTask(input: {namespace: \"shop\", template: \"fulfil\"}) { created } }".to_owned()),
         ("tasker.task:cancel", format!("mutation {{ cancelTask(input: {{id: \"{task}\"}}) {{ task {{ id }} }} }}")),
@@ -359,6 +362,48 @@ async fn each_operation_needs_its_permission() {
     )
     .await;
     assert_eq!(body["data"]["task"]["state"], "PENDING");
+}
+
+/// The live task subscriptions show tasks: an events-only token may not follow them.
+#[tokio::test]
+async fn following_tasks_live_needs_a_task_permission_too() {
+    use crate::websocket::{connect_to, receive, send};
+    let server = secured().await;
+    let admin = format!("Bearer {}", token(&["*"], &["*"]));
+    register(&server, &admin, DIAMOND).await;
+    let (_, body) = post(&server, Some(&admin), "mutation { createTask(input: {namespace: \"shop\", template: \"fulfil\", context: {order_id: 1}}) { task { id } } }").await;
+    let task = body["data"]["createTask"]["task"]["id"].clone();
+    let events_only = format!("Bearer {}", token(&["tasker.event:subscribe"], &["*"]));
+    let subscriptions = [
+        (
+            "tasker.task:show",
+            "subscription($id: ID!) { taskUpdated(id: $id) { cursor } }",
+        ),
+        (
+            "tasker.task:index",
+            "subscription { tasksUpdated { cursor } }",
+        ),
+    ];
+    for (permission, query) in subscriptions {
+        let mut socket = connect_to(server.address, "graphql-transport-ws").await;
+        send(
+            &mut socket,
+            json!({ "type": "connection_init", "payload": { "authorization": events_only } }),
+        )
+        .await;
+        assert_eq!(receive(&mut socket).await["type"], "connection_ack");
+        send(&mut socket, json!({ "type": "subscribe", "id": "1", "payload": { "query": query, "variables": { "id": task } } })).await;
+        let refused = receive(&mut socket).await;
+        let error = &refused["payload"]["errors"][0];
+        assert_eq!(
+            error["extensions"]["code"], "FORBIDDEN",
+            "{query}: {refused}"
+        );
+        assert!(
+            error["message"].as_str().unwrap().contains(permission),
+            "{refused}"
+        );
+    }
 }
 
 #[tokio::test]

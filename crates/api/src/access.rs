@@ -101,7 +101,7 @@ pub struct Viewer {
     subject: Option<String>,
     /// Every permission granted (`tasker.task:cancel`, …).
     permissions: Vec<String>,
-    /// The namespaces the caller may see; empty when it may see all.
+    /// The namespaces the caller may see; null when it may see all.
     namespaces: Option<Vec<String>>,
 }
 
@@ -557,12 +557,16 @@ impl Granted<'_, can::EventSubscribe> {
     ///
     /// The snapshot race: the log's head is read *before* the task, so a change committed
     /// between the two reads is both in the snapshot and delivered as an event after it.
+    ///
+    /// The updates show the task itself, so the caller must also be allowed to see it
+    /// (`shown`).
     pub async fn follow_task(
         &self,
+        shown: &Granted<'_, can::TaskShow>,
         id: Uuid,
         after: Option<EventCursor>,
     ) -> Result<impl Stream<Item = TaskChange> + Send + 'static + use<>> {
-        let record = self.task_record(id).await?;
+        let record = shown.task_record(id).await?;
         // The task is in scope; its namespace is where to read.
         let within = Within::Only(tasker_domain::NamespaceSet::one(record.namespace.clone()));
         let filter = EventFilter {
@@ -583,32 +587,34 @@ impl Granted<'_, can::EventSubscribe> {
                 Vec::new(),
             ),
         };
-        let first = task_change(&store, &filter, start, caught_up).await.gql()?;
-        let follow = self
-            .engine
-            .events()
-            .follow(filter.clone(), Some(first.cursor));
-        let done = first.last;
+        let first = task_change(&store, id, start, caught_up).await.gql()?;
+        if first.last {
+            // Ended, and nothing more in the log: no need to follow it.
+            return Ok(futures::stream::once(async move { first }).left_stream());
+        }
+        let follow = self.engine.events().follow(filter, Some(first.cursor));
         let changes = futures::stream::unfold(
-            (follow, store, filter, done),
-            move |(mut follow, store, filter, done)| async move {
+            (follow, store, false),
+            move |(mut follow, store, done)| async move {
                 if done {
                     return None;
                 }
                 loop {
                     let batch = follow.next_batch().await?;
                     let cursor = batch.last().map(EventRecord::cursor)?;
-                    match task_change(&store, &filter, cursor, batch).await {
+                    match task_change(&store, id, cursor, batch).await {
                         Ok(change) => {
                             let last = change.last;
-                            return Some((change, (follow, store, filter, last)));
+                            return Some((change, (follow, store, last)));
                         }
                         Err(err) => tracing::warn!(error = %err, "reading a task snapshot failed"),
                     }
                 }
             },
         );
-        Ok(futures::stream::once(async move { first }).chain(changes))
+        Ok(futures::stream::once(async move { first })
+            .chain(changes)
+            .right_stream())
     }
 }
 
@@ -635,8 +641,12 @@ impl Granted<'_, can::EventSubscribe> {
     /// `None`): every task lifecycle event (created, started, completed, failed, retried,
     /// cancelled, resolved) in log order, each with its task read after its batch. `None`
     /// when the scope leaves nothing to read.
+    ///
+    /// The updates show the tasks themselves, so the caller must also be allowed to list
+    /// them (`_listed`).
     pub async fn follow_tasks(
         &self,
+        _listed: &Granted<'_, can::TaskIndex>,
         stream: TaskStream,
         after: Option<EventCursor>,
     ) -> Result<Option<impl Stream<Item = Vec<TaskListChange>> + Send + 'static + use<>>> {
@@ -679,8 +689,15 @@ impl Granted<'_, can::EventSubscribe> {
 async fn task_list_changes(
     store: &tasker_store::Store,
     stream: &TaskStream,
-    events: Vec<EventRecord>,
+    mut events: Vec<EventRecord>,
 ) -> tasker_store::Result<Vec<TaskListChange>> {
+    // Events name their template: the others need no read.
+    if let Some(template) = &stream.template {
+        events.retain(|event| event.payload["template"] == template.as_str());
+    }
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut ids: Vec<Uuid> = events.iter().filter_map(|event| event.task_id).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -691,17 +708,15 @@ async fn task_list_changes(
         .filter(|task| stream.matches(task))
         .collect();
     let set = crate::batch::TaskSet::new(store.clone(), tasks);
-    let tasks = Task::all_of(&set);
+    let tasks: HashMap<Uuid, Task> = Task::all_of(&set)
+        .into_iter()
+        .map(|task| (task.task_id(), task))
+        .collect();
     Ok(events
         .into_iter()
         .filter_map(|event| {
-            let task = tasks
-                .iter()
-                .find(|task| Some(task.task_id()) == event.task_id)?;
-            Some(TaskListChange {
-                event,
-                task: task.clone(),
-            })
+            let task = tasks.get(&event.task_id?)?.clone();
+            Some(TaskListChange { event, task })
         })
         .collect())
 }
@@ -710,11 +725,10 @@ async fn task_list_changes(
 /// them, their steps, and whether it is the last.
 async fn task_change(
     store: &tasker_store::Store,
-    filter: &EventFilter,
+    task_id: Uuid,
     start: EventCursor,
     events: Vec<EventRecord>,
 ) -> tasker_store::Result<TaskChange> {
-    let task_id = filter.task_id.unwrap_or_default();
     let task = store.task(task_id).await?;
     let cursor = events.last().map_or(start, EventRecord::cursor);
     let mut step_ids: Vec<Uuid> = events.iter().filter_map(|e| e.step_id).collect();
@@ -722,12 +736,9 @@ async fn task_change(
     step_ids.dedup();
     let steps = store.steps_by_ids(&step_ids).await?;
     // Ended, and the event that ended it is at or before the cursor: it committed before the
-    // task was read, so once committed events are numbered, anything after the cursor is
-    // news (a person reopened the task) and the stream goes on.
-    let last = task.state.has_ended() && {
-        store.sequence_events().await?;
-        store.events_page(filter, Some(cursor), 1).await?.is_empty()
-    };
+    // task was read, so anything after the cursor (numbered or still to be numbered) is news
+    // (a person reopened the task) and the stream goes on.
+    let last = task.state.has_ended() && !store.task_has_events_after(task_id, cursor).await?;
     let (task, changed_steps) = Task::with_steps(store.clone(), task, &steps);
     Ok(TaskChange {
         cursor,

@@ -253,8 +253,9 @@ pub async fn task_updates(
 ) -> Result<impl Stream<Item = TaskUpdate> + use<>> {
     let after = after_cursor(after)?;
     let granted = grant::<can::EventSubscribe>(ctx)?;
+    let shown = grant::<can::TaskShow>(ctx)?;
     let task_id = crate::ids::parse_id(&id, "id").gql()?;
-    let changes = granted.follow_task(task_id, after).await?;
+    let changes = granted.follow_task(&shown, task_id, after).await?;
     Ok(changes.map(TaskUpdate::from))
 }
 
@@ -296,7 +297,8 @@ pub async fn task_list_updates(
         tags: filter.tags.unwrap_or_default(),
     };
     let granted = grant::<can::EventSubscribe>(ctx)?;
-    let Some(changes) = granted.follow_tasks(stream, after).await? else {
+    let listed = grant::<can::TaskIndex>(ctx)?;
+    let Some(changes) = granted.follow_tasks(&listed, stream, after).await? else {
         // Nothing the caller may read: a stream that stays quiet.
         return Ok(futures::stream::pending().left_stream());
     };

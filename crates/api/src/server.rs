@@ -63,12 +63,14 @@ struct AppState {
     playground: std::sync::Arc<str>,
 }
 
-/// The whole application as an axum router.
+/// The whole application as an axum router; `extra_routes` (stateless) are served behind
+/// the same browser guard, limits and panic catcher as every other route.
 pub fn router(
     engine: Arc<Engine>,
     limits: HttpLimits,
     auth: AuthMode,
     browser: BrowserPolicy,
+    extra_routes: Router,
 ) -> Router {
     let browser = browser.authenticated(matches!(auth, AuthMode::Jwt(_)));
     let quotas = crate::quota::Quotas::new(limits.quota.clone());
@@ -98,6 +100,8 @@ pub fn router(
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/health/status", get(status))
+        // The composition root's own routes (the demo's services) sit behind the same guards.
+        .merge(extra_routes.with_state(()))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(browser.cors())
         // Outside CORS: a refused origin or host gets nothing, not even a preflight answer.

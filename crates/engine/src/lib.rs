@@ -15,7 +15,7 @@ mod workers;
 pub use feed::{EventFeed, Follow};
 pub use handlers::BUILT_IN_HANDLERS;
 pub use outbound::OutboundPolicy;
-pub use seed::{BundledTemplate, seed_templates};
+pub use seed::{BundledTemplate, register_bundled, seed_templates};
 pub use workers::WorkerPoolConfig;
 
 use std::sync::Arc;

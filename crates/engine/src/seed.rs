@@ -17,18 +17,30 @@ pub async fn seed_templates(store: &Store, templates: &[BundledTemplate]) -> Res
     if store.has_templates().await? {
         return Ok(0);
     }
+    register_bundled(store, templates).await
+}
+
+/// Registers bundled templates whatever else exists (identical content again is unchanged);
+/// one an operator changed under the same version is kept, with a warning. Returns how many
+/// were created.
+pub async fn register_bundled(store: &Store, templates: &[BundledTemplate]) -> Result<usize> {
     let mut registered = 0;
     for template in templates {
-        let registration = store
-            .register_template(template.source, false)
-            .await
-            .map_err(|source| Error::Template {
-                name: template.file.to_owned(),
-                source,
-            })?;
-        if registration.outcome == RegistrationOutcome::Created {
-            registered += 1;
-            tracing::info!(template = %registration.template.template.key(), "registered example template");
+        match store.register_template(template.source, false).await {
+            Ok(registration) if registration.outcome == RegistrationOutcome::Created => {
+                registered += 1;
+                tracing::info!(template = %registration.template.template.key(), "registered bundled template");
+            }
+            Ok(_) => {}
+            Err(tasker_store::Error::Conflict(message)) => {
+                tracing::warn!(file = template.file, %message, "a bundled template was changed here; keeping it");
+            }
+            Err(source) => {
+                return Err(Error::Template {
+                    name: template.file.to_owned(),
+                    source,
+                });
+            }
         }
     }
     Ok(registered)

@@ -51,6 +51,11 @@ impl EventFilter {
 }
 
 #[derive(Debug, FromQueryResult)]
+struct Found {
+    found: i64,
+}
+
+#[derive(Debug, FromQueryResult)]
 struct Head {
     head: Option<i64>,
 }
@@ -102,6 +107,25 @@ impl Store {
             .all(&self.db)
             .await?;
         Ok(models.into_iter().map(EventRecord::from).collect())
+    }
+
+    /// Whether the log holds events of a task after `cursor`, counting on PostgreSQL the
+    /// committed ones not numbered yet (they will be numbered after every cursor given out).
+    /// A read: it numbers nothing.
+    pub async fn task_has_events_after(&self, task_id: Uuid, cursor: EventCursor) -> Result<bool> {
+        let mut sql = Sql::new(self.db.get_database_backend());
+        let later = if sql.is_postgres() {
+            " AND (sequence IS NULL OR sequence > "
+        } else {
+            " AND (position > "
+        };
+        sql.push("SELECT COUNT(*) AS found FROM (SELECT 1 FROM events WHERE task_id = ")
+            .bind(task_id)
+            .push(later)
+            .bind(cursor.0)
+            .push(") LIMIT 1) AS later");
+        let found = Found::find_by_statement(sql.build()).one(&self.db).await?;
+        Ok(found.is_some_and(|found| found.found > 0))
     }
 
     /// The cursor of the newest readable event: "start from now".
