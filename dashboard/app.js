@@ -20,10 +20,10 @@ function shortId(id) {
 
 function duration(ms) {
   if (ms == null) return "";
-  if (ms < 1000) return `${ms} ms`;
-  const s = ms / 1000;
-  if (s < 60) return `${s.toFixed(1)} s`;
-  return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  if (ms < 60000) return `${(ms / 1000).toFixed(1)} s`;
+  const seconds = Math.round(ms / 1000);
+  return `${Math.floor(seconds / 60)} min ${seconds % 60} s`;
 }
 
 function time(iso) {
@@ -39,7 +39,7 @@ function toast(message, isError = false) {
 }
 
 /** What the page measured, read by the browser test and shown to curious people. */
-const metrics = { loadMs: null, renderMs: null, updates: [], events: 0 };
+const metrics = { loadMs: null, renderMs: null, updates: [], received: 0 };
 window.taskerMetrics = metrics;
 
 // ---------------------------------------------------------------------------------------------
@@ -66,6 +66,7 @@ function askToken(reason) {
   const dialog = $("#token-dialog");
   $("#token-reason").textContent = reason || "This server requires a token. It is kept in this tab's session storage only.";
   $("#token-input").value = "";
+  dialog.returnValue = "";
   askingToken = new Promise((resolve) => {
     dialog.addEventListener("close", function done() {
       dialog.removeEventListener("close", done);
@@ -74,7 +75,7 @@ function askToken(reason) {
         auth.token = $("#token-input").value.trim();
         live.restart();
         resolve(true);
-        route();
+        start();
       } else {
         resolve(false);
       }
@@ -154,7 +155,7 @@ class Live {
       return;
     }
     this.socket = socket;
-    let acknowledged = false;
+    this.acknowledged = false;
     socket.onopen = () => {
       const payload = auth.header() ? { authorization: auth.header() } : {};
       socket.send(JSON.stringify({ type: "connection_init", payload }));
@@ -168,7 +169,7 @@ class Live {
       }
       switch (data.type) {
         case "connection_ack":
-          acknowledged = true;
+          this.acknowledged = true;
           this.failures = 0;
           this.stopPolling();
           this.setState("live");
@@ -184,26 +185,20 @@ class Live {
           else subscription.onNext(data.payload.data);
           break;
         }
-        case "error": {
-          const subscription = this.byId.get(data.id);
-          if (subscription) {
-            this.byId.delete(data.id);
-            subscription.onError(data.payload[0] || { message: "subscription refused" });
-          }
-          break;
-        }
+        case "error":
         case "complete": {
+          // Either way the server is done with it.
           const subscription = this.byId.get(data.id);
-          if (subscription) {
-            this.byId.delete(data.id);
-            this.subscriptions.delete(subscription);
-            subscription.onComplete();
-          }
+          if (!subscription) break;
+          this.byId.delete(data.id);
+          this.subscriptions.delete(subscription);
+          if (data.type === "error") subscription.onError(data.payload[0] || { message: "subscription refused" });
+          else subscription.onComplete();
           break;
         }
       }
     };
-    socket.onclose = (event) => this.closed(socket, acknowledged, event);
+    socket.onclose = (event) => this.closed(socket, this.acknowledged, event);
   }
 
   closed(socket, acknowledged, event) {
@@ -233,7 +228,8 @@ class Live {
 
   /** Sends the subscription, resuming after its cursor. */
   start(subscription) {
-    if (!this.socket || this.socket.readyState !== WebSocket.OPEN) return;
+    // Before the server acknowledged the connection, the acknowledgement starts it.
+    if (!this.socket || !this.acknowledged) return;
     const id = String(this.nextId++);
     subscription.id = id;
     this.byId.set(id, subscription);
@@ -254,8 +250,8 @@ class Live {
       ...spec,
     };
     this.subscriptions.add(subscription);
-    if (this.mode === "poll") subscription.poll().catch(() => {});
-    else this.start(subscription);
+    // While polling, the next round picks it up.
+    if (this.mode === "ws") this.start(subscription);
     return {
       close: () => {
         this.subscriptions.delete(subscription);
@@ -269,25 +265,31 @@ class Live {
     };
   }
 
+  /** Rounds of polling, 2 s apart, one at a time, until WebSockets work again. */
   startPolling() {
-    this.setState("polling");
     if (this.pollTimer) return;
-    const tick = async () => {
+    this.setState("polling");
+    const round = async () => {
+      let failed = false;
       for (const subscription of [...this.subscriptions]) {
         try {
           await subscription.poll();
-        } catch (error) {
-          this.setState("offline");
+        } catch {
+          failed = true;
         }
       }
-      if (this.mode === "poll") this.setState("polling");
+      if (this.mode !== "poll") {
+        this.pollTimer = null;
+        return;
+      }
+      this.setState(failed ? "offline" : "polling");
+      this.pollTimer = setTimeout(round, 2000);
     };
-    this.pollTimer = setInterval(tick, 2000);
-    tick();
+    this.pollTimer = setTimeout(round, 0);
   }
 
   stopPolling() {
-    clearInterval(this.pollTimer);
+    clearTimeout(this.pollTimer);
     this.pollTimer = null;
   }
 
@@ -305,30 +307,36 @@ class Live {
 }
 
 const live = new Live();
-window.taskerLive = live;
 
 // ---------------------------------------------------------------------------------------------
 // Who the caller is: only the actions its token permits are offered.
 
 let viewer = null;
+/** Each action: the permission it needs and what a person calls it. */
 const ACTIONS = {
-  cancelTask: "tasker.task:cancel",
-  retryTask: "tasker.task:retry",
-  resolveTask: "tasker.task:update",
-  retryStep: "tasker.workflow_step:retry",
-  rerunFromStep: "tasker.workflow_step:retry",
-  resolveStepManually: "tasker.workflow_step:resolve",
-  skipStep: "tasker.workflow_step:update",
-  approveStep: "tasker.workflow_step:update",
-  rejectStep: "tasker.workflow_step:update",
+  cancelTask: ["tasker.task:cancel", "Cancel task"],
+  retryTask: ["tasker.task:retry", "Retry task"],
+  resolveTask: ["tasker.task:update", "Resolve task by hand"],
+  retryStep: ["tasker.workflow_step:retry", "Retry step"],
+  rerunFromStep: ["tasker.workflow_step:retry", "Re-run from here"],
+  resolveStepManually: ["tasker.workflow_step:resolve", "Resolve step by hand"],
+  skipStep: ["tasker.workflow_step:update", "Skip"],
+  approveStep: ["tasker.workflow_step:update", "Approve"],
+  rejectStep: ["tasker.workflow_step:update", "Reject"],
 };
 
+/** Whether the token permits `action` (until the server said, every action is offered). */
 function may(action) {
-  return !viewer || viewer.permissions.includes(ACTIONS[action]);
+  return !viewer || viewer.permissions.includes(ACTIONS[action][0]);
+}
+
+/** A button for `action`; disabled while one of its requests runs. */
+function actionButton(action, cls, busy) {
+  return `<button class="${cls}" data-action="${action}" ${busy.has(action) ? "disabled" : ""}>${esc(ACTIONS[action][1])}</button>`;
 }
 
 async function loadViewer() {
-  const data = await gql("{ viewer { subject permissions namespaces } }");
+  const data = await gql("{ viewer { subject permissions } }");
   viewer = data.viewer;
   $("#viewer").textContent = viewer.subject ? viewer.subject : "";
 }
@@ -368,7 +376,7 @@ function listView(query) {
       <form class="filters" id="filters">
         <label>Namespace <select name="namespace"><option value="">any</option></select></label>
         <label>Template <input name="template" value="${esc(filter.template || "")}" placeholder="any"></label>
-        <label>State <select name="state"><option value="">any</option>${["PENDING", "IN_PROGRESS", "COMPLETE", "ERROR", "CANCELLED", "RESOLVED_MANUALLY"]
+        <label>State <select name="state"><option value="">any</option>${STATES
           .map((s) => `<option ${filter.state === s ? "selected" : ""}>${s}</option>`)
           .join("")}</select></label>
         <label>Tag <input name="tag" value="${esc(filter.tag || "")}" placeholder="any"></label>
@@ -404,9 +412,9 @@ function listView(query) {
 
   function rowHtml(task) {
     const percent = Math.round(task.completionPercentage || 0);
-    return `<td><a href="#/task/${task.id}">${esc(shortId(task.id))}</a></td>
+    return `<td><a href="#/task/${esc(task.id)}">${esc(shortId(task.id))}</a></td>
       <td>${esc(task.namespace)}/${esc(task.templateName)}@${esc(task.templateVersion)}</td>
-      <td><span class="state" data-state="${task.state}">${task.state}</span></td>
+      <td><span class="state" data-state="${esc(task.state)}">${esc(task.state)}</span></td>
       <td><div class="progress"><div style="width:${percent}%"></div></div></td>
       <td>${esc(time(task.createdAt))}</td><td>${esc((task.tags || []).join(", "))}</td>`;
   }
@@ -497,22 +505,24 @@ function listView(query) {
 // ---------------------------------------------------------------------------------------------
 // The task view: header with actions, the DAG, the timeline of attempts, the event stream.
 
+const STATES = ["PENDING", "IN_PROGRESS", "COMPLETE", "ERROR", "CANCELLED", "RESOLVED_MANUALLY"];
 const STEP_FIELDS = "id name handler state attempts maxAttempts retryable skippable startedAt completedAt durationMs lastError leaseHolder leaseExpiresAt nextAttemptAt results";
+const GRAPH_FIELDS = "graph { nodes { stepId level } topologicalOrder criticalPath { stepIds totalSeconds estimated } bottlenecks { stepId blockedSteps } parallelism }";
 const TASK_QUERY = `query($id: ID!) { task(id: $id) {
   id namespace templateName templateVersion state createdAt completedAt completionPercentage context tags correlationId
   steps { ${STEP_FIELDS} }
   edges { parentId childId }
-  graph { nodes { stepId level } topologicalOrder criticalPath { stepIds totalSeconds estimated } bottlenecks { stepId blockedSteps } parallelism }
+  ${GRAPH_FIELDS}
   events { cursor name stepId occurredAt payload }
 } }`;
-// What a live update does not carry (critical path, bottlenecks), re-read at most this often.
-const INSIGHT_QUERY = `query($id: ID!) { task(id: $id) { state completionPercentage completedAt
-  graph { nodes { stepId level } topologicalOrder criticalPath { stepIds totalSeconds estimated } bottlenecks { stepId blockedSteps } parallelism } } }`;
+// What a live update does not carry (critical path, bottlenecks), re-read at most every 2 s.
+const INSIGHT_QUERY = `query($id: ID!) { task(id: $id) { state completionPercentage completedAt ${GRAPH_FIELDS} } }`;
 const NODE_W = 170;
 const NODE_H = 42;
 const COL = 210;
 const ROW = 54;
 const ENDED = ["COMPLETE", "ERROR", "CANCELLED", "RESOLVED_MANUALLY"];
+const FINISHED = ["COMPLETE", "CANCELLED", "RESOLVED_MANUALLY"];
 
 function taskView(taskId) {
   const view = $("#view");
@@ -528,23 +538,21 @@ function taskView(taskId) {
   const history = new Map(); // step id -> its state changes, from the events: { toState, at, error }
   let refreshTimer = null;
   let ganttTimer = null;
+  const busy = new Set(); // actions whose request runs
 
   function header() {
     const percent = Math.round(task.completionPercentage || 0);
     const running = task.completedAt ? new Date(task.completedAt) - new Date(task.createdAt) : Date.now() - new Date(task.createdAt);
     const buttons = [];
-    if (!ENDED.includes(task.state) && may("cancelTask")) buttons.push(`<button class="danger" data-action="cancelTask">Cancel</button>`);
-    if (task.state === "ERROR" && may("retryTask")) buttons.push(`<button class="primary" data-action="retryTask">Retry task</button>`);
-    if (task.state === "ERROR" && may("resolveTask")) buttons.push(`<button data-action="resolveTask">Resolve by hand</button>`);
+    if (!FINISHED.includes(task.state) && may("cancelTask")) buttons.push(actionButton("cancelTask", "danger", busy));
+    if (task.state === "ERROR" && may("retryTask")) buttons.push(actionButton("retryTask", "primary", busy));
+    if (task.state === "ERROR" && may("resolveTask")) buttons.push(actionButton("resolveTask", "", busy));
     $("#task-head").innerHTML = `
       <h1>${esc(task.namespace)}/${esc(task.templateName)}@${esc(task.templateVersion)}</h1>
-      <span class="state" id="task-state" data-state="${task.state}">${task.state}</span>
+      <span class="state" id="task-state" data-state="${esc(task.state)}">${esc(task.state)}</span>
       <div class="progress" style="width:160px"><div style="width:${percent}%"></div></div><span>${percent}%</span>
-      <span class="muted">started ${esc(time(task.createdAt))} · ${esc(duration(running))}</span>
+      <span class="muted">created ${esc(time(task.createdAt))} · ${esc(duration(running))}</span>
       <span class="spacer"></span><span class="actions">${buttons.join(" ")}</span>`;
-    for (const button of $("#task-head").querySelectorAll("button[data-action]")) {
-      button.addEventListener("click", () => act(button.dataset.action, { id: task.id }));
-    }
   }
 
   function drawGraph() {
@@ -575,26 +583,24 @@ function taskView(taskId) {
     for (const [id, at] of place) {
       const step = steps.get(id);
       const badge = blocked.has(id) ? `<text class="badge" x="${NODE_W - 6}" y="13" text-anchor="end">blocks ${blocked.get(id)}</text>` : "";
-      parts.push(`<g class="node${critical.has(id) ? " critical" : ""}" data-step-id="${id}" data-name="${esc(step.name)}" data-state="${step.state}" transform="translate(${at.x},${at.y})">
+      parts.push(`<g class="node${critical.has(id) ? " critical" : ""}" data-step-id="${esc(id)}" data-name="${esc(step.name)}" data-state="${esc(step.state)}" transform="translate(${at.x},${at.y})">
         <title>${esc(step.name)} (${esc(step.handler)})</title>
         <rect width="${NODE_W}" height="${NODE_H}"></rect>
         <text x="8" y="17">${esc(step.name.length > 22 ? step.name.slice(0, 21) + "…" : step.name)}</text>
-        <text class="sub" x="8" y="33">${nodeSubtitle(step)}</text>${badge}</g>`);
+        <text class="sub" x="8" y="33">${esc(nodeSubtitle(step))}</text>${badge}</g>`);
     }
     parts.push("</svg>");
     $("#graph").innerHTML = parts.join("");
     const path_ = task.graph.criticalPath;
     $("#graph-legend").textContent = `critical path in orange (${duration(Math.round(path_.totalSeconds * 1000))}${path_.estimated ? ", estimated" : ""}) · parallelism ${task.graph.parallelism} · ${task.graph.nodes.length} steps`;
     nodes.clear();
-    for (const group of $("#graph").querySelectorAll("g.node")) {
-      nodes.set(group.dataset.stepId, group);
-      group.addEventListener("click", () => openStep(group.dataset.stepId));
-    }
+    for (const group of $("#graph").querySelectorAll("g.node")) nodes.set(group.dataset.stepId, group);
   }
 
+  /** The line under a node's name: state, duration, which try. */
   function nodeSubtitle(step) {
     const tries = step.attempts > 1 ? ` · try ${step.attempts}/${step.maxAttempts}` : "";
-    return esc(`${step.state.toLowerCase()}${step.durationMs != null ? " · " + duration(step.durationMs) : ""}${tries}`);
+    return `${step.state.toLowerCase().replace("_", " ")}${step.durationMs != null ? " · " + duration(step.durationMs) : ""}${tries}`;
   }
 
   function updateNode(step) {
@@ -602,7 +608,7 @@ function taskView(taskId) {
     if (!group) return;
     group.dataset.state = step.state;
     const sub = group.querySelector("text.sub");
-    if (sub) sub.textContent = new DOMParser().parseFromString(nodeSubtitle(step), "text/html").documentElement.textContent;
+    if (sub) sub.textContent = nodeSubtitle(step);
   }
 
   /** Attempts from a step's state changes: [start, end, outcome]; an open one ends now. */
@@ -644,14 +650,14 @@ function taskView(taskId) {
       const step = steps.get(id);
       if (!step) return;
       const y = 20 + row * 18;
-      parts.push(`<g data-step-id="${id}"><text class="row-label" x="4" y="${y + 11}">${esc(step.name.slice(0, 24))}</text>`);
+      parts.push(`<g data-step-id="${esc(id)}"><text class="row-label" x="4" y="${y + 11}">${esc(step.name.slice(0, 24))}</text>`);
       const tries = attempts(step);
       // Waiting: from when its parents were all done (or the task began) to its first start.
       const ready = Math.max(start, ...(parents.get(id) || []).map((p) => (steps.get(p) && steps.get(p).completedAt ? new Date(steps.get(p).completedAt).getTime() : start)));
       const firstStart = tries.length ? tries[0].start : step.state === "PENDING" && ready > start ? Date.now() : null;
       if (firstStart && firstStart > ready) parts.push(`<rect class="wait" x="${scale(ready)}" y="${y + 2}" width="${Math.max(1, scale(firstStart) - scale(ready))}" height="12"><title>waited ${duration(firstStart - ready)}</title></rect>`);
       tries.forEach((attempt, n) => {
-        parts.push(`<rect class="attempt ${attempt.outcome}" x="${scale(attempt.start)}" y="${y + 2}" width="${Math.max(2, scale(attempt.end) - scale(attempt.start))}" height="12"><title>${esc(step.name)} attempt ${n + 1}: ${attempt.outcome.toLowerCase()} after ${duration(attempt.end - attempt.start)}</title></rect>`);
+        parts.push(`<rect class="attempt ${esc(attempt.outcome)}" x="${scale(attempt.start)}" y="${y + 2}" width="${Math.max(2, scale(attempt.end) - scale(attempt.start))}" height="12"><title>${esc(step.name)} attempt ${n + 1}: ${esc(attempt.outcome.toLowerCase())} after ${duration(attempt.end - attempt.start)}</title></rect>`);
       });
       parts.push("</g>");
     });
@@ -670,6 +676,7 @@ function taskView(taskId) {
   function addEvents(events, initial) {
     const list = $("#events");
     const fresh = [];
+    metrics.received += events.length;
     for (const event of events) {
       if (seen.has(event.cursor)) continue;
       seen.add(event.cursor);
@@ -681,7 +688,6 @@ function taskView(taskId) {
         history.set(event.stepId, list);
       }
     }
-    metrics.events += fresh.length;
     const html = fresh
       .map((e) => `<li data-cursor="${esc(e.cursor)}" data-name="${esc(e.name)}">${esc(time(e.occurredAt))} <b>${esc(e.name)}</b> ${esc(e.payload && e.payload.step ? e.payload.step : "")}</li>`)
       .reverse()
@@ -701,18 +707,13 @@ function taskView(taskId) {
         Object.assign(task, data.task);
         header();
         drawGraph();
-        if (selected) openStep(selected);
+        if (selected()) openStep(selected());
       } catch (error) {
         toast(error.message, true);
       } finally {
         refreshTimer = null;
       }
     }, 2000);
-  }
-
-  function absorb(fresh) {
-    task = fresh;
-    for (const step of fresh.steps) steps.set(step.id, step);
   }
 
   function apply(update) {
@@ -727,15 +728,10 @@ function taskView(taskId) {
       updateNode(step);
     }
     addEvents(update.events, false);
-    $("#task-state").dataset.state = task.state;
-    $("#task-state").textContent = task.state;
-    const bar = $("#task-head .progress > div");
-    if (bar) bar.style.width = `${Math.round(task.completionPercentage || 0)}%`;
-    if (selected && update.changedSteps.some((s) => s.id === selected)) openStep(selected);
-    if (update.last) {
-      ended = true;
-      header();
-    }
+    header();
+    const shown = selected();
+    if (shown && update.changedSteps.some((s) => s.id === shown)) openStep(shown);
+    if (update.last) ended = true;
     scheduleGantt();
     scheduleRefresh();
     metrics.updates.push(performance.now() - began);
@@ -775,25 +771,33 @@ function taskView(taskId) {
     });
   }
 
-  let selected = null;
+  /** The step the drawer shows, if it is open. */
+  function selected() {
+    const drawer = $("#drawer");
+    return drawer.hidden ? null : drawer.dataset.stepId;
+  }
+
   function openStep(id) {
-    selected = id;
     for (const group of nodes.values()) group.classList.toggle("selected", group.dataset.stepId === id);
     const step = steps.get(id);
     if (!step) return;
-    const buttons = [];
-    const open = !["COMPLETE", "CANCELLED", "RESOLVED_MANUALLY"].includes(task.state);
+    const open = !FINISHED.includes(task.state);
     const awaiting = step.state === "IN_PROGRESS" && step.leaseHolder === "awaiting-decision";
-    if (open && awaiting && may("approveStep")) buttons.push(`<button class="primary" data-action="approveStep">Approve</button>`, `<button class="danger" data-action="rejectStep">Reject</button>`);
-    if (open && step.state === "ERROR" && may("retryStep")) buttons.push(`<button class="primary" data-action="retryStep">Retry step</button>`);
-    if (open && step.state === "ERROR" && may("resolveStepManually")) buttons.push(`<button data-action="resolveStepManually">Resolve by hand</button>`);
-    if (open && step.skippable && ["PENDING", "ERROR"].includes(step.state) && may("skipStep")) buttons.push(`<button data-action="skipStep">Skip</button>`);
-    if (open && ["COMPLETE", "ERROR", "SKIPPED", "RESOLVED_MANUALLY"].includes(step.state) && may("rerunFromStep")) buttons.push(`<button data-action="rerunFromStep">Re-run from here</button>`);
+    const offered = [
+      ["approveStep", "primary", awaiting],
+      ["rejectStep", "danger", awaiting],
+      ["retryStep", "primary", step.state === "ERROR"],
+      ["resolveStepManually", "", step.state === "ERROR"],
+      ["skipStep", "", step.skippable && ["PENDING", "ERROR"].includes(step.state)],
+      ["rerunFromStep", "", ["COMPLETE", "ERROR", "SKIPPED", "RESOLVED_MANUALLY"].includes(step.state)],
+    ];
+    const buttons = offered.filter(([action, , when]) => open && when && may(action)).map(([action, cls]) => actionButton(action, cls, busy));
     const drawer = $("#drawer");
     drawer.hidden = false;
+    drawer.dataset.stepId = id;
     drawer.innerHTML = `
       <p><button type="button" id="drawer-close">Close</button></p>
-      <h2>${esc(step.name)} <span class="state" data-state="${step.state}">${step.state}</span></h2>
+      <h2>${esc(step.name)} <span class="state" data-state="${esc(step.state)}">${esc(step.state)}</span></h2>
       <div class="actions">${buttons.join(" ")}</div>
       <dl>
         <dt>Handler</dt><dd>${esc(step.handler)}</dd>
@@ -801,7 +805,7 @@ function taskView(taskId) {
         <dt>Started</dt><dd>${esc(time(step.startedAt))}</dd>
         <dt>Finished</dt><dd>${esc(time(step.completedAt))}</dd>
         <dt>Duration</dt><dd>${esc(duration(step.durationMs))}</dd>
-        <dt>Lease holder</dt><dd>${esc(step.leaseHolder || "")}</dd>
+        <dt>Lease holder</dt><dd>${esc(awaiting ? "waiting for a person's decision" : step.leaseHolder || "")}</dd>
         <dt>Lease until</dt><dd>${esc(time(step.leaseExpiresAt))}</dd>
         <dt>Next attempt</dt><dd>${esc(time(step.nextAttemptAt))}</dd>
       </dl>
@@ -824,16 +828,28 @@ function taskView(taskId) {
     }
   }
 
+  /** Runs a person's action; its button stays disabled until the answer comes. */
   async function act(action, input) {
+    const label = ACTIONS[action][1];
+    if (action === "cancelTask" && !confirm("Cancel this task and its unfinished steps?")) return;
     const fields = action.endsWith("Task") ? "task { id state }" : action === "rerunFromStep" ? "task { id state } resetSteps { id }" : "step { id state } task { id state }";
+    const redraw = () => {
+      header();
+      if (selected()) openStep(selected());
+    };
+    busy.add(action);
+    redraw();
     try {
       await gql(`mutation($i: ${action[0].toUpperCase() + action.slice(1)}Input!) { ${action}(input: $i) { ${fields} } }`, { i: input });
-      toast(`${action}: done`);
+      toast(`${label}: done`);
       // The stream ended with the task; a person's action may have reopened it.
       if (ended) follow();
       scheduleRefresh();
     } catch (error) {
-      toast(`${action}: ${error.message}`, true);
+      toast(`${label}: ${error.message}`, true);
+    } finally {
+      busy.delete(action);
+      if (!closed) redraw();
     }
   }
 
@@ -845,7 +861,8 @@ function taskView(taskId) {
     const data = await gql(TASK_QUERY, { id: taskId });
     if (closed) return;
     fetched = performance.now();
-    absorb(data.task);
+    task = data.task;
+    for (const step of task.steps) steps.set(step.id, step);
     cursor = head.eventHead;
     view.innerHTML = `
       <section class="panel task-head" id="task-head"></section>
@@ -854,6 +871,14 @@ function taskView(taskId) {
         <section class="panel"><h3>Events <span class="muted" id="event-count"></span></h3><div class="scroll"><ul id="events"></ul></div></section>
       </div>
       <section class="panel"><h3>Timeline</h3><div class="scroll" id="gantt"></div></section>`;
+    $("#task-head").addEventListener("click", (event) => {
+      const button = event.target.closest("button[data-action]");
+      if (button) act(button.dataset.action, { id: task.id });
+    });
+    $("#graph").addEventListener("click", (event) => {
+      const node = event.target.closest("g.node");
+      if (node) openStep(node.dataset.stepId);
+    });
     header();
     drawGraph();
     addEvents(data.task.events, true);
@@ -881,6 +906,7 @@ function taskView(taskId) {
 function closeDrawer() {
   const drawer = $("#drawer");
   drawer.hidden = true;
+  delete drawer.dataset.stepId;
   drawer.innerHTML = "";
   for (const group of document.querySelectorAll("g.node.selected")) group.classList.remove("selected");
 }
@@ -888,7 +914,13 @@ function closeDrawer() {
 // ---------------------------------------------------------------------------------------------
 // Start
 
+/** Learns who the caller is (the actions its token permits), then shows the view. */
+function start() {
+  loadViewer()
+    .catch(() => {})
+    .finally(route);
+}
+
+$("#token-cancel").addEventListener("click", () => $("#token-dialog").close("cancel"));
 $("#token-button").addEventListener("click", () => askToken("Enter a bearer token (kept in this tab's session storage only)."));
-loadViewer()
-  .catch(() => {})
-  .finally(route);
+start();
