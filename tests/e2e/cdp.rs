@@ -128,6 +128,18 @@ impl Browser {
         result["result"]["value"].clone()
     }
 
+    /// Types `text` into the focused element, then presses Enter, as a person would.
+    pub async fn type_and_enter(&mut self, text: &str) {
+        self.page("Input.insertText", json!({ "text": text })).await;
+        for kind in ["keyDown", "keyUp"] {
+            self.page(
+                "Input.dispatchKeyEvent",
+                json!({ "type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "text": "\r" }),
+            )
+            .await;
+        }
+    }
+
     /// Waits until `expression` is truthy in the page (checked every 50 ms, for up to 30 s).
     pub async fn wait_for(&mut self, expression: &str) {
         let wrapped =

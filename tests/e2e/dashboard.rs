@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tasker_store::testing::TestDatabase;
 
 /// A server in demo mode: its templates, services and trickle of tasks.
-pub(crate) async fn demo_server() -> TestServer {
+async fn demo_server() -> TestServer {
     let settings = tasker::config::Settings {
         demo: true,
         workers: tasker_engine::WorkerPoolConfig::default().concurrency,
@@ -41,23 +41,23 @@ async fn the_demo_registers_its_templates_serves_its_services_and_starts_tasks()
         ]
     );
 
-    // The first task starts at once, and the embedded workers take its first step.
-    let mut state = json!(null);
-    for _ in 0..200 {
-        let tasks = server
-            .data(
-                "{ tasks(filter: {namespace: \"demo\", tags: [\"demo\"]}, first: 1) { edges { node { templateName steps { state } } } } }",
-                json!({}),
-            )
-            .await;
-        state = tasks["tasks"]["edges"][0]["node"].clone();
-        if state["steps"][0]["state"] != json!(null) && state["steps"][0]["state"] != "PENDING" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(state["templateName"], "order_fulfillment", "{state}");
-    assert_ne!(state["steps"][0]["state"], "PENDING", "{state}");
+    // The first task starts at once and the embedded workers take its first step: the log
+    // says so, replayed from its first event (the demo's registration), so nothing is missed.
+    use crate::websocket::{connect_to, receive, send};
+    let first = server
+        .data("{ events(first: 1) { edges { cursor } } }", json!({}))
+        .await["events"]["edges"][0]["cursor"]
+        .clone();
+    let mut socket = connect_to(server.address, "graphql-transport-ws").await;
+    send(&mut socket, json!({ "type": "connection_init" })).await;
+    assert_eq!(receive(&mut socket).await["type"], "connection_ack");
+    send(&mut socket, json!({ "type": "subscribe", "id": "1", "payload": {
+        "query": "subscription($a: String) { events(filter: {namespaces: [\"demo\"], names: [\"step.started\"]}, after: $a) { payload } }",
+        "variables": { "a": first } } })).await;
+    let started = receive(&mut socket).await;
+    let payload = &started["payload"]["data"]["events"]["payload"];
+    assert_eq!(payload["template"], "order_fulfillment", "{started}");
+    assert_eq!(payload["step"], "validate_order", "{started}");
 
     // The services fail as often as asked.
     let busy = server
@@ -86,11 +86,12 @@ use std::sync::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A TCP proxy in front of the server that the test can cut (every connection through it
-/// drops at once, as when a network drops) and that can refuse WebSocket upgrades (as some
-/// corporate proxies do).
+/// drops at once and new ones are refused until it is restored, as when a network drops) and
+/// that can refuse WebSocket upgrades (as some corporate proxies do).
 struct Proxy {
     address: SocketAddr,
     connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -98,9 +99,14 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let connections = Arc::new(Mutex::new(Vec::new()));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tracked = connections.clone();
+        let refusing = down.clone();
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the connection closes at once
+                }
                 let handle = tokio::spawn(async move {
                     // The request head, to see whether it asks for a WebSocket.
                     let mut head = Vec::new();
@@ -132,14 +138,20 @@ impl Proxy {
         Proxy {
             address,
             connections,
+            down,
         }
     }
 
-    /// Drops every connection open through the proxy.
+    /// Drops every connection open through the proxy and refuses new ones until `restore`.
     fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
         for connection in self.connections.lock().unwrap().drain(..) {
             connection.abort();
         }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn url(&self, path: &str) -> String {
@@ -151,38 +163,11 @@ const WORK: &str = "namespace: ui\nname: diamond\nversion: 1.0.0\nsteps:\n  - {n
 
 /// Claims up to `limit` steps of `ext.work` and completes them; how many there were.
 async fn run_steps(server: &TestServer, limit: u32) -> usize {
-    let claimed = server
-        .data(
-            "mutation($n: Int!) { claimSteps(input: { workerId: \"ui\", handlers: [\"ext.work\"], limit: $n }) { leases { leaseToken } } }",
-            json!({ "n": limit }),
-        )
-        .await;
-    let leases = claimed["claimSteps"]["leases"].as_array().unwrap().clone();
+    let leases = server.claim("ext.work", limit).await;
     for lease in &leases {
-        server
-            .data(
-                "mutation($t: ID!) { completeStep(input: { leaseToken: $t }) { step { state } } }",
-                json!({ "t": lease["leaseToken"] }),
-            )
-            .await;
+        server.complete(lease).await;
     }
     leases.len()
-}
-
-/// The cursors of the task's events as the log has them.
-async fn polled_cursors(server: &TestServer, task: &serde_json::Value) -> Vec<String> {
-    let page = server
-        .data(
-            "query($f: EventFilterInput) { events(filter: $f, first: 500) { edges { cursor } } }",
-            json!({ "f": { "taskId": task } }),
-        )
-        .await;
-    page["events"]["edges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["cursor"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,8 +216,9 @@ async fn the_dashboard_follows_tasks_live_resumes_after_a_drop_and_acts_in_a_rea
     browser
         .wait_for("document.querySelector('#connection').dataset.state !== 'live'")
         .await;
-    // While the page is away, both middle steps run.
+    // While the page is away, both middle steps run; it learns of them only by resuming.
     assert_eq!(run_steps(&server, 2).await, 2);
+    proxy.restore();
     browser
         .wait_for("document.querySelector('#connection').dataset.state === 'live'")
         .await;
@@ -241,9 +227,14 @@ async fn the_dashboard_follows_tasks_live_resumes_after_a_drop_and_acts_in_a_rea
         .wait_for("document.querySelectorAll('g.node[data-state=COMPLETE]').length === 4 && document.querySelector('#task-state').dataset.state === 'COMPLETE'")
         .await;
     // The event stream shows the log exactly: no duplicate, no gap.
-    let expected = polled_cursors(&server, &task).await;
+    let expected = server.event_cursors(&task).await;
     let shown = shown_cursors(&mut browser).await;
     assert_eq!(shown, json!(expected), "the page's events are the log's");
+    assert_eq!(
+        browser.eval("window.taskerMetrics.received").await,
+        json!(expected.len()),
+        "the server sent each event once, across the drop"
+    );
     // The timeline catches up with the attempts (re-read once updates settle).
     browser
         .wait_for("document.querySelectorAll('#gantt rect.attempt.COMPLETE').length === 4")
@@ -322,9 +313,14 @@ async fn the_dashboard_polls_the_log_when_websockets_are_blocked() {
     browser
         .wait_for("document.querySelectorAll('g.node[data-state=COMPLETE]').length === 4")
         .await;
-    let expected = polled_cursors(&server, &task).await;
+    let expected = server.event_cursors(&task).await;
     let shown = shown_cursors(&mut browser).await;
     assert_eq!(shown, json!(expected));
+    assert_eq!(
+        browser.eval("window.taskerMetrics.received").await,
+        json!(expected.len()),
+        "each poll read after the last cursor"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,16 +348,23 @@ async fn the_dashboard_asks_for_a_token_once_and_keeps_it_for_the_session() {
         .wait_for("document.querySelector('#token-dialog').open")
         .await;
     browser
-        .eval(&format!(
-            "document.querySelector('#token-input').value = '{token}'; document.querySelector('#token-save').click(); true"
-        ))
+        .eval("document.querySelector('#token-input').focus()")
         .await;
-    browser
-        .wait_for("document.querySelector('#connection').dataset.state === 'live' && document.querySelector('#total') && document.querySelector('#total').textContent === '0 tasks'")
-        .await;
+    browser.type_and_enter(&token).await;
+    let ready = "document.querySelector('#connection').dataset.state === 'live' && document.querySelector('#total') && document.querySelector('#total').textContent === '0 tasks'";
+    browser.wait_for(ready).await;
     assert_eq!(
         browser.eval("sessionStorage.getItem('tasker.token')").await,
         json!(token)
+    );
+    // Once per session: after a reload it is not asked again.
+    browser.eval("location.reload()").await;
+    browser.wait_for(ready).await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#token-dialog').open")
+            .await,
+        json!(false)
     );
     // Live under authentication: a new task appears.
     let created = server
@@ -492,13 +495,16 @@ async fn the_dashboard_renders_a_thousand_step_task_and_keeps_up_with_a_stream_o
             .await;
         done += 10;
     }
+    assert!(done > 0, "the steps were claimed and completed");
     let elapsed = started.elapsed().as_secs_f64();
     browser
         .wait_for(&format!(
             "document.querySelectorAll('g.node[data-state=COMPLETE]').length === {done}"
         ))
         .await;
-    let events = polled_cursors(&server, &serde_json::Value::String(task.clone())).await;
+    let events = server
+        .event_cursors(&serde_json::Value::String(task.clone()))
+        .await;
     let mut updates: Vec<f64> =
         serde_json::from_value(browser.eval("window.taskerMetrics.updates").await).unwrap();
     updates.sort_by(f64::total_cmp);

@@ -214,6 +214,47 @@ impl TestServer {
             .clone()
     }
 
+    /// Claims up to `limit` steps of `handler` as worker `w`; their lease tokens.
+    pub async fn claim(&self, handler: &str, limit: u32) -> Vec<Value> {
+        let claimed = self
+            .data(
+                "mutation($h: String!, $n: Int!) { claimSteps(input: { workerId: \"w\", handlers: [$h], limit: $n }) { leases { leaseToken } } }",
+                json!({ "h": handler, "n": limit }),
+            )
+            .await;
+        claimed["claimSteps"]["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|lease| lease["leaseToken"].clone())
+            .collect()
+    }
+
+    /// Completes the step a lease holds (the answer must be free of errors).
+    pub async fn complete(&self, lease_token: &Value) {
+        self.data(
+            "mutation($t: ID!) { completeStep(input: { leaseToken: $t }) { step { state } } }",
+            json!({ "t": lease_token }),
+        )
+        .await;
+    }
+
+    /// The cursors of a task's events as the log has them (at most 500).
+    pub async fn event_cursors(&self, task_id: &Value) -> Vec<String> {
+        let page = self
+            .data(
+                "query($f: EventFilterInput) { events(filter: $f, first: 500) { edges { cursor } } }",
+                json!({ "f": { "taskId": task_id } }),
+            )
+            .await;
+        page["events"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|edge| edge["cursor"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     pub fn http(&self) -> &reqwest::Client {
         &self.client
     }

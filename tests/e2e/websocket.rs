@@ -439,25 +439,6 @@ fn cursors(events: &Value) -> Vec<String> {
         .collect()
 }
 
-async fn claim_one(server: &TestServer, handler: &str) -> Value {
-    let leases = server
-        .data(
-            "mutation($h: String!) { claimSteps(input: { workerId: \"w\", handlers: [$h], limit: 1 }) { leases { leaseToken } } }",
-            json!({ "h": handler }),
-        )
-        .await;
-    leases["claimSteps"]["leases"][0]["leaseToken"].clone()
-}
-
-async fn complete_lease(server: &TestServer, token: &Value) {
-    server
-        .data(
-            "mutation($t: ID!) { completeStep(input: { leaseToken: $t }) { step { state } } }",
-            json!({ "t": token }),
-        )
-        .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_updated_resumes_from_a_cursor_as_the_log_says_and_completes_when_the_task_ends() {
     for server in TestServer::all().await {
@@ -472,7 +453,7 @@ async fn task_updated_resumes_from_a_cursor_as_the_log_says_and_completes_when_t
         assert_eq!(snapshot["events"], json!([]));
         assert_eq!(snapshot["last"], false);
 
-        let a = claim_one(&server, "ext.a").await;
+        let a = server.claim("ext.a", 1).await[0].clone();
         let started = next_data(&mut first, "taskUpdated").await.unwrap();
         assert_eq!(started["task"]["state"], "IN_PROGRESS");
         let seen = cursors(&started["events"]);
@@ -480,8 +461,8 @@ async fn task_updated_resumes_from_a_cursor_as_the_log_says_and_completes_when_t
         drop(first);
 
         // Away: a completes, b is claimed.
-        complete_lease(&server, &a).await;
-        let b = claim_one(&server, "ext.b").await;
+        server.complete(&a).await;
+        let b = server.claim("ext.b", 1).await[0].clone();
         let mut resumed = subscribe(
             &server,
             "t",
@@ -490,24 +471,15 @@ async fn task_updated_resumes_from_a_cursor_as_the_log_says_and_completes_when_t
         )
         .await;
         let caught_up = next_data(&mut resumed, "taskUpdated").await.unwrap();
-        let polled = server
-            .data(
-                "query($f: EventFilterInput, $a: String) { events(filter: $f, after: $a, first: 100) { edges { cursor } } }",
-                json!({ "f": { "taskId": id }, "a": started["cursor"] }),
-            )
-            .await;
-        let polled: Vec<String> = polled["events"]["edges"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["cursor"].as_str().unwrap().to_owned())
-            .collect();
+        let log = server.event_cursors(&id).await;
+        let seen_up_to = log.iter().position(|c| *c == started["cursor"]).unwrap();
+        let polled = log[seen_up_to + 1..].to_vec();
         assert_eq!(cursors(&caught_up["events"]), polled, "no gap, no repeat");
         assert!(!polled.is_empty());
         assert_eq!(caught_up["last"], false);
 
         // b completes: the task ends, the last update says so, and the stream completes.
-        complete_lease(&server, &b).await;
+        server.complete(&b).await;
         let mut names = Vec::new();
         let mut last = Value::Null;
         while let Some(update) = next_data(&mut resumed, "taskUpdated").await {
@@ -555,7 +527,7 @@ async fn a_change_committed_while_a_subscription_starts_is_delivered() {
             .create_task(json!({ "namespace": "ops", "template": "one" }))
             .await["task"]["id"]
             .clone();
-        let lease = claim_one(&server, "ext.x").await;
+        let lease = server.claim("ext.x", 1).await[0].clone();
         let watchers = (0..6).map(|_| {
             let server = &server;
             let id = id.clone();
@@ -568,10 +540,7 @@ async fn a_change_committed_while_a_subscription_starts_is_delivered() {
                 last
             }
         });
-        let (ends, ()) = tokio::join!(
-            futures::future::join_all(watchers),
-            complete_lease(&server, &lease)
-        );
+        let (ends, ()) = tokio::join!(futures::future::join_all(watchers), server.complete(&lease));
         for end in ends {
             assert_eq!(end["task"]["state"], "COMPLETE", "{end}");
             assert_eq!(end["last"], true);
@@ -584,10 +553,7 @@ async fn tasks_updated_follows_a_filtered_list_live_and_resumes() {
     for server in TestServer::all().await {
         let registered = server.register(PAIR).await;
         assert_eq!(registered["result"], "CREATED");
-        let since = server
-            .data("{ events(first: 1) { edges { cursor } } }", json!({}))
-            .await["events"]["edges"][0]["cursor"]
-            .clone();
+        let since = server.data("{ eventHead }", json!({})).await["eventHead"].clone();
         const LIST: &str = "subscription($after: String) { tasksUpdated(filter: {namespace: \"ops\", template: \"pair\", tags: [\"watched\"]}, after: $after) { cursor event { name cursor } task { id state tags } } }";
         let mut list = subscribe(&server, "l", LIST, json!({ "after": since })).await;
         let watched = server
@@ -608,8 +574,8 @@ async fn tasks_updated_follows_a_filtered_list_live_and_resumes() {
         assert_eq!(created["cursor"], created["event"]["cursor"]);
 
         // Both tasks start; only the watched one is announced.
-        claim_one(&server, "ext.a").await;
-        claim_one(&server, "ext.a").await;
+        assert_eq!(server.claim("ext.a", 1).await.len(), 1);
+        assert_eq!(server.claim("ext.a", 1).await.len(), 1);
         let started = next_data(&mut list, "tasksUpdated").await.unwrap();
         assert_eq!(started["event"]["name"], "task.started");
         assert_eq!(started["task"]["id"], watched);
