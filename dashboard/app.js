@@ -39,7 +39,7 @@ function toast(message, isError = false) {
 }
 
 /** What the page measured, read by the browser test and shown to curious people. */
-const metrics = { loadMs: null, renderMs: null, updates: [], received: 0 };
+const metrics = { loadMs: null, renderMs: null, updates: [], received: 0, live: 0 };
 window.taskerMetrics = metrics;
 
 // ---------------------------------------------------------------------------------------------
@@ -727,6 +727,7 @@ function taskView(taskId) {
       steps.set(changed.id, step);
       updateNode(step);
     }
+    metrics.live += update.events.length;
     addEvents(update.events, false);
     header();
     const shown = selected();

@@ -81,6 +81,13 @@ impl Browser {
     }
 
     async fn call(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
+        let answer = self.answer(session, method, params).await;
+        assert!(answer["error"].is_null(), "{method}: {answer}");
+        answer["result"].clone()
+    }
+
+    /// The whole answer to a command: its `result`, or its `error`.
+    async fn answer(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
         let mut message = json!({ "id": id, "method": method, "params": params });
@@ -100,8 +107,7 @@ impl Browser {
             let Message::Text(text) = next else { continue };
             let answer: Value = serde_json::from_str(&text).unwrap();
             if answer["id"] == id {
-                assert!(answer["error"].is_null(), "{method}: {answer}");
-                return answer["result"].clone();
+                return answer;
             }
         }
     }
@@ -145,7 +151,16 @@ impl Browser {
         let wrapped =
             format!("(() => {{ try {{ return !!({expression}); }} catch {{ return false; }} }})()");
         for _ in 0..600 {
-            if self.eval(&wrapped).await == json!(true) {
+            // While the page navigates, its context may be gone: that is a "not yet".
+            let session = self.session.clone();
+            let answer = self
+                .answer(
+                    Some(&session),
+                    "Runtime.evaluate",
+                    json!({ "expression": wrapped, "returnByValue": true }),
+                )
+                .await;
+            if answer["result"]["result"]["value"] == json!(true) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
