@@ -818,6 +818,17 @@ impl Granted<'_, can::WorkerClaim> {
         self.held_step(step).await
     }
 
+    /// Gives back the leases in scope unfinished; the steps that were released.
+    pub async fn release(&self, tokens: Vec<Uuid>) -> Result<Vec<Step>> {
+        let in_scope = self.leases_in_scope(tokens).await?;
+        let released = self.engine.release(&in_scope).await.gql()?;
+        let mut steps = Vec::with_capacity(released.len());
+        for step in released {
+            steps.push(self.held_step(step).await?);
+        }
+        Ok(steps)
+    }
+
     /// Records a failed attempt of a held step.
     pub async fn fail(&self, failure: AttemptFailure) -> Result<Step> {
         let failure = AttemptFailure {

@@ -81,6 +81,19 @@ pub struct HeartbeatStepsPayload {
 }
 
 #[derive(InputObject)]
+pub struct ReleaseStepsInput {
+    /// The leases to give back (at most 100).
+    lease_tokens: Vec<ID>,
+}
+
+#[derive(SimpleObject)]
+pub struct ReleaseStepsPayload {
+    /// The steps given back, each pending again (or failed and due at once); a token that
+    /// held no live lease is left out.
+    steps: Vec<Step>,
+}
+
+#[derive(InputObject)]
 pub struct CompleteStepInput {
     lease_token: ID,
     /// What the step produced; its dependents receive it as parent results.
@@ -119,6 +132,20 @@ pub struct StepPayload {
 
 fn token(id: &ID, field: &str) -> Result<Uuid> {
     crate::ids::parse_id(id, field).gql()
+}
+
+/// `input.leaseTokens`: at most a claim's worth, each a lease token.
+fn tokens(ids: &[ID]) -> Result<Vec<Uuid>> {
+    if ids.len() > worker::CLAIM_LIMIT.max as usize {
+        return Err(ApiError::invalid(
+            "input.leaseTokens",
+            format!("at most {} tokens per call", worker::CLAIM_LIMIT.max),
+        ))
+        .gql();
+    }
+    ids.iter()
+        .map(|id| token(id, "input.leaseTokens"))
+        .collect()
 }
 
 #[Object]
@@ -196,18 +223,7 @@ impl WorkerMutation {
         let lease = worker::LEASE_SECONDS
             .check(input.lease_seconds, "input.leaseSeconds")
             .gql()?;
-        if input.lease_tokens.len() > worker::CLAIM_LIMIT.max as usize {
-            return Err(ApiError::invalid(
-                "input.leaseTokens",
-                format!("at most {} tokens per call", worker::CLAIM_LIMIT.max),
-            ))
-            .gql();
-        }
-        let tokens = input
-            .lease_tokens
-            .iter()
-            .map(|id| token(id, "input.leaseTokens"))
-            .collect::<Result<Vec<_>>>()?;
+        let tokens = tokens(&input.lease_tokens)?;
         let granted = grant::<can::WorkerClaim>(ctx)?;
         let alive = granted
             .heartbeat(tokens.clone(), Duration::from_secs(lease.into()))
@@ -222,6 +238,19 @@ impl WorkerMutation {
                 })
                 .collect(),
         })
+    }
+
+    /// Gives leases back unfinished, for a worker that stops: each attempt is undone (it does
+    /// not count) and its step can be claimed again at once (`step.released`).
+    async fn release_steps(
+        &self,
+        ctx: &Context<'_>,
+        input: ReleaseStepsInput,
+    ) -> Result<ReleaseStepsPayload> {
+        let tokens = tokens(&input.lease_tokens)?;
+        let granted = grant::<can::WorkerClaim>(ctx)?;
+        let steps = granted.release(tokens).await?;
+        Ok(ReleaseStepsPayload { steps })
     }
 
     /// Records a successful attempt. A lost lease answers LEASE_LOST and records nothing.

@@ -29,6 +29,7 @@ pub enum EventName {
     StepMaxRetriesReached,
     StepLeaseExpired,
     StepTimedOut,
+    StepReleased,
 }
 
 /// The payload fields of a template's custom event (`custom.<name>`): where it happened and
@@ -57,7 +58,7 @@ const STEP_SUBJECT: &[&str] = &[
 ];
 
 impl EventName {
-    pub const ALL: [EventName; 23] = [
+    pub const ALL: [EventName; 24] = [
         EventName::TemplateRegistered,
         EventName::TaskCreated,
         EventName::TaskStarted,
@@ -81,6 +82,7 @@ impl EventName {
         EventName::StepMaxRetriesReached,
         EventName::StepLeaseExpired,
         EventName::StepTimedOut,
+        EventName::StepReleased,
     ];
 
     /// The changes of a task's own state: what a list of tasks follows.
@@ -120,6 +122,7 @@ impl EventName {
             StepMaxRetriesReached => "step.max_retries_reached",
             StepLeaseExpired => "step.lease_expired",
             StepTimedOut => "step.timed_out",
+            StepReleased => "step.released",
         }
     }
 
@@ -185,6 +188,10 @@ impl EventName {
                 "A worker's lease ran out without a heartbeat; the attempt counts as failed."
             }
             StepTimedOut => "An attempt ran past its step's timeout and counts as failed.",
+            StepReleased => {
+                "A worker gave its lease back unfinished (it is stopping): the attempt does not \
+                 count and the step can be claimed again at once."
+            }
         }
     }
 
@@ -250,7 +257,8 @@ impl EventName {
             | StepBackoff
             | StepMaxRetriesReached
             | StepLeaseExpired
-            | StepTimedOut => (
+            | StepTimedOut
+            | StepReleased => (
                 STEP_SUBJECT,
                 &[
                     "from_state",
@@ -305,6 +313,7 @@ impl EventName {
         use EventName::*;
         match (from, to) {
             (None, _) => StepCreated,
+            (Some(StepState::InProgress), StepState::Pending) => StepReleased,
             (Some(_), StepState::Pending) => StepRetryRequested,
             (Some(_), StepState::InProgress) => StepStarted,
             (Some(_), StepState::Complete) => StepCompleted,

@@ -150,6 +150,17 @@ impl StepState {
         self.satisfies_dependency() || self == StepState::Error
     }
 
+    /// Where a step goes when its worker releases the attempt unfinished: the attempt does
+    /// not count, so with no earlier attempt it is pending again, and after earlier failed
+    /// attempts it is back in `error`, due at once.
+    pub fn released_to(attempts_before: u32) -> StepState {
+        if attempts_before == 0 {
+            StepState::Pending
+        } else {
+            StepState::Error
+        }
+    }
+
     /// Whether a child may start once this parent is in this state.
     pub fn satisfies_dependency(self) -> bool {
         matches!(
@@ -192,12 +203,21 @@ impl StateMachine for StepState {
 
     /// `error` is where a failed attempt waits for its retry (back to in progress when claimed
     /// again, or pending when a person reopens it); a step that ran out of attempts is skipped
-    /// only if its template says it is skippable (decided by the engine).
+    /// only if its template says it is skippable (decided by the engine). A worker that stops
+    /// releases its attempt: the step goes back to where it was claimed from (see
+    /// [`StepState::released_to`]).
     fn successors(self) -> &'static [StepState] {
         use StepState::*;
         match self {
             Pending => &[InProgress, Cancelled, ResolvedManually, Skipped],
-            InProgress => &[Complete, Error, Cancelled, ResolvedManually, Skipped],
+            InProgress => &[
+                Complete,
+                Error,
+                Pending,
+                Cancelled,
+                ResolvedManually,
+                Skipped,
+            ],
             Error => &[InProgress, Pending, Cancelled, ResolvedManually, Skipped],
             Complete | Cancelled | ResolvedManually | Skipped => &[],
         }
@@ -227,6 +247,19 @@ mod tests {
         }
         for state in StepState::ALL {
             assert_eq!(state.api_name(), state.as_str().to_ascii_uppercase());
+        }
+    }
+
+    #[test]
+    fn a_released_attempt_goes_back_to_where_it_was_claimed_from() {
+        assert_eq!(StepState::released_to(0), StepState::Pending);
+        assert_eq!(StepState::released_to(2), StepState::Error);
+        for attempts in [0, 2] {
+            assert!(
+                StepState::InProgress
+                    .transition_to(StepState::released_to(attempts))
+                    .is_ok()
+            );
         }
     }
 
@@ -285,6 +318,7 @@ mod tests {
             (Pending, Skipped),
             (InProgress, Complete),
             (InProgress, Error),
+            (InProgress, Pending),
             (InProgress, Cancelled),
             (InProgress, ResolvedManually),
             (InProgress, Skipped),

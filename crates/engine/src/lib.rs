@@ -250,6 +250,15 @@ impl Engine {
         Ok(report)
     }
 
+    /// Gives leases back unfinished; their steps are claimable again at once.
+    pub async fn release(&self, tokens: &[uuid::Uuid]) -> Result<Vec<tasker_store::StepRecord>> {
+        let released = self.store.release_leases(tokens).await?;
+        if !released.is_empty() {
+            self.announce().await;
+        }
+        Ok(released)
+    }
+
     /// Records a failed attempt; a scheduled retry re-arms the timer.
     pub async fn fail(&self, failure: &AttemptFailure) -> Result<FailureReport> {
         let report = self.store.fail_step(failure).await?;

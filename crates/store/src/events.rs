@@ -142,6 +142,25 @@ pub(crate) fn step_transition(
     at: DateTime<Utc>,
 ) -> (step_transition::ActiveModel, event::ActiveModel) {
     let name = EventName::of_step_transition(from, to);
+    step_transition_as(
+        name, subject, step_id, step_name, from, to, sort_key, metadata, at,
+    )
+}
+
+/// A step state change recorded under an event name of its own (a released attempt goes
+/// back to `error` without having failed).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn step_transition_as(
+    name: EventName,
+    subject: Subject<'_>,
+    step_id: Uuid,
+    step_name: &str,
+    from: Option<StepState>,
+    to: StepState,
+    sort_key: i32,
+    metadata: Value,
+    at: DateTime<Utc>,
+) -> (step_transition::ActiveModel, event::ActiveModel) {
     let states = json!({ "from_state": from.map(StepState::api_name), "to_state": to.api_name() });
     let event = subject.event(
         name.as_str(),

@@ -397,6 +397,89 @@ impl Store {
         .await
     }
 
+    /// Gives back live leases unfinished (a worker that stops): each attempt is undone — the
+    /// step goes back to where it was claimed from, claimable at once, with one
+    /// `step.released` event — in one transaction. Tokens that hold no live lease are left
+    /// out of the answer.
+    pub async fn release_leases(&self, tokens: &[Uuid]) -> Result<Vec<StepRecord>> {
+        self.writing(async {
+            if tokens.is_empty() {
+                return Ok(Vec::new());
+            }
+            let now = self.now();
+            let now_ms = now.timestamp_millis();
+            let txn = self.db.begin().await?;
+            let held = workflow_step::Entity::find()
+                .filter(workflow_step::Column::LeaseToken.is_in(tokens.iter().copied()))
+                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(workflow_step::Column::LeaseExpiresMs.gte(now_ms))
+                .order_by_asc(workflow_step::Column::Id)
+                .all(&txn)
+                .await?;
+            if held.is_empty() {
+                txn.commit().await?;
+                return Ok(Vec::new());
+            }
+            let task_ids = distinct(held.iter().map(|step| step.task_id));
+            let subjects = self.subjects(&txn, &task_ids, &[]).await?;
+            let mut released = Vec::with_capacity(held.len());
+            let mut transitions = Vec::with_capacity(held.len());
+            let mut events = Vec::with_capacity(held.len());
+            for step in held {
+                let attempts_before = step.attempts.saturating_sub(1).max(0);
+                let to = StepState::released_to(u32::try_from(attempts_before).unwrap_or(0));
+                let retry_at = (to == StepState::Error).then_some(now_ms);
+                let version = step.version + 1;
+                let updated = ending_attempt(workflow_step::Entity::update_many())
+                    .col_expr(workflow_step::Column::State, Expr::value(to.as_str()))
+                    .col_expr(
+                        workflow_step::Column::Attempts,
+                        Expr::value(attempts_before),
+                    )
+                    .col_expr(workflow_step::Column::NextAttemptMs, Expr::value(retry_at))
+                    .col_expr(
+                        workflow_step::Column::LeaseToken,
+                        Expr::value(Option::<Uuid>::None),
+                    )
+                    .col_expr(
+                        workflow_step::Column::LeaseHolder,
+                        Expr::value(Option::<String>::None),
+                    )
+                    .col_expr(workflow_step::Column::Version, Expr::value(version))
+                    .col_expr(workflow_step::Column::UpdatedAt, Expr::value(now))
+                    .filter(workflow_step::Column::Id.eq(step.id))
+                    .filter(workflow_step::Column::Version.eq(step.version))
+                    .exec_with_returning(&txn)
+                    .await?
+                    .into_iter()
+                    .next()
+                    .ok_or(Error::LeaseLost)?;
+                let (row, event) = crate::events::step_transition_as(
+                    EventName::StepReleased,
+                    subjects.subject(step.task_id),
+                    step.id,
+                    &step.name,
+                    Some(StepState::InProgress),
+                    to,
+                    version,
+                    metadata(&[
+                        ("attempt", Some(json!(step.attempts))),
+                        ("worker_id", step.lease_holder.as_deref().map(|w| json!(w))),
+                    ]),
+                    now,
+                );
+                transitions.push(row);
+                events.push(event);
+                released.push(updated.try_into()?);
+            }
+            crate::events::insert_all(&txn, transitions).await?;
+            crate::events::insert_all(&txn, events).await?;
+            self.commit_events(txn).await?;
+            Ok(released)
+        })
+        .await
+    }
+
     /// Fails the attempts whose lease expired without a heartbeat, or that ran past their
     /// step's timeout, as retryable failures. Returns how many it failed.
     pub async fn expire_leases(&self) -> Result<usize> {

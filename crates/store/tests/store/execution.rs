@@ -541,3 +541,85 @@ async fn a_parked_timer_comes_due_by_the_clock_and_survives_a_restart() {
 fn only(namespace: &str) -> Within {
     Within::Only(NamespaceSet::one(namespace))
 }
+
+#[tokio::test]
+async fn a_released_attempt_does_not_count_and_the_step_is_claimable_again_at_once() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let template = DIAMOND.replace(
+            "{ name: validate, handler: noop }",
+            "{ name: validate, handler: noop, retry: { max_attempts: 2, backoff: { base: 60, jitter: 0 } } }",
+        );
+        store.register_template(&template, false).await.unwrap();
+        let task = store
+            .create_task(order("shop", "fulfil", 1))
+            .await
+            .unwrap()
+            .task;
+
+        // A first attempt released: pending again, no attempt counted, claimable now.
+        let first = store.claim_steps(&claim(1)).await.unwrap();
+        let released = store.release_leases(&[first[0].lease_token]).await.unwrap();
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].state, StepState::Pending);
+        assert_eq!(released[0].attempts, 0);
+        assert_eq!(released[0].lease_holder, None);
+        // The token is spent: releasing, completing or failing it again changes nothing.
+        assert!(
+            store
+                .release_leases(&[first[0].lease_token])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(complete(store, &first).await.completed.is_empty());
+
+        // After a failed attempt, a released retry goes back to `error`, due at once, and
+        // the last allowed attempt is still there.
+        let second = store.claim_steps(&claim(1)).await.unwrap();
+        assert_eq!(second[0].step.attempts, 1);
+        store
+            .fail_step(&AttemptFailure {
+                lease_token: second[0].lease_token,
+                message: "flaky".into(),
+                retryable: true,
+                retry_after_seconds: None,
+            })
+            .await
+            .unwrap();
+        clock.advance(Minutes::seconds(61));
+        let retry = store.claim_steps(&claim(1)).await.unwrap();
+        assert_eq!(retry[0].step.attempts, 2);
+        let released = store.release_leases(&[retry[0].lease_token]).await.unwrap();
+        assert_eq!(released[0].state, StepState::Error);
+        assert_eq!(released[0].attempts, 1);
+        let last = store.claim_steps(&claim(1)).await.unwrap();
+        assert_eq!(
+            last[0].step.attempts, 2,
+            "the released attempt did not count"
+        );
+        complete(store, &last).await;
+
+        let events = store.events_for_tasks(&[task.id]).await.unwrap();
+        let released: Vec<_> = events
+            .iter()
+            .filter(|e| e.name == "step.released")
+            .collect();
+        assert_eq!(released.len(), 2);
+        assert_eq!(released[0].payload["to_state"], "PENDING");
+        assert_eq!(released[0].payload["worker_id"], "worker-1");
+        assert_eq!(released[1].payload["to_state"], "ERROR");
+        assert_eq!(released[1].payload["attempt"], 2);
+        // An expired lease cannot be released: the reaper owns it.
+        let expired = store.claim_steps(&claim(1)).await.unwrap();
+        clock.advance(Minutes::seconds(31));
+        assert!(
+            store
+                .release_leases(&[expired[0].lease_token])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}

@@ -265,6 +265,8 @@ async fn every_event_in_the_catalog_is_emitted_by_some_path() {
             .await
             .unwrap();
         let ship = store.claim_steps(&claim(1)).await.unwrap();
+        store.release_leases(&[ship[0].lease_token]).await.unwrap(); // step.released
+        let ship = store.claim_steps(&claim(1)).await.unwrap();
         complete(store, &ship).await;
         assert_eq!(
             store.task(manual.id).await.unwrap().state,
