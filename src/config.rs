@@ -187,6 +187,24 @@ pub enum Command {
     Bench(BenchArgs),
     /// Print an HS256 token signed with the configured --jwt-secret.
     Token(TokenArgs),
+    /// Register template files with a server: one line per template (CREATED, UNCHANGED,
+    /// REPLACED, FAILED); nothing is registered when any file has a problem.
+    Apply(crate::cli::ApplyArgs),
+    /// Check template files without a server (for pull requests); exit 1 on any problem.
+    Validate(crate::cli::ValidateArgs),
+    /// Start a task; with --wait, follow it and exit 0 COMPLETE, 1 ERROR or CANCELLED, 3 on
+    /// --timeout.
+    Run(crate::cli::RunArgs),
+    /// List tasks, newest first.
+    Tasks(crate::cli::TasksArgs),
+    /// Show a task and its steps as a tree, with states and durations.
+    Task(crate::cli::TaskArgs),
+    /// Cancel a task and its unfinished steps.
+    Cancel(crate::cli::TaskChangeArgs),
+    /// Run a failed task again.
+    Retry(crate::cli::TaskChangeArgs),
+    /// Print the event log, or follow it with --follow.
+    Events(crate::cli::EventsArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]

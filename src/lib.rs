@@ -13,6 +13,7 @@ macro_rules! bundled {
 }
 
 mod app;
+pub mod cli;
 pub mod config;
 mod demo;
 

@@ -4,15 +4,22 @@ mod bench;
 
 use anyhow::Context as _;
 use clap::Parser;
+use std::process::ExitCode;
 use tasker::App;
 use tasker::config::{self, Cli, Command, LogFormat, Settings};
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     if let Some(Command::Schema) = cli.command {
         print!("{}", tasker_api::sdl());
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The client commands need no server settings and have exit codes of their own.
+    if let Some(command) = &cli.command
+        && let Some(outcome) = tasker::cli::dispatch(command)
+    {
+        return Ok(tasker::cli::finish(outcome));
     }
     let settings = Settings::load(&cli)?;
     init_logging(&settings);
@@ -24,8 +31,10 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(bench::run(args.postgres_url, args.json, args.workers))
         }
         Some(Command::Token(args)) => token(&settings, &args),
-        Some(Command::Schema) => Ok(()),
-    }
+        // Answered above.
+        Some(_) => Ok(()),
+    }?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `tasker token`: prints an HS256 token signed with the configured secret.

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use tasker_api::auth::{AuthSettings, KeySource};
 use tasker_store::testing::TestDatabase;
 
-const SECRET: &str = "an-e2e-secret-of-more-than-thirty-two-bytes";
-const ISSUER: &str = "https://issuer.example";
-const AUDIENCE: &str = "tasker";
+pub(crate) const SECRET: &str = "an-e2e-secret-of-more-than-thirty-two-bytes";
+pub(crate) const ISSUER: &str = "https://issuer.example";
+pub(crate) const AUDIENCE: &str = "tasker";
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
@@ -61,6 +61,15 @@ fn sign(claims: &Value, secret: &str, algorithm: Algorithm) -> String {
 pub(crate) fn token(permissions: &[&str], namespaces: &[&str]) -> String {
     sign(
         &claims(permissions, namespaces, json!({})),
+        SECRET,
+        Algorithm::HS256,
+    )
+}
+
+/// A token for everything that expired an hour ago.
+pub(crate) fn expired_token() -> String {
+    sign(
+        &claims(&["*"], &["*"], json!({ "exp": now() - 3600 })),
         SECRET,
         Algorithm::HS256,
     )

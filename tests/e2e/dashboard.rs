@@ -81,88 +81,12 @@ async fn the_demo_registers_its_templates_serves_its_services_and_starts_tasks()
 // The dashboard in a real browser.
 
 use crate::cdp::Browser;
-use std::net::SocketAddr;
-use std::sync::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use crate::support::Proxy;
 
-/// A TCP proxy in front of the server that the test can cut (every connection through it
-/// drops at once and new ones are refused until it is restored, as when a network drops) and
-/// that can refuse WebSocket upgrades (as some corporate proxies do).
-struct Proxy {
-    address: SocketAddr,
-    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-    down: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr, refuse_websockets: bool) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let connections = Arc::new(Mutex::new(Vec::new()));
-        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let tracked = connections.clone();
-        let refusing = down.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if refusing.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: the connection closes at once
-                }
-                let handle = tokio::spawn(async move {
-                    // The request head, to see whether it asks for a WebSocket.
-                    let mut head = Vec::new();
-                    let mut buffer = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
-                        match inbound.read(&mut buffer).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buffer[..n]),
-                        }
-                    }
-                    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                    if refuse_websockets && text.contains("upgrade: websocket") {
-                        let _ = inbound
-                            .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                            .await;
-                        return;
-                    }
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    if outbound.write_all(&head).await.is_err() {
-                        return;
-                    }
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                });
-                tracked.lock().unwrap().push(handle.abort_handle());
-            }
-        });
-        Proxy {
-            address,
-            connections,
-            down,
-        }
-    }
-
-    /// Drops every connection open through the proxy and refuses new ones until `restore`.
-    fn cut(&self) {
-        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.address)
-    }
-}
-
-const WORK: &str = "namespace: ui\nname: diamond\nversion: 1.0.0\nsteps:\n  - {name: fetch, handler: ext.work}\n  - {name: left, handler: ext.work, depends_on: [fetch]}\n  - {name: right, handler: ext.work, depends_on: [fetch]}\n  - {name: merge, handler: ext.work, depends_on: [left, right]}\n";
+pub(crate) const WORK: &str = "namespace: ui\nname: diamond\nversion: 1.0.0\nsteps:\n  - {name: fetch, handler: ext.work}\n  - {name: left, handler: ext.work, depends_on: [fetch]}\n  - {name: right, handler: ext.work, depends_on: [fetch]}\n  - {name: merge, handler: ext.work, depends_on: [left, right]}\n";
 
 /// Claims up to `limit` steps of `ext.work` and completes them; how many there were.
-async fn run_steps(server: &TestServer, limit: u32) -> usize {
+pub(crate) async fn run_steps(server: &TestServer, limit: u32) -> usize {
     let leases = server.claim("ext.work", limit).await;
     for lease in &leases {
         server.complete(lease).await;
