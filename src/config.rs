@@ -188,7 +188,7 @@ pub enum Command {
     /// Print an HS256 token signed with the configured --jwt-secret.
     Token(TokenArgs),
     /// Register template files with a server: one line per template (CREATED, UNCHANGED,
-    /// REPLACED, FAILED); nothing is registered when any file has a problem.
+    /// REPLACED, FAILED); nothing is registered when any file fails the checks.
     Apply(crate::cli::ApplyArgs),
     /// Check template files without a server (for pull requests); exit 1 on any problem.
     Validate(crate::cli::ValidateArgs),

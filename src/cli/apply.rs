@@ -61,7 +61,8 @@ pub fn validate(args: &ValidateArgs) -> Outcome {
 }
 
 /// `tasker apply`: checks every file first and registers none when any has a problem; then
-/// registers each (one transaction each) and exits 1 if any registration was refused.
+/// registers each (one transaction each: a refusal part-way, a `CONFLICT`, leaves the files
+/// before it registered) and exits 1 if any registration was refused.
 pub async fn apply(args: &ApplyArgs) -> Outcome {
     let checked = check_all(&args.files)?;
     let mut failed = false;
@@ -72,7 +73,7 @@ pub async fn apply(args: &ApplyArgs) -> Outcome {
         }
     }
     if failed {
-        eprintln!("error: nothing was applied: fix the problems above first");
+        complain!("error: nothing was applied: fix the problems above first");
         return Ok(Exit::Failed);
     }
     let client = args.connection.client()?;
@@ -131,9 +132,9 @@ fn report_problems(path: &str, problems: &[Problem], output: Output) {
     }
     for problem in problems {
         if problem.path.is_empty() {
-            eprintln!("error: {path}: {}", problem.message);
+            complain!("error: {path}: {}", problem.message);
         } else {
-            eprintln!("error: {path}: {}: {}", problem.path, problem.message);
+            complain!("error: {path}: {}: {}", problem.path, problem.message);
         }
     }
 }
@@ -186,8 +187,13 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>) -> Result<(), Failure> {
         .collect();
     entries.sort();
     for entry in entries {
-        if entry.is_dir() {
+        // Directories are followed only when they are not links (a link back up would loop);
+        // linked files are read like any other.
+        let is_real_dir = std::fs::symlink_metadata(&entry).is_ok_and(|meta| meta.is_dir());
+        if is_real_dir {
             collect(&entry, files)?;
+        } else if entry.is_dir() {
+            continue;
         } else if entry
             .extension()
             .and_then(|ext| ext.to_str())

@@ -14,6 +14,13 @@ macro_rules! say {
     };
 }
 
+/// `eprintln!` that cannot panic: a closed stderr loses the line.
+macro_rules! complain {
+    ($($arg:tt)*) => {
+        $crate::cli::write_error(format_args!($($arg)*))
+    };
+}
+
 mod apply;
 mod run;
 mod tasks;
@@ -209,12 +216,13 @@ fn init_logging() {
 pub(crate) fn print_json(value: &impl serde::Serialize) {
     match serde_json::to_string(value) {
         Ok(line) => say!("{line}"),
-        Err(err) => eprintln!("error: cannot print JSON: {err}"),
+        Err(err) => complain!("error: cannot print JSON: {err}"),
     }
 }
 
 /// Writes a line to stdout. When the reader has gone (a closed pipe) the command stops with
-/// 141, the status of a Unix tool killed by SIGPIPE, so a pipeline sees what happened.
+/// 141, the status of a Unix tool killed by SIGPIPE, so a pipeline sees what happened; any
+/// other failure to write (a full disk) stops it with 1 and says so.
 pub(crate) fn write_line(line: std::fmt::Arguments<'_>) {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
@@ -222,11 +230,21 @@ pub(crate) fn write_line(line: std::fmt::Arguments<'_>) {
         .write_fmt(line)
         .and_then(|()| stdout.write_all(b"\n"))
     {
-        if err.kind() != std::io::ErrorKind::BrokenPipe {
-            eprintln!("error: cannot write the output: {err}");
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
         }
-        std::process::exit(141);
+        write_error(format_args!("error: cannot write the output: {err}"));
+        std::process::exit(Exit::Failed as i32);
     }
+}
+
+/// Writes a line to stderr; a closed stderr loses it.
+pub(crate) fn write_error(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stderr = std::io::stderr().lock();
+    let _ = stderr
+        .write_fmt(line)
+        .and_then(|()| stderr.write_all(b"\n"));
 }
 
 /// Runs a command's future to its exit code, printing a failure's line on stderr.
@@ -234,13 +252,18 @@ pub fn finish(outcome: Outcome) -> ExitCode {
     match outcome {
         Ok(exit) => exit.into(),
         Err(failure) => {
-            eprintln!("error: {}", failure.message);
+            // One line, whatever the cause carried (a proxy's error page, say).
+            let message: Vec<&str> = failure.message.split_whitespace().collect();
+            complain!("error: {}", message.join(" "));
             failure.exit.into()
         }
     }
 }
 
-/// Reads a duration: `500ms`, `30s`, `5m`, `2h`, or a number of seconds.
+/// The longest duration a flag takes.
+const LONGEST: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// Reads a duration: `500ms`, `30s`, `5m`, `2h`, or a number of seconds; at most 30 days.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
     let split = text
@@ -261,10 +284,14 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
             ));
         }
     };
-    std::time::Duration::try_from_secs_f64(seconds)
+    let duration = std::time::Duration::try_from_secs_f64(seconds)
         .ok()
         .filter(|duration| !duration.is_zero())
-        .ok_or_else(|| format!("{text:?} is not a positive duration"))
+        .ok_or_else(|| format!("{text:?} is not a positive duration"))?;
+    if duration > LONGEST {
+        return Err(format!("{text:?} is longer than 30 days"));
+    }
+    Ok(duration)
 }
 
 #[cfg(test)]
@@ -279,7 +306,17 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
-        for bad in ["", "0s", "-1s", "5 days", "s", "1e400"] {
+        assert_eq!(parse_duration("720h"), Ok(LONGEST));
+        for bad in [
+            "",
+            "0s",
+            "-1s",
+            "5 days",
+            "s",
+            "1e400",
+            "721h",
+            "10000000000000000000",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

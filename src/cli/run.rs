@@ -42,9 +42,18 @@ pub struct RunArgs {
 
 pub async fn run(args: &RunArgs) -> Outcome {
     let started = Instant::now();
-    let deadline = args.timeout.map(|timeout| started + timeout);
+    let deadline = args
+        .timeout
+        .and_then(|timeout| started.checked_add(timeout));
     let new_task = new_task(args)?;
-    let client = args.connection.client()?;
+    let mut client = args.connection.client()?;
+    if let Some(timeout) = args.timeout {
+        // A server away for a while (a restart) is waited for as long as the task is.
+        client = client.with_reconnect(tasker_client::Reconnect {
+            give_up_after: timeout,
+            ..tasker_client::Reconnect::default()
+        });
+    }
     // Following from the log's head as it was before the task existed shows all of its
     // events, its creation included.
     let head = if args.wait {
@@ -255,7 +264,8 @@ impl Show {
     fn new(output: Output, task: &Task) -> Show {
         match output {
             Output::Json => Show::Json,
-            Output::Text if std::io::stdout().is_terminal() => {
+            // The bar is drawn on stderr; lines are for anything else reading stdout.
+            Output::Text if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() => {
                 let total = task.step_counts.unwrap_or_default().total;
                 let bar = ProgressBar::new(u64::from(total));
                 let style = ProgressStyle::with_template(

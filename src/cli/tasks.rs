@@ -133,7 +133,7 @@ pub async fn list(args: &TasksArgs) -> Outcome {
         }
     }
     if let Some(cursor) = &page.next_cursor {
-        eprintln!(
+        complain!(
             "{} of {} shown; more with --after {cursor}",
             page.tasks.len(),
             page.total_count
@@ -312,7 +312,7 @@ pub async fn events(args: &EventsArgs) -> Outcome {
         if page.has_next_page
             && let Some(cursor) = &page.end_cursor
         {
-            eprintln!("more with --after {cursor}");
+            complain!("more with --after {cursor}");
         }
         return Ok(Exit::Success);
     }

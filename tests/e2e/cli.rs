@@ -201,6 +201,24 @@ async fn a_ci_job_applies_templates_runs_tasks_and_reads_the_outcome_from_the_ex
         );
         assert_eq!(timed_out.stderr.lines().count(), 1, "{timed_out:#?}");
 
+        // On a terminal (util-linux `script` gives it one): a progress bar, no event lines.
+        let mut on_terminal = Command::new("script");
+        on_terminal
+            .args(["--quiet", "--return", "--command"])
+            .arg(format!("{BINARY} run ci/chain --wait"))
+            .arg("/dev/null")
+            .env("TASKER_SERVER", &url)
+            .env("TASKER_TOKEN", &bearer)
+            .stdin(Stdio::null());
+        let drawn = run(on_terminal).await;
+        assert_eq!(drawn.code, 0, "{drawn:#?}");
+        assert!(drawn.stdout.contains("2/2 steps"), "a bar: {drawn:#?}");
+        assert!(!drawn.stdout.contains("step.started"), "{drawn:#?}");
+        assert!(
+            drawn.stdout.contains("  COMPLETE  2 steps done of 2"),
+            "{drawn:#?}"
+        );
+
         // --output json: one object per line, the last one the result.
         let json = run(waited("ci/chain", &["--output", "json"])).await;
         assert_eq!(json.code, 0);
@@ -233,7 +251,7 @@ async fn a_ci_job_applies_templates_runs_tasks_and_reads_the_outcome_from_the_ex
         ]))
         .await;
         let tasks = listed.json_lines();
-        assert_eq!(tasks.len(), 4, "{backend}: {listed:#?}");
+        assert_eq!(tasks.len(), 5, "{backend}: {listed:#?}");
         let slow_id = tasks
             .iter()
             .find(|task| task["templateName"] == "slow")
@@ -351,18 +369,8 @@ async fn bad_input_gets_one_line_naming_the_cause_and_the_documented_exit_code()
         refused.stderr.contains("nothing was applied"),
         "{refused:#?}"
     );
-    let listed: Value = server
-        .http()
-        .post(server.url("/graphql"))
-        .bearer_auth(&bearer)
-        .json(&json!({ "query": "{ templates(namespace: \"ci\") { key } }" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(listed["data"]["templates"], json!([]), "nothing registered");
+    let listed = authed_query(&server, &bearer, "{ templates(namespace: \"ci\") { key } }").await;
+    assert_eq!(listed["templates"], json!([]), "nothing registered");
 
     // No token, an expired one, a missing token file.
     let anonymous = run(tasker(&url, &["tasks"])).await;
@@ -370,6 +378,14 @@ async fn bad_input_gets_one_line_naming_the_cause_and_the_documented_exit_code()
     let mut expired = tasker(&url, &["tasks"]);
     expired.env("TASKER_TOKEN", expired_token());
     one_line(&run(expired).await, 2, "expired");
+    // The same over the WebSocket: refused at once, not retried.
+    let head = authed_query(&server, &bearer, "{ eventHead }").await["eventHead"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut following = tasker(&url, &["events", "--follow", "--after", &head]);
+    following.env("TASKER_TOKEN", expired_token());
+    one_line(&run(following).await, 2, "the token has expired");
     one_line(
         &run(tasker(&url, &["tasks", "--token-file", &path("missing")])).await,
         2,
@@ -489,6 +505,22 @@ async fn run_wait_resumes_after_a_dropped_connection_without_a_gap_or_a_duplicat
         .map(|(cursor, _)| cursor.clone())
         .collect();
     assert_eq!(cursors, without_creation_notices);
+}
+
+/// The `data` of a query sent with a bearer token.
+async fn authed_query(server: &TestServer, bearer: &str, query: &str) -> Value {
+    let body: Value = server
+        .http()
+        .post(server.url("/graphql"))
+        .bearer_auth(bearer)
+        .json(&json!({ "query": query }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["data"].clone()
 }
 
 /// A command's stdout, one JSON object per line.

@@ -142,18 +142,18 @@ async fn heartbeats_keep_a_long_attempt_and_a_stop_releases_what_is_left() {
     let (long_done, mut long_finished) = tokio::sync::watch::channel(false);
     let long_done = Arc::new(long_done);
     let worker = Worker::builder(client.clone(), "rust-sdk-stop")
-        // Runs past its 2 s lease: only the heartbeats (every second) keep it.
+        // Runs past its 3 s lease: only the heartbeats (every second) keep it.
         .handler("sdk.long", move |_lease: Lease| {
             let long_done = long_done.clone();
             async move {
-                tokio::time::sleep(Duration::from_millis(3500)).await;
+                tokio::time::sleep(Duration::from_millis(4500)).await;
                 let _ = long_done.send(true);
-                Ok(json!({ "slept_ms": 3500 }))
+                Ok(json!({ "slept_ms": 4500 }))
             }
         })
         // Never finishes: the stop must give it back.
         .handler("sdk.stuck", |_lease: Lease| std::future::pending())
-        .lease(Duration::from_secs(2))
+        .lease(Duration::from_secs(3))
         .poll_wait(Duration::from_secs(2))
         .grace(Duration::from_millis(300))
         .build()

@@ -45,6 +45,8 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 /// How long the server has to acknowledge `connection_init`.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection must stay up to count as having come back.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// A live subscription: a stream of items (or one final error). Dropping it closes the
 /// connection.
@@ -76,16 +78,22 @@ impl Client {
             "subscription Follow($id: ID!, $after: String) {{ taskUpdated(id: $id, after: $after) {{ cursor last task {{ {TASK_FIELDS} }} changedSteps {{ {STEP_FIELDS} }} events {{ {EVENT_FIELDS} }} }} }}"
         );
         let id = id.to_owned();
+        // Without a cursor the first update is the task as it is, carrying one.
+        let start = match after {
+            Some(after) => Start::At(Some(after)),
+            None => Start::Snapshot,
+        };
         self.follow(
             query,
             "taskUpdated",
-            after,
+            start,
             move |after| json!({ "id": id, "after": after }),
         )
     }
 
-    /// Follows the event log: the events after `after` (or from now), then new ones as they
-    /// commit, in log order.
+    /// Follows the event log: the events after `after` (or from now: the log's head is read
+    /// first, so a drop before the first event loses nothing), then new ones as they commit,
+    /// in log order.
     pub fn follow_events(&self, filter: &EventFilter, after: Option<String>) -> Follow<Event> {
         let query = format!(
             "subscription Events($filter: EventFilterInput, $after: String) {{ events(filter: $filter, after: $after) {{ {EVENT_FIELDS} }} }}"
@@ -94,7 +102,7 @@ impl Client {
         self.follow(
             query,
             "events",
-            after,
+            Start::At(after),
             move |after| json!({ "filter": filter, "after": after }),
         )
     }
@@ -104,7 +112,7 @@ impl Client {
         &self,
         query: String,
         root: &'static str,
-        after: Option<String>,
+        start: Start,
         variables: impl Fn(Option<&str>) -> Value + Send + Sync + 'static,
     ) -> Follow<T>
     where
@@ -118,11 +126,19 @@ impl Client {
                 root,
                 variables: Box::new(variables),
             },
-            after,
+            start,
             sender,
         ));
         Follow { items, driver }
     }
+}
+
+/// Where a subscription starts.
+enum Start {
+    /// After this cursor; from the log's head read first when `None`.
+    At(Option<String>),
+    /// With what the server sends first, which carries a cursor.
+    Snapshot,
 }
 
 /// The variables of a subscription resuming after a cursor (or starting without one).
@@ -151,14 +167,34 @@ enum Ended {
 async fn drive<T: DeserializeOwned>(
     client: Client,
     subscription: Subscription,
-    mut after: Option<String>,
+    start: Start,
     sender: mpsc::Sender<Result<T>>,
 ) {
     let policy = client.inner.reconnect;
     let mut delay = policy.first_delay;
     let mut failing_since: Option<Instant> = None;
+    let (mut after, mut need_head) = match start {
+        Start::At(after) => (after.clone(), after.is_none()),
+        Start::Snapshot => (None, false),
+    };
     loop {
-        match connection(&client, &subscription, &mut after, &sender).await {
+        let ended = if need_head {
+            match client.event_head().await {
+                Ok(head) => {
+                    after = Some(head);
+                    need_head = false;
+                    continue;
+                }
+                Err(error) if error.is_transient() => Ended::Dropped {
+                    error,
+                    progressed: false,
+                },
+                Err(error) => Ended::Fatal(error),
+            }
+        } else {
+            connection(&client, &subscription, &mut after, &sender).await
+        };
+        match ended {
             Ended::Complete | Ended::Abandoned => return,
             Ended::Fatal(error) => {
                 let _ = sender.send(Err(error)).await;
@@ -193,12 +229,14 @@ async fn connection<T: DeserializeOwned>(
     after: &mut Option<String>,
     sender: &mpsc::Sender<Result<T>>,
 ) -> Ended {
-    let dropped = |reason: String, progressed: bool| Ended::Dropped {
+    // A connection that delivered something, or stayed up a while, made progress: the
+    // next outage is counted afresh. One that fails at once again and again does not.
+    let dropped = |reason: String, delivered: bool, up_since: Option<Instant>| Ended::Dropped {
         error: Error::Unreachable {
             server: client.server(),
             reason,
         },
-        progressed,
+        progressed: delivered || up_since.is_some_and(|at| at.elapsed() >= STABLE_AFTER),
     };
     let mut request = match client.inner.ws_endpoint.as_str().into_client_request() {
         Ok(request) => request,
@@ -218,7 +256,7 @@ async fn connection<T: DeserializeOwned>(
     )
     .await;
     let mut socket = match socket {
-        Err(_) => return dropped("the WebSocket handshake timed out".into(), false),
+        Err(_) => return dropped("the WebSocket handshake timed out".into(), false, None),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
             let status = response.status().as_u16();
             let body = response
@@ -239,7 +277,7 @@ async fn connection<T: DeserializeOwned>(
                 Ended::Fatal(error)
             };
         }
-        Ok(Err(err)) => return dropped(crate::root_cause(&err), false),
+        Ok(Err(err)) => return dropped(crate::root_cause(&err), false, None),
         Ok(Ok((socket, _))) => socket,
     };
     let init = match &client.inner.token {
@@ -258,11 +296,12 @@ async fn connection<T: DeserializeOwned>(
     });
     for message in [init, subscribe] {
         if let Err(err) = socket.send(Message::text(message.to_string())).await {
-            return dropped(crate::root_cause(&err), false);
+            return dropped(crate::root_cause(&err), false, None);
         }
     }
     let mut acknowledged = false;
     let mut delivered = false;
+    let connected_at = Instant::now();
     // Whether the last item said it was the stream's last (`last: true`).
     let mut final_delivered = false;
     let mut last_heard = Instant::now();
@@ -277,31 +316,46 @@ async fn connection<T: DeserializeOwned>(
             message = socket.next() => message,
             _ = ping.tick() => {
                 if last_heard.elapsed() >= silence_limit {
-                    return dropped("the server stopped answering".into(), acknowledged);
+                    return dropped("the server stopped answering".into(), delivered, acknowledged.then_some(connected_at));
                 }
                 if acknowledged
                     && let Err(err) = socket.send(Message::text(r#"{"type":"ping"}"#)).await
                 {
-                    return dropped(crate::root_cause(&err), true);
+                    return dropped(crate::root_cause(&err), delivered, Some(connected_at));
                 }
                 continue;
             }
             _ = tokio::time::sleep_until(last_heard + silence_limit) => {
-                return dropped("the server stopped answering".into(), acknowledged);
+                return dropped("the server stopped answering".into(), delivered, acknowledged.then_some(connected_at));
             }
         };
         last_heard = Instant::now();
         let text = match message {
-            None => return dropped("the connection closed".into(), acknowledged),
-            Some(Err(err)) => return dropped(crate::root_cause(&err), acknowledged),
+            None => {
+                return dropped(
+                    "the connection closed".into(),
+                    delivered,
+                    acknowledged.then_some(connected_at),
+                );
+            }
+            Some(Err(err)) => {
+                return dropped(
+                    crate::root_cause(&err),
+                    delivered,
+                    acknowledged.then_some(connected_at),
+                );
+            }
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Close(frame))) => {
                 let (code, reason) = frame
                     .map(|frame| (u16::from(frame.code), frame.reason.to_string()))
                     .unwrap_or((1005, String::new()));
-                // 4400–4499: the server refused this connection or subscription on purpose
-                // (credentials, quotas, a bad message); anything else is a broken connection.
-                return if (4400..4500).contains(&code) {
+                // The server refused this connection on purpose: 4400–4499, or before its
+                // acknowledgement a protocol or policy close (how a refused `connection_init`
+                // — credentials, quotas — ends). Anything else is a broken connection.
+                let refused =
+                    (4400..4500).contains(&code) || (!acknowledged && matches!(code, 1002 | 1008));
+                return if refused {
                     Ended::Fatal(Error::Refused(if reason.is_empty() {
                         format!("close code {code}")
                     } else {
@@ -310,7 +364,8 @@ async fn connection<T: DeserializeOwned>(
                 } else {
                     dropped(
                         format!("the server closed the connection ({code})"),
-                        acknowledged,
+                        delivered,
+                        acknowledged.then_some(connected_at),
                     )
                 };
             }
@@ -323,7 +378,11 @@ async fn connection<T: DeserializeOwned>(
             Some("connection_ack") => acknowledged = true,
             Some("ping") => {
                 if let Err(err) = socket.send(Message::text(r#"{"type":"pong"}"#)).await {
-                    return dropped(crate::root_cause(&err), acknowledged);
+                    return dropped(
+                        crate::root_cause(&err),
+                        delivered,
+                        acknowledged.then_some(connected_at),
+                    );
                 }
             }
             Some("next") => {
@@ -338,7 +397,8 @@ async fn connection<T: DeserializeOwned>(
                     return if error.is_transient() {
                         Ended::Dropped {
                             error,
-                            progressed: acknowledged,
+                            progressed: delivered
+                                || (acknowledged && connected_at.elapsed() >= STABLE_AFTER),
                         }
                     } else {
                         Ended::Fatal(error)
@@ -417,14 +477,14 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
-    /// A graphql-transport-ws server that plays `script` on each connection in turn: the
-    /// messages to send after `subscribe` (then the connection closes), after checking the
-    /// `after` the client subscribed with.
-    async fn scripted_server(script: Vec<(Option<&'static str>, Vec<Message>)>) -> String {
+    /// A graphql-transport-ws server that plays `script` on each connection in turn: whether
+    /// to acknowledge `connection_init`, then the messages to send after `subscribe` (then the
+    /// connection closes), after checking the `after` the client subscribed with.
+    async fn scripted_server(script: Vec<(Option<&'static str>, bool, Vec<Message>)>) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move {
-            for (expected_after, messages) in script {
+            for (expected_after, ack, messages) in script {
                 let (stream, _) = listener.accept().await.unwrap();
                 // The server agrees to the subprotocol, as a real one does (the error type is
                 // tungstenite's, not ours).
@@ -444,7 +504,7 @@ mod tests {
                 while let Some(Ok(Message::Text(text))) = socket.next().await {
                     let frame: Value = serde_json::from_str(&text).unwrap();
                     match frame["type"].as_str() {
-                        Some("connection_init") => socket
+                        Some("connection_init") if ack => socket
                             .send(Message::text(r#"{"type":"connection_ack"}"#))
                             .await
                             .unwrap(),
@@ -496,9 +556,9 @@ mod tests {
     async fn a_dropped_or_early_ended_stream_resumes_from_the_last_cursor_until_the_last_update() {
         let server = scripted_server(vec![
             // Cut after one update; then ended early (a draining server); then the end.
-            (None, vec![next("c1", false)]),
-            (Some("c1"), vec![next("c2", false), complete()]),
-            (Some("c2"), vec![next("c3", true), complete()]),
+            (None, true, vec![next("c1", false)]),
+            (Some("c1"), true, vec![next("c2", false), complete()]),
+            (Some("c2"), true, vec![next("c3", true), complete()]),
         ])
         .await;
         let client = quick(Client::new(&server).unwrap());
@@ -515,17 +575,21 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_ends_the_stream_with_its_reason_and_an_outage_with_unreachable() {
         use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-        let refusal = Message::Close(Some(CloseFrame {
-            code: 4403.into(),
-            reason: "the token has expired".into(),
-        }));
-        let server = scripted_server(vec![(None, vec![refusal])]).await;
-        let client = quick(Client::new(&server).unwrap());
-        let items: Vec<_> = client.follow_task("t", None).collect().await;
-        assert!(
-            matches!(&items[..], [Err(Error::Refused(reason))] if reason == "the token has expired"),
-            "{items:?}"
-        );
+        // A refused `connection_init` (how async-graphql closes: 1002 with the reason), and
+        // a refusal code later on.
+        for (ack, code) in [(false, 1002), (true, 4403)] {
+            let refusal = Message::Close(Some(CloseFrame {
+                code: code.into(),
+                reason: "the token has expired".into(),
+            }));
+            let server = scripted_server(vec![(None, ack, vec![refusal])]).await;
+            let client = quick(Client::new(&server).unwrap());
+            let items: Vec<_> = client.follow_task("t", None).collect().await;
+            assert!(
+                matches!(&items[..], [Err(Error::Refused(reason))] if reason == "the token has expired"),
+                "{code}: {items:?}"
+            );
+        }
 
         let nobody = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = nobody.local_addr().unwrap();

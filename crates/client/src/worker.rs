@@ -117,13 +117,14 @@ impl WorkerBuilder {
         self
     }
 
-    /// The lease each claim asks for (default 30 s); heartbeats renew it every third of it.
+    /// The lease each claim asks for (3 s to an hour, default 30 s); heartbeats renew it every
+    /// third of it.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
         self
     }
 
-    /// How long a claim waits on the server for work (default 20 s, at most 60 s).
+    /// How long a claim waits on the server for work (1 to 60 s, default 20 s).
     pub fn poll_wait(mut self, wait: Duration) -> Self {
         self.poll_wait = wait;
         self
@@ -143,11 +144,13 @@ impl WorkerBuilder {
         if !(1..=100).contains(&self.concurrency) {
             return Err(invalid("concurrency must be 1 to 100"));
         }
-        if !(1..=3600).contains(&self.lease.as_secs()) {
-            return Err(invalid("the lease must be 1 to 3600 seconds"));
+        // Heartbeats go every third of the lease, and the server counts in whole seconds.
+        if !(3..=3600).contains(&self.lease.as_secs()) {
+            return Err(invalid("the lease must be 3 to 3600 seconds"));
         }
-        if self.poll_wait > Duration::from_secs(60) {
-            return Err(invalid("the poll wait must be at most 60 seconds"));
+        // A claim that answers at once when nothing is ready would be asked again at once.
+        if !(1..=60).contains(&self.poll_wait.as_secs()) {
+            return Err(invalid("the poll wait must be 1 to 60 seconds"));
         }
         let mut handler_names: Vec<String> = self.handlers.keys().cloned().collect();
         handler_names.sort();
@@ -182,6 +185,9 @@ pub struct Worker {
 struct Running {
     lease: Lease,
     abort: AbortHandle,
+    /// Until when the lease is held, by this process's clock: the claim's lease, moved on by
+    /// each heartbeat that kept it.
+    held_until: Instant,
 }
 
 /// What reporting an attempt's outcome came to.
@@ -209,8 +215,8 @@ impl Worker {
     }
 
     /// Claims and runs steps until `stop` resolves, then finishes or releases what it holds.
-    /// Ends early with the error when the server refuses the worker (its token, its
-    /// permission); a server that is away is waited for.
+    /// When the server refuses the worker (its token, its permission) it stops the same way
+    /// and answers the refusal; a server that is away is waited for.
     pub async fn run(self, stop: impl Future<Output = ()>) -> Result<StopReport> {
         let mut stop = std::pin::pin!(stop);
         let mut report = StopReport::default();
@@ -221,15 +227,20 @@ impl Worker {
         let mut claim: Option<ClaimFuture> = None;
         let mut claim_after: Option<Instant> = None;
         let mut claim_backoff = Duration::from_millis(500);
-        let beat_every = (self.lease / 3).max(Duration::from_secs(1));
+        let beat_every = self.lease / 3;
         let mut heartbeat = tokio::time::interval_at(Instant::now() + beat_every, beat_every);
         let mut drain_until: Option<Instant> = None;
+        let mut refused: Option<Error> = None;
         loop {
             let free = self.concurrency.saturating_sub(running.len());
             let may_claim = claim_after.is_none_or(|at| Instant::now() >= at);
             if drain_until.is_none() && claim.is_none() && free > 0 && may_claim {
                 claim = Some(self.claim(free));
             }
+            // Draining ends when nothing runs. A claim still waiting on the server is dropped
+            // then: it has handed out nothing unless its answer is in flight at that very
+            // moment (those leases would then run out on their own). While attempts run, it
+            // is kept, and what it hands out is given straight back.
             if drain_until.is_some() && running.is_empty() {
                 break;
             }
@@ -237,10 +248,13 @@ impl Worker {
             tokio::select! {
                 () = &mut stop, if drain_until.is_none() => {
                     tracing::info!(running = running.len(), "stopping: no more claims");
-                    claim = None;
                     drain_until = Some(Instant::now() + self.grace);
                 }
                 () = sleep_until_or_forever(drain_until) => {
+                    // What finished meanwhile is reported, not run again elsewhere.
+                    while let Some(joined) = attempts.try_join_next_with_id() {
+                        self.finished(joined, &mut running, &mut reports);
+                    }
                     let tokens: Vec<String> = running
                         .values()
                         .map(|attempt| attempt.lease.lease_token.clone())
@@ -249,7 +263,12 @@ impl Worker {
                         attempt.abort.abort();
                     }
                     running.clear();
-                    report.released += self.release(&tokens).await;
+                    // A claim still in flight is abandoned with the loop: past the grace period
+                    // there is no waiting for it.
+                    let released = self.release(&tokens).await;
+                    report.released += released;
+                    // Not given back (the server was away): they wait for their leases to end.
+                    report.lost += tokens.len() as u64 - released;
                     break;
                 }
                 () = sleep_until_or_forever(claim_waits) => {
@@ -258,10 +277,17 @@ impl Worker {
                 claimed = poll_claim(&mut claim), if claim.is_some() => {
                     claim = None;
                     match claimed {
+                        // Claimed while stopping: given straight back.
+                        Ok(leases) if drain_until.is_some() => {
+                            let tokens: Vec<String> = leases.into_iter().map(|lease| lease.lease_token).collect();
+                            report.released += self.release(&tokens).await;
+                        }
                         Ok(leases) => {
                             claim_backoff = Duration::from_millis(500);
                             for lease in leases {
-                                self.start(lease, &mut attempts, &mut running);
+                                if let Some(lease) = self.start(lease, &mut attempts, &mut running) {
+                                    report.released += self.release(&[lease.lease_token]).await;
+                                }
                             }
                         }
                         Err(err) if err.is_transient() => {
@@ -269,28 +295,18 @@ impl Worker {
                             claim_after = Some(Instant::now() + claim_backoff);
                             claim_backoff = (claim_backoff * 2).min(Duration::from_secs(30));
                         }
-                        Err(err) => return Err(err),
+                        Err(err) => {
+                            tracing::error!(error = %err, "the server refuses this worker; stopping");
+                            refused = Some(err);
+                            drain_until.get_or_insert(Instant::now() + self.grace);
+                        }
                     }
                 }
                 Some(joined) = attempts.join_next_with_id(), if !attempts.is_empty() => {
-                    let (id, outcome) = match joined {
-                        Ok((id, outcome)) => (id, outcome),
-                        Err(err) if err.is_panic() => {
-                            (err.id(), Err(StepError::retryable("the handler panicked")))
-                        }
-                        // Aborted: its lease was lost, or the stop released it.
-                        Err(_) => continue,
-                    };
-                    if let Some(attempt) = running.remove(&id) {
-                        reports.spawn(report_outcome(self.client.clone(), attempt.lease, outcome));
-                    }
+                    self.finished(joined, &mut running, &mut reports);
                 }
                 Some(reported) = reports.join_next(), if !reports.is_empty() => {
-                    match reported {
-                        Ok(Reported::Completed) => report.completed += 1,
-                        Ok(Reported::Failed) => report.failed += 1,
-                        Ok(Reported::Lost) | Err(_) => report.lost += 1,
-                    }
+                    report.count(reported);
                 }
                 _ = heartbeat.tick() => {
                     if beats.is_empty() && !running.is_empty() {
@@ -308,32 +324,16 @@ impl Worker {
                 }
                 Some(beat) = beats.join_next(), if !beats.is_empty() => {
                     match beat {
-                        Ok(Ok(statuses)) => {
-                            for status in statuses.into_iter().filter(|status| !status.alive) {
-                                let lost = running
-                                    .iter()
-                                    .find(|(_, attempt)| attempt.lease.lease_token == status.lease_token)
-                                    .map(|(id, _)| *id);
-                                if let Some(attempt) = lost.and_then(|id| running.remove(&id)) {
-                                    tracing::warn!(step = %attempt.lease.name, task = %attempt.lease.task_id, "lease lost; stopping the attempt");
-                                    attempt.abort.abort();
-                                    report.lost += 1;
-                                }
-                            }
-                        }
+                        Ok(Ok(statuses)) => self.beaten(statuses, &mut running, &mut report),
                         Ok(Err(err)) => tracing::warn!(error = %err, "heartbeat failed; trying again at the next beat"),
                         Err(_) => {}
                     }
                 }
             }
         }
-        // Outcomes already decided are still recorded.
+        // Outcomes already decided are still recorded (each for as long as its lease lasts).
         while let Some(reported) = reports.join_next().await {
-            match reported {
-                Ok(Reported::Completed) => report.completed += 1,
-                Ok(Reported::Failed) => report.failed += 1,
-                Ok(Reported::Lost) | Err(_) => report.lost += 1,
-            }
+            report.count(reported);
         }
         tracing::info!(
             completed = report.completed,
@@ -342,7 +342,63 @@ impl Worker {
             lost = report.lost,
             "worker stopped"
         );
-        Ok(report)
+        match refused {
+            Some(err) => Err(err),
+            None => Ok(report),
+        }
+    }
+
+    /// An attempt's handler ended: its outcome is reported in the background.
+    fn finished(
+        &self,
+        joined: std::result::Result<(Id, HandlerResult), tokio::task::JoinError>,
+        running: &mut HashMap<Id, Running>,
+        reports: &mut JoinSet<Reported>,
+    ) {
+        let (id, outcome) = match joined {
+            Ok((id, outcome)) => (id, outcome),
+            Err(err) if err.is_panic() => {
+                (err.id(), Err(StepError::retryable("the handler panicked")))
+            }
+            // Aborted: its lease was lost, or the stop is releasing it.
+            Err(_) => return,
+        };
+        if let Some(attempt) = running.remove(&id) {
+            reports.spawn(report_outcome(
+                self.client.clone(),
+                attempt.lease,
+                outcome,
+                attempt.held_until,
+            ));
+        }
+    }
+
+    /// A heartbeat's answer: kept leases last longer; a lost one stops its attempt.
+    fn beaten(
+        &self,
+        statuses: Vec<crate::LeaseStatus>,
+        running: &mut HashMap<Id, Running>,
+        report: &mut StopReport,
+    ) {
+        let alive: HashMap<String, bool> = statuses
+            .into_iter()
+            .map(|status| (status.lease_token, status.alive))
+            .collect();
+        let until = Instant::now() + self.lease;
+        running.retain(|_, attempt| match alive.get(&attempt.lease.lease_token) {
+            Some(true) => {
+                attempt.held_until = until;
+                true
+            }
+            Some(false) => {
+                tracing::warn!(step = %attempt.lease.name, task = %attempt.lease.task_id, "lease lost; stopping the attempt");
+                attempt.abort.abort();
+                report.lost += 1;
+                false
+            }
+            // Claimed after the beat was sent.
+            None => true,
+        });
     }
 
     /// A long-polling claim of up to `free` steps.
@@ -368,24 +424,28 @@ impl Worker {
         })
     }
 
-    /// Starts a claimed attempt in a task of its own.
+    /// Starts a claimed attempt in a task of its own; a lease of a handler this worker does
+    /// not have (a server that ignored the filter) comes back to be released.
     fn start(
         &self,
         lease: Lease,
         attempts: &mut JoinSet<HandlerResult>,
         running: &mut HashMap<Id, Running>,
-    ) {
+    ) -> Option<Lease> {
         let Some(handler) = self.handlers.get(&lease.handler).cloned() else {
-            // Only registered handlers are claimed; a server that ignores the filter gets
-            // the step back.
-            let client = self.client.clone();
-            let token = lease.lease_token.clone();
-            tokio::spawn(async move { client.release_steps(&[token]).await });
-            return;
+            return Some(lease);
         };
         tracing::debug!(step = %lease.name, task = %lease.task_id, attempt = lease.attempt, "attempt started");
         let abort = attempts.spawn(handler.run(lease.clone()));
-        running.insert(abort.id(), Running { lease, abort });
+        running.insert(
+            abort.id(),
+            Running {
+                lease,
+                abort,
+                held_until: Instant::now() + self.lease,
+            },
+        );
+        None
     }
 
     /// Gives unfinished leases back; how many were released.
@@ -403,11 +463,28 @@ impl Worker {
     }
 }
 
-/// Records an outcome, trying again while the server is away (a second answer of
-/// `LEASE_LOST` after a lost reply means the first one was recorded, or the lease ran out).
-async fn report_outcome(client: Client, lease: Lease, outcome: HandlerResult) -> Reported {
+impl StopReport {
+    fn count(&mut self, reported: std::result::Result<Reported, tokio::task::JoinError>) {
+        match reported {
+            Ok(Reported::Completed) => self.completed += 1,
+            Ok(Reported::Failed) => self.failed += 1,
+            Ok(Reported::Lost) | Err(_) => self.lost += 1,
+        }
+    }
+}
+
+/// Records an outcome, trying again while the server is away and the lease lasts (a second
+/// answer of `LEASE_LOST` after a lost reply means the first one was recorded, or the lease
+/// ran out). Results the server refuses (too large, say) fail the attempt for good instead:
+/// another attempt would produce them again.
+async fn report_outcome(
+    client: Client,
+    lease: Lease,
+    outcome: HandlerResult,
+    held_until: Instant,
+) -> Reported {
+    let mut outcome = outcome;
     let mut wait = Duration::from_millis(200);
-    let deadline = lease.lease_expires_at;
     loop {
         let result = match &outcome {
             Ok(results) => client
@@ -435,10 +512,16 @@ async fn report_outcome(client: Client, lease: Lease, outcome: HandlerResult) ->
                 tracing::info!(step = %lease.name, task = %lease.task_id, attempt = lease.attempt, "{what}");
                 return reported;
             }
-            Err(err) if err.is_transient() && chrono::Utc::now() < deadline => {
+            Err(err) if err.is_transient() && Instant::now() < held_until => {
                 tracing::warn!(error = %err, step = %lease.name, "could not report the outcome; trying again");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(err) if outcome.is_ok() && err.code().is_some_and(|code| code != "LEASE_LOST") => {
+                tracing::warn!(error = %err, step = %lease.name, task = %lease.task_id, "the results were refused; failing the attempt");
+                outcome = Err(StepError::permanent(format!(
+                    "the results were refused: {err}"
+                )));
             }
             Err(err) => {
                 tracing::warn!(error = %err, step = %lease.name, task = %lease.task_id, "outcome not recorded");

@@ -452,8 +452,12 @@ impl Store {
                     .exec_with_returning(&txn)
                     .await?
                     .into_iter()
-                    .next()
-                    .ok_or(Error::LeaseLost)?;
+                    .next();
+                // Changed since it was read (cancelled, expired): no longer this lease's to
+                // give back; the others still are.
+                let Some(updated) = updated else {
+                    continue;
+                };
                 let (row, event) = crate::events::step_transition_as(
                     EventName::StepReleased,
                     subjects.subject(step.task_id),
@@ -471,6 +475,10 @@ impl Store {
                 transitions.push(row);
                 events.push(event);
                 released.push(updated.try_into()?);
+            }
+            if released.is_empty() {
+                txn.commit().await?;
+                return Ok(released);
             }
             crate::events::insert_all(&txn, transitions).await?;
             crate::events::insert_all(&txn, events).await?;
