@@ -156,6 +156,66 @@ async fn a_ci_job_applies_templates_runs_tasks_and_reads_the_outcome_from_the_ex
             ),
             "{backend}"
         );
+        // A changed definition under the same version: refused without --replace, per file.
+        let changed = dir.path().join("changed");
+        std::fs::create_dir(&changed).unwrap();
+        write(
+            &changed,
+            "chain.yaml",
+            &CHAIN.replace("name: test", "name: lint"),
+        );
+        let changed = changed.to_str().unwrap();
+        let conflict = run(tasker(
+            &url,
+            &["apply", "-f", changed, "--token-file", token_file],
+        ))
+        .await;
+        assert_eq!(conflict.code, 1, "{backend}: {conflict:#?}");
+        assert_eq!(
+            conflict.lines(),
+            [format!("FAILED     {changed}/chain.yaml")]
+        );
+        assert!(conflict.stderr.contains("CONFLICT"), "{conflict:#?}");
+        let replaced = run(tasker(
+            &url,
+            &[
+                "apply",
+                "-f",
+                changed,
+                "--replace",
+                "--token-file",
+                token_file,
+            ],
+        ))
+        .await;
+        assert_eq!(replaced.code, 0, "{backend}: {replaced:#?}");
+        assert_eq!(
+            replaced.lines(),
+            [format!("REPLACED   ci/chain@1.0.0  {changed}/chain.yaml")]
+        );
+        run(tasker(
+            &url,
+            &[
+                "apply",
+                "-f",
+                templates,
+                "--replace",
+                "--token-file",
+                token_file,
+            ],
+        ))
+        .await;
+
+        // Without --wait, run prints the task's id; the same idempotency key, the same task.
+        let keyed = |key: &str| {
+            let mut command = tasker(&url, &["run", "ci/chain", "--idempotency-key", key]);
+            command.env("TASKER_TOKEN", token(&["*"], &["*"]));
+            command
+        };
+        let first_run = run(keyed("build-42")).await;
+        assert_eq!(first_run.code, 0, "{first_run:#?}");
+        assert_eq!(run(keyed("build-42")).await.stdout, first_run.stdout);
+        assert_ne!(run(keyed("build-43")).await.stdout, first_run.stdout);
 
         // run --wait: exit 0 when the task completes, 1 when it fails, 3 past --timeout.
         let bearer = token(&["*"], &["*"]);
@@ -251,7 +311,7 @@ async fn a_ci_job_applies_templates_runs_tasks_and_reads_the_outcome_from_the_ex
         ]))
         .await;
         let tasks = listed.json_lines();
-        assert_eq!(tasks.len(), 5, "{backend}: {listed:#?}");
+        assert_eq!(tasks.len(), 7, "{backend}: {listed:#?}");
         let slow_id = tasks
             .iter()
             .find(|task| task["templateName"] == "slow")
