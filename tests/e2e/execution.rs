@@ -157,6 +157,47 @@ async fn a_long_poll_claim_answers_when_work_appears() {
     }
 }
 
+#[tokio::test]
+async fn a_long_poll_its_client_abandons_stops_waiting_and_claims_nothing() {
+    let server = TestServer::start(
+        TestDatabase::sqlite(std::sync::Arc::new(tasker_domain::SystemClock)).await,
+    )
+    .await;
+    server.register(EXTERNAL).await;
+    // A client of its own: dropping the request closes its connection (as a worker that
+    // stops does).
+    let client = crate::support::http_client();
+    let url = server.url("/graphql");
+    let waiting = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({ "query": CLAIM, "variables": { "i": { "workerId": "gone", "waitSeconds": 30 } } }))
+            .send()
+            .await
+    });
+    while server.engine.work_listeners() == 0 {
+        tokio::task::yield_now().await;
+    }
+    waiting.abort();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while server.engine.work_listeners() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the server stops waiting for a client that has gone");
+    let task = server
+        .create_task(json!({ "namespace": "payments", "template": "charge" }))
+        .await;
+    let steps = server
+        .data(
+            "query($id: ID!) { task(id: $id) { steps { state leaseHolder } } }",
+            json!({ "id": task["task"]["id"] }),
+        )
+        .await;
+    assert_eq!(steps["task"]["steps"][0]["state"], "PENDING");
+}
+
 const TWO_STEPS: &str = r#"
 namespace: ops
 name: pair

@@ -237,10 +237,6 @@ impl Worker {
             if drain_until.is_none() && claim.is_none() && free > 0 && may_claim {
                 claim = Some(self.claim(free));
             }
-            // Draining ends when nothing runs. A claim still waiting on the server is dropped
-            // then: it has handed out nothing unless its answer is in flight at that very
-            // moment (those leases would then run out on their own). While attempts run, it
-            // is kept, and what it hands out is given straight back.
             if drain_until.is_some() && running.is_empty() {
                 break;
             }
@@ -248,6 +244,11 @@ impl Worker {
             tokio::select! {
                 () = &mut stop, if drain_until.is_none() => {
                     tracing::info!(running = running.len(), "stopping: no more claims");
+                    // The claim waiting on the server is abandoned at once: its connection
+                    // closes, so the server stops waiting before this worker's own outcomes
+                    // and releases could make work it would hand to nobody. (Only an answer
+                    // already on its way at this very moment is lost; its leases run out.)
+                    claim = None;
                     drain_until = Some(Instant::now() + self.grace);
                 }
                 () = sleep_until_or_forever(drain_until) => {
@@ -263,8 +264,6 @@ impl Worker {
                         attempt.abort.abort();
                     }
                     running.clear();
-                    // A claim still in flight is abandoned with the loop: past the grace period
-                    // there is no waiting for it.
                     let released = self.release(&tokens).await;
                     report.released += released;
                     // Not given back (the server was away): they wait for their leases to end.
@@ -277,11 +276,6 @@ impl Worker {
                 claimed = poll_claim(&mut claim), if claim.is_some() => {
                     claim = None;
                     match claimed {
-                        // Claimed while stopping: given straight back.
-                        Ok(leases) if drain_until.is_some() => {
-                            let tokens: Vec<String> = leases.into_iter().map(|lease| lease.lease_token).collect();
-                            report.released += self.release(&tokens).await;
-                        }
                         Ok(leases) => {
                             claim_backoff = Duration::from_millis(500);
                             for lease in leases {
