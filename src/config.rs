@@ -75,6 +75,11 @@ pub struct Cli {
     #[arg(long, env = "TASKER_REQUEST_TIMEOUT_SECONDS", global = true)]
     pub request_timeout_seconds: Option<u64>,
 
+    /// How long a step may wait to be claimed before `/health/status` reports the server
+    /// unhealthy, in seconds (default 300).
+    #[arg(long, env = "TASKER_HEALTH_MAX_READY_AGE_SECONDS", global = true)]
+    pub health_max_ready_age_seconds: Option<u64>,
+
     /// Turns authentication on with HS256 tokens signed by this shared secret (32 bytes or
     /// more); `tasker token` mints them.
     #[arg(long, env = "TASKER_JWT_SECRET", global = true, hide_env_values = true)]
@@ -259,6 +264,7 @@ struct FileSettings {
     db_max_connections: Option<u32>,
     max_body_bytes: Option<usize>,
     request_timeout_seconds: Option<u64>,
+    health_max_ready_age_seconds: Option<u64>,
     max_query_depth: Option<usize>,
     max_query_complexity: Option<usize>,
     max_aliases: Option<usize>,
@@ -442,6 +448,11 @@ impl Settings {
                     .unwrap_or(defaults.http.request_timeout),
                 query: query_limits,
                 quota: quota_limits,
+                max_ready_age: cli
+                    .health_max_ready_age_seconds
+                    .or(file.health_max_ready_age_seconds)
+                    .map(Duration::from_secs)
+                    .unwrap_or(defaults.http.max_ready_age),
             },
             insecure_no_auth,
             browser,

@@ -7,6 +7,7 @@ mod m20261126_000001_create_tables;
 mod m20261126_000002_event_sequence;
 mod m20261126_000003_task_correlation;
 mod m20261201_000001_health_probe;
+mod m20261201_000002_step_ready_since;
 
 /// Every migration, in the order they apply.
 pub struct Migrator;
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000002_event_sequence::Migration),
             Box::new(m20261126_000003_task_correlation::Migration),
             Box::new(m20261201_000001_health_probe::Migration),
+            Box::new(m20261201_000002_step_ready_since::Migration),
         ]
     }
 }

@@ -15,6 +15,7 @@ mod dashboard;
 mod execution;
 mod faults;
 mod isolation;
+mod operating;
 mod sdk;
 mod support;
 mod tour;

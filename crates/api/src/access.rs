@@ -38,6 +38,16 @@ impl Services {
     pub fn new(engine: Arc<Engine>) -> Services {
         Services { engine }
     }
+
+    /// The extension that counts operations into the engine's metrics (it reads no data).
+    pub(crate) fn operation_metrics(&self) -> crate::telemetry::OperationMetrics {
+        crate::telemetry::OperationMetrics(self.engine.clone())
+    }
+
+    /// Counts one open connection or subscription in `gauge` while the guard lives.
+    pub(crate) fn open(&self, gauge: &'static str) -> crate::telemetry::Open {
+        crate::telemetry::Open::new(&self.engine, gauge)
+    }
 }
 
 /// A permission as a type, so the operations it allows are checked when the code compiles.
@@ -77,6 +87,7 @@ pub(crate) mod can {
         EventSubscribe,
         WorkerClaim,
         HealthStatusIndex,
+        MetricsIndex,
     );
 }
 
@@ -872,28 +883,52 @@ impl Granted<'_, can::WorkerClaim> {
 
 impl Granted<'_, can::HealthStatusIndex> {
     /// Tasks by state, and claimable steps (up to 10,000), within the caller's namespaces.
-    pub async fn status_counts(&self) -> tasker_store::Result<(Vec<(String, u64)>, u64)> {
-        use tasker_domain::StateMachine as _;
-        let states = tasker_domain::TaskState::ALL;
-        let Some(within) = self.confine(&Within::Any) else {
-            let none = states.iter().map(|state| (state.as_str().to_owned(), 0));
-            return Ok((none.collect(), 0));
-        };
-        let mut tasks = Vec::new();
-        for state in states {
-            let filter = TaskFilter {
-                states: vec![state],
-                ..TaskFilter::within(within.clone())
-            };
-            let count = self.store().count_tasks(&filter).await?;
-            tasks.push((state.as_str().to_owned(), count));
+    /// The database within the caller's scope: tasks and steps by namespace and state, the
+    /// ready queue, the log's head; `None` when the scope leaves nothing.
+    pub async fn status(&self) -> tasker_store::Result<Option<tasker_store::StoreStatus>> {
+        match self.confine(&Within::Any) {
+            Some(within) => self.store().status(&within).await.map(Some),
+            None => Ok(None),
         }
-        let ready = self.store().count_ready_steps(&[], &within, 10_000).await?;
-        Ok((tasks, ready))
+    }
+
+    /// The connection pool now.
+    pub fn pool(&self) -> tasker_store::PoolStatus {
+        self.store().pool_status()
+    }
+
+    /// The database's write fault, while one lasts: its name.
+    pub fn write_fault(&self) -> Option<&'static str> {
+        self.store().write_fault().map(|(fault, _)| fault.name())
     }
 
     pub fn backend_name(&self) -> &'static str {
         self.store().backend_name()
+    }
+}
+
+impl Granted<'_, can::MetricsIndex> {
+    /// Every metric of this server in the Prometheus text format, with the database's
+    /// figures read now. They cover every namespace, so a token kept to some is refused.
+    pub async fn metrics(&self) -> std::result::Result<String, ApiError> {
+        if self.confine(&Within::Any) != Some(Within::Any) {
+            return Err(ApiError::Forbidden(
+                "metrics cover every namespace: this needs a token for all namespaces (*)"
+                    .to_owned(),
+            ));
+        }
+        let status = self.store().status(&Within::Any).await?;
+        let metrics = self.engine.metrics();
+        metrics.set_status(&status, self.store().pool_status());
+        metrics
+            .gauge("tasker_claim_waiters", &[])
+            .set(self.engine.work_listeners() as f64);
+        if let Some(lag) = self.engine.events().lag(status.event_head) {
+            metrics
+                .gauge("tasker_event_feed_lag_events", &[])
+                .set(lag as f64);
+        }
+        Ok(metrics.render())
     }
 }
 
@@ -918,6 +953,12 @@ where
         .subscribe(caller.key)
         .gql()?;
     let clock = clock(ctx)?;
+    // Counted as open in the metrics until the stream is dropped, with the quota.
+    let held = (
+        held,
+        ctx.data_unchecked::<Services>()
+            .open("tasker_subscriptions"),
+    );
     let state = (Box::pin(stream), false, held);
     Ok(futures::stream::unfold(
         state,

@@ -13,6 +13,7 @@ mod enums;
 mod error;
 mod events;
 mod graph;
+mod health;
 mod ids;
 pub mod limits;
 mod objects;
@@ -20,6 +21,7 @@ mod playground;
 pub mod quota;
 mod schema;
 mod server;
+mod telemetry;
 mod workers;
 
 pub use browser::BrowserPolicy;

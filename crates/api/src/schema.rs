@@ -44,10 +44,13 @@ pub(crate) fn build_schema(
     limits: &QueryLimits,
     quotas: Arc<crate::quota::Quotas>,
 ) -> TaskerSchema {
+    let operations = services.operation_metrics();
     let mut builder = Schema::build(Query::default(), Mutation::default(), Subscription)
         .data(quotas)
         .data(limits.clone())
         .data(services)
+        // Outside ErrorCodes, so it sees every error's final code.
+        .extension(operations)
         .extension(ErrorCodes)
         .extension(crate::limits::QueryShape(limits.clone()))
         .limit_depth(limits.max_depth)

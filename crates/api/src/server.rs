@@ -37,6 +37,9 @@ pub struct HttpLimits {
     pub query: crate::limits::QueryLimits,
     /// Per-token quotas.
     pub quota: crate::quota::QuotaLimits,
+    /// How long a step may wait claimable before `/health/status` calls the server
+    /// unhealthy (nothing is claiming its work).
+    pub max_ready_age: Duration,
 }
 
 impl Default for HttpLimits {
@@ -46,6 +49,7 @@ impl Default for HttpLimits {
             request_timeout: Duration::from_secs(30),
             query: crate::limits::QueryLimits::default(),
             quota: crate::quota::QuotaLimits::default(),
+            max_ready_age: Duration::from_secs(300),
         }
     }
 }
@@ -61,6 +65,8 @@ struct AppState {
     services: crate::access::Services,
     limits: HttpLimits,
     playground: std::sync::Arc<str>,
+    /// When the router was built: the server's uptime.
+    started: std::time::Instant,
 }
 
 /// The whole application as an axum router; `extra_routes` (stateless) are served behind
@@ -83,6 +89,7 @@ pub fn router(
         services,
         limits: limits.clone(),
         playground: playground::page().into(),
+        started: std::time::Instant::now(),
     };
     Router::new()
         .route("/", get(playground_page))
@@ -100,6 +107,7 @@ pub fn router(
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/health/status", get(status))
+        .route("/metrics", get(metrics))
         // The composition root's own routes (the demo's services) sit behind the same guards.
         .merge(extra_routes.with_state(()))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
@@ -505,6 +513,7 @@ async fn websocket(
         .map(str::to_owned);
     let auth = state.auth.clone();
     let quotas = state.quotas.clone();
+    let open = state.services.open("tasker_websocket_connections");
     upgrade
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
         // Clients send small messages. tungstenite zero-fills its whole read buffer before
@@ -514,6 +523,7 @@ async fn websocket(
         .max_message_size(state.limits.max_body_bytes)
         .max_frame_size(state.limits.max_body_bytes)
         .on_upgrade(move |socket| async move {
+            let _open = open;
             GraphQLWebSocket::new(socket, schema, protocol)
                 .on_connection_init(move |payload| async move {
                     let token = init_token(&payload).or(header_token);
@@ -560,42 +570,103 @@ async fn live() -> Json<serde_json::Value> {
 /// GET /health/status: tasks by state and claimable steps, within the caller's namespaces;
 /// needs `tasker.health_status:index` when authentication is on.
 async fn status(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let principal = match authenticate(&state, &headers) {
+    with_grant::<crate::access::can::HealthStatusIndex>(&state, &headers, async |granted| {
+        status_report(&state, granted).await
+    })
+    .await
+}
+
+/// Answers a plain HTTP route for a caller holding `P`, or refuses them with 401 or 403.
+async fn with_grant<P: crate::access::Grant>(
+    state: &AppState,
+    headers: &HeaderMap,
+    answer: impl AsyncFnOnce(crate::access::Granted<'_, P>) -> Response,
+) -> Response {
+    let principal = match authenticate(state, headers) {
         Ok(principal) => principal,
         Err(response) => return *response,
     };
-    let granted = match crate::access::grant_to::<crate::access::can::HealthStatusIndex>(
-        &principal,
-        &state.services,
-    ) {
-        Ok(granted) => granted,
+    match crate::access::grant_to::<P>(&principal, &state.services) {
+        Ok(granted) => answer(granted).await,
         Err(err) => {
-            return crate::error::error_response(
-                StatusCode::FORBIDDEN,
-                err.code(),
-                &err.to_string(),
+            crate::error::error_response(StatusCode::FORBIDDEN, err.code(), &err.to_string())
+        }
+    }
+}
+
+async fn status_report(
+    state: &AppState,
+    granted: crate::access::Granted<'_, crate::access::can::HealthStatusIndex>,
+) -> Response {
+    let identity = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "replica_id": crate::health::replica_id(),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "database": granted.backend_name(),
+    });
+    match granted.status().await {
+        Ok(status) => {
+            let status = status.unwrap_or_default();
+            let pool = granted.pool();
+            let report = crate::health::Report::of(
+                &status,
+                granted.write_fault(),
+                state.limits.max_ready_age,
             );
-        }
-    };
-    match granted.status_counts().await {
-        Ok((tasks, ready_steps)) => {
-            let tasks: serde_json::Map<String, serde_json::Value> = tasks
-                .into_iter()
-                .map(|(state, count)| (state, json!(count)))
-                .collect();
-            Json(json!({
-                "status": "ok",
-                "database": granted.backend_name(),
-                "tasks": tasks,
-                "ready_steps": ready_steps,
-            }))
-            .into_response()
+            let code = if report.healthy {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let mut body = report.to_json(&status, pool);
+            if let (Some(body), Some(identity)) = (body.as_object_mut(), identity.as_object()) {
+                body.extend(identity.clone());
+            }
+            (code, Json(body)).into_response()
         }
         Err(err) => {
-            tracing::warn!(error = %err, "health status could not read the counts");
+            tracing::warn!(error = %err, "health status could not read the database");
+            let mut body = json!({
+                "status": "unhealthy",
+                "problems": ["the database did not answer; the server log has the details"],
+            });
+            if let (Some(body), Some(identity)) = (body.as_object_mut(), identity.as_object()) {
+                body.extend(identity.clone());
+            }
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+/// GET /metrics: the Prometheus text format. With authentication on, it needs
+/// `tasker.metrics:index` for all namespaces.
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    with_grant::<crate::access::can::MetricsIndex>(&state, &headers, async |granted| {
+        metrics_text(granted).await
+    })
+    .await
+}
+
+async fn metrics_text(
+    granted: crate::access::Granted<'_, crate::access::can::MetricsIndex>,
+) -> Response {
+    match granted.metrics().await {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(err @ crate::error::ApiError::Forbidden(_)) => {
+            crate::error::error_response(StatusCode::FORBIDDEN, err.code(), &err.to_string())
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "metrics could not read the database");
             crate::error::error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "INTERNAL",
+                "UNAVAILABLE",
                 "the database did not answer; the server log has the details",
             )
         }

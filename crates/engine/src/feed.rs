@@ -70,6 +70,22 @@ impl EventFeed {
         }
     }
 
+    /// How many events up to the log's `head` the feed has not read yet: 0 when nobody
+    /// follows (nothing waits for them); `None` before it has read anything.
+    pub fn lag(&self, head: Option<i64>) -> Option<u64> {
+        let reading = self
+            .inner
+            .reading
+            .lock()
+            .map(|reading| *reading)
+            .unwrap_or(false);
+        if !reading {
+            return Some(0);
+        }
+        let position = (*self.inner.position.borrow())?;
+        Some(u64::try_from(head.unwrap_or(0) - position.0).unwrap_or(0))
+    }
+
     /// Follows the log from `cursor` (exclusive; from the start when `None`) for the events
     /// matching `filter`.
     pub fn follow(&self, filter: EventFilter, cursor: Option<EventCursor>) -> Follow {

@@ -7,6 +7,7 @@
 mod feed;
 mod handlers;
 mod http;
+pub mod metrics;
 mod outbound;
 mod ready;
 mod seed;
@@ -112,6 +113,8 @@ pub struct Engine {
     events: EventFeed,
     /// Ready-step counts shared by the `stepsAvailable` subscriptions.
     ready: ready::ReadyCounts,
+    /// This server's metrics.
+    metrics: metrics::Metrics,
 }
 
 impl Engine {
@@ -123,7 +126,47 @@ impl Engine {
             timers: Notify::new(),
             finished: watch::Sender::new(0),
             ready: ready::ReadyCounts::default(),
+            metrics: metrics::Metrics::new(),
         })
+    }
+
+    /// This server's metrics: what its API and engine did.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Counts steps just leased, with how long each had been claimable (the claim stamped
+    /// `updated_at`).
+    fn note_claims(&self, claimed: &[ClaimedStep]) {
+        for claim in claimed {
+            let waited = claim
+                .step
+                .ready_since
+                .map(|since| (claim.step.updated_at - since).num_milliseconds() as f64 / 1000.0);
+            self.metrics.claimed(&claim.step.handler, waited);
+        }
+    }
+
+    /// Counts an attempt that ended, with how long it ran (from its claim to `ended`).
+    fn note_attempt(
+        &self,
+        step: &tasker_store::StepRecord,
+        outcome: metrics::AttemptOutcome,
+        ended: chrono::DateTime<chrono::Utc>,
+    ) {
+        let seconds = step
+            .attempt_started_at
+            .map(|started| (ended - started).num_milliseconds() as f64 / 1000.0);
+        self.metrics.attempt(&step.handler, outcome, seconds);
+        if matches!(
+            outcome,
+            metrics::AttemptOutcome::Failed
+                | metrics::AttemptOutcome::TimedOut
+                | metrics::AttemptOutcome::LeaseExpired
+        ) && step.next_attempt_at.is_some()
+        {
+            self.metrics.retry(&step.handler);
+        }
     }
 
     /// The event log as it grows, shared by every subscription of this process.
@@ -228,6 +271,7 @@ impl Engine {
             if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
                 if !claimed.is_empty() {
                     self.timers.notify_one();
+                    self.note_claims(&claimed);
                 }
                 return Ok(claimed);
             }
@@ -246,6 +290,10 @@ impl Engine {
         if report.newly_ready > 0 {
             self.announce().await;
         }
+        for step in &report.completed {
+            let ended = step.completed_at.unwrap_or(step.updated_at);
+            self.note_attempt(step, metrics::AttemptOutcome::Completed, ended);
+        }
         self.tasks_finished(report.finished_tasks.len());
         Ok(report)
     }
@@ -256,6 +304,9 @@ impl Engine {
         if !released.is_empty() {
             self.announce().await;
         }
+        for step in &released {
+            self.note_attempt(step, metrics::AttemptOutcome::Released, step.updated_at);
+        }
         Ok(released)
     }
 
@@ -265,6 +316,11 @@ impl Engine {
         if report.newly_ready > 0 {
             self.announce().await;
         }
+        self.note_attempt(
+            &report.step,
+            metrics::AttemptOutcome::Failed,
+            report.step.updated_at,
+        );
         if report.step.next_attempt_at.is_some() {
             self.timers.notify_one();
         }
@@ -396,8 +452,19 @@ impl Engine {
                 }
             }
             match self.store.expire_leases().await {
-                Ok(expired) if expired > 0 => {
-                    tracing::info!(expired, "failed attempts whose lease expired");
+                Ok(expired) if !expired.is_empty() => {
+                    tracing::info!(
+                        expired = expired.len(),
+                        "failed attempts whose lease expired or that timed out"
+                    );
+                    for expiry in &expired {
+                        let outcome = if expiry.timed_out {
+                            metrics::AttemptOutcome::TimedOut
+                        } else {
+                            metrics::AttemptOutcome::LeaseExpired
+                        };
+                        self.note_attempt(&expiry.step, outcome, expiry.step.updated_at);
+                    }
                     self.work_available();
                 }
                 Ok(_) => {}

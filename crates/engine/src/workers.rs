@@ -85,7 +85,10 @@ impl Engine {
                     lease: config.lease,
                 };
                 match self.store.claim_steps(&request).await {
-                    Ok(steps) => claimed = steps,
+                    Ok(steps) => {
+                        self.note_claims(&steps);
+                        claimed = steps;
+                    }
                     Err(err) => {
                         crate::retried("the worker pool could not claim steps", &err);
                         tokio::select! {

@@ -133,6 +133,8 @@ pub mod workflow_step {
         pub lease_holder: Option<String>,
         pub lease_expires_ms: Option<i64>,
         pub version: i32,
+        /// When the step last became claimable, or will (its retry time), in epoch ms.
+        pub ready_since_ms: Option<i64>,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
         pub completed_at: Option<DateTimeUtc>,

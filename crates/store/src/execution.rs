@@ -85,6 +85,15 @@ pub struct FailureReport {
     pub finished_task: Option<TaskRecord>,
 }
 
+/// An attempt the lease sweep failed.
+#[derive(Debug, Clone)]
+pub struct Expiry {
+    /// The step after the failure (retrying, failed or skipped).
+    pub step: StepRecord,
+    /// It ran past its step's timeout; otherwise its lease ran out without a heartbeat.
+    pub timed_out: bool,
+}
+
 /// Inputs a worker needs besides the step itself.
 #[derive(Debug, Clone, Default)]
 pub struct StepInputs {
@@ -437,6 +446,7 @@ impl Store {
                         Expr::value(attempts_before),
                     )
                     .col_expr(workflow_step::Column::NextAttemptMs, Expr::value(retry_at))
+                    .col_expr(workflow_step::Column::ReadySinceMs, Expr::value(now_ms))
                     .col_expr(
                         workflow_step::Column::LeaseToken,
                         Expr::value(Option::<Uuid>::None),
@@ -489,8 +499,8 @@ impl Store {
     }
 
     /// Fails the attempts whose lease expired without a heartbeat, or that ran past their
-    /// step's timeout, as retryable failures. Returns how many it failed.
-    pub async fn expire_leases(&self) -> Result<usize> {
+    /// step's timeout, as retryable failures. Returns what each came to.
+    pub async fn expire_leases(&self) -> Result<Vec<Expiry>> {
         self.writing(async {
             let now_ms = self.now_ms();
             let txn = self.db.begin().await?;
@@ -504,7 +514,7 @@ impl Store {
                 .order_by_asc(workflow_step::Column::Id)
                 .all(&txn)
                 .await?;
-            let count = expired.len();
+            let mut expiries = Vec::with_capacity(expired.len());
             for step in expired {
                 let (message, cause) = match (step.deadline_ms, step.timeout_ms) {
                     (Some(deadline), Some(timeout)) if deadline < now_ms => (
@@ -517,15 +527,20 @@ impl Store {
                         EventName::StepLeaseExpired,
                     ),
                 };
-                self.record_failure(&txn, step, &message, true, None, Some(cause))
+                let report = self
+                    .record_failure(&txn, step, &message, true, None, Some(cause))
                     .await?;
+                expiries.push(Expiry {
+                    step: report.step,
+                    timed_out: cause == EventName::StepTimedOut,
+                });
             }
-            if count > 0 {
-                self.commit_events(txn).await?;
-            } else {
+            if expiries.is_empty() {
                 txn.commit().await?;
+            } else {
+                self.commit_events(txn).await?;
             }
-            Ok(count)
+            Ok(expiries)
         })
         .await
     }
@@ -622,6 +637,10 @@ impl Store {
             .col_expr(workflow_step::Column::State, Expr::value(to.as_str()))
             .col_expr(
                 workflow_step::Column::NextAttemptMs,
+                Expr::value(next_attempt_ms),
+            )
+            .col_expr(
+                workflow_step::Column::ReadySinceMs,
                 Expr::value(next_attempt_ms),
             )
             .col_expr(
@@ -726,7 +745,12 @@ fn truncate(message: &str) -> String {
 
 /// The readiness rule over `workflow_steps s JOIN tasks t`, narrowed to handlers (when given)
 /// and namespaces.
-fn push_ready_condition(sql: &mut Sql, now_ms: i64, handlers: &[String], within: &Within) {
+pub(crate) fn push_ready_condition(
+    sql: &mut Sql,
+    now_ms: i64,
+    handlers: &[String],
+    within: &Within,
+) {
     // Written so the planner seeks ix_steps_ready (state, pending_parents, handler) and then
     // joins the tasks; put as one OR, SQLite walked every unfinished task instead.
     sql.push("s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")

@@ -17,6 +17,7 @@ mod queries;
 mod records;
 mod sql;
 mod state_change;
+mod status;
 mod tasks;
 mod templates;
 #[cfg(feature = "testing")]
@@ -24,7 +25,7 @@ pub mod testing;
 
 pub use event_log::{EventCursor, EventFilter};
 pub use execution::{
-    AttemptFailure, ClaimRequest, ClaimedStep, Completion, CompletionReport, FailureReport,
+    AttemptFailure, ClaimRequest, ClaimedStep, Completion, CompletionReport, Expiry, FailureReport,
     StepInputs,
 };
 pub use health::Fault;
@@ -36,6 +37,7 @@ pub use records::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
     TaskTransitionRecord, TemplateRecord,
 };
+pub use status::{PoolStatus, READY_COUNT_CAP, StoreStatus};
 pub use tasks::{NewTask, TaskCreation};
 pub use templates::{Registration, RegistrationOutcome};
 

@@ -71,6 +71,8 @@ pub struct StepRecord {
     pub attempt_started_at: Option<DateTime<Utc>>,
     pub lease_holder: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// When it last became claimable (or will, at its retry time).
+    pub ready_since: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
@@ -211,6 +213,7 @@ impl TryFrom<workflow_step::Model> for StepRecord {
             attempt_started_at: model.attempt_started_ms.and_then(from_millis),
             lease_holder: model.lease_holder,
             lease_expires_at: model.lease_expires_ms.and_then(from_millis),
+            ready_since: model.ready_since_ms.and_then(from_millis),
             created_at: model.created_at,
             updated_at: model.updated_at,
             completed_at: model.completed_at,

@@ -124,6 +124,11 @@ pub(crate) async fn move_steps(
     update = match change.effect {
         StepEffect::Reset => update
             .col_expr(workflow_step::Column::Attempts, Expr::value(0))
+            // Claimable from now when nothing holds it back (else when its parents are done).
+            .col_expr(
+                workflow_step::Column::ReadySinceMs,
+                Expr::value(now.timestamp_millis()),
+            )
             .col_expr(
                 workflow_step::Column::LastError,
                 Expr::value(Option::<String>::None),

@@ -1,0 +1,165 @@
+//! What the API adds to the server's metrics: every query and mutation counted by type, root
+//! field and outcome with its latency, and open WebSocket connections and subscriptions.
+
+use async_graphql::extensions::{
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest,
+};
+use async_graphql::parser::types::{
+    DocumentOperations, ExecutableDocument, OperationType, Selection,
+};
+use async_graphql::{Response, ServerResult, Variables};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tasker_engine::Engine;
+
+/// Counts operations into the engine's metrics.
+pub(crate) struct OperationMetrics(pub(crate) Arc<Engine>);
+
+impl ExtensionFactory for OperationMetrics {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(OperationMetricsExtension {
+            engine: self.0.clone(),
+            parsed: Mutex::default(),
+            executed: Mutex::default(),
+        })
+    }
+}
+
+struct OperationMetricsExtension {
+    engine: Arc<Engine>,
+    /// Each operation of the document: its name, type and first root field.
+    parsed: Mutex<Vec<(Option<String>, &'static str, String)>>,
+    /// The operation that ran (only operations that passed validation are named, so the
+    /// labels stay within the schema's fields).
+    executed: Mutex<Option<(&'static str, String)>>,
+}
+
+fn kind(ty: OperationType) -> &'static str {
+    match ty {
+        OperationType::Query => "query",
+        OperationType::Mutation => "mutation",
+        OperationType::Subscription => "subscription",
+    }
+}
+
+/// The first field an operation selects at its root (`fragment` when it starts with one).
+fn root_field(selections: &[async_graphql::Positioned<Selection>]) -> String {
+    match selections.first().map(|selection| &selection.node) {
+        Some(Selection::Field(field)) => field.node.name.node.to_string(),
+        Some(_) => "fragment".to_owned(),
+        None => "none".to_owned(),
+    }
+}
+
+fn summary(document: &ExecutableDocument) -> Vec<(Option<String>, &'static str, String)> {
+    match &document.operations {
+        DocumentOperations::Single(operation) => vec![(
+            None,
+            kind(operation.node.ty),
+            root_field(&operation.node.selection_set.node.items),
+        )],
+        DocumentOperations::Multiple(operations) => operations
+            .iter()
+            .map(|(name, operation)| {
+                (
+                    Some(name.to_string()),
+                    kind(operation.node.ty),
+                    root_field(&operation.node.selection_set.node.items),
+                )
+            })
+            .collect(),
+    }
+}
+
+#[async_graphql::async_trait::async_trait]
+impl Extension for OperationMetricsExtension {
+    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
+        let started = Instant::now();
+        let response = next.run(ctx).await;
+        let seconds = started.elapsed().as_secs_f64();
+        let (kind, field) = self
+            .executed
+            .lock()
+            .ok()
+            .and_then(|executed| executed.clone())
+            .unwrap_or(("invalid", "none".to_owned()));
+        if kind == "subscription" {
+            // Counted as they run (tasker_subscriptions), not as requests.
+            return response;
+        }
+        let outcome = match response.errors.first() {
+            None => "ok".to_owned(),
+            Some(error) => error
+                .extensions
+                .as_ref()
+                .and_then(|extensions| extensions.get("code"))
+                .and_then(|code| match code {
+                    async_graphql::Value::String(code) => Some(code.clone()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "error".to_owned()),
+        };
+        let metrics = self.engine.metrics();
+        let labels = [("type", kind.to_owned()), ("operation", field)];
+        metrics
+            .histogram("tasker_graphql_operation_duration_seconds", &labels)
+            .record(seconds);
+        let [kind, field] = labels;
+        metrics
+            .counter(
+                "tasker_graphql_operations_total",
+                &[kind, field, ("outcome", outcome)],
+            )
+            .increment(1);
+        response
+    }
+
+    async fn parse_query(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        query: &str,
+        variables: &Variables,
+        next: NextParseQuery<'_>,
+    ) -> ServerResult<ExecutableDocument> {
+        let document = next.run(ctx, query, variables).await?;
+        if let Ok(mut parsed) = self.parsed.lock() {
+            *parsed = summary(&document);
+        }
+        Ok(document)
+    }
+
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
+        let chosen = self.parsed.lock().ok().and_then(|parsed| {
+            parsed
+                .iter()
+                .find(|(name, _, _)| operation_name.is_none() || name.as_deref() == operation_name)
+                .map(|(_, kind, field)| (*kind, field.clone()))
+        });
+        if let Ok(mut executed) = self.executed.lock() {
+            *executed = chosen;
+        }
+        next.run(ctx, operation_name).await
+    }
+}
+
+/// Counts one open thing (a WebSocket connection, a subscription) while it lives.
+pub(crate) struct Open(metrics::Gauge);
+
+impl Open {
+    pub(crate) fn new(engine: &Engine, gauge: &'static str) -> Open {
+        let gauge = engine.metrics().gauge(gauge, &[]);
+        gauge.increment(1.0);
+        Open(gauge)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}

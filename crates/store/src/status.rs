@@ -1,0 +1,127 @@
+//! What an operator reads about the whole database at once: tasks and steps by namespace and
+//! state (one grouped query each), the ready queue's depth and oldest age, the event log's
+//! head, and the connection pool. `/health/status` and `/metrics` both read it.
+
+use crate::execution::push_ready_condition;
+use crate::sql::Sql;
+use crate::{Result, Store};
+use sea_orm::{DbBackend, FromQueryResult};
+use tasker_domain::Within;
+
+/// The database as an operator sees it, within a scope.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStatus {
+    /// (namespace, state, count) for every pair that has tasks.
+    pub tasks: Vec<(String, String, u64)>,
+    /// (namespace, state, count) for every pair that has steps.
+    pub steps: Vec<(String, String, u64)>,
+    /// Steps claimable now, counted up to [`READY_COUNT_CAP`].
+    pub ready_steps: u64,
+    /// How long the longest-waiting claimable step has been claimable, in milliseconds.
+    pub oldest_ready_ms: Option<i64>,
+    /// The event log's newest position (its sequence on PostgreSQL).
+    pub event_head: Option<i64>,
+}
+
+/// How far the ready queue is counted: past this, "very deep" is all an operator needs.
+pub const READY_COUNT_CAP: u32 = 100_000;
+
+/// The connection pool now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub in_use: u32,
+    pub idle: u32,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct Grouped {
+    namespace: String,
+    state: String,
+    count: i64,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct Oldest {
+    since: Option<i64>,
+}
+
+impl Store {
+    /// Tasks and steps by namespace and state, the ready queue and the log's head, within
+    /// `within`.
+    pub async fn status(&self, within: &Within) -> Result<StoreStatus> {
+        let backend = self.db.get_database_backend();
+        let scope = |sql: &mut Sql| {
+            if let Within::Only(namespaces) = within {
+                sql.push(" WHERE t.namespace IN ")
+                    .bind_list(namespaces.iter().cloned());
+            }
+        };
+        let mut tasks = Sql::new(backend);
+        tasks.push(
+            "SELECT t.namespace AS namespace, t.state AS state, COUNT(*) AS count FROM tasks t",
+        );
+        scope(&mut tasks);
+        tasks.push(" GROUP BY t.namespace, t.state");
+        let mut steps = Sql::new(backend);
+        steps.push("SELECT t.namespace AS namespace, s.state AS state, COUNT(*) AS count FROM workflow_steps s JOIN tasks t ON t.id = s.task_id");
+        scope(&mut steps);
+        steps.push(" GROUP BY t.namespace, s.state");
+        let now_ms = self.now_ms();
+        let mut oldest = Sql::new(backend);
+        oldest.push("SELECT MIN(s.ready_since_ms) AS since FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
+        push_ready_condition(&mut oldest, now_ms, &[], within);
+        let grouped = |rows: Vec<Grouped>| {
+            rows.into_iter()
+                .map(|row| {
+                    (
+                        row.namespace,
+                        row.state,
+                        u64::try_from(row.count).unwrap_or(0),
+                    )
+                })
+                .collect()
+        };
+        let tasks = grouped(
+            Grouped::find_by_statement(tasks.build())
+                .all(&self.db)
+                .await?,
+        );
+        let steps = grouped(
+            Grouped::find_by_statement(steps.build())
+                .all(&self.db)
+                .await?,
+        );
+        let since = Oldest::find_by_statement(oldest.build())
+            .one(&self.db)
+            .await?
+            .and_then(|row| row.since);
+        let ready_steps = self.count_ready_steps(&[], within, READY_COUNT_CAP).await?;
+        let event_head = self.event_head().await?.map(|cursor| cursor.0);
+        Ok(StoreStatus {
+            tasks,
+            steps,
+            ready_steps,
+            oldest_ready_ms: since.map(|since| (now_ms - since).max(0)),
+            event_head,
+        })
+    }
+
+    /// The connection pool: connections handed out and connections waiting to be.
+    pub fn pool_status(&self) -> PoolStatus {
+        let (size, idle) = match self.db.get_database_backend() {
+            DbBackend::Postgres => {
+                let pool = self.db.get_postgres_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+            _ => {
+                let pool = self.db.get_sqlite_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+        };
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX);
+        PoolStatus {
+            in_use: size.saturating_sub(idle),
+            idle,
+        }
+    }
+}

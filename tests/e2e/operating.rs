@@ -1,0 +1,235 @@
+//! What an operator reads: `/metrics` after a run (families, values, bounded labels,
+//! `promtool check metrics`, its permission) and `/health/status` (grouped counts, the ready
+//! queue's age and the threshold that makes the server unhealthy).
+
+use crate::auth::token;
+use crate::support::TestServer;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tasker_client::{Client, NewTask, TaskState};
+use tasker_store::testing::TestDatabase;
+
+const FLAKY: &str = "namespace: ops\nname: flaky\nversion: 1.0.0\nsteps:\n  - {name: first, handler: noop, config: {fail_attempts: 1}, retry: {max_attempts: 2, backoff: {base: 0.01, jitter: 0}}}\n  - {name: second, handler: noop, depends_on: [first]}\n";
+
+/// The samples of a Prometheus text exposition, by `name{labels}`.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `promtool check metrics` on `text`, where promtool is installed (required in CI).
+fn promtool_check(text: &str) {
+    use std::io::Write as _;
+    let promtool = std::env::var("TASKER_TEST_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let child = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(err) => {
+            assert!(
+                std::env::var("TASKER_TEST_REQUIRE_PROMTOOL").is_err(),
+                "TASKER_TEST_REQUIRE_PROMTOOL is set but {promtool} cannot run: {err}"
+            );
+            eprintln!("skipped promtool: {err} (apt-get install prometheus)");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "promtool: {said}\n{text}");
+    assert!(said.trim().is_empty(), "promtool lints: {said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_what_the_server_did_with_bounded_labels_and_pass_promtool() {
+    let db = TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await;
+    let server = crate::cli::secured_running(db).await;
+    let client = Client::new(&server.url(""))
+        .unwrap()
+        .with_token(token(&["*"], &["*"]));
+    client.register_template(FLAKY, false).await.unwrap();
+    let created = client
+        .create_task(&NewTask::new("ops", "flaky"))
+        .await
+        .unwrap();
+    let mut updates = client.follow_task(&created.task.id, None);
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(update) = updates.next().await {
+            let update = update.unwrap();
+            if update.last {
+                return update.task;
+            }
+        }
+        panic!("the stream ended first");
+    })
+    .await
+    .unwrap();
+    assert_eq!(ended.state, TaskState::Complete);
+    let refused = client
+        .create_task(&NewTask::new("ops", "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("NOT_FOUND"));
+
+    let scrape = |token: Option<String>| {
+        let mut request = server.http().get(server.url("/metrics"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let kind = response
+                .headers()
+                .get("content-type")
+                .map(|value| value.to_str().unwrap().to_owned());
+            (status, kind, response.text().await.unwrap())
+        }
+    };
+    let (status, kind, text) = scrape(Some(token(&["tasker.metrics:index"], &["*"]))).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(kind.unwrap().starts_with("text/plain; version=0.0.4"));
+    let values = samples(&text);
+    let value = |key: &str| {
+        *values
+            .get(key)
+            .unwrap_or_else(|| panic!("no sample {key} in:\n{text}"))
+    };
+    for (key, expected) in [
+        (
+            r#"tasker_step_attempts_total{handler="noop",outcome="failed"}"#,
+            1.0,
+        ),
+        (
+            r#"tasker_step_attempts_total{handler="noop",outcome="completed"}"#,
+            2.0,
+        ),
+        (r#"tasker_step_retries_total{handler="noop"}"#, 1.0),
+        (r#"tasker_steps_claimed_total{handler="noop"}"#, 3.0),
+        (
+            r#"tasker_step_claim_wait_seconds_count{handler="noop"}"#,
+            3.0,
+        ),
+        (
+            r#"tasker_step_attempt_duration_seconds_count{handler="noop",outcome="completed"}"#,
+            2.0,
+        ),
+        (r#"tasker_tasks{namespace="ops",state="complete"}"#, 1.0),
+        (r#"tasker_steps{namespace="ops",state="complete"}"#, 2.0),
+        (
+            r#"tasker_graphql_operations_total{type="mutation",operation="createTask",outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"tasker_graphql_operations_total{type="mutation",operation="createTask",outcome="NOT_FOUND"}"#,
+            1.0,
+        ),
+        (
+            r#"tasker_graphql_operations_total{type="mutation",operation="registerTemplate",outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"tasker_graphql_operation_duration_seconds_count{type="mutation",operation="createTask"}"#,
+            2.0,
+        ),
+        ("tasker_ready_steps", 0.0),
+        ("tasker_oldest_ready_step_age_seconds", 0.0),
+        (r#"tasker_build_info{version="0.1.0"}"#, 1.0),
+    ] {
+        assert_eq!(value(key), expected, "{key}");
+    }
+    assert!(value("tasker_event_log_head") > 10.0);
+    // The pool holds its connection, in use or idle depending on the moment.
+    assert!(
+        value(r#"tasker_db_connections{state="in_use"}"#)
+            + value(r#"tasker_db_connections{state="idle"}"#)
+            >= 1.0
+    );
+    assert!(value("tasker_start_time_seconds") > 1.7e9);
+    // The subscription above has ended; the WebSocket it used has closed.
+    assert_eq!(value("tasker_subscriptions"), 0.0);
+    // Labels never carry ids.
+    assert!(!text.contains(&created.task.id), "{text}");
+    promtool_check(&text);
+
+    // Without a token, without the permission, or kept to some namespaces: refused.
+    assert_eq!(scrape(None).await.0, 401);
+    let (status, _, body) = scrape(Some(token(&["tasker.task:*"], &["*"]))).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, _, body) = scrape(Some(token(&["tasker.metrics:index"], &["ops"]))).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("all namespaces"), "{body}");
+}
+
+#[tokio::test]
+async fn health_status_groups_the_counts_and_turns_unhealthy_when_work_waits_too_long() {
+    let clock = Arc::new(tasker_domain::ManualClock::new(chrono::Utc::now()));
+    for db in TestDatabase::all(clock.clone()).await {
+        let backend = db.backend();
+        let server = TestServer::start(db).await;
+        server
+            .register("namespace: ops\nname: waits\nversion: 1.0.0\nsteps:\n  - {name: outside, handler: ext.nobody}\n")
+            .await;
+        server
+            .create_task(json!({ "namespace": "ops", "template": "waits" }))
+            .await;
+        let status = || async {
+            let response = server
+                .http()
+                .get(server.url("/health/status"))
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
+        };
+        let (code, body) = status().await;
+        assert_eq!(code, 200, "{backend}: {body}");
+        assert_eq!(body["status"], "ok");
+        assert_eq!(body["tasks"]["pending"], 1);
+        assert_eq!(body["tasks"]["complete"], 0, "every state is listed");
+        assert_eq!(body["tasks_by_namespace"]["ops"]["pending"], 1);
+        assert_eq!(body["ready_steps"], 1);
+        assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+        assert!(body["replica_id"].as_str().unwrap().contains('-'));
+        assert!(body["pool"]["in_use"].as_u64().is_some(), "{body}");
+
+        // Nobody claims `ext.nobody`: past the threshold (300 s by default) it is unhealthy.
+        clock.advance(chrono::Duration::seconds(301));
+        let (code, body) = status().await;
+        assert_eq!(code, 503, "{backend}: {body}");
+        assert_eq!(body["status"], "unhealthy");
+        assert!(body["oldest_ready_seconds"].as_f64().unwrap() >= 301.0);
+        assert!(
+            body["problems"][0]
+                .as_str()
+                .unwrap()
+                .contains("has waited 301 s to be claimed"),
+            "{body}"
+        );
+    }
+}
