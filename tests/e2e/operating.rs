@@ -233,3 +233,102 @@ async fn health_status_groups_the_counts_and_turns_unhealthy_when_work_waits_too
         );
     }
 }
+
+#[tokio::test]
+async fn log_lines_carry_the_request_id_and_the_task_step_and_correlation_of_their_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, address, logs) = crate::binary::start_with(
+        dir.path(),
+        &[
+            "--jwt-secret",
+            crate::auth::SECRET,
+            "--jwt-issuer",
+            crate::auth::ISSUER,
+            "--jwt-audience",
+            crate::auth::AUDIENCE,
+        ],
+    );
+    let client = crate::support::http_client();
+    let url = format!("http://{address}/graphql");
+    // A caller's own id comes back, and names the request's log lines.
+    let refused = client
+        .post(&url)
+        .header("x-request-id", "e2e-request-7")
+        .bearer_auth("not-a-token")
+        .json(&json!({ "query": "{ eventHead }" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["x-request-id"], "e2e-request-7");
+    // Without one (or with one that is not printable ASCII), the server makes one up.
+    for given in [None, Some("bad id with spaces")] {
+        let mut request = client.post(&url).json(&json!({ "query": "{ eventHead }" }));
+        if let Some(given) = given {
+            request = request.header("x-request-id", given);
+        }
+        let answer = request.send().await.unwrap();
+        let id = answer.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    }
+    // Work in the engine: an http step the outbound policy refuses logs a warning.
+    let admin = token(&["*"], &["*"]);
+    let graphql = |query: &str, variables: Value| {
+        client
+            .post(&url)
+            .bearer_auth(&admin)
+            .json(&json!({ "query": query, "variables": variables }))
+            .send()
+    };
+    graphql(
+        "mutation($d: String!) { registerTemplate(input: { definition: $d }) { result } }",
+        json!({ "d": "namespace: ops\nname: call\nversion: 1.0.0\nsteps:\n  - {name: ping, handler: http, config: {url: \"http://127.0.0.1:9/ping\"}, retry: {max_attempts: 1}}\n" }),
+    )
+    .await
+    .unwrap();
+    let created: Value = graphql(
+        "mutation { createTask(input: { namespace: \"ops\", template: \"call\", correlationId: \"corr-42\" }) { task { id steps { id } } } }",
+        json!({}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let task = &created["data"]["createTask"]["task"];
+    let (mut request_line, mut step_line) = (None, None);
+    while request_line.is_none() || step_line.is_none() {
+        let line = logs
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server logs both lines");
+        let entry: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        match entry["fields"]["message"].as_str() {
+            Some("refused a request without valid credentials") => {
+                // Each refused request has its line, with its own id.
+                let id = entry["span"]["request_id"].as_str().unwrap().to_owned();
+                if id == "e2e-request-7" {
+                    request_line = Some(entry);
+                } else {
+                    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{entry}");
+                }
+            }
+            Some("http step refused by the outbound policy") => step_line = Some(entry),
+            _ => {}
+        }
+    }
+    let request_line = request_line.unwrap();
+    assert_eq!(
+        request_line["span"]["request_id"], "e2e-request-7",
+        "{request_line}"
+    );
+    assert_eq!(request_line["span"]["path"], "/graphql");
+    let step_line = step_line.unwrap();
+    assert_eq!(step_line["span"]["task_id"], task["id"], "{step_line}");
+    assert_eq!(step_line["span"]["step_id"], task["steps"][0]["id"]);
+    assert_eq!(step_line["span"]["correlation_id"], "corr-42");
+    assert_eq!(step_line["span"]["step"], "ping");
+    assert!(crate::binary::terminate(&mut child).success());
+}

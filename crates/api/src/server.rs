@@ -125,8 +125,47 @@ pub fn router(
                 "internal error",
             )
         }))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // Outermost: even a refused request has its id, in the log and the response.
+        .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
+}
+
+/// The header that names a request in the logs.
+const REQUEST_ID: &str = "x-request-id";
+
+/// `X-Request-Id`: the caller's own (1 to 128 visible ASCII characters), or a new UUID. It
+/// is returned on the response and carried by every log line of the request.
+async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let given = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned);
+    let id = given.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let Ok(value) = HeaderValue::from_str(&id) else {
+        return next.run(request).await;
+    };
+    request.headers_mut().insert(REQUEST_ID, value.clone());
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(REQUEST_ID, value);
+    response
+}
+
+/// The span of one request: every log line inside it carries these fields.
+fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %request.method(),
+        path = %request.uri().path(),
+    )
 }
 
 /// Serves until `shutdown` resolves, then lets requests in flight finish.
@@ -514,6 +553,8 @@ async fn websocket(
     let auth = state.auth.clone();
     let quotas = state.quotas.clone();
     let open = state.services.open("tasker_websocket_connections");
+    // The connection's lines carry the upgrade request's id.
+    let span = tracing::Span::current();
     upgrade
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
         // Clients send small messages. tungstenite zero-fills its whole read buffer before
@@ -522,26 +563,29 @@ async fn websocket(
         .read_buffer_size(WS_READ_BUFFER_BYTES)
         .max_message_size(state.limits.max_body_bytes)
         .max_frame_size(state.limits.max_body_bytes)
-        .on_upgrade(move |socket| async move {
-            let _open = open;
-            GraphQLWebSocket::new(socket, schema, protocol)
-                .on_connection_init(move |payload| async move {
-                    let token = init_token(&payload).or(header_token);
-                    let principal = auth.principal(token.as_deref()).map_err(|err| {
-                        tracing::warn!(reason = %err, "refused a WebSocket without valid credentials");
-                        async_graphql::Error::new(err.to_string())
-                    })?;
-                    // Held in the connection's data: released when the connection closes.
-                    let held = quotas
-                        .connect(principal.key)
-                        .map_err(|err| async_graphql::Error::new(err.to_string()))?;
-                    let mut data = async_graphql::Data::default();
-                    data.insert(principal);
-                    data.insert(held);
-                    Ok(data)
-                })
-                .serve()
-                .await
+        .on_upgrade(move |socket| {
+            let connection = async move {
+                let _open = open;
+                GraphQLWebSocket::new(socket, schema, protocol)
+                    .on_connection_init(move |payload| async move {
+                        let token = init_token(&payload).or(header_token);
+                        let principal = auth.principal(token.as_deref()).map_err(|err| {
+                            tracing::warn!(reason = %err, "refused a WebSocket without valid credentials");
+                            async_graphql::Error::new(err.to_string())
+                        })?;
+                        // Held in the connection's data: released when the connection closes.
+                        let held = quotas
+                            .connect(principal.key)
+                            .map_err(|err| async_graphql::Error::new(err.to_string()))?;
+                        let mut data = async_graphql::Data::default();
+                        data.insert(principal);
+                        data.insert(held);
+                        Ok(data)
+                    })
+                    .serve()
+                    .await
+            };
+            tracing::Instrument::instrument(connection, span)
         })
 }
 

@@ -168,11 +168,22 @@ impl Engine {
             let input = inputs.remove(&claimed.step.id).unwrap_or_default();
             let caller = caller.clone();
             let done = done.clone();
-            tokio::spawn(async move {
+            // Every line the request logs says which task, step and request chain it serves.
+            let span = tracing::info_span!(
+                "step",
+                task_id = %claimed.step.task_id,
+                step_id = %claimed.step.id,
+                step = %claimed.step.name,
+                handler = %claimed.step.handler,
+                attempt = claimed.step.attempts,
+                correlation_id = %input.correlation_id,
+            );
+            let work = async move {
                 let outcome = caller.run(&claimed, &input, max_request).await;
                 // The pool stopped: the lease will expire and the step run again.
                 let _ = done.send((claimed.lease_token, outcome));
-            });
+            };
+            tokio::spawn(tracing::Instrument::instrument(work, span));
         }
         steps.len()
     }

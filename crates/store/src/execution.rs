@@ -100,6 +100,8 @@ pub struct StepInputs {
     pub context: Value,
     pub namespace: String,
     pub template: String,
+    /// The task's correlation id, for the logs of the work.
+    pub correlation_id: String,
     /// Results of the parent steps, by step name.
     pub parent_results: serde_json::Map<String, Value>,
 }
@@ -588,6 +590,7 @@ impl Store {
                         context: task.map(|t| t.context.clone()).unwrap_or(Value::Null),
                         namespace: task.map(|t| t.namespace.clone()).unwrap_or_default(),
                         template: task.map(|t| t.template_name.clone()).unwrap_or_default(),
+                        correlation_id: task.map(|t| t.correlation_id.clone()).unwrap_or_default(),
                         parent_results: serde_json::Map::new(),
                     },
                 )
