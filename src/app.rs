@@ -87,6 +87,7 @@ impl App {
                 concurrency: settings.workers,
                 lease: settings.worker_lease,
                 outbound,
+                drain_grace: settings.drain_grace,
                 ..WorkerPoolConfig::default()
             };
             background.push(tokio::spawn(
@@ -139,11 +140,22 @@ impl App {
             listener,
             router,
             store,
+            engine,
             stop,
             background,
             ..
         } = self;
-        tasker_api::serve(listener, router, shutdown).await?;
+        // Told to stop, the server first drains: it claims nothing more, parked claims answer
+        // empty and subscriptions complete (their clients resume elsewhere), readiness fails;
+        // then it stops accepting, finishes the requests in flight, and the pool gets its
+        // grace for the steps it runs.
+        let draining = engine.clone();
+        let drained = async move {
+            shutdown.await;
+            tracing::info!("draining: no more claims; subscriptions complete");
+            draining.drain();
+        };
+        tasker_api::serve(listener, router, drained).await?;
         stop_background(stop, background, store).await
     }
 

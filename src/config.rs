@@ -59,6 +59,11 @@ pub struct Cli {
     #[arg(long, env = "TASKER_WORKER_LEASE_SECONDS", global = true)]
     pub worker_lease_seconds: Option<u64>,
 
+    /// On SIGTERM, how long `http` steps in flight may take to finish before their leases are
+    /// given back, in seconds (default 10).
+    #[arg(long, env = "TASKER_DRAIN_SECONDS", global = true)]
+    pub drain_seconds: Option<u64>,
+
     /// Log format.
     #[arg(long, env = "TASKER_LOG_FORMAT", global = true, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -260,6 +265,7 @@ struct FileSettings {
     demo: Option<bool>,
     workers: Option<usize>,
     worker_lease_seconds: Option<u64>,
+    drain_seconds: Option<u64>,
     log_format: Option<LogFormat>,
     db_max_connections: Option<u32>,
     max_body_bytes: Option<usize>,
@@ -304,6 +310,8 @@ pub struct Settings {
     /// Steps of built-in handlers at once; 0 turns the embedded pool off.
     pub workers: usize,
     pub worker_lease: Duration,
+    /// How long steps in flight may take to finish when the server drains.
+    pub drain_grace: Duration,
     pub log_format: LogFormat,
     pub db_max_connections: u32,
     pub http: tasker_api::HttpLimits,
@@ -328,6 +336,7 @@ impl Default for Settings {
             demo: false,
             workers: pool.concurrency,
             worker_lease: pool.lease,
+            drain_grace: pool.drain_grace,
             log_format: LogFormat::default(),
             db_max_connections: tasker_store::StoreOptions::new("").max_connections,
             http: tasker_api::HttpLimits::default(),
@@ -431,6 +440,10 @@ impl Settings {
                 .map_or(defaults.worker_lease, |seconds| {
                     Duration::from_secs(seconds.max(1))
                 }),
+            drain_grace: cli
+                .drain_seconds
+                .or(file.drain_seconds)
+                .map_or(defaults.drain_grace, Duration::from_secs),
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
             db_max_connections: cli
                 .db_max_connections

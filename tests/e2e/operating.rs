@@ -332,3 +332,213 @@ async fn log_lines_carry_the_request_id_and_the_task_step_and_correlation_of_the
     assert_eq!(step_line["span"]["step"], "ping");
     assert!(crate::binary::terminate(&mut child).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_ends_long_polls_and_subscriptions_cleanly_and_its_subscriber_resumes_on_another()
+ {
+    use crate::websocket::{connect_to, receive, send};
+    let clock = Arc::new(tasker_domain::SystemClock);
+    for db in TestDatabase::all(clock.clone()).await {
+        let backend = db.backend();
+        let options = db.options.clone();
+        let survivor = TestServer::start(db).await;
+        // A second replica on the same database, with its own connection.
+        let store = tasker_store::Store::connect(&options, clock.clone())
+            .await
+            .unwrap();
+        let replica = tasker::App::build_on(&TestServer::settings(), store)
+            .await
+            .unwrap();
+        let (address, engine) = (replica.address(), replica.engine().clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(replica.serve(async move {
+            let _ = stopped.await;
+        }));
+        survivor.register(crate::dashboard::WORK).await;
+        let head = survivor.data("{ eventHead }", json!({})).await["eventHead"].clone();
+
+        // On the replica: a subscriber to the log, and a worker parked in a long poll.
+        let mut socket = connect_to(address, "graphql-transport-ws").await;
+        send(&mut socket, json!({ "type": "connection_init" })).await;
+        assert_eq!(receive(&mut socket).await["type"], "connection_ack");
+        let subscription = "subscription($after: String) { events(after: $after) { cursor name } }";
+        send(
+            &mut socket,
+            json!({ "type": "subscribe", "id": "log", "payload": {
+                "query": subscription, "variables": { "after": head } } }),
+        )
+        .await;
+        let poll = tokio::spawn(
+            crate::support::http_client()
+                .post(format!("http://{address}/graphql"))
+                .json(&json!({ "query": "mutation { claimSteps(input: { workerId: \"parked\", handlers: [\"ext.none\"], waitSeconds: 30 }) { leases { stepId } } }" }))
+                .send(),
+        );
+        while engine.work_listeners() == 0 {
+            tokio::task::yield_now().await;
+        }
+        survivor
+            .create_task(json!({ "namespace": "ui", "template": "diamond" }))
+            .await;
+        let mut received: Vec<String> = Vec::new();
+        for _ in 0..3 {
+            let message = receive(&mut socket).await;
+            assert_eq!(message["type"], "next", "{backend}: {message}");
+            received.push(
+                message["payload"]["data"]["events"]["cursor"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+
+        // The replica is told to stop: it drains.
+        stop.send(()).unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), poll)
+            .await
+            .expect("the long poll answers at once, not after its 30 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        let answer: Value = answer.json().await.unwrap();
+        assert_eq!(
+            answer["data"]["claimSteps"]["leases"],
+            json!([]),
+            "{backend}: {answer}"
+        );
+        // The subscriber sees the rest of what was committed, then a clean `complete`.
+        loop {
+            let message = receive(&mut socket).await;
+            match message["type"].as_str() {
+                Some("next") => received.push(
+                    message["payload"]["data"]["events"]["cursor"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
+                ),
+                Some("complete") => {
+                    assert_eq!(message["id"], "log");
+                    break;
+                }
+                other => panic!("{backend}: unexpected {other:?}: {message}"),
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(30), serving)
+            .await
+            .expect("the replica stops within its grace")
+            .unwrap()
+            .unwrap();
+
+        // Work goes on elsewhere; the subscriber resumes on the survivor from its cursor.
+        survivor
+            .create_task(json!({ "namespace": "ui", "template": "diamond" }))
+            .await;
+        let log: Vec<String> = survivor
+            .data(
+                "query($after: String) { events(first: 500, after: $after) { edges { cursor } } }",
+                json!({ "after": head }),
+            )
+            .await["events"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|edge| edge["cursor"].as_str().unwrap().to_owned())
+            .collect();
+        let mut socket = connect_to(survivor.address, "graphql-transport-ws").await;
+        send(&mut socket, json!({ "type": "connection_init" })).await;
+        assert_eq!(receive(&mut socket).await["type"], "connection_ack");
+        send(
+            &mut socket,
+            json!({ "type": "subscribe", "id": "log", "payload": {
+                "query": subscription, "variables": { "after": received.last() } } }),
+        )
+        .await;
+        while received.len() < log.len() {
+            let message = receive(&mut socket).await;
+            assert_eq!(message["type"], "next", "{backend}: {message}");
+            received.push(
+                message["payload"]["data"]["events"]["cursor"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        assert_eq!(received, log, "{backend}: every event once, in order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_pool_gives_back_the_http_steps_that_do_not_finish_within_its_grace() {
+    // A service that takes the request and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = listener.local_addr().unwrap();
+    let (arrived, mut arrival) = tokio::sync::mpsc::unbounded_channel::<()>();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            let _ = arrived.send(());
+            held.push(socket);
+        }
+    });
+    let db = TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await;
+    let settings = tasker::config::Settings {
+        workers: 4,
+        outbound: tasker_engine::OutboundPolicy::allowing(&["127.0.0.1"]).unwrap(),
+        drain_grace: Duration::from_millis(300),
+        ..TestServer::settings()
+    };
+    let app = tasker::App::build_on(&settings, db.store.clone())
+        .await
+        .unwrap();
+    let address = app.address();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(app.serve(async move {
+        let _ = stopped.await;
+    }));
+    let client = crate::support::http_client();
+    let graphql = |query: String| {
+        client
+            .post(format!("http://{address}/graphql"))
+            .json(&json!({ "query": query }))
+            .send()
+    };
+    graphql(format!(
+        "mutation {{ registerTemplate(input: {{ definition: {:?} }}) {{ result }} }}",
+        format!("namespace: ops\nname: slow\nversion: 1.0.0\nsteps:\n  - {{name: call, handler: http, config: {{url: \"http://{service}/\"}}}}\n")
+    ))
+    .await
+    .unwrap();
+    let created: Value = graphql(
+        "mutation { createTask(input: { namespace: \"ops\", template: \"slow\" }) { task { id } } }"
+            .to_owned(),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let task_id: uuid::Uuid = created["data"]["createTask"]["task"]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), arrival.recv())
+        .await
+        .expect("the step's request reaches the service");
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .expect("the server stops after its grace")
+        .unwrap()
+        .unwrap();
+    // The step was given back: pending, its attempt not counted, `step.released` in the log.
+    let store = tasker_store::Store::connect(&db.options, Arc::new(tasker_domain::SystemClock))
+        .await
+        .unwrap();
+    let steps = store.steps_for_tasks(&[task_id]).await.unwrap();
+    assert_eq!(steps[0].state, tasker_domain::StepState::Pending);
+    assert_eq!(steps[0].attempts, 0);
+    let events = store.events_for_tasks(&[task_id]).await.unwrap();
+    assert!(events.iter().any(|event| event.name == "step.released"));
+}

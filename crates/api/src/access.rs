@@ -44,6 +44,11 @@ impl Services {
         crate::telemetry::OperationMetrics(self.engine.clone())
     }
 
+    /// Whether the server is draining (readiness then fails).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.engine.is_draining()
+    }
+
     /// Counts one open connection or subscription in `gauge` while the guard lives.
     pub(crate) fn open(&self, gauge: &'static str) -> crate::telemetry::Open {
         crate::telemetry::Open::new(&self.engine, gauge)
@@ -959,13 +964,16 @@ where
         ctx.data_unchecked::<Services>()
             .open("tasker_subscriptions"),
     );
-    let state = (Box::pin(stream), false, held);
+    // A draining server completes its subscriptions: clients resume from their cursor on
+    // another replica.
+    let draining = ctx.data_unchecked::<Services>().engine.draining();
+    let state = (Box::pin(stream), false, held, draining);
     Ok(futures::stream::unfold(
         state,
-        move |(mut stream, ended, held)| {
+        move |(mut stream, ended, held, mut draining)| {
             let clock = clock.clone();
             async move {
-                if ended {
+                if ended || *draining.borrow_and_update() {
                     return None;
                 }
                 let expired = || deadline.is_some_and(|deadline| clock.now() >= deadline);
@@ -983,16 +991,17 @@ where
                     tokio::select! {
                         item = stream.next() => {
                             return match item {
-                                Some(_) if expired() => Some((closing(), (stream, true, held))),
-                                Some(item) => Some((Ok(item), (stream, false, held))),
+                                Some(_) if expired() => Some((closing(), (stream, true, held, draining))),
+                                Some(item) => Some((Ok(item), (stream, false, held, draining))),
                                 None => None,
                             };
                         }
                         _ = tokio::time::sleep(wait) => {
                             if expired() {
-                                return Some((closing(), (stream, true, held)));
+                                return Some((closing(), (stream, true, held, draining)));
                             }
                         }
+                        _ = draining.changed() => return None,
                     }
                 }
             }

@@ -724,6 +724,17 @@ const READY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// probe write tells whether they work again, so the server recovers with no client writing).
 async fn ready(State(state): State<AppState>) -> Response {
     let database = state.store.backend_name();
+    if state.services.is_draining() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "draining",
+                "database": database,
+                "reason": "the server is stopping: send work to another replica",
+            })),
+        )
+            .into_response();
+    }
     let unavailable = |fault: &str, reason: &str, since: Option<String>| {
         (
             StatusCode::SERVICE_UNAVAILABLE,

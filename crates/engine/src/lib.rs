@@ -115,6 +115,9 @@ pub struct Engine {
     ready: ready::ReadyCounts,
     /// This server's metrics.
     metrics: metrics::Metrics,
+    /// Set when the server starts to drain: it claims nothing more, parked claims answer
+    /// empty, subscriptions complete, and readiness fails, so work goes to other replicas.
+    draining: watch::Sender<bool>,
 }
 
 impl Engine {
@@ -127,7 +130,23 @@ impl Engine {
             finished: watch::Sender::new(0),
             ready: ready::ReadyCounts::default(),
             metrics: metrics::Metrics::new(),
+            draining: watch::Sender::new(false),
         })
+    }
+
+    /// Starts draining (once; later calls change nothing).
+    pub fn drain(&self) {
+        self.draining
+            .send_if_modified(|draining| !std::mem::replace(draining, true));
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Changes to `true` when the server starts draining.
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 
     /// This server's metrics: what its API and engine did.
@@ -265,7 +284,12 @@ impl Engine {
     pub async fn claim(&self, request: &ClaimRequest, wait: Duration) -> Result<Vec<ClaimedStep>> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_CLAIM_WAIT);
         let mut signal = self.work.subscribe();
+        let mut draining = self.draining();
         loop {
+            // A draining server leases nothing: the worker asks another replica.
+            if *draining.borrow_and_update() {
+                return Ok(Vec::new());
+            }
             signal.borrow_and_update();
             let claimed = self.store.claim_steps(request).await?;
             if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
@@ -275,11 +299,13 @@ impl Engine {
                 }
                 return Ok(claimed);
             }
-            if tokio::time::timeout_at(deadline, signal.changed())
-                .await
-                .is_err()
-            {
-                return Ok(Vec::new());
+            tokio::select! {
+                changed = tokio::time::timeout_at(deadline, signal.changed()) => {
+                    if changed.is_err() {
+                        return Ok(Vec::new());
+                    }
+                }
+                _ = draining.changed() => return Ok(Vec::new()),
             }
         }
     }

@@ -4,6 +4,7 @@
 
 use crate::Engine;
 use crate::handlers::{BUILT_IN_HANDLERS, Outcome, run_immediate};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tasker_store::{AWAITING_DECISION, AttemptFailure, ClaimRequest, ClaimedStep, Completion};
@@ -20,6 +21,9 @@ pub struct WorkerPoolConfig {
     pub lease: Duration,
     /// Where the `http` handler may connect.
     pub outbound: crate::OutboundPolicy,
+    /// When the server drains or stops, how long `http` steps in flight may take to finish
+    /// before their leases are given back.
+    pub drain_grace: Duration,
 }
 
 impl Default for WorkerPoolConfig {
@@ -29,6 +33,7 @@ impl Default for WorkerPoolConfig {
             worker_id: format!("tasker-embedded-{}", std::process::id()),
             lease: Duration::from_secs(60),
             outbound: crate::OutboundPolicy::default(),
+            drain_grace: Duration::from_secs(10),
         }
     }
 }
@@ -39,10 +44,11 @@ type Finished = (Uuid, Outcome);
 const FAULT_RETRY: Duration = Duration::from_millis(500);
 
 impl Engine {
-    /// The embedded worker pool, to run until `shutdown` changes; an error (the `http`
-    /// handler's client cannot be built) stops the start instead of leaving a server without
-    /// workers. Requests in flight at shutdown are abandoned: their leases expire and the
-    /// steps run again (at least once).
+    /// The embedded worker pool, to run until `shutdown` changes or the server drains; an
+    /// error (the `http` handler's client cannot be built) stops the start instead of leaving
+    /// a server without workers. Then it claims nothing more, lets the `http` steps in flight
+    /// finish within the drain grace and records them, and releases the leases of the rest
+    /// (they run again elsewhere, their attempt not counted).
     pub fn run_workers(
         self: Arc<Self>,
         config: WorkerPoolConfig,
@@ -67,14 +73,17 @@ impl Engine {
             .lease
             .saturating_sub(Duration::from_secs(5))
             .max(Duration::from_secs(1));
-        let mut in_flight = 0usize;
+        let mut in_flight: HashSet<Uuid> = HashSet::new();
         let mut outcomes: Vec<Finished> = Vec::new();
+        let mut draining = self.draining();
         loop {
-            if *shutdown.borrow() {
+            if *shutdown.borrow() || *draining.borrow_and_update() {
+                self.drain_pool(&config, in_flight, outcomes, &mut finished)
+                    .await;
                 return;
             }
             signal.borrow_and_update();
-            let capacity = concurrency - in_flight;
+            let capacity = concurrency.saturating_sub(in_flight.len());
             let mut claimed = Vec::new();
             if capacity > 0 {
                 let request = ClaimRequest {
@@ -99,9 +108,10 @@ impl Engine {
                 }
             }
             let full = capacity > 0 && claimed.len() == capacity;
-            in_flight += self
-                .start_requests(&claimed, &caller, max_request, &done)
-                .await;
+            in_flight.extend(
+                self.start_requests(&claimed, &caller, max_request, &done)
+                    .await,
+            );
             outcomes.extend(
                 claimed
                     .iter()
@@ -109,7 +119,7 @@ impl Engine {
                     .map(|step| (step.lease_token, run_immediate(step))),
             );
             while let Ok(outcome) = finished.try_recv() {
-                in_flight -= 1;
+                in_flight.remove(&outcome.0);
                 outcomes.push(outcome);
             }
             let worked = !claimed.is_empty() || !outcomes.is_empty();
@@ -129,28 +139,82 @@ impl Engine {
             tokio::select! {
                 _ = signal.changed() => {}
                 Some(outcome) = finished.recv() => {
-                    in_flight -= 1;
+                    in_flight.remove(&outcome.0);
                     outcomes.push(outcome);
                 }
-                _ = shutdown.changed() => return,
+                // Stopped (or its sender gone): no waiting for a change that cannot come.
+                _ = shutdown.changed() => {
+                    self.drain_pool(&config, in_flight, outcomes, &mut finished).await;
+                    return;
+                }
+                _ = draining.changed() => {}
             }
         }
     }
 
-    /// Starts the `http` steps in the background; returns how many.
+    /// The pool's end: the `http` steps in flight get the drain grace to finish, every
+    /// outcome in hand is recorded, and the leases of the steps still running are released.
+    async fn drain_pool(
+        &self,
+        config: &WorkerPoolConfig,
+        mut in_flight: HashSet<Uuid>,
+        mut outcomes: Vec<Finished>,
+        finished: &mut mpsc::UnboundedReceiver<Finished>,
+    ) {
+        tracing::info!(
+            in_flight = in_flight.len(),
+            "worker pool draining: no more claims"
+        );
+        let deadline = tokio::time::Instant::now() + config.drain_grace;
+        while !in_flight.is_empty() {
+            tokio::select! {
+                Some(outcome) = finished.recv() => {
+                    in_flight.remove(&outcome.0);
+                    outcomes.push(outcome);
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let unrecorded = self.record(outcomes).await;
+        if !unrecorded.is_empty() {
+            tracing::warn!(
+                steps = unrecorded.len(),
+                "outcomes the database could not take at the stop: their leases expire and the steps run again"
+            );
+        }
+        let unfinished: Vec<Uuid> = in_flight.into_iter().collect();
+        if !unfinished.is_empty() {
+            match self.release(&unfinished).await {
+                Ok(released) => {
+                    tracing::info!(
+                        released = released.len(),
+                        "gave back the leases of unfinished http steps"
+                    )
+                }
+                Err(err) => {
+                    crate::retried(
+                        "releasing unfinished steps failed; their leases expire",
+                        &err,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Starts the `http` steps in the background; returns their lease tokens.
     async fn start_requests(
         &self,
         claimed: &[ClaimedStep],
         caller: &Arc<crate::http::Caller>,
         max_request: Duration,
         done: &mpsc::UnboundedSender<Finished>,
-    ) -> usize {
+    ) -> Vec<Uuid> {
         let requests: Vec<&ClaimedStep> = claimed
             .iter()
             .filter(|step| step.step.handler == "http")
             .collect();
         if requests.is_empty() {
-            return 0;
+            return Vec::new();
         }
         let steps: Vec<_> = requests.iter().map(|c| c.step.clone()).collect();
         let mut inputs = match self.store.step_inputs(&steps).await {
@@ -160,9 +224,10 @@ impl Engine {
                     "reading the inputs of http steps failed; their leases will expire and they will run again",
                     &err,
                 );
-                return 0;
+                return Vec::new();
             }
         };
+        let tokens = requests.iter().map(|claimed| claimed.lease_token).collect();
         for claimed in requests {
             let claimed = claimed.clone();
             let input = inputs.remove(&claimed.step.id).unwrap_or_default();
@@ -185,7 +250,7 @@ impl Engine {
             };
             tokio::spawn(tracing::Instrument::instrument(work, span));
         }
-        steps.len()
+        tokens
     }
 
     /// Records outcomes: completions in one batch, then failures and parked steps. Returns
