@@ -13,6 +13,9 @@ use tasker_store::{Store, StoreOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// How long a stop waits for WebSocket connections to close after draining.
+const WEBSOCKETS_CLOSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The example templates, registered on first start.
 const EXAMPLES: &[BundledTemplate] = &[
     bundled!("examples/order_fulfillment.yaml"),
@@ -156,6 +159,11 @@ impl App {
             draining.drain();
         };
         tasker_api::serve(listener, router, drained).await?;
+        // WebSockets are not requests the graceful shutdown waits for: they close themselves
+        // once their last messages are out.
+        if !engine.connections_closed(WEBSOCKETS_CLOSE_WITHIN).await {
+            tracing::warn!("some WebSocket connections were still open at the stop");
+        }
         stop_background(stop, background, store).await
     }
 

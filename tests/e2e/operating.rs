@@ -155,6 +155,7 @@ async fn metrics_show_what_the_server_did_with_bounded_labels_and_pass_promtool(
             2.0,
         ),
         ("tasker_ready_steps", 0.0),
+        ("tasker_database_up", 1.0),
         ("tasker_oldest_ready_step_age_seconds", 0.0),
         (r#"tasker_build_info{version="0.1.0"}"#, 1.0),
     ] {
@@ -541,4 +542,37 @@ async fn a_draining_pool_gives_back_the_http_steps_that_do_not_finish_within_its
     assert_eq!(steps[0].attempts, 0);
     let events = store.events_for_tasks(&[task_id]).await.unwrap();
     assert!(events.iter().any(|event| event.name == "step.released"));
+}
+
+#[tokio::test]
+async fn on_sigterm_the_real_binary_completes_subscriptions_and_exits_cleanly() {
+    use crate::websocket::{connect_to, receive, send};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, address, _logs) = crate::binary::start_with(dir.path(), &[]);
+    let mut socket = connect_to(address.parse().unwrap(), "graphql-transport-ws").await;
+    send(&mut socket, json!({ "type": "connection_init" })).await;
+    assert_eq!(receive(&mut socket).await["type"], "connection_ack");
+    send(
+        &mut socket,
+        json!({ "type": "subscribe", "id": "log", "payload": {
+            "query": "subscription { events { cursor } }" } }),
+    )
+    .await;
+    let pid = child.id().to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let message = receive(&mut socket).await;
+    assert_eq!(
+        (message["type"].as_str(), message["id"].as_str()),
+        (Some("complete"), Some("log")),
+        "{message}"
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
 }

@@ -49,6 +49,19 @@ impl Services {
         self.engine.is_draining()
     }
 
+    /// Changes to `true` when the server starts draining.
+    pub(crate) fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.engine.draining()
+    }
+
+    /// Counts an open WebSocket (for the metrics, and for a stop that waits for them).
+    pub(crate) fn hold_websocket(&self) -> (crate::telemetry::Open, tasker_engine::ConnectionHeld) {
+        (
+            self.open("tasker_websocket_connections"),
+            self.engine.hold_connection(),
+        )
+    }
+
     /// Counts one open connection or subscription in `gauge` while the guard lives.
     pub(crate) fn open(&self, gauge: &'static str) -> crate::telemetry::Open {
         crate::telemetry::Open::new(&self.engine, gauge)
@@ -892,9 +905,20 @@ impl Granted<'_, can::HealthStatusIndex> {
     /// ready queue, the log's head; `None` when the scope leaves nothing.
     pub async fn status(&self) -> tasker_store::Result<Option<tasker_store::StoreStatus>> {
         match self.confine(&Within::Any) {
-            Some(within) => self.store().status(&within).await.map(Some),
+            Some(Within::Any) => self.store().status(&Within::Any).await.map(Some),
+            Some(within) => {
+                let mut status = self.store().status(&within).await?;
+                // The log's head counts every namespace's events.
+                status.event_head = None;
+                Ok(Some(status))
+            }
             None => Ok(None),
         }
+    }
+
+    /// Whether the server is draining (it then reports itself unhealthy).
+    pub fn draining(&self) -> bool {
+        self.engine.is_draining()
     }
 
     /// The connection pool now.
@@ -922,20 +946,38 @@ impl Granted<'_, can::MetricsIndex> {
                     .to_owned(),
             ));
         }
-        let status = self.store().status(&Within::Any).await?;
         let metrics = self.engine.metrics();
-        metrics.set_status(&status, self.store().pool_status());
+        // What this server counted is answered even when the database is not.
+        let status =
+            tokio::time::timeout(METRICS_DATABASE_PATIENCE, self.store().status(&Within::Any))
+                .await;
+        match status {
+            Ok(Ok(status)) => {
+                metrics.set_status(&status, self.store().pool_status());
+                metrics.gauge("tasker_database_up", &[]).set(1.0);
+                let lag = self.engine.events().lag(status.event_head).unwrap_or(0);
+                metrics
+                    .gauge("tasker_event_feed_lag_events", &[])
+                    .set(lag as f64);
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "metrics could not read the database");
+                metrics.gauge("tasker_database_up", &[]).set(0.0);
+            }
+            Err(_) => {
+                tracing::warn!("metrics gave up waiting for the database");
+                metrics.gauge("tasker_database_up", &[]).set(0.0);
+            }
+        }
         metrics
             .gauge("tasker_claim_waiters", &[])
             .set(self.engine.work_listeners() as f64);
-        if let Some(lag) = self.engine.events().lag(status.event_head) {
-            metrics
-                .gauge("tasker_event_feed_lag_events", &[])
-                .set(lag as f64);
-        }
         Ok(metrics.render())
     }
 }
+
+/// How long a scrape waits for the database's figures before answering without them.
+const METRICS_DATABASE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// A subscription's stream, counted against the token's subscription quota, and ended by an
 /// `UNAUTHENTICATED` error once the token has expired: checked before each item, and at the

@@ -27,14 +27,18 @@ pub(crate) struct Report {
 }
 
 impl Report {
-    /// Unhealthy when writes fail (a fault episode is on) or when a step has waited
-    /// claimable longer than `max_ready_age` (nothing claims that work).
+    /// Unhealthy when the server drains, when writes fail (a fault episode is on), or when a
+    /// step has waited claimable longer than `max_ready_age` (nothing claims that work).
     pub(crate) fn of(
         status: &StoreStatus,
+        draining: bool,
         write_fault: Option<&'static str>,
         max_ready_age: Duration,
     ) -> Report {
         let mut problems = Vec::new();
+        if draining {
+            problems.push("the server is draining: it is stopping".to_owned());
+        }
         if let Some(fault) = write_fault {
             problems.push(format!("writes are failing ({fault})"));
         }
@@ -93,15 +97,16 @@ mod tests {
             ..StoreStatus::default()
         };
         let limit = Duration::from_secs(300);
-        assert!(Report::of(&fresh, None, limit).healthy);
+        assert!(Report::of(&fresh, false, None, limit).healthy);
+        assert!(!Report::of(&fresh, true, None, limit).healthy);
         let stale = StoreStatus {
             oldest_ready_ms: Some(301_000),
             ..StoreStatus::default()
         };
-        let report = Report::of(&stale, None, limit);
+        let report = Report::of(&stale, false, None, limit);
         assert!(!report.healthy);
         assert!(report.problems[0].contains("waited 301 s"));
-        assert!(!Report::of(&fresh, Some("disk_full"), limit).healthy);
+        assert!(!Report::of(&fresh, false, Some("disk_full"), limit).healthy);
     }
 
     #[test]
@@ -114,7 +119,7 @@ mod tests {
             ],
             ..StoreStatus::default()
         };
-        let body = Report::of(&status, None, Duration::from_secs(1))
+        let body = Report::of(&status, false, None, Duration::from_secs(1))
             .to_json(&status, PoolStatus::default());
         assert_eq!(body["tasks"]["complete"], 5);
         assert_eq!(body["tasks"]["error"], 1);

@@ -134,14 +134,20 @@ pub fn router(
 /// The header that names a request in the logs.
 const REQUEST_ID: &str = "x-request-id";
 
-/// `X-Request-Id`: the caller's own (1 to 128 visible ASCII characters), or a new UUID. It
+/// `X-Request-Id`: the caller's own (1 to 128 letters, digits, `.`, `_`, `:`, `-`), or a new
+/// UUID. It
 /// is returned on the response and carried by every log line of the request.
 async fn request_id(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let given = request
         .headers()
         .get(REQUEST_ID)
         .and_then(|value| value.to_str().ok())
-        .filter(|id| (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()))
+        .filter(|id| {
+            (1..=128).contains(&id.len())
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+        })
         .map(str::to_owned);
     let id = given.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let Ok(value) = HeaderValue::from_str(&id) else {
@@ -160,7 +166,8 @@ fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
         .get(REQUEST_ID)
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default();
-    tracing::info_span!(
+    // At error level, so that the strictest filter still keeps the id on what it logs.
+    tracing::error_span!(
         "request",
         request_id = %id,
         method = %request.method(),
@@ -526,6 +533,18 @@ fn init_token(payload: &serde_json::Value) -> Option<String> {
     })
 }
 
+/// Resolves a moment after the server starts draining (the subscriptions' `complete`
+/// messages are sent by then); never when it does not.
+async fn closing(mut draining: tokio::sync::watch::Receiver<bool>) {
+    if draining.wait_for(|draining| *draining).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(WEBSOCKET_DRAIN_FLUSH).await;
+}
+
+/// How long a draining server leaves its WebSockets open for their last messages.
+const WEBSOCKET_DRAIN_FLUSH: Duration = Duration::from_millis(250);
+
 /// The read buffer of a WebSocket connection.
 const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
 
@@ -552,7 +571,8 @@ async fn websocket(
         .map(str::to_owned);
     let auth = state.auth.clone();
     let quotas = state.quotas.clone();
-    let open = state.services.open("tasker_websocket_connections");
+    let held = state.services.hold_websocket();
+    let draining = state.services.draining();
     // The connection's lines carry the upgrade request's id.
     let span = tracing::Span::current();
     upgrade
@@ -565,8 +585,8 @@ async fn websocket(
         .max_frame_size(state.limits.max_body_bytes)
         .on_upgrade(move |socket| {
             let connection = async move {
-                let _open = open;
-                GraphQLWebSocket::new(socket, schema, protocol)
+                let _held = held;
+                let serve = GraphQLWebSocket::new(socket, schema, protocol)
                     .on_connection_init(move |payload| async move {
                         let token = init_token(&payload).or(header_token);
                         let principal = auth.principal(token.as_deref()).map_err(|err| {
@@ -582,8 +602,13 @@ async fn websocket(
                         data.insert(held);
                         Ok(data)
                     })
-                    .serve()
-                    .await
+                    .serve();
+                // A draining server completes its subscriptions, lets those messages go out,
+                // then closes the connection so the stop need not wait for the client.
+                tokio::select! {
+                    () = serve => {}
+                    () = closing(draining) => {}
+                }
             };
             tracing::Instrument::instrument(connection, span)
         })
@@ -654,6 +679,7 @@ async fn status_report(
             let pool = granted.pool();
             let report = crate::health::Report::of(
                 &status,
+                granted.draining(),
                 granted.write_fault(),
                 state.limits.max_ready_age,
             );

@@ -118,6 +118,17 @@ pub struct Engine {
     /// Set when the server starts to drain: it claims nothing more, parked claims answer
     /// empty, subscriptions complete, and readiness fails, so work goes to other replicas.
     draining: watch::Sender<bool>,
+    /// Open long-lived connections (WebSockets), so a stop can wait for them to close.
+    connections: Arc<watch::Sender<usize>>,
+}
+
+/// One open connection, counted while it lives.
+pub struct ConnectionHeld(Arc<watch::Sender<usize>>);
+
+impl Drop for ConnectionHeld {
+    fn drop(&mut self) {
+        self.0.send_modify(|open| *open = open.saturating_sub(1));
+    }
 }
 
 impl Engine {
@@ -131,7 +142,23 @@ impl Engine {
             ready: ready::ReadyCounts::default(),
             metrics: metrics::Metrics::new(),
             draining: watch::Sender::new(false),
+            connections: Arc::new(watch::Sender::new(0)),
         })
+    }
+
+    /// Counts a long-lived connection until the guard is dropped.
+    pub fn hold_connection(&self) -> ConnectionHeld {
+        self.connections.send_modify(|open| *open += 1);
+        ConnectionHeld(self.connections.clone())
+    }
+
+    /// Waits until every counted connection has closed, for `within` at most; whether they
+    /// all did.
+    pub async fn connections_closed(&self, within: Duration) -> bool {
+        let mut open = self.connections.subscribe();
+        tokio::time::timeout(within, open.wait_for(|open| *open == 0))
+            .await
+            .is_ok_and(|closed| closed.is_ok())
     }
 
     /// Starts draining (once; later calls change nothing).
@@ -466,6 +493,7 @@ impl Engine {
     pub async fn run_maintenance(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
             let mut sleep_for = SAFETY_SWEEP;
+            self.metrics.upkeep();
             if let Err(err) = self.wake_parked_steps().await {
                 retried("waking timers failed", &err);
             }

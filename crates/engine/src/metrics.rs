@@ -128,7 +128,13 @@ pub const FAMILIES: &[(&str, Kind, Option<Unit>, &str)] = &[
         "tasker_claim_waiters",
         Kind::Gauge,
         Some(Unit::Count),
-        "Claims parked waiting for work (long polls and the embedded pool).",
+        "Waiting for work: parked long-poll claims, stepsAvailable subscriptions and the embedded pool.",
+    ),
+    (
+        "tasker_database_up",
+        Kind::Gauge,
+        None,
+        "1 when the database answered the scrape's queries; 0 when not (the gauges read from it then keep their last values).",
     ),
     (
         "tasker_db_connections",
@@ -319,6 +325,12 @@ impl Metrics {
             .set(*count as f64);
         }
         before.extend(now);
+    }
+
+    /// Folds the histograms' recent samples into their buckets; runs periodically (from the
+    /// maintenance loop) so samples do not pile up between scrapes, or without any.
+    pub fn upkeep(&self) {
+        self.recorder.handle().run_upkeep();
     }
 
     /// The Prometheus text exposition of every family.

@@ -4,7 +4,7 @@
 
 use crate::Engine;
 use crate::handlers::{BUILT_IN_HANDLERS, Outcome, run_immediate};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tasker_store::{AWAITING_DECISION, AttemptFailure, ClaimRequest, ClaimedStep, Completion};
@@ -40,6 +40,9 @@ impl Default for WorkerPoolConfig {
 
 type Finished = (Uuid, Outcome);
 
+/// How long past the drain grace the pool's last writes (outcomes, releases) may take.
+const DRAIN_WRITES: Duration = Duration::from_secs(5);
+
 /// How soon the pool tries again what the database could not take: a claim, or outcomes.
 const FAULT_RETRY: Duration = Duration::from_millis(500);
 
@@ -73,7 +76,7 @@ impl Engine {
             .lease
             .saturating_sub(Duration::from_secs(5))
             .max(Duration::from_secs(1));
-        let mut in_flight: HashSet<Uuid> = HashSet::new();
+        let mut in_flight: HashMap<Uuid, tokio::task::AbortHandle> = HashMap::new();
         let mut outcomes: Vec<Finished> = Vec::new();
         let mut draining = self.draining();
         loop {
@@ -157,7 +160,7 @@ impl Engine {
     async fn drain_pool(
         &self,
         config: &WorkerPoolConfig,
-        mut in_flight: HashSet<Uuid>,
+        mut in_flight: HashMap<Uuid, tokio::task::AbortHandle>,
         mut outcomes: Vec<Finished>,
         finished: &mut mpsc::UnboundedReceiver<Finished>,
     ) {
@@ -175,40 +178,55 @@ impl Engine {
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        let unrecorded = self.record(outcomes).await;
-        if !unrecorded.is_empty() {
-            tracing::warn!(
-                steps = unrecorded.len(),
-                "outcomes the database could not take at the stop: their leases expire and the steps run again"
-            );
+        // Requests still running are stopped: their steps go back and run again elsewhere.
+        for request in in_flight.values() {
+            request.abort();
         }
-        let unfinished: Vec<Uuid> = in_flight.into_iter().collect();
-        if !unfinished.is_empty() {
-            match self.release(&unfinished).await {
-                Ok(released) => {
-                    tracing::info!(
+        let unfinished: Vec<Uuid> = in_flight.into_keys().collect();
+        // A database that does not answer cannot hold the stop past the grace (and a little
+        // more for the writes): what it has not taken waits for its leases to end.
+        let writes = async {
+            let unrecorded = self.record(outcomes).await;
+            if !unrecorded.is_empty() {
+                tracing::warn!(
+                    steps = unrecorded.len(),
+                    "outcomes the database could not take at the stop: their leases expire and the steps run again"
+                );
+            }
+            if !unfinished.is_empty() {
+                match self.release(&unfinished).await {
+                    Ok(released) => tracing::info!(
                         released = released.len(),
                         "gave back the leases of unfinished http steps"
-                    )
-                }
-                Err(err) => {
-                    crate::retried(
-                        "releasing unfinished steps failed; their leases expire",
-                        &err,
-                    );
+                    ),
+                    Err(err) => {
+                        crate::retried(
+                            "releasing unfinished steps failed; their leases expire",
+                            &err,
+                        );
+                    }
                 }
             }
+        };
+        if tokio::time::timeout_at(deadline + DRAIN_WRITES, writes)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the database did not take the pool's last writes in time; their leases expire"
+            );
         }
     }
 
-    /// Starts the `http` steps in the background; returns their lease tokens.
+    /// Starts the `http` steps in the background; returns their lease tokens, each with what
+    /// stops its request.
     async fn start_requests(
         &self,
         claimed: &[ClaimedStep],
         caller: &Arc<crate::http::Caller>,
         max_request: Duration,
         done: &mpsc::UnboundedSender<Finished>,
-    ) -> Vec<Uuid> {
+    ) -> Vec<(Uuid, tokio::task::AbortHandle)> {
         let requests: Vec<&ClaimedStep> = claimed
             .iter()
             .filter(|step| step.step.handler == "http")
@@ -227,14 +245,16 @@ impl Engine {
                 return Vec::new();
             }
         };
-        let tokens = requests.iter().map(|claimed| claimed.lease_token).collect();
+        let mut started = Vec::with_capacity(requests.len());
         for claimed in requests {
+            let token = claimed.lease_token;
             let claimed = claimed.clone();
             let input = inputs.remove(&claimed.step.id).unwrap_or_default();
             let caller = caller.clone();
             let done = done.clone();
             // Every line the request logs says which task, step and request chain it serves.
-            let span = tracing::info_span!(
+            // At error level, so that the strictest filter still keeps the ids.
+            let span = tracing::error_span!(
                 "step",
                 task_id = %claimed.step.task_id,
                 step_id = %claimed.step.id,
@@ -248,9 +268,10 @@ impl Engine {
                 // The pool stopped: the lease will expire and the step run again.
                 let _ = done.send((claimed.lease_token, outcome));
             };
-            tokio::spawn(tracing::Instrument::instrument(work, span));
+            let request = tokio::spawn(tracing::Instrument::instrument(work, span));
+            started.push((token, request.abort_handle()));
         }
-        tokens
+        started
     }
 
     /// Records outcomes: completions in one batch, then failures and parked steps. Returns

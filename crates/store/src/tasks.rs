@@ -167,7 +167,7 @@ impl Store {
                 lease_expires_ms: Set(None),
                 version: Set(1),
                 // Roots are claimable now; a child's time is set when its last parent is done.
-                ready_since_ms: Set(Some(now.timestamp_millis())),
+                ready_since_ms: Set(step.depends_on.is_empty().then(|| now.timestamp_millis())),
                 created_at: Set(now),
                 updated_at: Set(now),
                 completed_at: Set(None),
