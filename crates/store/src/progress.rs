@@ -36,15 +36,13 @@ impl Store {
             return Ok(0);
         }
         let mut sql = Sql::new(self.db.get_database_backend());
-        // Both assignments read the row as it was: the second repeats the count to stamp the
-        // moment the counter reaches zero.
+        // Every child is stamped: the stamp that stays is the one of the parent that brought
+        // its counter to zero, the moment it became claimable (until then it is not read).
         sql.push("UPDATE workflow_steps SET pending_parents = pending_parents - (SELECT COUNT(*) FROM workflow_step_edges e WHERE e.child_step_id = workflow_steps.id AND e.parent_step_id IN ")
             .bind_list(parent_ids.iter().copied())
-            .push("), ready_since_ms = CASE WHEN pending_parents = (SELECT COUNT(*) FROM workflow_step_edges e WHERE e.child_step_id = workflow_steps.id AND e.parent_step_id IN ")
-            .bind_list(parent_ids.iter().copied())
-            .push(") THEN ")
+            .push("), ready_since_ms = ")
             .bind(now.timestamp_millis())
-            .push(" ELSE ready_since_ms END WHERE id IN (SELECT child_step_id FROM workflow_step_edges WHERE parent_step_id IN ")
+            .push(" WHERE id IN (SELECT child_step_id FROM workflow_step_edges WHERE parent_step_id IN ")
             .bind_list(parent_ids.iter().copied())
             .push(") RETURNING id, task_id, name, position, pending_parents");
         let children = ReadyChild::find_by_statement(sql.build()).all(txn).await?;

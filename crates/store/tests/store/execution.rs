@@ -627,3 +627,52 @@ async fn a_released_attempt_does_not_count_and_the_step_is_claimable_again_at_on
         );
     }
 }
+
+#[tokio::test]
+async fn a_step_is_claimable_since_its_last_parent_finished_or_its_retry_time() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let created_at = clock.now();
+        let task = store
+            .create_task(order("shop", "fulfil", 1))
+            .await
+            .unwrap()
+            .task;
+        let step = |name: &'static str| async move {
+            store
+                .steps_for_tasks(&[task.id])
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|step| step.name == name)
+                .unwrap()
+        };
+        assert_eq!(step("validate").await.ready_since, Some(created_at));
+        assert_eq!(step("ship").await.ready_since, None, "not claimable yet");
+        clock.advance(Minutes::seconds(3));
+        let validate = store.claim_steps(&claim(1)).await.unwrap();
+        complete(store, &validate).await;
+        let middle = store.claim_steps(&claim(2)).await.unwrap();
+        clock.advance(Minutes::seconds(5));
+        complete(store, &middle[..1]).await;
+        clock.advance(Minutes::seconds(7));
+        let last_parent_done = clock.now();
+        complete(store, &middle[1..]).await;
+        assert_eq!(step("ship").await.ready_since, Some(last_parent_done));
+        // A failed attempt is claimable again at its retry time.
+        let ship = store.claim_steps(&claim(1)).await.unwrap();
+        let failed = store
+            .fail_step(&AttemptFailure {
+                lease_token: ship[0].lease_token,
+                message: "later".into(),
+                retryable: true,
+                retry_after_seconds: Some(30.0),
+            })
+            .await
+            .unwrap();
+        assert_eq!(failed.step.ready_since, failed.step.next_attempt_at);
+        assert!(failed.step.ready_since.unwrap() > clock.now());
+    }
+}
