@@ -1,6 +1,7 @@
 //! The `tasker` binary: command line, configuration, logging and start-up.
 
 mod bench;
+mod otel;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -22,9 +23,11 @@ fn main() -> anyhow::Result<ExitCode> {
         return Ok(tasker::cli::finish(outcome));
     }
     let settings = Settings::load(&cli)?;
-    init_logging(&settings);
+    // One TLS crypto provider for the process (the trace exporter's client is built first).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let traces = init_logging(&settings)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    match cli.command {
+    let outcome = match cli.command {
         Some(Command::Migrate) => runtime.block_on(migrate(&settings)),
         Some(Command::Serve) | None => runtime.block_on(serve(settings)),
         Some(Command::Bench(args)) => {
@@ -33,7 +36,15 @@ fn main() -> anyhow::Result<ExitCode> {
         Some(Command::Token(args)) => token(&settings, &args),
         // Answered above.
         Some(_) => Ok(()),
-    }?;
+    };
+    drop(runtime);
+    // The spans still batched go out before the process ends.
+    if let Some(traces) = traces
+        && let Err(err) = traces.shutdown()
+    {
+        tracing::warn!(error = %err, "some trace spans could not be exported at the stop");
+    }
+    outcome?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -69,17 +80,25 @@ fn token(settings: &Settings, args: &config::TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(settings: &Settings) {
+/// Logs to stderr (text or JSON), and spans to an OTLP collector when one is configured
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`); returns the trace provider to flush at the end.
+fn init_logging(
+    settings: &Settings,
+) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_env("TASKER_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(|| LogWriter(std::io::stderr()));
+    let traces = otel::provider()?;
+    let exported = traces.as_ref().map(otel::layer);
+    let lines = tracing_subscriber::fmt::layer().with_writer(|| LogWriter(std::io::stderr()));
+    let registry = tracing_subscriber::registry().with(filter).with(exported);
     match settings.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(lines.json()).init(),
+        LogFormat::Text => registry.with(lines).init(),
     }
+    Ok(traces)
 }
 
 /// Standard error for logs, where a failed write (a closed pipe, a full disk) drops the line

@@ -21,8 +21,18 @@ pub(crate) fn start_with(
     data_dir: &std::path::Path,
     extra: &[&str],
 ) -> (Child, String, mpsc::Receiver<String>) {
+    start_with_env(data_dir, extra, &[])
+}
+
+/// [`start_with`], with these environment variables set too.
+pub(crate) fn start_with_env(
+    data_dir: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, String, mpsc::Receiver<String>) {
     use std::os::unix::process::CommandExt as _;
     let mut command = Command::new(BINARY);
+    command.envs(env.iter().copied());
     command
         .args([
             "serve",

@@ -576,3 +576,95 @@ async fn on_sigterm_the_real_binary_completes_subscriptions_and_exits_cleanly() 
         .unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_go_to_an_otlp_collector_joining_the_callers_trace() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
+    // A collector: OTLP over HTTP/protobuf, every span it receives kept.
+    let (received, mut spans) = tokio::sync::mpsc::unbounded_channel();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let received = received.clone();
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).unwrap();
+                for resource in request.resource_spans {
+                    for scope in resource.scope_spans {
+                        for span in scope.spans {
+                            let _ = received.send(span);
+                        }
+                    }
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, address, _logs) = crate::binary::start_with_env(
+        dir.path(),
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    );
+    // The caller's own trace: 4bf9… / 00f0…, sampled.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let answer = crate::support::http_client()
+        .post(format!("http://{address}/graphql"))
+        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+        .json(&json!({ "query": "mutation { createTask(input: { namespace: \"shop\", template: \"order_fulfillment\", context: { order_id: 1 } }) { task { id } } }" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let (mut request, mut operation) = (None, None);
+    while request.is_none() || operation.is_none() {
+        let span = tokio::time::timeout(Duration::from_secs(30), spans.recv())
+            .await
+            .expect("the server exports its spans")
+            .unwrap();
+        if hex(&span.trace_id) != trace_id {
+            continue;
+        }
+        match span.name.as_str() {
+            "request" => request = Some(span),
+            "graphql.operation" => operation = Some(span),
+            _ => {}
+        }
+    }
+    let (request, operation) = (request.unwrap(), operation.unwrap());
+    assert_eq!(
+        hex(&request.parent_span_id),
+        caller_span,
+        "the caller's span is the parent"
+    );
+    assert_eq!(
+        operation.parent_span_id, request.span_id,
+        "the operation runs inside the request"
+    );
+    let attribute = |key: &str| {
+        operation
+            .attributes
+            .iter()
+            .find(|attribute| attribute.key == key)
+            .and_then(|attribute| attribute.value.as_ref())
+            .and_then(|value| value.value.as_ref())
+            .map(|value| format!("{value:?}"))
+            .unwrap_or_default()
+    };
+    assert!(
+        attribute("graphql.operation.field").contains("createTask"),
+        "{operation:?}"
+    );
+    assert!(attribute("graphql.operation.type").contains("mutation"));
+    assert!(attribute("outcome").contains("ok"));
+    assert!(crate::binary::terminate(&mut child).success());
+}

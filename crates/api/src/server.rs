@@ -167,12 +167,32 @@ fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default();
     // At error level, so that the strictest filter still keeps the id on what it logs.
-    tracing::error_span!(
+    let span = tracing::error_span!(
         "request",
         request_id = %id,
         method = %request.method(),
         path = %request.uri().path(),
-    )
+    );
+    // A caller's W3C `traceparent` makes this request part of its trace (when traces are
+    // exported; otherwise nothing listens).
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&Headers(request.headers()))
+    });
+    let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+    span
+}
+
+/// Request headers as OpenTelemetry reads propagated context from them.
+struct Headers<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|key| key.as_str()).collect()
+    }
 }
 
 /// Serves until `shutdown` resolves, then lets requests in flight finish.

@@ -75,7 +75,15 @@ fn summary(document: &ExecutableDocument) -> Vec<(Option<String>, &'static str, 
 impl Extension for OperationMetricsExtension {
     async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
         let started = Instant::now();
-        let response = next.run(ctx).await;
+        // A span per operation, its root field and outcome recorded once known (exported with
+        // traces).
+        let span = tracing::info_span!(
+            "graphql.operation",
+            graphql.operation.type = tracing::field::Empty,
+            graphql.operation.field = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let response = tracing::Instrument::instrument(next.run(ctx), span.clone()).await;
         let seconds = started.elapsed().as_secs_f64();
         let (kind, field) = self
             .executed
@@ -83,6 +91,8 @@ impl Extension for OperationMetricsExtension {
             .ok()
             .and_then(|executed| executed.clone())
             .unwrap_or(("invalid", "none".to_owned()));
+        span.record("graphql.operation.type", kind);
+        span.record("graphql.operation.field", field.as_str());
         if kind == "subscription" {
             // Counted as they run (tasker_subscriptions), not as requests.
             return response;
@@ -99,6 +109,7 @@ impl Extension for OperationMetricsExtension {
                 })
                 .unwrap_or_else(|| "error".to_owned()),
         };
+        span.record("outcome", outcome.as_str());
         let metrics = self.engine.metrics();
         let labels = [("type", kind.to_owned()), ("operation", field)];
         metrics
