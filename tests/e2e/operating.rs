@@ -605,9 +605,28 @@ async fn spans_go_to_an_otlp_collector_joining_the_callers_trace() {
     tokio::spawn(async move { axum::serve(listener, collector).await });
 
     let dir = tempfile::tempdir().unwrap();
+    // A service an http step calls: it hands over the traceparent it was sent.
+    let (called, mut calls) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+    let service = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let called = called.clone();
+            async move {
+                let traceparent = headers
+                    .get("traceparent")
+                    .map(|value| value.to_str().unwrap().to_owned());
+                let _ = called.send(traceparent);
+                axum::Json(json!({ "ok": true }))
+            }
+        }),
+    );
+    let service_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service_address = service_listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(service_listener, service).await });
+
     let (mut child, address, _logs) = crate::binary::start_with_env(
         dir.path(),
-        &[],
+        &["--http-allow", "127.0.0.1"],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "50"),
@@ -666,5 +685,47 @@ async fn spans_go_to_an_otlp_collector_joining_the_callers_trace() {
     );
     assert!(attribute("graphql.operation.type").contains("mutation"));
     assert!(attribute("outcome").contains("ok"));
+
+    // An http step's call carries the step's trace context to the service it calls.
+    let client = crate::support::http_client();
+    let graphql = |query: String| {
+        client
+            .post(format!("http://{address}/graphql"))
+            .json(&json!({ "query": query }))
+            .send()
+    };
+    let template = format!(
+        "namespace: ops\nname: hook\nversion: 1.0.0\nsteps:\n  - {{name: notify, handler: http, config: {{url: \"http://{service_address}/hook\", method: POST}}}}\n"
+    );
+    graphql(format!(
+        "mutation {{ registerTemplate(input: {{ definition: {template:?} }}) {{ result }} }}"
+    ))
+    .await
+    .unwrap();
+    graphql("mutation { createTask(input: { namespace: \"ops\", template: \"hook\" }) { task { id } } }".to_owned())
+        .await
+        .unwrap();
+    let traceparent = tokio::time::timeout(Duration::from_secs(30), calls.recv())
+        .await
+        .expect("the step calls the service")
+        .unwrap()
+        .expect("with a traceparent header");
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparent}");
+    let (step_trace, step_span) = (parts[1].to_owned(), parts[2].to_owned());
+    let step = loop {
+        let span = tokio::time::timeout(Duration::from_secs(30), spans.recv())
+            .await
+            .expect("the step's span is exported")
+            .unwrap();
+        if span.name == "step" && hex(&span.trace_id) == step_trace {
+            break span;
+        }
+    };
+    assert_eq!(
+        hex(&step.span_id),
+        step_span,
+        "the call is made inside the step's span"
+    );
     assert!(crate::binary::terminate(&mut child).success());
 }

@@ -92,6 +92,10 @@ async fn run(
     for (name, value) in &request.headers {
         builder = builder.header(name.as_str(), value.as_str());
     }
+    // The step's trace goes on with the call (W3C `traceparent`), when traces are exported.
+    for (name, value) in trace_context() {
+        builder = builder.header(name, value);
+    }
     if let Some(body) = &request.body {
         builder = builder.json(body);
     }
@@ -316,6 +320,16 @@ fn lookup<'a>(path: &str, scope: &'a Value) -> Result<&'a Value, String> {
             _ => None,
         })
         .ok_or_else(|| format!("placeholder {{{{ {path} }}}} has no value"))
+}
+
+/// The current span's W3C trace context as headers (none when traces are not exported).
+fn trace_context() -> std::collections::HashMap<String, String> {
+    let mut headers = std::collections::HashMap::new();
+    let context = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut headers);
+    });
+    headers
 }
 
 #[cfg(test)]
