@@ -313,7 +313,6 @@ impl EventName {
         use EventName::*;
         match (from, to) {
             (None, _) => StepCreated,
-            (Some(StepState::InProgress), StepState::Pending) => StepReleased,
             (Some(_), StepState::Pending) => StepRetryRequested,
             (Some(_), StepState::InProgress) => StepStarted,
             (Some(_), StepState::Complete) => StepCompleted,

@@ -564,12 +564,21 @@ async fn a_released_attempt_does_not_count_and_the_step_is_claimable_again_at_on
 
         // A first attempt released: pending again, no attempt counted, claimable now.
         let first = store.claim_steps(&claim(1)).await.unwrap();
+        // A person cannot send a running step back to pending: only its worker can.
+        assert!(matches!(
+            store
+                .change_step(first[0].step.id, tasker_store::StepAction::Retry, None)
+                .await,
+            Err(Error::Domain(
+                tasker_domain::Error::InvalidTransition { .. }
+            ))
+        ));
         let released = store.release_leases(&[first[0].lease_token]).await.unwrap();
         assert_eq!(released.len(), 1);
         assert_eq!(released[0].state, StepState::Pending);
         assert_eq!(released[0].attempts, 0);
         assert_eq!(released[0].lease_holder, None);
-        // The token is spent: releasing, completing or failing it again changes nothing.
+        // The token is spent: releasing or completing it again changes nothing.
         assert!(
             store
                 .release_leases(&[first[0].lease_token])
@@ -673,6 +682,9 @@ async fn a_step_is_claimable_since_its_last_parent_finished_or_its_retry_time() 
             .await
             .unwrap();
         assert_eq!(failed.step.ready_since, failed.step.next_attempt_at);
-        assert!(failed.step.ready_since.unwrap() > clock.now());
+        assert_eq!(
+            failed.step.ready_since,
+            Some(clock.now() + Minutes::seconds(30))
+        );
     }
 }
