@@ -196,6 +196,7 @@ async fn a_long_poll_its_client_abandons_stops_waiting_and_claims_nothing() {
         )
         .await;
     assert_eq!(steps["task"]["steps"][0]["state"], "PENDING");
+    assert_eq!(steps["task"]["steps"][0]["leaseHolder"], Value::Null);
 }
 
 const TWO_STEPS: &str = r#"

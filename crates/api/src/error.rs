@@ -188,6 +188,14 @@ impl<T, E: Into<ApiError>> GqlResultExt<T> for Result<T, E> {
     }
 }
 
+/// The error's `extensions.code`, when it has one.
+pub(crate) fn code_of(error: &ServerError) -> Option<&str> {
+    match error.extensions.as_ref()?.get("code")? {
+        GqlValue::String(code) => Some(code),
+        _ => None,
+    }
+}
+
 /// Sets the error's code unless it has one.
 pub(crate) fn with_code(mut error: ServerError, code: &str) -> ServerError {
     let has_code = error

@@ -94,21 +94,15 @@ impl Extension for OperationMetricsExtension {
         span.record("graphql.operation.type", kind);
         span.record("graphql.operation.field", field.as_str());
         if kind == "subscription" {
-            // Counted as they run (tasker_subscriptions), not as requests.
+            // A subscription sent as a plain request (refused: they run over WebSockets,
+            // counted in tasker_subscriptions) is not an operation here.
             return response;
         }
         let outcome = match response.errors.first() {
-            None => "ok".to_owned(),
-            Some(error) => error
-                .extensions
-                .as_ref()
-                .and_then(|extensions| extensions.get("code"))
-                .and_then(|code| match code {
-                    async_graphql::Value::String(code) => Some(code.clone()),
-                    _ => None,
-                })
-                .unwrap_or_else(|| "error".to_owned()),
-        };
+            None => "ok",
+            Some(error) => crate::error::code_of(error).unwrap_or("error"),
+        }
+        .to_owned();
         span.record("outcome", outcome.as_str());
         let metrics = self.engine.metrics();
         let labels = [("type", kind.to_owned()), ("operation", field)];

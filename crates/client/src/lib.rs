@@ -53,6 +53,8 @@ struct Inner {
     token: Option<String>,
     timeout: Duration,
     reconnect: Reconnect,
+    /// The TLS setup of `wss://` subscriptions, made on first use.
+    tls: Arc<std::sync::OnceLock<Arc<rustls::ClientConfig>>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -97,6 +99,7 @@ impl Client {
             token: self.inner.token.clone(),
             timeout: self.inner.timeout,
             reconnect: self.inner.reconnect,
+            tls: self.inner.tls.clone(),
         };
         change(&mut inner);
         Client {
@@ -135,6 +138,7 @@ impl Client {
                 token: None,
                 timeout: DEFAULT_TIMEOUT,
                 reconnect: Reconnect::default(),
+                tls: Arc::default(),
             }),
         })
     }

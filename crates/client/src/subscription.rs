@@ -463,12 +463,16 @@ impl Client {
         if self.inner.ws_endpoint.scheme() != "wss" {
             return Ok(None);
         }
+        // Built once per client (it reads the system's trust store), on the first wss://
+        // connection.
+        if let Some(config) = self.inner.tls.get() {
+            return Ok(Some(tokio_tungstenite::Connector::Rustls(config.clone())));
+        }
         use rustls_platform_verifier::ConfigVerifierExt as _;
         let config = rustls::ClientConfig::with_platform_verifier()
             .map_err(|err| Error::Protocol(format!("cannot set up TLS: {err}")))?;
-        Ok(Some(tokio_tungstenite::Connector::Rustls(
-            std::sync::Arc::new(config),
-        )))
+        let config = self.inner.tls.get_or_init(|| std::sync::Arc::new(config));
+        Ok(Some(tokio_tungstenite::Connector::Rustls(config.clone())))
     }
 }
 

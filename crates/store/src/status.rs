@@ -15,7 +15,7 @@ pub struct StoreStatus {
     pub tasks: Vec<(String, String, u64)>,
     /// (namespace, state, count) for every pair that has steps.
     pub steps: Vec<(String, String, u64)>,
-    /// Steps claimable now, counted up to [`READY_COUNT_CAP`].
+    /// Steps claimable now, reported up to [`READY_COUNT_CAP`].
     pub ready_steps: u64,
     /// How long the longest-waiting claimable step has been claimable, in milliseconds.
     pub oldest_ready_ms: Option<i64>,
@@ -23,7 +23,7 @@ pub struct StoreStatus {
     pub event_head: Option<i64>,
 }
 
-/// How far the ready queue is counted: past this, "very deep" is all an operator needs.
+/// The most the ready queue's depth reports: past this, "very deep" is all an operator needs.
 pub const READY_COUNT_CAP: u32 = 100_000;
 
 /// The connection pool now.
@@ -41,7 +41,8 @@ struct Grouped {
 }
 
 #[derive(Debug, FromQueryResult)]
-struct Oldest {
+struct ReadyQueue {
+    ready: i64,
     since: Option<i64>,
 }
 
@@ -67,9 +68,10 @@ impl Store {
         scope(&mut steps);
         steps.push(" GROUP BY t.namespace, s.state");
         let now_ms = self.now_ms();
-        let mut oldest = Sql::new(backend);
-        oldest.push("SELECT MIN(s.ready_since_ms) AS since FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
-        push_ready_condition(&mut oldest, now_ms, &[], within);
+        // The ready queue in one pass: its depth and its oldest claimable step.
+        let mut ready = Sql::new(backend);
+        ready.push("SELECT COUNT(*) AS ready, MIN(s.ready_since_ms) AS since FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
+        push_ready_condition(&mut ready, now_ms, &[], within);
         let grouped = |rows: Vec<Grouped>| {
             rows.into_iter()
                 .map(|row| {
@@ -91,11 +93,13 @@ impl Store {
                 .all(&self.db)
                 .await?,
         );
-        let since = Oldest::find_by_statement(oldest.build())
+        let queue = ReadyQueue::find_by_statement(ready.build())
             .one(&self.db)
-            .await?
-            .and_then(|row| row.since);
-        let ready_steps = self.count_ready_steps(&[], within, READY_COUNT_CAP).await?;
+            .await?;
+        let since = queue.as_ref().and_then(|row| row.since);
+        let ready_steps = queue
+            .map_or(0, |row| u64::try_from(row.ready).unwrap_or(0))
+            .min(u64::from(READY_COUNT_CAP));
         let event_head = self.event_head().await?.map(|cursor| cursor.0);
         Ok(StoreStatus {
             tasks,
