@@ -122,7 +122,9 @@ impl Store {
                 (pool.size(), pool.num_idle())
             }
         };
-        let idle = u32::try_from(idle).unwrap_or(u32::MAX);
+        // The driver counts idle connections apart from the pool's size, and for a moment the
+        // two can disagree (seen: an idle count far above the size): never more idle than open.
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX).min(size);
         PoolStatus {
             in_use: size.saturating_sub(idle),
             idle,
