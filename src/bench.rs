@@ -146,14 +146,18 @@ async fn measure(
 ) -> anyhow::Result<Measurement> {
     let registration = store.register_template(&scenario.template, false).await?;
     let template = registration.template.template;
+    // Tasks are created as the API creates them, through an engine (without its background
+    // work, which starts with the clock below).
+    let creator = tasker_engine::Engine::new(store.clone());
     let create_started = Instant::now();
     let mut ids = Vec::with_capacity(scenario.tasks);
     for i in 0..scenario.tasks {
-        let creation = store
+        let creation = creator
             .create_task(NewTask {
                 namespace: template.namespace.clone(),
                 template: template.name.clone(),
                 version: None,
+                trace_parent: None,
                 request: TaskRequest {
                     context: json!({ "n": i }),
                     ..TaskRequest::default()

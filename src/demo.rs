@@ -80,6 +80,7 @@ fn nth_task(n: u64, service: &str) -> NewTask {
         namespace: "demo".into(),
         template: template.into(),
         version: None,
+        trace_parent: None,
         request: TaskRequest {
             context,
             initiator: Some("demo".into()),

@@ -85,18 +85,23 @@ fn token(settings: &Settings, args: &config::TokenArgs) -> anyhow::Result<()> {
 fn init_logging(
     settings: &Settings,
 ) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_env("TASKER_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn"));
     let traces = otel::provider()?;
-    let exported = traces.as_ref().map(otel::layer);
+    // Each layer has its own filter: the database statements' spans go to the trace
+    // exporter, not into the log lines.
+    let exported = traces
+        .as_ref()
+        .map(|provider| otel::layer(provider).with_filter(otel::filter()));
     let lines = tracing_subscriber::fmt::layer().with_writer(|| LogWriter(std::io::stderr()));
-    let registry = tracing_subscriber::registry().with(filter).with(exported);
+    let registry = tracing_subscriber::registry().with(exported);
     match settings.log_format {
-        LogFormat::Json => registry.with(lines.json()).init(),
-        LogFormat::Text => registry.with(lines).init(),
+        LogFormat::Json => registry.with(lines.json().with_filter(filter)).init(),
+        LogFormat::Text => registry.with(lines.with_filter(filter)).init(),
     }
     Ok(traces)
 }

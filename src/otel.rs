@@ -47,12 +47,25 @@ pub fn provider() -> anyhow::Result<Option<SdkTracerProvider>> {
     ))
 }
 
-/// The `tracing` layer that turns spans into exported ones.
+/// Which spans are exported: `TASKER_TRACE` (the `TASKER_LOG` syntax), by default everything
+/// at info level and above, the database statements' spans (`sea_orm`) included.
+pub fn filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_env("TASKER_TRACE")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"))
+}
+
+/// The `tracing` layer that turns spans into exported ones. Spans carry their own fields
+/// only: source locations, threads and busy/idle times would cost work at every poll of
+/// every statement for little an operator reads.
 pub fn layer<S>(
     provider: &SdkTracerProvider,
 ) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
-    tracing_opentelemetry::layer().with_tracer(provider.tracer("tasker"))
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("tasker"))
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
 }

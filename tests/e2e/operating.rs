@@ -586,33 +586,86 @@ async fn on_sigterm_the_real_binary_completes_subscriptions_and_exits_cleanly() 
     assert!(status.success(), "exit status {status}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_go_to_an_otlp_collector_joining_the_callers_trace() {
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use prost::Message as _;
-    // A collector: OTLP over HTTP/protobuf, every span it receives kept.
-    let (received, mut spans) = tokio::sync::mpsc::unbounded_channel();
-    let collector = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| {
-            let received = received.clone();
-            async move {
-                let request = ExportTraceServiceRequest::decode(body).unwrap();
-                for resource in request.resource_spans {
-                    for scope in resource.scope_spans {
-                        for span in scope.spans {
-                            let _ = received.send(span);
+/// The spans an in-test OTLP collector received, searched by trace and name.
+struct Collector {
+    received: tokio::sync::mpsc::UnboundedReceiver<opentelemetry_proto::tonic::trace::v1::Span>,
+    seen: Vec<opentelemetry_proto::tonic::trace::v1::Span>,
+}
+
+impl Collector {
+    /// Starts a collector (OTLP over HTTP/protobuf); returns it with its endpoint.
+    async fn start() -> (Collector, String) {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message as _;
+        let (sender, received) = tokio::sync::mpsc::unbounded_channel();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let sender = sender.clone();
+                async move {
+                    let request = ExportTraceServiceRequest::decode(body).unwrap();
+                    for resource in request.resource_spans {
+                        for scope in resource.scope_spans {
+                            for span in scope.spans {
+                                let _ = sender.send(span);
+                            }
                         }
                     }
+                    axum::http::StatusCode::OK
                 }
-                axum::http::StatusCode::OK
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, collector).await });
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let collector = Collector {
+            received,
+            seen: Vec::new(),
+        };
+        (collector, endpoint)
+    }
 
+    /// The first span of that name in that trace, waiting for it to be exported.
+    async fn span(
+        &mut self,
+        trace_id: &str,
+        name: &str,
+    ) -> opentelemetry_proto::tonic::trace::v1::Span {
+        loop {
+            if let Some(span) = self
+                .seen
+                .iter()
+                .find(|span| hex(&span.trace_id) == trace_id && span.name == name)
+            {
+                return span.clone();
+            }
+            let span = tokio::time::timeout(Duration::from_secs(30), self.received.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {name} span was exported in trace {trace_id}"))
+                .unwrap();
+            self.seen.push(span);
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A span attribute's value, as text.
+fn attribute(span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> String {
+    span.attributes
+        .iter()
+        .find(|attribute| attribute.key == key)
+        .and_then(|attribute| attribute.value.as_ref())
+        .and_then(|value| value.value.as_ref())
+        .map(|value| format!("{value:?}"))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_spans_go_to_an_otlp_collector_in_the_callers_trace() {
+    let (mut collector, endpoint) = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
     // A service an http step calls: it hands over the traceparent it was sent.
     let (called, mut calls) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
@@ -641,79 +694,76 @@ async fn spans_go_to_an_otlp_collector_joining_the_callers_trace() {
             ("OTEL_BSP_SCHEDULE_DELAY", "50"),
         ],
     );
-    // The caller's own trace: 4bf9… / 00f0…, sampled.
-    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let caller_span = "00f067aa0ba902b7";
-    let answer = crate::support::http_client()
-        .post(format!("http://{address}/graphql"))
-        .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
-        .json(&json!({ "query": "mutation { createTask(input: { namespace: \"shop\", template: \"order_fulfillment\", context: { order_id: 1 } }) { task { id } } }" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 200);
-    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    let (mut request, mut operation) = (None, None);
-    while request.is_none() || operation.is_none() {
-        let span = tokio::time::timeout(Duration::from_secs(30), spans.recv())
-            .await
-            .expect("the server exports its spans")
-            .unwrap();
-        if hex(&span.trace_id) != trace_id {
-            continue;
-        }
-        match span.name.as_str() {
-            "request" => request = Some(span),
-            "graphql.operation" => operation = Some(span),
-            _ => {}
-        }
-    }
-    let (request, operation) = (request.unwrap(), operation.unwrap());
-    assert_eq!(
-        hex(&request.parent_span_id),
-        caller_span,
-        "the caller's span is the parent"
-    );
-    assert_eq!(
-        operation.parent_span_id, request.span_id,
-        "the operation runs inside the request"
-    );
-    let attribute = |key: &str| {
-        operation
-            .attributes
-            .iter()
-            .find(|attribute| attribute.key == key)
-            .and_then(|attribute| attribute.value.as_ref())
-            .and_then(|value| value.value.as_ref())
-            .map(|value| format!("{value:?}"))
-            .unwrap_or_default()
-    };
-    assert!(
-        attribute("graphql.operation.field").contains("createTask"),
-        "{operation:?}"
-    );
-    assert!(attribute("graphql.operation.type").contains("mutation"));
-    assert!(attribute("outcome").contains("ok"));
-
-    // An http step's call carries the step's trace context to the service it calls.
     let client = crate::support::http_client();
-    let graphql = |query: String| {
+    // A request in the caller's own trace (sampled), from the caller's span.
+    let traced = |trace_id: &str, query: String| {
         client
             .post(format!("http://{address}/graphql"))
+            .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
             .json(&json!({ "query": query }))
             .send()
     };
     let template = format!(
-        "namespace: ops\nname: hook\nversion: 1.0.0\nsteps:\n  - {{name: notify, handler: http, config: {{url: \"http://{service_address}/hook\", method: POST}}}}\n"
+        "namespace: ops\nname: hook\nversion: 1.0.0\nsteps:\n  - {{name: notify, handler: http, config: {{url: \"http://{service_address}/hook\", method: POST}}}}\n  - {{name: review, handler: external_review, depends_on: [notify]}}\n"
     );
-    graphql(format!(
-        "mutation {{ registerTemplate(input: {{ definition: {template:?} }}) {{ result }} }}"
-    ))
+    let registered = traced(
+        "0af7651916cd43dd8448eb211c80319c",
+        format!(
+            "mutation {{ registerTemplate(input: {{ definition: {template:?} }}) {{ result }} }}"
+        ),
+    )
     .await
     .unwrap();
-    graphql("mutation { createTask(input: { namespace: \"ops\", template: \"hook\" }) { task { id } } }".to_owned())
-        .await
-        .unwrap();
+    assert_eq!(registered.status(), 200);
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let created: Value = traced(
+        trace_id,
+        "mutation { createTask(input: { namespace: \"ops\", template: \"hook\" }) { task { id } } }".to_owned(),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let task_id = created["data"]["createTask"]["task"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The request joins the caller's trace; the operation, the task's creation and its
+    // database statements nest inside it.
+    let request = collector.span(trace_id, "request").await;
+    assert_eq!(
+        hex(&request.parent_span_id),
+        "00f067aa0ba902b7",
+        "the caller's span is the parent"
+    );
+    let operation = collector.span(trace_id, "graphql.operation").await;
+    assert_eq!(
+        operation.parent_span_id, request.span_id,
+        "the operation runs inside the request"
+    );
+    assert!(
+        attribute(&operation, "graphql.operation.field").contains("createTask"),
+        "{operation:?}"
+    );
+    assert!(attribute(&operation, "graphql.operation.type").contains("mutation"));
+    assert!(attribute(&operation, "outcome").contains("ok"));
+    let creation = collector.span(trace_id, "task.create").await;
+    assert_eq!(creation.parent_span_id, operation.span_id);
+    assert!(
+        attribute(&creation, "task_id").contains(&task_id),
+        "{creation:?}"
+    );
+    let statement = collector.span(trace_id, "sea_orm.execute").await;
+    assert!(
+        attribute(&statement, "db.system").contains("sqlite"),
+        "{statement:?}"
+    );
+
+    // The step's attempt joins the task's trace: it runs, calls the service with its trace
+    // context, and its outcome is written.
     let traceparent = tokio::time::timeout(Duration::from_secs(30), calls.recv())
         .await
         .expect("the step calls the service")
@@ -721,20 +771,64 @@ async fn spans_go_to_an_otlp_collector_joining_the_callers_trace() {
         .expect("with a traceparent header");
     let parts: Vec<&str> = traceparent.split('-').collect();
     assert_eq!(parts.len(), 4, "{traceparent}");
-    let (step_trace, step_span) = (parts[1].to_owned(), parts[2].to_owned());
-    let step = loop {
-        let span = tokio::time::timeout(Duration::from_secs(30), spans.recv())
-            .await
-            .expect("the step's span is exported")
-            .unwrap();
-        if span.name == "step" && hex(&span.trace_id) == step_trace {
-            break span;
-        }
-    };
+    assert_eq!(parts[1], trace_id, "the call is part of the caller's trace");
+    let attempt = collector.span(trace_id, "step.attempt").await;
     assert_eq!(
-        hex(&step.span_id),
-        step_span,
-        "the call is made inside the step's span"
+        attempt.parent_span_id, creation.span_id,
+        "the attempt belongs to the task"
+    );
+    assert!(
+        attribute(&attempt, "step").contains("notify"),
+        "{attempt:?}"
+    );
+    assert!(attribute(&attempt, "handler").contains("http"));
+    assert!(attribute(&attempt, "attempt").contains('1'));
+    let run = collector.span(trace_id, "step.run").await;
+    assert_eq!(run.parent_span_id, attempt.span_id);
+    assert_eq!(
+        hex(&run.span_id),
+        parts[2],
+        "the call is made inside the step's run"
+    );
+    let complete = collector.span(trace_id, "step.complete").await;
+    assert_eq!(complete.parent_span_id, attempt.span_id);
+    assert!(attribute(&complete, "outcome").contains("complete"));
+
+    // An external worker's lease carries the trace context of its claim, in the task's trace.
+    let claimed = crate::support::graphql_at(
+        &address,
+        "mutation { claimSteps(input: { workerId: \"w\", handlers: [\"external_review\"], waitSeconds: 30 }) { leases { leaseToken traceparent } } }",
+    )
+    .await;
+    let lease = &claimed["data"]["claimSteps"]["leases"][0];
+    let traceparent = lease["traceparent"]
+        .as_str()
+        .expect("a traceparent in the lease");
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts[1], trace_id, "{traceparent}");
+    let claim = collector.span(trace_id, "step.claim").await;
+    assert_eq!(claim.parent_span_id, creation.span_id);
+    assert_eq!(hex(&claim.span_id), parts[2]);
+    assert!(attribute(&claim, "worker_id").contains('w'));
+
+    // The task's end is in its trace too.
+    let completed = crate::support::graphql_at(
+        &address,
+        &format!(
+            "mutation {{ completeStep(input: {{ leaseToken: \"{}\", results: {{}} }}) {{ step {{ state }} }} }}",
+            lease["leaseToken"].as_str().unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(
+        completed["data"]["completeStep"]["step"]["state"], "COMPLETE",
+        "{completed}"
+    );
+    let finish = collector.span(trace_id, "task.finish").await;
+    assert_eq!(finish.parent_span_id, creation.span_id);
+    assert!(
+        attribute(&finish, "state").contains("complete"),
+        "{finish:?}"
     );
     assert!(crate::binary::terminate(&mut child).success());
 }

@@ -427,6 +427,7 @@ impl TaskMutation {
                 namespace: input.namespace,
                 template: input.template,
                 version: input.version,
+                trace_parent: None,
                 request: TaskRequest {
                     context: crate::objects::object_or_empty(input.context),
                     initiator: input.initiator,

@@ -53,6 +53,12 @@ pub struct Lease {
     context: Json<Value>,
     /// The results of the steps this one depends on, by step name.
     parent_results: Json<Value>,
+    /// The task's correlation id, for the worker's logs.
+    correlation_id: String,
+    /// W3C trace context of this attempt's `step.claim` span in the task's trace, when the
+    /// server exports traces: start the worker's spans from it (and send it as the
+    /// `traceparent` header of `completeStep`) to join that trace.
+    traceparent: Option<String>,
 }
 
 #[derive(SimpleObject)]
@@ -209,6 +215,8 @@ impl WorkerMutation {
                 template: input.template,
                 context: Json(input.context),
                 parent_results: Json(Value::Object(input.parent_results)),
+                correlation_id: claim.correlation_id,
+                traceparent: claim.trace_parent,
             })
             .collect();
         Ok(ClaimStepsPayload { leases })

@@ -21,7 +21,7 @@ pub(crate) const STEP_FIELDS: &str =
 pub(crate) const EVENT_FIELDS: &str = "id cursor name namespace taskId stepId payload occurredAt";
 
 const LEASE_FIELDS: &str = "leaseToken leaseExpiresAt stepId taskId name handler config \
-     attempt maxAttempts namespace template context parentResults";
+     attempt maxAttempts namespace template context parentResults correlationId traceparent";
 
 /// Reads the one root field of an answer.
 fn field<T: DeserializeOwned>(mut data: Value, name: &str) -> Result<T> {

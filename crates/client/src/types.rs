@@ -379,6 +379,11 @@ pub struct Lease {
     pub context: Value,
     /// The results of the steps this one depends on, by step name.
     pub parent_results: Value,
+    /// The task's correlation id, for the worker's logs.
+    pub correlation_id: String,
+    /// W3C trace context in the task's trace, when the server exports traces: a worker's
+    /// spans started from it join that trace.
+    pub traceparent: Option<String>,
 }
 
 /// Whether a heartbeat kept a lease.

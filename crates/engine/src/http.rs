@@ -343,7 +343,6 @@ mod tests {
             context: json!({ "order": { "id": 7, "items": ["a", "b"] }, "customer": "ada" }),
             namespace: "shop".into(),
             template: "t".into(),
-            correlation_id: "c".into(),
             parent_results: parents,
         }
     }

@@ -11,6 +11,7 @@ pub mod metrics;
 mod outbound;
 mod ready;
 mod seed;
+mod trace;
 mod workers;
 
 pub use feed::{EventFeed, Follow};
@@ -290,16 +291,31 @@ impl Engine {
         self.finished.subscribe()
     }
 
-    fn tasks_finished(&self, count: usize) {
+    fn tasks_finished<'t>(&self, tasks: impl IntoIterator<Item = &'t TaskRecord>) {
+        let mut count: u64 = 0;
+        for task in tasks {
+            count += 1;
+            trace::finished(task);
+        }
         if count > 0 {
             self.finished
-                .send_modify(|generation| *generation = generation.wrapping_add(count as u64));
+                .send_modify(|generation| *generation = generation.wrapping_add(count));
         }
     }
 
     /// Starts a task; its root steps are claimable at once.
-    pub async fn create_task(&self, new: NewTask) -> Result<TaskCreation> {
-        let creation = self.store.create_task(new).await?;
+    pub async fn create_task(&self, mut new: NewTask) -> Result<TaskCreation> {
+        let span = tracing::info_span!(
+            "task.create",
+            namespace = %new.namespace,
+            template = %new.template,
+            task_id = tracing::field::Empty,
+        );
+        // The task's work joins this span's trace, when traces are exported.
+        new.trace_parent = trace::traceparent_of(&span);
+        let creation =
+            tracing::Instrument::instrument(self.store.create_task(new), span.clone()).await?;
+        span.record("task_id", tracing::field::display(creation.task.id));
         if creation.created {
             self.announce().await;
         }
@@ -318,11 +334,12 @@ impl Engine {
                 return Ok(Vec::new());
             }
             signal.borrow_and_update();
-            let claimed = self.store.claim_steps(request).await?;
+            let mut claimed = self.store.claim_steps(request).await?;
             if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
                 if !claimed.is_empty() {
                     self.timers.notify_one();
                     self.note_claims(&claimed);
+                    trace::leased(&mut claimed, &request.worker_id);
                 }
                 return Ok(claimed);
             }
@@ -347,7 +364,7 @@ impl Engine {
             let ended = step.completed_at.unwrap_or(step.updated_at);
             self.note_attempt(step, metrics::AttemptOutcome::Completed, ended);
         }
-        self.tasks_finished(report.finished_tasks.len());
+        self.tasks_finished(&report.finished_tasks);
         Ok(report)
     }
 
@@ -377,14 +394,14 @@ impl Engine {
         if report.step.next_attempt_at.is_some() {
             self.timers.notify_one();
         }
-        self.tasks_finished(usize::from(report.finished_task.is_some()));
+        self.tasks_finished(&report.finished_task);
         Ok(report)
     }
 
     /// Cancels a task; its running leases are lost.
     pub async fn cancel_task(&self, id: uuid::Uuid, reason: Option<String>) -> Result<TaskRecord> {
         let task = self.store.cancel_task(id, reason).await?;
-        self.tasks_finished(1);
+        self.tasks_finished([&task]);
         Ok(task)
     }
 
@@ -399,7 +416,7 @@ impl Engine {
         let change = self.store.change_step(step_id, action, reason).await?;
         self.announce().await;
         if change.task.state.has_ended() {
-            self.tasks_finished(1);
+            self.tasks_finished([&change.task]);
         }
         Ok(change)
     }
@@ -422,7 +439,7 @@ impl Engine {
         reason: Option<String>,
     ) -> Result<TaskRecord> {
         let task = self.store.resolve_task(task_id, reason).await?;
-        self.tasks_finished(1);
+        self.tasks_finished([&task]);
         Ok(task)
     }
 
@@ -572,6 +589,7 @@ steps:
             namespace: "demo".into(),
             template: "chain".into(),
             version: None,
+            trace_parent: None,
             request: TaskRequest {
                 context: json!({}),
                 ..TaskRequest::default()

@@ -4,11 +4,13 @@
 
 use crate::Engine;
 use crate::handlers::{BUILT_IN_HANDLERS, Outcome, run_immediate};
+use crate::trace::Attempts;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tasker_store::{AWAITING_DECISION, AttemptFailure, ClaimRequest, ClaimedStep, Completion};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 /// How the embedded pool works.
@@ -78,10 +80,11 @@ impl Engine {
             .max(Duration::from_secs(1));
         let mut in_flight: HashMap<Uuid, tokio::task::AbortHandle> = HashMap::new();
         let mut outcomes: Vec<Finished> = Vec::new();
+        let mut attempts = Attempts::default();
         let mut draining = self.draining();
         loop {
             if *shutdown.borrow() || *draining.borrow_and_update() {
-                self.drain_pool(&config, in_flight, outcomes, &mut finished)
+                self.drain_pool(&config, in_flight, outcomes, &mut finished, attempts)
                     .await;
                 return;
             }
@@ -99,6 +102,7 @@ impl Engine {
                 match self.store.claim_steps(&request).await {
                     Ok(steps) => {
                         self.note_claims(&steps);
+                        attempts.open(&steps);
                         claimed = steps;
                     }
                     Err(err) => {
@@ -112,21 +116,28 @@ impl Engine {
             }
             let full = capacity > 0 && claimed.len() == capacity;
             in_flight.extend(
-                self.start_requests(&claimed, &caller, max_request, &done)
+                self.start_requests(&claimed, &attempts, &caller, max_request, &done)
                     .await,
             );
             outcomes.extend(
                 claimed
                     .iter()
                     .filter(|step| step.step.handler != "http")
-                    .map(|step| (step.lease_token, run_immediate(step))),
+                    .map(|step| {
+                        let outcome = attempts
+                            .run(step.lease_token)
+                            .in_scope(|| run_immediate(step));
+                        (step.lease_token, outcome)
+                    }),
             );
             while let Ok(outcome) = finished.try_recv() {
                 in_flight.remove(&outcome.0);
                 outcomes.push(outcome);
             }
             let worked = !claimed.is_empty() || !outcomes.is_empty();
-            outcomes = self.record(std::mem::take(&mut outcomes)).await;
+            outcomes = self
+                .record(std::mem::take(&mut outcomes), &mut attempts)
+                .await;
             if !outcomes.is_empty() {
                 // The database cannot take them now: keep them (their leases still hold) and
                 // try again shortly, rather than let the leases expire and spend attempts.
@@ -147,7 +158,7 @@ impl Engine {
                 }
                 // Stopped (or its sender gone): no waiting for a change that cannot come.
                 _ = shutdown.changed() => {
-                    self.drain_pool(&config, in_flight, outcomes, &mut finished).await;
+                    self.drain_pool(&config, in_flight, outcomes, &mut finished, attempts).await;
                     return;
                 }
                 _ = draining.changed() => {}
@@ -163,6 +174,7 @@ impl Engine {
         mut in_flight: HashMap<Uuid, tokio::task::AbortHandle>,
         mut outcomes: Vec<Finished>,
         finished: &mut mpsc::UnboundedReceiver<Finished>,
+        mut attempts: Attempts,
     ) {
         tracing::info!(
             in_flight = in_flight.len(),
@@ -186,7 +198,7 @@ impl Engine {
         // A database that does not answer cannot hold the stop past the grace (and a little
         // more for the writes): what it has not taken waits for its leases to end.
         let writes = async {
-            let unrecorded = self.record(outcomes).await;
+            let unrecorded = self.record(outcomes, &mut attempts).await;
             if !unrecorded.is_empty() {
                 tracing::warn!(
                     steps = unrecorded.len(),
@@ -223,6 +235,7 @@ impl Engine {
     async fn start_requests(
         &self,
         claimed: &[ClaimedStep],
+        attempts: &Attempts,
         caller: &Arc<crate::http::Caller>,
         max_request: Duration,
         done: &mpsc::UnboundedSender<Finished>,
@@ -253,15 +266,17 @@ impl Engine {
             let caller = caller.clone();
             let done = done.clone();
             // Every line the request logs says which task, step and request chain it serves.
-            // At error level, so that the strictest filter still keeps the ids.
+            // At error level, so that the strictest filter still keeps the ids. A traced
+            // attempt's request runs inside its `step.attempt` span.
             let span = tracing::error_span!(
-                "step",
+                parent: attempts.of(token).and_then(tracing::Span::id),
+                "step.run",
                 task_id = %claimed.step.task_id,
                 step_id = %claimed.step.id,
                 step = %claimed.step.name,
                 handler = %claimed.step.handler,
                 attempt = claimed.step.attempts,
-                correlation_id = %input.correlation_id,
+                correlation_id = %claimed.correlation_id,
             );
             let work = async move {
                 let outcome = caller.run(&claimed, &input, max_request).await;
@@ -276,11 +291,13 @@ impl Engine {
 
     /// Records outcomes: completions in one batch, then failures and parked steps. Returns
     /// those the database could not take for a fault, to be recorded again; other errors
-    /// leave the step to its lease, which expires and runs it again.
-    async fn record(&self, outcomes: Vec<Finished>) -> Vec<Finished> {
+    /// leave the step to its lease, which expires and runs it again. The spans of traced
+    /// attempts end with their written outcome.
+    async fn record(&self, outcomes: Vec<Finished>, attempts: &mut Attempts) -> Vec<Finished> {
         let mut unrecorded = Vec::new();
         let mut completions = Vec::new();
         let mut parked = 0;
+        let tokens: Vec<Uuid> = outcomes.iter().map(|(token, _)| *token).collect();
         for (lease_token, outcome) in outcomes {
             match outcome {
                 Outcome::Complete(results) => completions.push(Completion {
@@ -298,7 +315,8 @@ impl Engine {
                         retryable,
                         retry_after_seconds,
                     };
-                    if let Err(err) = self.fail(&failure).await
+                    let recording = attempts.recording(lease_token, "fail");
+                    if let Err(err) = self.fail(&failure).instrument(recording).await
                         && crate::retried("recording a failed attempt failed", &err)
                     {
                         let outcome = Outcome::Fail {
@@ -315,7 +333,11 @@ impl Engine {
                     } else {
                         AWAITING_DECISION
                     };
-                    match self.store.park_step(lease_token, wake_at_ms, holder).await {
+                    let parking = self.store.park_step(lease_token, wake_at_ms, holder);
+                    match parking
+                        .instrument(attempts.recording(lease_token, "park"))
+                        .await
+                    {
                         Ok(()) => parked += 1,
                         Err(err) => {
                             if crate::retried("parking a step failed", &err) {
@@ -330,6 +352,11 @@ impl Engine {
             // A wake time may be earlier than the one the timer sleeps toward.
             self.timers.notify_one();
         }
+        // One batch write for all completions: each traced attempt's span covers it.
+        let recording: Vec<tracing::Span> = completions
+            .iter()
+            .map(|c| attempts.recording(c.lease_token, "complete"))
+            .collect();
         if let Err(err) = self.complete(&completions).await
             && crate::retried("recording completed steps failed", &err)
         {
@@ -339,6 +366,9 @@ impl Engine {
                     .map(|c| (c.lease_token, Outcome::Complete(c.results))),
             );
         }
+        drop(recording);
+        let kept: Vec<Uuid> = unrecorded.iter().map(|(token, _)| *token).collect();
+        attempts.close(&tokens, &kept);
         unrecorded
     }
 }

@@ -70,6 +70,8 @@ pub mod task {
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
         pub completed_at: Option<DateTimeUtc>,
+        /// The creating span's W3C trace context, when traces are exported.
+        pub traceparent: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

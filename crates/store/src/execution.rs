@@ -45,6 +45,10 @@ pub struct ClaimedStep {
     pub step: StepRecord,
     pub lease_token: Uuid,
     pub lease_expires_at: DateTime<Utc>,
+    /// The task's correlation id, for the lines logged while the step runs.
+    pub correlation_id: String,
+    /// The W3C trace context of the task's creation, which the attempt's spans join.
+    pub trace_parent: Option<String>,
 }
 
 /// A finished attempt to record.
@@ -100,8 +104,6 @@ pub struct StepInputs {
     pub context: Value,
     pub namespace: String,
     pub template: String,
-    /// The task's correlation id, for the logs of the work.
-    pub correlation_id: String,
     /// Results of the parent steps, by step name.
     pub parent_results: serde_json::Map<String, Value>,
 }
@@ -225,6 +227,8 @@ impl Store {
             let lease_expires_at =
                 DateTime::from_timestamp_millis(now_ms + lease_ms).unwrap_or(now);
             leases.push(ClaimedStep {
+                correlation_id: subjects.subject(model.task_id).correlation_id.to_owned(),
+                trace_parent: subjects.trace_parent(model.task_id).map(str::to_owned),
                 step: model.try_into()?,
                 lease_token,
                 lease_expires_at,
@@ -590,7 +594,6 @@ impl Store {
                         context: task.map(|t| t.context.clone()).unwrap_or(Value::Null),
                         namespace: task.map(|t| t.namespace.clone()).unwrap_or_default(),
                         template: task.map(|t| t.template_name.clone()).unwrap_or_default(),
-                        correlation_id: task.map(|t| t.correlation_id.clone()).unwrap_or_default(),
                         parent_results: serde_json::Map::new(),
                     },
                 )

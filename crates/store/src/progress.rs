@@ -211,13 +211,14 @@ impl Store {
             .collect();
         if !missing.is_empty() {
             let mut sql = Sql::new(self.db.get_database_backend());
-            sql.push("SELECT id, namespace, template_name, correlation_id FROM tasks WHERE id IN ")
+            sql.push("SELECT id, namespace, template_name, correlation_id, traceparent FROM tasks WHERE id IN ")
                 .bind_list(missing);
             for row in TaskNames::find_by_statement(sql.build()).all(txn).await? {
                 let names_of_row = SubjectNames {
                     correlation_id: correlation_or_id(row.correlation_id, row.id),
                     namespace: row.namespace,
                     template: row.template_name,
+                    trace_parent: row.traceparent,
                 };
                 names.insert(row.id, names_of_row);
             }
@@ -232,12 +233,14 @@ struct TaskNames {
     namespace: String,
     template_name: String,
     correlation_id: Option<String>,
+    traceparent: Option<String>,
 }
 
 struct SubjectNames {
     namespace: String,
     template: String,
     correlation_id: String,
+    trace_parent: Option<String>,
 }
 
 /// Namespace, template and correlation id by task id.
@@ -260,6 +263,7 @@ impl Subjects {
                     namespace: t.namespace.clone(),
                     template: t.template_name.clone(),
                     correlation_id: correlation_or_id(t.correlation_id.clone(), t.id),
+                    trace_parent: t.traceparent.clone(),
                 };
                 (t.id, names)
             })
@@ -286,6 +290,11 @@ impl Subjects {
             .into_iter()
             .map(|(task_id, list)| crate::events::steps_ready(self.subject(task_id), &list, now))
             .collect()
+    }
+
+    /// The trace context the task's work joins, if it has one.
+    pub fn trace_parent(&self, task_id: Uuid) -> Option<&str> {
+        self.names.get(&task_id)?.trace_parent.as_deref()
     }
 
     pub fn subject(&self, task_id: Uuid) -> Subject<'_> {

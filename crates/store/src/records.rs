@@ -45,6 +45,8 @@ pub struct TaskRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// The W3C trace context the task's work joins, when traces were exported at its creation.
+    pub trace_parent: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -184,6 +186,7 @@ impl TryFrom<task::Model> for TaskRecord {
             created_at: model.created_at,
             updated_at: model.updated_at,
             completed_at: model.completed_at,
+            trace_parent: model.traceparent,
         })
     }
 }

@@ -22,6 +22,9 @@ pub struct NewTask {
     pub template: String,
     pub version: Option<String>,
     pub request: TaskRequest,
+    /// The W3C `traceparent` the task's work joins (set by the engine when traces are
+    /// exported; `None` otherwise).
+    pub trace_parent: Option<String>,
 }
 
 /// The task, and whether this call created it (`false`: an earlier call with the same
@@ -48,7 +51,7 @@ impl Store {
             {
                 return Ok(existing);
             }
-            match self.insert_task(&template, &new.request).await {
+            match self.insert_task(&template, &new).await {
                 Ok(task) => Ok(TaskCreation {
                     task,
                     created: true,
@@ -98,8 +101,9 @@ impl Store {
     async fn insert_task(
         &self,
         template_record: &TemplateRecord,
-        request: &TaskRequest,
+        new: &NewTask,
     ) -> Result<TaskRecord> {
+        let request = &new.request;
         let template = &template_record.template;
         let now = self.now();
         let task_id = Uuid::now_v7();
@@ -132,6 +136,7 @@ impl Store {
             created_at: Set(now),
             updated_at: Set(now),
             completed_at: Set(None),
+            traceparent: Set(new.trace_parent.clone()),
         };
         let step_ids: Vec<Uuid> = template.steps.iter().map(|_| Uuid::now_v7()).collect();
         let steps = template

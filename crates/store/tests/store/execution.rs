@@ -402,6 +402,43 @@ async fn cancelled_tasks_and_foreign_handlers_are_not_claimed() {
     }
 }
 
+/// A lease carries what the work logs and traces with: the task's correlation id and the
+/// trace context its creator stored (in the first claim, which starts the task, and later).
+#[tokio::test]
+async fn a_lease_carries_its_tasks_correlation_id_and_trace_context() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut traced = order("shop", "fulfil", 1);
+        traced.trace_parent = Some(traceparent.into());
+        traced.request.correlation_id = Some("ci-run-7".into());
+        let traced = store.create_task(traced).await.unwrap().task;
+        assert_eq!(traced.trace_parent.as_deref(), Some(traceparent));
+        let plain = store
+            .create_task(order("shop", "fulfil", 2))
+            .await
+            .unwrap()
+            .task;
+        // validate, then reserve and charge, of each task
+        for expected in [2, 4] {
+            let claimed = store.claim_steps(&claim(10)).await.unwrap();
+            assert_eq!(claimed.len(), expected);
+            for lease in &claimed {
+                if lease.step.task_id == traced.id {
+                    assert_eq!(lease.trace_parent.as_deref(), Some(traceparent));
+                    assert_eq!(lease.correlation_id, "ci-run-7");
+                } else {
+                    assert_eq!(lease.trace_parent, None);
+                    assert_eq!(lease.correlation_id, plain.id.to_string());
+                }
+            }
+            complete(store, &claimed).await;
+        }
+    }
+}
+
 /// Claiming a batch costs the same few statements whatever its size.
 #[tokio::test]
 async fn claiming_and_completing_cost_a_constant_number_of_statements() {

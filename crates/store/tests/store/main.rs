@@ -48,6 +48,7 @@ pub fn order(namespace: &str, template: &str, order_id: i64) -> NewTask {
         namespace: namespace.into(),
         template: template.into(),
         version: None,
+        trace_parent: None,
         request: TaskRequest {
             context: json!({ "order_id": order_id }),
             ..TaskRequest::default()
