@@ -92,6 +92,25 @@ async fn metrics_show_what_the_server_did_with_bounded_labels_and_pass_promtool(
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Some("NOT_FOUND"));
+    // A query sent over a WebSocket counts like one sent over HTTP.
+    {
+        use crate::websocket::{connect_to, receive, send};
+        let mut socket = connect_to(server.address, "graphql-transport-ws").await;
+        let authorization = format!("Bearer {}", token(&["*"], &["*"]));
+        send(
+            &mut socket,
+            json!({ "type": "connection_init", "payload": { "authorization": authorization } }),
+        )
+        .await;
+        assert_eq!(receive(&mut socket).await["type"], "connection_ack");
+        send(
+            &mut socket,
+            json!({ "type": "subscribe", "id": "q", "payload": { "query": "{ templates { key } }" } }),
+        )
+        .await;
+        assert_eq!(receive(&mut socket).await["type"], "next");
+        assert_eq!(receive(&mut socket).await["type"], "complete");
+    }
 
     let scrape = |token: Option<String>| {
         let mut request = server.http().get(server.url("/metrics"));
@@ -153,6 +172,10 @@ async fn metrics_show_what_the_server_did_with_bounded_labels_and_pass_promtool(
         (
             r#"tasker_graphql_operation_duration_seconds_count{type="mutation",operation="createTask"}"#,
             2.0,
+        ),
+        (
+            r#"tasker_graphql_operations_total{type="query",operation="templates",outcome="ok"}"#,
+            1.0,
         ),
         ("tasker_ready_steps", 0.0),
         ("tasker_database_up", 1.0),

@@ -1,5 +1,6 @@
-//! What the API adds to the server's metrics: every query and mutation counted by type, root
-//! field and outcome with its latency, and open WebSocket connections and subscriptions.
+//! What the API adds to the server's metrics: every query and mutation (over HTTP or a
+//! WebSocket) counted by type, root field and outcome with its latency, and open WebSocket
+//! connections and subscriptions.
 
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest,
@@ -21,6 +22,7 @@ impl ExtensionFactory for OperationMetrics {
             engine: self.0.clone(),
             parsed: Mutex::default(),
             executed: Mutex::default(),
+            over_http: Mutex::default(),
         })
     }
 }
@@ -29,9 +31,11 @@ struct OperationMetricsExtension {
     engine: Arc<Engine>,
     /// Each operation of the document: its name, type and first root field.
     parsed: Mutex<Vec<(Option<String>, &'static str, String)>>,
-    /// The operation that ran (only operations that passed validation are named, so the
-    /// labels stay within the schema's fields).
-    executed: Mutex<Option<(&'static str, String)>>,
+    /// Whether an operation reached execution (only those are named, so the labels stay
+    /// within the schema's fields; the others count as `invalid`).
+    executed: Mutex<bool>,
+    /// The request's span, when the operation came as an HTTP request.
+    over_http: Mutex<Option<tracing::Span>>,
 }
 
 fn kind(ty: OperationType) -> &'static str {
@@ -71,32 +75,22 @@ fn summary(document: &ExecutableDocument) -> Vec<(Option<String>, &'static str, 
     }
 }
 
-#[async_graphql::async_trait::async_trait]
-impl Extension for OperationMetricsExtension {
-    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
-        let started = Instant::now();
-        // A span per operation, its root field and outcome recorded once known (exported with
-        // traces).
-        let span = tracing::info_span!(
-            "graphql.operation",
-            graphql.operation.type = tracing::field::Empty,
-            graphql.operation.field = tracing::field::Empty,
-            outcome = tracing::field::Empty,
-        );
-        let response = tracing::Instrument::instrument(next.run(ctx), span.clone()).await;
-        let seconds = started.elapsed().as_secs_f64();
-        let (kind, field) = self
-            .executed
-            .lock()
-            .ok()
-            .and_then(|executed| executed.clone())
-            .unwrap_or(("invalid", "none".to_owned()));
+impl OperationMetricsExtension {
+    /// Counts one operation with its outcome and latency, and names them on its span.
+    fn count(
+        &self,
+        span: &tracing::Span,
+        kind: &'static str,
+        field: String,
+        response: &Response,
+        seconds: f64,
+    ) {
         span.record("graphql.operation.type", kind);
         span.record("graphql.operation.field", field.as_str());
         if kind == "subscription" {
             // A subscription sent as a plain request (refused: they run over WebSockets,
             // counted in tasker_subscriptions) is not an operation here.
-            return response;
+            return;
         }
         let outcome = match response.errors.first() {
             None => "ok",
@@ -116,6 +110,35 @@ impl Extension for OperationMetricsExtension {
                 &[kind, field, ("outcome", outcome)],
             )
             .increment(1);
+    }
+}
+
+fn operation_span() -> tracing::Span {
+    // Its root field and outcome are recorded once known (exported with traces).
+    tracing::info_span!(
+        "graphql.operation",
+        graphql.operation.type = tracing::field::Empty,
+        graphql.operation.field = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    )
+}
+
+#[async_graphql::async_trait::async_trait]
+impl Extension for OperationMetricsExtension {
+    /// A request over HTTP: one span around it all; one that never reached execution (it did
+    /// not parse or validate) is counted here.
+    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
+        let started = Instant::now();
+        let span = operation_span();
+        if let Ok(mut over_http) = self.over_http.lock() {
+            *over_http = Some(span.clone());
+        }
+        let response = tracing::Instrument::instrument(next.run(ctx), span.clone()).await;
+        let executed = self.executed.lock().is_ok_and(|executed| *executed);
+        if !executed {
+            let seconds = started.elapsed().as_secs_f64();
+            self.count(&span, "invalid", "none".to_owned(), &response, seconds);
+        }
         response
     }
 
@@ -133,12 +156,15 @@ impl Extension for OperationMetricsExtension {
         Ok(document)
     }
 
+    /// A query or mutation that passed validation, over HTTP or a WebSocket (where no
+    /// request hook runs): counted with its root field.
     async fn execute(
         &self,
         ctx: &ExtensionContext<'_>,
         operation_name: Option<&str>,
         next: NextExecute<'_>,
     ) -> Response {
+        let started = Instant::now();
         let chosen = self.parsed.lock().ok().and_then(|parsed| {
             parsed
                 .iter()
@@ -146,9 +172,21 @@ impl Extension for OperationMetricsExtension {
                 .map(|(_, kind, field)| (*kind, field.clone()))
         });
         if let Ok(mut executed) = self.executed.lock() {
-            *executed = chosen;
+            *executed = true;
         }
-        next.run(ctx, operation_name).await
+        let over_http = self.over_http.lock().ok().and_then(|span| span.clone());
+        let span = over_http.unwrap_or_else(operation_span);
+        let response =
+            tracing::Instrument::instrument(next.run(ctx, operation_name), span.clone()).await;
+        let (kind, field) = chosen.unwrap_or(("invalid", "none".to_owned()));
+        self.count(
+            &span,
+            kind,
+            field,
+            &response,
+            started.elapsed().as_secs_f64(),
+        );
+        response
     }
 }
 
