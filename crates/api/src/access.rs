@@ -955,10 +955,15 @@ impl Granted<'_, can::MetricsIndex> {
             Ok(Ok(status)) => {
                 metrics.set_status(&status, self.store().pool_status());
                 metrics.gauge("tasker_database_up", &[]).set(1.0);
-                let lag = self.engine.events().lag(status.event_head).unwrap_or(0);
+                let events = self.engine.events();
+                let lag = events.lag(status.event_head).unwrap_or(0);
                 metrics
                     .gauge("tasker_event_feed_lag_events", &[])
                     .set(lag as f64);
+                let slowest = events.slowest_subscriber_lag(status.event_head);
+                metrics
+                    .gauge("tasker_subscriber_lag_events", &[])
+                    .set(slowest as f64);
             }
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, "metrics could not read the database");

@@ -9,7 +9,8 @@
 //! subscription always knows whether it has seen everything up to a point — never a gap,
 //! never a repeat.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tasker_store::{EventCursor, EventFilter, EventRecord, Store};
 use tokio::sync::broadcast;
@@ -51,6 +52,9 @@ struct Inner {
     /// Whether the reading task runs; taken with the decision to start or stop it, so a
     /// subscriber arriving as the last one leaves is never left without a reader.
     reading: Mutex<bool>,
+    /// How far each live subscription has looked (its cursor, 0 before any event), for the
+    /// lag of the slowest; a subscription that ended leaves a dead entry, dropped when read.
+    places: Mutex<Vec<Weak<AtomicI64>>>,
 }
 
 impl EventFeed {
@@ -66,6 +70,7 @@ impl EventFeed {
                 sender,
                 reading: Mutex::new(false),
                 position: tokio::sync::watch::Sender::new(None),
+                places: Mutex::default(),
             }),
         }
     }
@@ -86,6 +91,23 @@ impl EventFeed {
         Some(u64::try_from(head.unwrap_or(0) - position.0).unwrap_or(0))
     }
 
+    /// How many events up to the log's `head` the furthest-behind subscription on this server
+    /// has not looked at yet (0 when none follows): a dashboard that cannot keep up shows here.
+    pub fn slowest_subscriber_lag(&self, head: Option<i64>) -> u64 {
+        let Ok(mut places) = self.inner.places.lock() else {
+            return 0;
+        };
+        places.retain(|place| place.strong_count() > 0);
+        let slowest = places
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|place| place.load(Ordering::Relaxed))
+            .min();
+        slowest.map_or(0, |place| {
+            u64::try_from(head.unwrap_or(0) - place).unwrap_or(0)
+        })
+    }
+
     /// Follows the log from `cursor` (exclusive; from the start when `None`) for the events
     /// matching `filter`.
     pub fn follow(&self, filter: EventFilter, cursor: Option<EventCursor>) -> Follow {
@@ -96,10 +118,15 @@ impl EventFeed {
             tokio::spawn(read(self.inner.clone()));
         }
         drop(reading);
+        let place = Arc::new(AtomicI64::new(cursor.map_or(0, |cursor| cursor.0)));
+        if let Ok(mut places) = self.inner.places.lock() {
+            places.push(Arc::downgrade(&place));
+        }
         Follow {
             store: self.inner.store.clone(),
             filter,
             seen: cursor,
+            place,
             receiver,
             feed_position: self.inner.position.subscribe(),
             caught_up: false,
@@ -185,6 +212,8 @@ pub struct Follow {
     filter: EventFilter,
     /// Every event up to here has been looked at (delivered if it matched).
     seen: Option<EventCursor>,
+    /// `seen`, where the feed reads it for the slowest subscription's lag.
+    place: Arc<AtomicI64>,
     receiver: broadcast::Receiver<Arc<Batch>>,
     feed_position: tokio::sync::watch::Receiver<Option<EventCursor>>,
     /// Whether the log has been read up to the broadcast; until then, and after losing its
@@ -270,7 +299,7 @@ impl Follow {
                         .filter(|event| self.filter.matches(event))
                         .cloned(),
                 );
-                self.seen = Some(last);
+                self.saw(Some(last));
                 Some(())
             }
             Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -278,6 +307,14 @@ impl Follow {
                 Some(())
             }
             Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+
+    /// Moves the subscription's place in the log.
+    fn saw(&mut self, seen: Option<EventCursor>) {
+        self.seen = seen;
+        if let Some(cursor) = seen {
+            self.place.store(cursor.0, Ordering::Relaxed);
         }
     }
 
@@ -300,9 +337,9 @@ impl Follow {
             Ok(page) => {
                 let last = page.last().map(EventRecord::cursor);
                 if page.len() as u64 == PAGE {
-                    self.seen = last;
+                    self.saw(last);
                 } else {
-                    self.seen = self.seen.max(head).max(last);
+                    self.saw(self.seen.max(head).max(last));
                     self.caught_up = true;
                 }
                 self.ready.extend(page);
@@ -402,14 +439,20 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(kept, log);
+            // The slowest subscription's lag is the slow one's: it has looked at nothing.
+            let head = log.last().map(|event| event.cursor().0);
+            assert_eq!(feed.slowest_subscriber_lag(head), 30);
             assert!(
                 slow.receiver.len() > 2,
                 "the slow follower is further behind than the broadcast holds: it lost its place"
             );
             assert_eq!(take(&mut slow, 30).await, log, "{}", db.backend());
+            assert_eq!(feed.slowest_subscriber_lag(head), 0, "both caught up");
             store.register_template(&template(30), false).await.unwrap();
             let next = take(&mut slow, 1).await;
             assert_eq!(next[0].payload["template"], "t30", "and then follows live");
+            drop((slow, keeping_up));
+            assert_eq!(feed.slowest_subscriber_lag(Some(1_000)), 0, "none follows");
         }
     }
 }

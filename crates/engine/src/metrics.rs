@@ -125,6 +125,12 @@ pub const FAMILIES: &[(&str, Kind, Option<Unit>, &str)] = &[
         "Events committed that this server's subscription feed has not read yet.",
     ),
     (
+        "tasker_subscriber_lag_events",
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Events committed that the furthest-behind subscription on this server has not looked at yet.",
+    ),
+    (
         "tasker_claim_waiters",
         Kind::Gauge,
         Some(Unit::Count),
