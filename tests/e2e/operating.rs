@@ -717,6 +717,8 @@ async fn a_tasks_spans_go_to_an_otlp_collector_in_the_callers_trace() {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+            // The database statements' spans too.
+            ("TASKER_TRACE", "info,sqlx=warn"),
         ],
     );
     let client = crate::support::http_client();
