@@ -1,8 +1,12 @@
-//! `tasker bench`: runs an embedded engine over fresh databases and prints how fast steps run.
-//! Tasks are created first; the clock starts when the worker pool starts, and stops when the
-//! last task completes. Every transition and event is persisted as in production.
+//! `tasker bench`: runs the engine over fresh databases and prints how fast steps run, beside
+//! the database's own commit rate measured in the same run (so a figure reads as a ratio on
+//! any machine). For each scenario, tasks are created first (timed: what a user waits for
+//! includes it); the execution clock starts when the worker pool starts and stops when the
+//! last task completes. Every transition and event is persisted as in production. Then the
+//! public API: chains created over HTTP and awaited over the event subscription, one at a time.
 
 use anyhow::{Context as _, bail};
+use futures::StreamExt as _;
 use serde::Serialize;
 use serde_json::json;
 use std::collections::HashMap;
@@ -22,7 +26,7 @@ struct Scenario {
     tasks: usize,
 }
 
-fn scenarios() -> Vec<Scenario> {
+fn scenarios_list() -> Vec<Scenario> {
     let noop = |name: String, depends: Vec<String>| json!({ "name": name, "handler": "noop", "depends_on": depends });
     let chain = |n: usize| -> Vec<serde_json::Value> {
         (0..n)
@@ -79,76 +83,188 @@ fn scenarios() -> Vec<Scenario> {
 /// What one scenario measured.
 #[derive(Debug, Serialize)]
 pub struct Measurement {
-    backend: String,
     scenario: String,
     description: String,
     tasks: usize,
     steps: usize,
-    total_ms: f64,
-    steps_per_second: f64,
+    /// Creating the tasks, one `createTask` after another through the engine.
+    create_ms: f64,
+    create_tasks_per_second: f64,
+    /// From the pool's start to the last task's completion.
+    execute_ms: f64,
+    execute_steps_per_second: f64,
+    /// Steps over creation and execution together: what a user gets.
+    end_to_end_steps_per_second: f64,
+    /// Execution steps/s over the database's single-row commits/s.
+    execute_to_commit_ratio: f64,
     /// From a parent's completion to its child's start, in milliseconds.
     handoff_p50_ms: Option<f64>,
     handoff_p99_ms: Option<f64>,
-    create_ms: f64,
+    /// SQL statements the store ran, per task created and per step executed.
+    statements_per_task_created: f64,
+    statements_per_step: f64,
 }
+
+/// Chains created over HTTP and awaited over the subscription, one at a time.
+#[derive(Debug, Serialize)]
+pub struct ApiLatency {
+    description: String,
+    tasks: usize,
+    steps_per_task: usize,
+    /// From sending `createTask` to receiving the task's `task.completed` event.
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Everything measured on one database.
+#[derive(Debug, Serialize)]
+pub struct Backend {
+    backend: String,
+    /// Single-row autocommitted writes per second through the same driver and pool: the
+    /// database's own speed on this machine, measured in the same run.
+    commits_per_second: f64,
+    scenarios: Vec<Measurement>,
+    api: ApiLatency,
+}
+
+/// How long the commit rate is measured.
+const COMMIT_RATE_FOR: Duration = Duration::from_secs(1);
+/// The chain the public-API figure runs.
+const API_CHAIN: usize = 10;
 
 /// Runs every scenario on SQLite and, when given, PostgreSQL; prints text or JSON.
 pub async fn run(
     postgres_url: Option<String>,
     json_output: bool,
     workers: usize,
+    api_tasks: usize,
 ) -> anyhow::Result<()> {
-    let mut results = Vec::new();
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    for scenario in scenarios() {
-        let database = Database::sqlite(dir.path(), scenario.key).await?;
-        results.push(measure(&database.store, "sqlite", &scenario, workers).await?);
-        database.drop().await?;
-    }
+    let mut backends = vec![
+        measure_backend("sqlite", workers, api_tasks, |key| {
+            Database::sqlite(dir.path(), key)
+        })
+        .await?,
+    ];
     if let Some(url) = postgres_url {
-        for scenario in scenarios() {
-            let database = Database::postgres(&url).await?;
-            let measured = measure(&database.store, "postgres", &scenario, workers).await;
-            database.drop().await?;
-            results.push(measured?);
-        }
+        backends.push(
+            measure_backend("postgres", workers, api_tasks, |_| Database::postgres(&url)).await?,
+        );
     }
     if json_output {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        println!("{}", serde_json::to_string_pretty(&backends)?);
     } else {
-        println!(
-            "{:<9} {:<2} {:<36} {:>6} {:>10} {:>10} {:>9} {:>9}",
-            "backend", "", "scenario", "steps", "total ms", "steps/s", "p50 ms", "p99 ms"
-        );
-        for m in &results {
-            let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
-            println!(
-                "{:<9} {:<2} {:<36} {:>6} {:>10.1} {:>10.0} {:>9} {:>9}",
-                m.backend,
-                m.scenario,
-                m.description,
-                m.steps,
-                m.total_ms,
-                m.steps_per_second,
-                ms(m.handoff_p50_ms),
-                ms(m.handoff_p99_ms)
-            );
+        for backend in &backends {
+            print_backend(backend);
         }
     }
     Ok(())
 }
 
+fn print_backend(backend: &Backend) {
+    println!(
+        "{}: {:.0} single-row commits/s (the database's own rate, measured in this run)",
+        backend.backend, backend.commits_per_second
+    );
+    println!(
+        "   {:<34} {:>6} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>7}",
+        "scenario",
+        "steps",
+        "create ms",
+        "tasks/s",
+        "exec ms",
+        "steps/s",
+        "e2e/s",
+        "÷commit",
+        "sql/tsk",
+        "sql/stp",
+        "p50 ms",
+        "p99 ms"
+    );
+    for m in &backend.scenarios {
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        println!(
+            "{:<2} {:<34} {:>6} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:>8.0} {:>6.2} {:>7.1} {:>7.1} {:>7} {:>7}",
+            m.scenario,
+            m.description,
+            m.steps,
+            m.create_ms,
+            m.create_tasks_per_second,
+            m.execute_ms,
+            m.execute_steps_per_second,
+            m.end_to_end_steps_per_second,
+            m.execute_to_commit_ratio,
+            m.statements_per_task_created,
+            m.statements_per_step,
+            ms(m.handoff_p50_ms),
+            ms(m.handoff_p99_ms)
+        );
+    }
+    let api = &backend.api;
+    println!(
+        "e  {}: {} tasks, p50 {:.1} ms, p99 {:.1} ms per task\n",
+        api.description, api.tasks, api.p50_ms, api.p99_ms
+    );
+}
+
+/// The commit rate, every scenario and the public-API figure on one kind of database, each on
+/// a fresh database.
+async fn measure_backend<F, D>(
+    backend: &str,
+    workers: usize,
+    api_tasks: usize,
+    fresh: F,
+) -> anyhow::Result<Backend>
+where
+    F: Fn(&'static str) -> D,
+    D: std::future::Future<Output = anyhow::Result<Database>>,
+{
+    let database = fresh("commits").await?;
+    let commits_per_second = commit_rate(&database.store).await;
+    database.store.clone().close().await?;
+    database.drop().await?;
+    let commits_per_second = commits_per_second?;
+    let mut scenarios = Vec::new();
+    for scenario in scenarios_list() {
+        let database = fresh(scenario.key).await?;
+        let measured = measure(&database.store, &scenario, workers, commits_per_second).await;
+        database.drop().await?;
+        scenarios.push(measured?);
+    }
+    let database = fresh("api").await?;
+    let api = api_latency(database.store.clone(), workers, api_tasks).await;
+    database.drop().await?;
+    Ok(Backend {
+        backend: backend.to_owned(),
+        commits_per_second,
+        scenarios,
+        api: api?,
+    })
+}
+
+/// Single-row autocommitted writes per second, one after another.
+async fn commit_rate(store: &Store) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut commits = 0u64;
+    while started.elapsed() < COMMIT_RATE_FOR {
+        store.probe_write().await?;
+        commits += 1;
+    }
+    Ok(commits as f64 / started.elapsed().as_secs_f64())
+}
+
 async fn measure(
     store: &Store,
-    backend: &str,
     scenario: &Scenario,
     workers: usize,
+    commits_per_second: f64,
 ) -> anyhow::Result<Measurement> {
     let registration = store.register_template(&scenario.template, false).await?;
     let template = registration.template.template;
     // Tasks are created as the API creates them, through an engine (without its background
     // work, which starts with the clock below).
     let creator = tasker_engine::Engine::new(store.clone());
+    let statements_before_creation = store.statement_count();
     let create_started = Instant::now();
     let mut ids = Vec::with_capacity(scenario.tasks);
     for i in 0..scenario.tasks {
@@ -166,7 +282,8 @@ async fn measure(
             .await?;
         ids.push(creation.task.id);
     }
-    let create_ms = create_started.elapsed().as_secs_f64() * 1000.0;
+    let create_seconds = create_started.elapsed().as_secs_f64();
+    let creation_statements = store.statement_count() - statements_before_creation;
 
     // The server as production wires it, its pool started with the clock.
     let settings = Settings {
@@ -176,6 +293,7 @@ async fn measure(
         workers: workers.max(1),
         ..Settings::default()
     };
+    let statements_before_execution = store.statement_count();
     let started = Instant::now();
     let app = App::build_on(&settings, store.clone()).await?;
     let mut finished = app.engine().finished_tasks();
@@ -199,7 +317,8 @@ async fn measure(
             );
         }
     }
-    let total = started.elapsed();
+    let execute_seconds = started.elapsed().as_secs_f64();
+    let execution_statements = store.statement_count() - statements_before_execution;
 
     let complete = store.count_tasks(&done).await?;
     if complete != expected {
@@ -212,18 +331,97 @@ async fn measure(
     let (p50, p99) = handoff_latencies(store, &ids).await?;
     // Stops the pool and closes the database.
     app.stop().await?;
+    let tasks = ids.len();
     Ok(Measurement {
-        backend: backend.to_owned(),
         scenario: scenario.key.to_owned(),
         description: scenario.description.to_owned(),
-        tasks: ids.len(),
+        tasks,
         steps,
-        total_ms: total.as_secs_f64() * 1000.0,
-        steps_per_second: steps as f64 / total.as_secs_f64(),
+        create_ms: create_seconds * 1000.0,
+        create_tasks_per_second: tasks as f64 / create_seconds,
+        execute_ms: execute_seconds * 1000.0,
+        execute_steps_per_second: steps as f64 / execute_seconds,
+        end_to_end_steps_per_second: steps as f64 / (create_seconds + execute_seconds),
+        execute_to_commit_ratio: steps as f64 / execute_seconds / commits_per_second,
         handoff_p50_ms: p50,
         handoff_p99_ms: p99,
-        create_ms,
+        statements_per_task_created: creation_statements as f64 / tasks as f64,
+        statements_per_step: execution_statements as f64 / steps as f64,
     })
+}
+
+/// The public API as a user drives it: the real server on the store, a chain of
+/// [`API_CHAIN`] steps created over HTTP, its `task.completed` event awaited over one
+/// `events` subscription, one task after another.
+async fn api_latency(store: Store, workers: usize, tasks: usize) -> anyhow::Result<ApiLatency> {
+    let chain = scenarios_list()
+        .into_iter()
+        .find(|scenario| scenario.key == "d")
+        .context("the chain scenario")?;
+    let registration = store.register_template(&chain.template, false).await?;
+    let template = registration.template.template;
+    let settings = Settings {
+        bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        examples: false,
+        workers: workers.max(1),
+        ..Settings::default()
+    };
+    let app = App::build_on(&settings, store).await?;
+    let client = tasker_client::Client::new(&format!("http://{}", app.address()))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.serve(async move {
+        let _ = stopped.await;
+    }));
+    let measured = async {
+        let head = client.event_head().await?;
+        let filter = tasker_client::EventFilter {
+            namespaces: vec![template.namespace.clone()],
+            names: vec!["task.completed".to_owned()],
+            ..Default::default()
+        };
+        let mut completed = client.follow_events(&filter, Some(head));
+        let mut latencies = Vec::with_capacity(tasks);
+        for _ in 0..tasks {
+            let started = Instant::now();
+            let created = client
+                .create_task(&tasker_client::NewTask::new(
+                    template.namespace.clone(),
+                    template.name.clone(),
+                ))
+                .await?;
+            loop {
+                let event = tokio::time::timeout(Duration::from_secs(60), completed.next())
+                    .await
+                    .context("a task did not complete within 60 s")?
+                    .context("the subscription ended")??;
+                if event.task_id.as_deref() == Some(created.task.id.as_str()) {
+                    break;
+                }
+            }
+            latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        anyhow::Ok(latencies)
+    }
+    .await;
+    let _ = stop.send(());
+    server.await??;
+    let mut latencies = measured?;
+    latencies.sort_by(f64::total_cmp);
+    Ok(ApiLatency {
+        description: format!(
+            "public API: a chain of {API_CHAIN} created over HTTP, awaited over the subscription"
+        ),
+        tasks,
+        steps_per_task: template.steps.len(),
+        p50_ms: quantile(&latencies, 0.50).unwrap_or(0.0),
+        p99_ms: quantile(&latencies, 0.99).unwrap_or(0.0),
+    })
+}
+
+/// The value at quantile `q` of sorted values.
+fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    let last = sorted.len().checked_sub(1)?;
+    sorted.get((last as f64 * q).round() as usize).copied()
 }
 
 /// For every step with parents: its start minus its last parent's completion, from the
@@ -264,12 +462,8 @@ async fn handoff_latencies(
             Some((*start - *parent_done).num_microseconds()? as f64 / 1000.0)
         })
         .collect();
-    if latencies.is_empty() {
-        return Ok((None, None));
-    }
     latencies.sort_by(f64::total_cmp);
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
-    Ok((Some(at(0.50)), Some(at(0.99))))
+    Ok((quantile(&latencies, 0.50), quantile(&latencies, 0.99)))
 }
 
 /// A fresh database for one scenario, removed afterwards.

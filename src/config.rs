@@ -244,6 +244,9 @@ pub struct BenchArgs {
     /// Steps in flight at once in the worker pool.
     #[arg(long, default_value_t = 256)]
     pub workers: usize,
+    /// Chains run one after another through the public API (HTTP and the subscription).
+    #[arg(long, default_value_t = 200)]
+    pub api_tasks: usize,
 }
 
 #[derive(ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
