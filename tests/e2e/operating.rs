@@ -178,8 +178,6 @@ async fn metrics_show_what_the_server_did_with_bounded_labels_and_pass_promtool(
             1.0,
         ),
         ("tasker_ready_steps", 0.0),
-        // The subscriptions above have ended: none lags.
-        ("tasker_subscriber_lag_events", 0.0),
         ("tasker_database_up", 1.0),
         ("tasker_oldest_ready_step_age_seconds", 0.0),
         (r#"tasker_build_info{version="0.1.0"}"#, 1.0),

@@ -53,7 +53,8 @@ struct Inner {
     /// subscriber arriving as the last one leaves is never left without a reader.
     reading: Mutex<bool>,
     /// How far each live subscription has looked (its cursor, 0 before any event), for the
-    /// lag of the slowest; a subscription that ended leaves a dead entry, dropped when read.
+    /// lag of the slowest; a subscription that ended leaves a dead entry, dropped at the next
+    /// subscription or reading.
     places: Mutex<Vec<Weak<AtomicI64>>>,
 }
 
@@ -120,6 +121,7 @@ impl EventFeed {
         drop(reading);
         let place = Arc::new(AtomicI64::new(cursor.map_or(0, |cursor| cursor.0)));
         if let Ok(mut places) = self.inner.places.lock() {
+            places.retain(|place| place.strong_count() > 0);
             places.push(Arc::downgrade(&place));
         }
         Follow {

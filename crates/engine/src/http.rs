@@ -93,7 +93,7 @@ async fn run(
         builder = builder.header(name.as_str(), value.as_str());
     }
     // The step's trace goes on with the call (W3C `traceparent`), when traces are exported.
-    for (name, value) in trace_context() {
+    for (name, value) in crate::trace::headers_of(&tracing::Span::current()) {
         builder = builder.header(name, value);
     }
     if let Some(body) = &request.body {
@@ -320,16 +320,6 @@ fn lookup<'a>(path: &str, scope: &'a Value) -> Result<&'a Value, String> {
             _ => None,
         })
         .ok_or_else(|| format!("placeholder {{{{ {path} }}}} has no value"))
-}
-
-/// The current span's W3C trace context as headers (none when traces are not exported).
-fn trace_context() -> std::collections::HashMap<String, String> {
-    let mut headers = std::collections::HashMap::new();
-    let context = tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current());
-    opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.inject_context(&context, &mut headers);
-    });
-    headers
 }
 
 #[cfg(test)]

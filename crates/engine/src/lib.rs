@@ -536,6 +536,7 @@ impl Engine {
                         };
                         self.note_attempt(&expiry.step, outcome, expiry.step.updated_at);
                     }
+                    self.tasks_finished(expired.iter().filter_map(|e| e.finished_task.as_ref()));
                     self.work_available();
                 }
                 Ok(_) => {}
@@ -643,6 +644,47 @@ steps:
             workers.await.unwrap();
             timers.await.unwrap();
         }
+    }
+
+    /// A task that ends because its last attempt's lease ran out counts as finished, as one
+    /// that ends by a recorded outcome does.
+    #[tokio::test]
+    async fn a_task_ended_by_an_expired_lease_counts_as_finished() {
+        let clock = Arc::new(tasker_domain::ManualClock::new(chrono::Utc::now()));
+        let db = TestDatabase::sqlite(clock.clone()).await;
+        let once = "namespace: demo\nname: once\nversion: 1.0.0\nsteps:\n  - { name: a, handler: remote, retry: { max_attempts: 1 } }\n";
+        db.store.register_template(once, false).await.unwrap();
+        let engine = Engine::new(db.store.clone());
+        let task = NewTask {
+            template: "once".into(),
+            ..new_task()
+        };
+        let task = engine.create_task(task).await.unwrap().task;
+        let request = ClaimRequest {
+            worker_id: "gone".into(),
+            handlers: vec!["remote".into()],
+            within: tasker_domain::Within::Any,
+            limit: 1,
+            lease: Duration::from_secs(30),
+        };
+        assert_eq!(
+            engine.claim(&request, Duration::ZERO).await.unwrap().len(),
+            1
+        );
+        clock.advance(chrono::Duration::seconds(31));
+        let mut finished = engine.finished_tasks();
+        let before = *finished.borrow_and_update();
+        let (stop, stopped) = watch::channel(false);
+        let maintenance = tokio::spawn(engine.clone().run_maintenance(stopped));
+        tokio::time::timeout(Duration::from_secs(10), finished.changed())
+            .await
+            .expect("the sweep ends the task")
+            .unwrap();
+        assert_eq!(*finished.borrow(), before + 1);
+        let ended = engine.store().task(task.id).await.unwrap();
+        assert_eq!(ended.state, TaskState::Error);
+        stop.send(true).unwrap();
+        maintenance.await.unwrap();
     }
 
     #[tokio::test]

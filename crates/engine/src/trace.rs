@@ -1,8 +1,10 @@
 //! Trace context for task work. A task remembers the W3C `traceparent` of the span that
 //! created it, and the spans of its steps' attempts join that trace, whichever replica runs
 //! them and however much later. With no OpenTelemetry layer installed, spans carry no trace
-//! context: nothing is stored and no attempt span is opened.
+//! context: nothing is stored, and a replica that does not export keeps no span of the work
+//! on tasks another one traced.
 
+use chrono::{DateTime, Utc};
 use opentelemetry::trace::TraceContextExt as _;
 use std::collections::HashMap;
 use tasker_domain::StateMachine as _;
@@ -13,26 +15,31 @@ use uuid::Uuid;
 
 const TRACEPARENT: &str = "traceparent";
 
-/// The span's W3C `traceparent`, when traces are exported.
-pub(crate) fn traceparent_of(span: &Span) -> Option<String> {
+/// The span's W3C trace context as headers (`traceparent`, and `tracestate` when there is
+/// one); none when traces are not exported.
+pub(crate) fn headers_of(span: &Span) -> HashMap<String, String> {
+    let mut headers = HashMap::new();
     let context = span.context();
-    if !context.span().span_context().is_valid() {
-        return None;
+    if context.span().span_context().is_valid() {
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(&context, &mut headers);
+        });
     }
-    let mut carrier = HashMap::new();
-    opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.inject_context(&context, &mut carrier);
-    });
-    carrier.remove(TRACEPARENT)
+    headers
 }
 
-/// Makes `span` a child of the span a stored `traceparent` names.
-pub(crate) fn join(span: &Span, traceparent: &str) {
+/// The span's W3C `traceparent`, when traces are exported.
+pub(crate) fn traceparent_of(span: &Span) -> Option<String> {
+    headers_of(span).remove(TRACEPARENT)
+}
+
+/// Makes `span` a child of the span a stored `traceparent` names; false when the span is not
+/// exported (no OpenTelemetry layer here, or its filter leaves the span out).
+pub(crate) fn join(span: &Span, traceparent: &str) -> bool {
     let carrier = HashMap::from([(TRACEPARENT.to_owned(), traceparent.to_owned())]);
     let parent =
         opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&carrier));
-    // A span that is not exported has no parent to set; nothing is lost.
-    let _ = span.set_parent(parent);
+    span.set_parent(parent).is_ok()
 }
 
 /// A `task.finish` span in the trace of a traced task that ended.
@@ -48,7 +55,8 @@ pub(crate) fn finished(task: &TaskRecord) {
 }
 
 /// The lease a worker gets carries a `step.claim` span in its task's trace, so that the
-/// worker's own spans join that trace.
+/// worker's own spans join that trace (or, on a replica that does not export, the task's own
+/// trace context).
 pub(crate) fn leased(claimed: &mut [ClaimedStep], worker_id: &str) {
     for claim in claimed {
         if let Some(traceparent) = &claim.trace_parent {
@@ -61,21 +69,26 @@ pub(crate) fn leased(claimed: &mut [ClaimedStep], worker_id: &str) {
                 attempt = claim.step.attempts,
                 worker_id,
             );
-            join(&span, traceparent);
-            claim.trace_parent = traceparent_of(&span);
+            if join(&span, traceparent) {
+                claim.trace_parent = traceparent_of(&span);
+            }
         }
     }
 }
 
 /// The `step.attempt` spans of the attempts the worker pool runs, by lease token: each from
 /// the claim to the recorded outcome, with `step.run` and `step.complete` inside. Only attempts
-/// of traced tasks have one.
+/// of traced tasks have one. An attempt whose outcome was never recorded (its inputs could not
+/// be read, say) ends with its lease.
 #[derive(Default)]
-pub(crate) struct Attempts(HashMap<Uuid, Span>);
+pub(crate) struct Attempts(HashMap<Uuid, (Span, DateTime<Utc>)>);
 
 impl Attempts {
-    /// Opens the span of each claimed attempt whose task is traced.
-    pub fn open(&mut self, claimed: &[ClaimedStep]) {
+    /// Opens the span of each claimed attempt whose task is traced, once the attempts whose
+    /// lease ran out have ended.
+    pub fn open(&mut self, claimed: &[ClaimedStep], now: DateTime<Utc>) {
+        self.0
+            .retain(|_, (_, lease_expires_at)| *lease_expires_at > now);
         for claim in claimed {
             if let Some(traceparent) = &claim.trace_parent {
                 let step = &claim.step;
@@ -88,15 +101,17 @@ impl Attempts {
                     attempt = step.attempts,
                     correlation_id = %claim.correlation_id,
                 );
-                join(&span, traceparent);
-                self.0.insert(claim.lease_token, span);
+                if join(&span, traceparent) {
+                    self.0
+                        .insert(claim.lease_token, (span, claim.lease_expires_at));
+                }
             }
         }
     }
 
     /// The span the attempt runs inside, if it is traced.
     pub fn of(&self, lease_token: Uuid) -> Option<&Span> {
-        self.0.get(&lease_token)
+        self.0.get(&lease_token).map(|(span, _)| span)
     }
 
     /// A `step.run` span for a handler that finishes at once (or none).

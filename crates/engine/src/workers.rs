@@ -102,7 +102,7 @@ impl Engine {
                 match self.store.claim_steps(&request).await {
                     Ok(steps) => {
                         self.note_claims(&steps);
-                        attempts.open(&steps);
+                        attempts.open(&steps, self.store.clock().now());
                         claimed = steps;
                     }
                     Err(err) => {

@@ -47,7 +47,8 @@ pub struct ClaimedStep {
     pub lease_expires_at: DateTime<Utc>,
     /// The task's correlation id, for the lines logged while the step runs.
     pub correlation_id: String,
-    /// The W3C trace context of the task's creation, which the attempt's spans join.
+    /// The W3C trace context the attempt's spans join: the store reads the one of the task's
+    /// creation; the engine hands a worker its `step.claim` span's instead.
     pub trace_parent: Option<String>,
 }
 
@@ -96,6 +97,8 @@ pub struct Expiry {
     pub step: StepRecord,
     /// It ran past its step's timeout; otherwise its lease ran out without a heartbeat.
     pub timed_out: bool,
+    /// The task, when this failure ended it.
+    pub finished_task: Option<TaskRecord>,
 }
 
 /// Inputs a worker needs besides the step itself.
@@ -539,6 +542,7 @@ impl Store {
                 expiries.push(Expiry {
                     step: report.step,
                     timed_out: cause == EventName::StepTimedOut,
+                    finished_task: report.finished_task,
                 });
             }
             if expiries.is_empty() {
