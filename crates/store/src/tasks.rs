@@ -1,6 +1,8 @@
 //! Starting and cancelling tasks, each in one transaction with its transitions and events.
 
-use crate::entities::{task, task_tag, task_transition, workflow_step, workflow_step_edge};
+use crate::entities::{
+    event, step_transition, task, task_tag, task_transition, workflow_step, workflow_step_edge,
+};
 use crate::events::{
     Subject, insert_all, metadata, step_transition as step_rows, task_transition as task_rows,
 };
@@ -9,9 +11,11 @@ use crate::state_change::{
     CompletedAt, StepEffect, StepMove, Steps, TaskMove, move_steps, move_tasks,
 };
 use crate::{Error, Result, Store};
+use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use tasker_domain::{StateMachine, StepState, TaskRequest, TaskState};
 use uuid::Uuid;
 
@@ -25,6 +29,71 @@ pub struct NewTask {
     /// The W3C `traceparent` the task's work joins (set by the engine when traces are
     /// exported; `None` otherwise).
     pub trace_parent: Option<String>,
+}
+
+/// The problems of request `index` of a batch, under `inputs[index]`; a database failure
+/// stays an error of the whole batch.
+fn item_problems(index: usize, err: Error) -> Result<Vec<tasker_domain::Problem>> {
+    let under = |path: &str| {
+        if path.is_empty() {
+            format!("inputs[{index}]")
+        } else {
+            format!("inputs[{index}].{path}")
+        }
+    };
+    let problems = match err {
+        Error::Domain(
+            tasker_domain::Error::InvalidRequest(problems)
+            | tasker_domain::Error::InvalidContext(problems),
+        ) => problems
+            .into_iter()
+            .map(|problem| tasker_domain::Problem::new(under(&problem.path), problem.message))
+            .collect(),
+        Error::Domain(other) => vec![tasker_domain::Problem::new(under(""), other.to_string())],
+        Error::NotFound { what, key } => vec![tasker_domain::Problem::new(
+            under("template"),
+            format!("{what} {key} was not found"),
+        )],
+        Error::Conflict(message) => {
+            vec![tasker_domain::Problem::new(
+                under("idempotencyKey"),
+                message,
+            )]
+        }
+        other => return Err(other),
+    };
+    Ok(problems)
+}
+
+/// A request of a batch that repeats an earlier one's idempotency key: refused, as the key
+/// can start only one task.
+fn repeated_key(index: usize, first: usize) -> tasker_domain::Problem {
+    tasker_domain::Problem::new(
+        format!("inputs[{index}].idempotencyKey"),
+        format!("inputs[{first}] of this call has the same idempotency key; a key starts one task"),
+    )
+}
+
+/// Namespace, template name and version (the newest when `None`) a request starts from.
+type TemplateKey = (String, String, Option<String>);
+
+/// What a request of a batch comes to.
+enum Planned {
+    /// Its idempotency key already started this task.
+    Existing(Box<TaskCreation>),
+    /// A new task from this template.
+    New(TemplateKey),
+}
+
+/// Every row one new task writes.
+struct TaskRows {
+    task: task::Model,
+    tags: Vec<task_tag::ActiveModel>,
+    steps: Vec<workflow_step::ActiveModel>,
+    edges: Vec<workflow_step_edge::ActiveModel>,
+    task_transition: task_transition::ActiveModel,
+    step_transitions: Vec<step_transition::ActiveModel>,
+    events: Vec<event::ActiveModel>,
 }
 
 /// The task, and whether this call created it (`false`: an earlier call with the same
@@ -72,6 +141,106 @@ impl Store {
         .await
     }
 
+    /// Starts many tasks in one transaction: all of them or none. Every request is checked
+    /// first; when any is refused (a repeated idempotency key among them), nothing is written
+    /// and the error lists the problems of each refused one, under `inputs[i]`. A request whose
+    /// idempotency key already started a task answers that task (`created: false`).
+    pub async fn create_tasks(&self, news: Vec<NewTask>) -> Result<Vec<TaskCreation>> {
+        self.writing(async {
+            let mut templates: HashMap<TemplateKey, TemplateRecord> = HashMap::new();
+            let mut problems = Vec::new();
+            let mut plan = Vec::with_capacity(news.len());
+            let mut keys_seen: HashMap<(String, String), usize> = HashMap::new();
+            for (index, new) in news.iter().enumerate() {
+                let template_key = (
+                    new.namespace.clone(),
+                    new.template.clone(),
+                    new.version.clone(),
+                );
+                let checked = self
+                    .check_new_task(new, &template_key, &mut templates)
+                    .await;
+                match checked {
+                    Err(err) => problems.extend(item_problems(index, err)?),
+                    Ok(Some(existing)) => plan.push(Planned::Existing(Box::new(existing))),
+                    Ok(None) => {
+                        if let Some(key) = &new.request.idempotency_key {
+                            let scoped = (new.namespace.clone(), key.clone());
+                            if let Some(&first) = keys_seen.get(&scoped) {
+                                problems.push(repeated_key(index, first));
+                            } else {
+                                keys_seen.insert(scoped, index);
+                            }
+                        }
+                        plan.push(Planned::New(template_key));
+                    }
+                }
+            }
+            if !problems.is_empty() {
+                return Err(tasker_domain::Error::InvalidRequest(problems).into());
+            }
+            let now = self.now();
+            let mut rows = Vec::new();
+            for (new, planned) in news.iter().zip(&plan) {
+                if let Planned::New(template_key) = planned
+                    && let Some(template) = templates.get(template_key)
+                {
+                    rows.push(Self::task_rows(template, new, now));
+                }
+            }
+            let mut written = match self.insert_task_rows(rows).await {
+                // A concurrent request with one of these keys committed first.
+                Err(Error::Database(err)) if Self::is_unique_violation(&err) => {
+                    return Err(Error::Conflict(
+                        "another request with one of these idempotency keys committed first; \
+                         send the batch again: those keys answer the tasks already started"
+                            .into(),
+                    ));
+                }
+                written => written?.into_iter(),
+            };
+            plan.into_iter()
+                .map(|planned| match planned {
+                    Planned::Existing(existing) => Ok(*existing),
+                    Planned::New(_) => written
+                        .next()
+                        .map(|task| TaskCreation {
+                            task,
+                            created: true,
+                        })
+                        .ok_or_else(|| {
+                            Error::Conflict("a task of the batch was not written".into())
+                        }),
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Checks one request of a batch: its fields, its template (read once per batch) and its
+    /// context; answers the task its idempotency key already started, if any.
+    async fn check_new_task(
+        &self,
+        new: &NewTask,
+        template_key: &TemplateKey,
+        templates: &mut HashMap<TemplateKey, TemplateRecord>,
+    ) -> Result<Option<TaskCreation>> {
+        new.request.validate()?;
+        if !templates.contains_key(template_key) {
+            let template = self
+                .template(&new.namespace, &new.template, new.version.as_deref())
+                .await?;
+            templates.insert(template_key.clone(), template);
+        }
+        if let Some(template) = templates.get(template_key) {
+            template.template.validate_context(&new.request.context)?;
+        }
+        match &new.request.idempotency_key {
+            Some(key) => self.task_by_idempotency_key(new, key).await,
+            None => Ok(None),
+        }
+    }
+
     async fn task_by_idempotency_key(
         &self,
         new: &NewTask,
@@ -103,9 +272,17 @@ impl Store {
         template_record: &TemplateRecord,
         new: &NewTask,
     ) -> Result<TaskRecord> {
+        let rows = Self::task_rows(template_record, new, self.now());
+        let mut records = self.insert_task_rows(vec![rows]).await?;
+        records
+            .pop()
+            .ok_or_else(|| Error::Conflict("the task was not written".into()))
+    }
+
+    /// Every row of one new task, built before anything is written.
+    fn task_rows(template_record: &TemplateRecord, new: &NewTask, now: DateTime<Utc>) -> TaskRows {
         let request = &new.request;
         let template = &template_record.template;
-        let now = self.now();
         let task_id = Uuid::now_v7();
         let tags = request.distinct_tags();
         let correlation_id = request
@@ -118,25 +295,25 @@ impl Store {
             task_id,
             correlation_id: &correlation_id,
         };
-        let task_model = task::ActiveModel {
-            id: Set(task_id),
-            namespace: Set(template.namespace.clone()),
-            template_id: Set(template_record.id),
-            template_name: Set(template.name.clone()),
-            template_version: Set(template.version.to_string()),
-            state: Set(TaskState::Pending.as_str().to_owned()),
-            context: Set(request.context.clone()),
-            initiator: Set(request.initiator.clone()),
-            source_system: Set(request.source_system.clone()),
-            reason: Set(request.reason.clone()),
-            tags: Set(json!(tags)),
-            idempotency_key: Set(request.idempotency_key.clone()),
-            correlation_id: Set(Some(correlation_id.clone())),
-            version: Set(1),
-            created_at: Set(now),
-            updated_at: Set(now),
-            completed_at: Set(None),
-            traceparent: Set(new.trace_parent.clone()),
+        let task_model = task::Model {
+            id: task_id,
+            namespace: template.namespace.clone(),
+            template_id: template_record.id,
+            template_name: template.name.clone(),
+            template_version: template.version.to_string(),
+            state: TaskState::Pending.as_str().to_owned(),
+            context: request.context.clone(),
+            initiator: request.initiator.clone(),
+            source_system: request.source_system.clone(),
+            reason: request.reason.clone(),
+            tags: json!(tags),
+            idempotency_key: request.idempotency_key.clone(),
+            correlation_id: Some(correlation_id.clone()),
+            version: 1,
+            created_at: now,
+            updated_at: now,
+            completed_at: None,
+            traceparent: new.trace_parent.clone(),
         };
         let step_ids: Vec<Uuid> = template.steps.iter().map(|_| Uuid::now_v7()).collect();
         let steps = template
@@ -240,19 +417,43 @@ impl Store {
             .map(|i| (step_ids[i], template.steps[i].name.as_str()))
             .collect();
         events.push(crate::events::steps_ready(subject, &roots, now));
+        TaskRows {
+            task: task_model,
+            tags: task_tags,
+            steps,
+            edges,
+            task_transition,
+            step_transitions,
+            events,
+        }
+    }
 
+    /// Writes the rows of many new tasks in one transaction, one multi-row statement per
+    /// table (per chunk), whatever their number.
+    async fn insert_task_rows(&self, tasks: Vec<TaskRows>) -> Result<Vec<TaskRecord>> {
+        let mut models = Vec::with_capacity(tasks.len());
+        let (mut tags, mut steps, mut edges) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut task_transitions, mut step_transitions, mut events) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for rows in tasks {
+            models.push(rows.task);
+            tags.extend(rows.tags);
+            steps.extend(rows.steps);
+            edges.extend(rows.edges);
+            task_transitions.push(rows.task_transition);
+            step_transitions.extend(rows.step_transitions);
+            events.extend(rows.events);
+        }
         let txn = self.db.begin().await?;
-        let task_model = task_model.insert(&txn).await?;
-        insert_all(&txn, task_tags).await?;
+        insert_all(&txn, models.iter().cloned().map(task::ActiveModel::from)).await?;
+        insert_all(&txn, tags).await?;
         insert_all(&txn, steps).await?;
         insert_all(&txn, edges).await?;
-        task_transition::Entity::insert(task_transition)
-            .exec_without_returning(&txn)
-            .await?;
+        insert_all(&txn, task_transitions).await?;
         insert_all(&txn, step_transitions).await?;
         insert_all(&txn, events).await?;
         self.commit_events(txn).await?;
-        task_model.try_into()
+        models.into_iter().map(TaskRecord::try_from).collect()
     }
 
     /// Cancels a task and every unfinished step of it (their leases are dropped), atomically.

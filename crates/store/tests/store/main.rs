@@ -221,6 +221,111 @@ async fn creating_a_task_writes_steps_edges_transitions_and_events_together() {
     }
 }
 
+/// An order of `shop/fulfil` with an idempotency key.
+fn keyed(order_id: i64, key: &str) -> NewTask {
+    let mut new = order("shop", "fulfil", order_id);
+    new.request.idempotency_key = Some(key.into());
+    new
+}
+
+/// A batch starts every task in one transaction, for a number of statements that does not
+/// grow with its size; its tasks are as single creations make them.
+#[tokio::test]
+async fn a_batch_starts_every_task_for_a_constant_number_of_statements() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let mut costs = Vec::new();
+        let mut roots = 0;
+        for size in [5, 50] {
+            let batch: Vec<NewTask> = (0..size).map(|i| order("shop", "fulfil", i)).collect();
+            let before = store.statement_count();
+            let created = store.create_tasks(batch).await.unwrap();
+            costs.push(store.statement_count() - before);
+            assert_eq!(created.len(), size as usize);
+            for (i, creation) in created.iter().enumerate() {
+                assert!(creation.created);
+                assert_eq!(creation.task.context, json!({ "order_id": i }), "in order");
+                assert_eq!(creation.task.state, TaskState::Pending);
+            }
+            let ids: Vec<_> = created.iter().map(|c| c.task.id).collect();
+            let steps = store.steps_for_tasks(&ids).await.unwrap();
+            assert_eq!(steps.len(), 4 * size as usize);
+            let events = store.events_for_tasks(&ids[..1]).await.unwrap();
+            let names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
+            assert_eq!(
+                names.iter().filter(|n| **n == "step.created").count(),
+                4,
+                "{names:?}"
+            );
+            assert!(names.contains(&"task.created") && names.contains(&"task.steps_ready"));
+            roots += size;
+        }
+        assert_eq!(costs[0], costs[1], "{}: {costs:?}", db.backend());
+        let claimed = store.claim_steps(&claim(1_000)).await.unwrap();
+        assert_eq!(claimed.len(), roots as usize, "every root is claimable");
+    }
+}
+
+/// One refused request refuses the whole batch: nothing is written, and every refused
+/// request's problems are named under its index.
+#[tokio::test]
+async fn a_batch_with_a_refused_request_writes_nothing_and_names_each_problem() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let mut bad_context = order("shop", "fulfil", 2);
+        bad_context.request.context = json!({ "order_id": "two" });
+        let batch = vec![
+            order("shop", "fulfil", 1),
+            bad_context,
+            order("shop", "nope", 3),
+            keyed(4, "same"),
+            keyed(5, "same"),
+        ];
+        match store.create_tasks(batch).await {
+            Err(Error::Domain(tasker_domain::Error::InvalidRequest(problems))) => {
+                let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+                assert_eq!(
+                    paths,
+                    [
+                        "inputs[1].context/order_id",
+                        "inputs[2].template",
+                        "inputs[4].idempotencyKey"
+                    ],
+                    "{problems:?}"
+                );
+                assert!(problems[2].message.contains("inputs[3]"));
+            }
+            other => panic!("expected the batch refused, got {other:?}"),
+        }
+        assert!(all_tasks(store).await.is_empty(), "{}", db.backend());
+    }
+}
+
+/// Idempotency keys hold per request of a batch: a key already used answers its task, and
+/// the same batch sent again starts nothing new.
+#[tokio::test]
+async fn a_batch_sent_again_answers_the_tasks_its_keys_started() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let earlier = store.create_task(keyed(1, "first")).await.unwrap().task;
+        let batch = || vec![keyed(1, "first"), keyed(2, "second")];
+        let created = store.create_tasks(batch()).await.unwrap();
+        assert!(!created[0].created);
+        assert_eq!(created[0].task.id, earlier.id);
+        assert!(created[1].created);
+        let again = store.create_tasks(batch()).await.unwrap();
+        assert!(again.iter().all(|c| !c.created));
+        assert_eq!(again[1].task.id, created[1].task.id);
+        assert_eq!(all_tasks(store).await.len(), 2, "{}", db.backend());
+    }
+}
+
 #[tokio::test]
 async fn a_failed_creation_leaves_no_row_behind() {
     let (_clock, databases) = databases().await;
