@@ -124,11 +124,25 @@ pub struct Backend {
     /// database's own speed on this machine, measured in the same run.
     commits_per_second: f64,
     scenarios: Vec<Measurement>,
+    /// One-step tasks started with `createTasks`-sized batches, through the engine.
+    batch_create: BatchCreation,
     api: ApiLatency,
+}
+
+/// Tasks started in batches.
+#[derive(Debug, Serialize)]
+pub struct BatchCreation {
+    tasks: usize,
+    batch_size: usize,
+    tasks_per_second: f64,
+    statements_per_batch: f64,
 }
 
 /// How long the commit rate is measured.
 const COMMIT_RATE_FOR: Duration = Duration::from_secs(1);
+/// How many tasks, in batches of how many, the batch creation figure starts.
+const BATCH_TASKS: usize = 10_000;
+const BATCH_SIZE: usize = 1_000;
 /// The chain the public-API figure runs.
 const API_CHAIN: usize = 10;
 
@@ -200,6 +214,11 @@ fn print_backend(backend: &Backend) {
             ms(m.handoff_p99_ms)
         );
     }
+    let batch = &backend.batch_create;
+    println!(
+        "   createTasks: {} one-step tasks in batches of {}: {:.0} tasks/s, {:.0} statements per batch",
+        batch.tasks, batch.batch_size, batch.tasks_per_second, batch.statements_per_batch
+    );
     let api = &backend.api;
     println!(
         "e  {}: {} tasks, p50 {:.1} ms, p99 {:.1} ms per task\n",
@@ -231,6 +250,10 @@ where
         database.drop().await?;
         scenarios.push(measured?);
     }
+    let database = fresh("batch").await?;
+    let batch_create = batch_creation(&database.store).await;
+    database.store.clone().close().await?;
+    database.drop().await?;
     let database = fresh("api").await?;
     let api = api_latency(database.store.clone(), workers, api_tasks).await;
     database.drop().await?;
@@ -238,7 +261,47 @@ where
         backend: backend.to_owned(),
         commits_per_second,
         scenarios,
+        batch_create: batch_create?,
         api: api?,
+    })
+}
+
+/// [`BATCH_TASKS`] one-step tasks started [`BATCH_SIZE`] at a time, as `createTasks` does.
+async fn batch_creation(store: &Store) -> anyhow::Result<BatchCreation> {
+    let single = scenarios_list()
+        .into_iter()
+        .find(|scenario| scenario.key == "c")
+        .context("the one-step scenario")?;
+    let template = store
+        .register_template(&single.template, false)
+        .await?
+        .template
+        .template;
+    let creator = tasker_engine::Engine::new(store.clone());
+    let statements_before = store.statement_count();
+    let started = Instant::now();
+    for batch in 0..BATCH_TASKS / BATCH_SIZE {
+        let news = (0..BATCH_SIZE)
+            .map(|i| NewTask {
+                namespace: template.namespace.clone(),
+                template: template.name.clone(),
+                version: None,
+                trace_parent: None,
+                request: TaskRequest {
+                    context: json!({ "n": batch * BATCH_SIZE + i }),
+                    ..TaskRequest::default()
+                },
+            })
+            .collect();
+        creator.create_tasks(news).await?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let batches = (BATCH_TASKS / BATCH_SIZE) as f64;
+    Ok(BatchCreation {
+        tasks: BATCH_TASKS,
+        batch_size: BATCH_SIZE,
+        tasks_per_second: BATCH_TASKS as f64 / seconds,
+        statements_per_batch: (store.statement_count() - statements_before) as f64 / batches,
     })
 }
 

@@ -136,6 +136,10 @@ pub struct Cli {
     #[arg(long, env = "TASKER_MAX_EVENTS_PAGE", global = true)]
     pub max_events_page: Option<usize>,
 
+    /// Most tasks one createTasks call may start (default 1000).
+    #[arg(long, env = "TASKER_MAX_TASKS_PER_BATCH", global = true)]
+    pub max_tasks_per_batch: Option<usize>,
+
     /// Refuse introspection (`__schema`, `__type`); the playground then cannot explore.
     #[arg(long, env = "TASKER_NO_INTROSPECTION", global = true)]
     pub no_introspection: bool,
@@ -281,6 +285,7 @@ struct FileSettings {
     introspection: Option<bool>,
     max_tasks_page: Option<usize>,
     max_events_page: Option<usize>,
+    max_tasks_per_batch: Option<usize>,
     max_connections_per_token: Option<usize>,
     max_subscriptions_per_token: Option<usize>,
     claims_per_second: Option<f64>,
@@ -391,6 +396,11 @@ impl Settings {
                 .max_events_page
                 .or(file.max_events_page)
                 .unwrap_or(query_defaults.max_events_page),
+            max_tasks_per_batch: cli
+                .max_tasks_per_batch
+                .or(file.max_tasks_per_batch)
+                .unwrap_or(query_defaults.max_tasks_per_batch)
+                .max(1),
         };
         let quota_defaults = tasker_api::quota::QuotaLimits::default();
         let claims_per_second = cli

@@ -355,3 +355,51 @@ async fn the_python_example_runs_the_same_diamond_and_stops_on_sigterm() {
         "{log}"
     );
 }
+
+/// The client starts a batch in one call; an input outside the token's namespaces refuses
+/// the call, named by its index like a template that does not exist.
+#[tokio::test]
+async fn the_client_starts_a_batch_and_a_refused_input_names_its_index() {
+    let db = TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await;
+    let server = crate::cli::secured_running(db).await;
+    let client = client(&server);
+    client.register_template(RUST_DIAMOND, false).await.unwrap();
+    let batch: Vec<NewTask> = (0..3)
+        .map(|i| NewTask {
+            context: Some(json!({ "order_id": i })),
+            ..NewTask::new("workers", "rust_diamond")
+        })
+        .collect();
+    let created = client.create_tasks(&batch).await.unwrap();
+    assert_eq!(created.len(), 3);
+    assert!(
+        created
+            .iter()
+            .all(|c| c.created && c.task.state == TaskState::Pending)
+    );
+
+    let elsewhere = Client::new(&server.url(""))
+        .unwrap()
+        .with_token(token(&["*"], &["billing"]));
+    let mut mixed = batch.clone();
+    mixed.insert(0, NewTask::new("billing", "rust_diamond"));
+    match elsewhere.create_tasks(&mixed).await {
+        Err(tasker_client::Error::Graphql { code, problems, .. }) => {
+            assert_eq!(code, "VALIDATION_FAILED");
+            let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+            assert_eq!(
+                paths,
+                [
+                    "inputs[1].template",
+                    "inputs[2].template",
+                    "inputs[3].template"
+                ]
+            );
+            assert!(
+                problems[0].message.contains("was not found"),
+                "{problems:?}"
+            );
+        }
+        other => panic!("expected the batch refused, got {other:?}"),
+    }
+}

@@ -430,6 +430,43 @@ impl Granted<'_, can::TaskCreate> {
     }
 }
 
+impl Granted<'_, can::TaskCreate> {
+    /// Starts many tasks from templates in scope, all or none; each answered with whether
+    /// this call created it. A request outside the token's namespaces is refused as one of a
+    /// template that does not exist, under its index.
+    pub async fn create_tasks(&self, news: Vec<NewTask>) -> Result<Vec<(Task, bool)>> {
+        let outside: Vec<tasker_domain::Problem> = news
+            .iter()
+            .enumerate()
+            .filter(|(_, new)| !self.scope.allows(&new.namespace))
+            .map(|(index, new)| {
+                let key = tasker_domain::template::reference(
+                    &new.namespace,
+                    &new.template,
+                    new.version.as_deref(),
+                );
+                tasker_domain::Problem::new(
+                    format!("inputs[{index}].template"),
+                    format!("template {key} was not found"),
+                )
+            })
+            .collect();
+        if !outside.is_empty() {
+            return Err(tasker_store::Error::from(
+                tasker_domain::Error::InvalidRequest(outside),
+            ))
+            .gql();
+        }
+        let creations = self.engine.create_tasks(news).await.gql()?;
+        let created: Vec<bool> = creations.iter().map(|c| c.created).collect();
+        let set = crate::batch::TaskSet::new(
+            self.store().clone(),
+            creations.into_iter().map(|c| c.task).collect(),
+        );
+        Ok(Task::all_of(&set).into_iter().zip(created).collect())
+    }
+}
+
 impl Granted<'_, can::TaskRetry> {
     pub async fn retry_task(&self, id: Uuid, reason: Option<String>) -> Result<Task> {
         self.task_record(id).await?;

@@ -28,6 +28,8 @@ pub struct QueryLimits {
     pub max_tasks_page: usize,
     /// Largest page of events.
     pub max_events_page: usize,
+    /// Most tasks one `createTasks` may start.
+    pub max_tasks_per_batch: usize,
 }
 
 impl Default for QueryLimits {
@@ -40,6 +42,7 @@ impl Default for QueryLimits {
             introspection: true,
             max_tasks_page: 100,
             max_events_page: 500,
+            max_tasks_per_batch: 1000,
         }
     }
 }

@@ -297,11 +297,37 @@ pub struct CreateTaskInput {
     correlation_id: Option<String>,
 }
 
+impl CreateTaskInput {
+    fn into_new_task(self) -> NewTask {
+        NewTask {
+            namespace: self.namespace,
+            template: self.template,
+            version: self.version,
+            trace_parent: None,
+            request: TaskRequest {
+                context: crate::objects::object_or_empty(self.context),
+                initiator: self.initiator,
+                source_system: self.source_system,
+                reason: self.reason,
+                tags: self.tags.unwrap_or_default(),
+                idempotency_key: self.idempotency_key,
+                correlation_id: self.correlation_id,
+            },
+        }
+    }
+}
+
 #[derive(SimpleObject)]
 pub struct CreateTaskPayload {
     task: Task,
     /// False when an earlier request with the same idempotency key created the task.
     created: bool,
+}
+
+#[derive(SimpleObject)]
+pub struct CreateTasksPayload {
+    /// One per input, in the same order.
+    results: Vec<CreateTaskPayload>,
 }
 
 #[derive(InputObject)]
@@ -422,24 +448,45 @@ impl TaskMutation {
         input: CreateTaskInput,
     ) -> Result<CreateTaskPayload> {
         let granted = grant::<can::TaskCreate>(ctx)?;
-        let (task, created) = granted
-            .create_task(NewTask {
-                namespace: input.namespace,
-                template: input.template,
-                version: input.version,
-                trace_parent: None,
-                request: TaskRequest {
-                    context: crate::objects::object_or_empty(input.context),
-                    initiator: input.initiator,
-                    source_system: input.source_system,
-                    reason: input.reason,
-                    tags: input.tags.unwrap_or_default(),
-                    idempotency_key: input.idempotency_key,
-                    correlation_id: input.correlation_id,
-                },
-            })
-            .await?;
+        let (task, created) = granted.create_task(input.into_new_task()).await?;
         Ok(CreateTaskPayload { task, created })
+    }
+
+    /// Starts many tasks in one transaction: all of them, or none when any input is refused
+    /// (`VALIDATION_FAILED`, each problem under `inputs[i]`). At most the server's
+    /// `--max-tasks-per-batch` (1,000 by default) per call; idempotency keys hold per input.
+    async fn create_tasks(
+        &self,
+        ctx: &Context<'_>,
+        inputs: Vec<CreateTaskInput>,
+    ) -> Result<CreateTasksPayload> {
+        let granted = grant::<can::TaskCreate>(ctx)?;
+        let max = ctx
+            .data_opt::<QueryLimits>()
+            .map_or(QueryLimits::default().max_tasks_per_batch, |limits| {
+                limits.max_tasks_per_batch
+            });
+        if inputs.len() > max {
+            return Err(crate::ApiError::invalid(
+                "inputs",
+                format!(
+                    "at most {max} tasks per call, got {}; send them in several calls",
+                    inputs.len()
+                ),
+            ))
+            .gql();
+        }
+        let news = inputs
+            .into_iter()
+            .map(CreateTaskInput::into_new_task)
+            .collect();
+        let results = granted
+            .create_tasks(news)
+            .await?
+            .into_iter()
+            .map(|(task, created)| CreateTaskPayload { task, created })
+            .collect();
+        Ok(CreateTasksPayload { results })
     }
 
     /// Runs a failed task again: its failed steps go back to pending with fresh attempts.

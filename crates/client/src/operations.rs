@@ -75,6 +75,23 @@ impl Client {
             .await
     }
 
+    /// Starts many tasks in one transaction, all or none: one refused input refuses the call
+    /// (`VALIDATION_FAILED`, each problem under `inputs[i]`). Answers each input in order; the
+    /// server caps the number per call (1,000 by default).
+    pub async fn create_tasks(&self, tasks: &[NewTask]) -> Result<Vec<Created>> {
+        #[derive(Deserialize)]
+        struct Batch {
+            results: Vec<Created>,
+        }
+        let query = format!(
+            "mutation CreateMany($inputs: [CreateTaskInput!]!) {{ createTasks(inputs: $inputs) {{ results {{ created task {{ {TASK_FIELDS} }} }} }} }}"
+        );
+        let batch: Batch = self
+            .root(&query, json!({ "inputs": tasks }), "createTasks")
+            .await?;
+        Ok(batch.results)
+    }
+
     /// A task with its context, its steps (with their results) and dependency edges.
     pub async fn task(&self, id: &str) -> Result<Task> {
         let query = format!(

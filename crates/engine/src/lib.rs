@@ -322,6 +322,22 @@ impl Engine {
         Ok(creation)
     }
 
+    /// Starts many tasks in one transaction, all or none (see [`Store::create_tasks`]); their
+    /// work joins the trace of one `tasks.create` span.
+    pub async fn create_tasks(&self, mut news: Vec<NewTask>) -> Result<Vec<TaskCreation>> {
+        let span = tracing::info_span!("tasks.create", count = news.len());
+        let trace_parent = trace::traceparent_of(&span);
+        for new in &mut news {
+            new.trace_parent.clone_from(&trace_parent);
+        }
+        let creations =
+            tracing::Instrument::instrument(self.store.create_tasks(news), span).await?;
+        if creations.iter().any(|creation| creation.created) {
+            self.announce().await;
+        }
+        Ok(creations)
+    }
+
     /// Leases ready steps; with `wait`, returns as soon as some are ready or, at the deadline,
     /// empty (a long poll with no busy loop).
     pub async fn claim(&self, request: &ClaimRequest, wait: Duration) -> Result<Vec<ClaimedStep>> {
