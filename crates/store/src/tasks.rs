@@ -16,6 +16,8 @@ use sea_orm::ActiveValue::Set;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
 use serde_json::{Value, json};
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
 use tasker_domain::{StateMachine, StepState, TaskRequest, TaskState};
 use uuid::Uuid;
 
@@ -50,10 +52,12 @@ fn item_problems(index: usize, err: Error) -> Result<Vec<tasker_domain::Problem>
             .map(|problem| tasker_domain::Problem::new(under(&problem.path), problem.message))
             .collect(),
         Error::Domain(other) => vec![tasker_domain::Problem::new(under(""), other.to_string())],
-        Error::NotFound { what, key } => vec![tasker_domain::Problem::new(
-            under("template"),
-            format!("{what} {key} was not found"),
-        )],
+        err @ Error::NotFound { .. } => {
+            vec![tasker_domain::Problem::new(
+                under("template"),
+                err.to_string(),
+            )]
+        }
         Error::Conflict(message) => {
             vec![tasker_domain::Problem::new(
                 under("idempotencyKey"),
@@ -77,12 +81,12 @@ fn repeated_key(index: usize, first: usize) -> tasker_domain::Problem {
 /// Namespace, template name and version (the newest when `None`) a request starts from.
 type TemplateKey = (String, String, Option<String>);
 
-/// What a request of a batch comes to.
+/// What a checked request comes to.
 enum Planned {
     /// Its idempotency key already started this task.
     Existing(Box<TaskCreation>),
     /// A new task from this template.
-    New(TemplateKey),
+    New(Arc<TemplateRecord>),
 }
 
 /// Every row one new task writes.
@@ -110,16 +114,10 @@ impl Store {
     /// idempotency key already used in the namespace, returns that task instead.
     pub async fn create_task(&self, new: NewTask) -> Result<TaskCreation> {
         self.writing(async {
-            new.request.validate()?;
-            let template = self
-                .template(&new.namespace, &new.template, new.version.as_deref())
-                .await?;
-            template.template.validate_context(&new.request.context)?;
-            if let Some(key) = &new.request.idempotency_key
-                && let Some(existing) = self.task_by_idempotency_key(&new, key).await?
-            {
-                return Ok(existing);
-            }
+            let template = match self.check_new_task(&new, &mut HashMap::new()).await? {
+                Planned::Existing(existing) => return Ok(*existing),
+                Planned::New(template) => template,
+            };
             match self.insert_task(&template, &new).await {
                 Ok(task) => Ok(TaskCreation {
                     task,
@@ -147,32 +145,27 @@ impl Store {
     /// idempotency key already started a task answers that task (`created: false`).
     pub async fn create_tasks(&self, news: Vec<NewTask>) -> Result<Vec<TaskCreation>> {
         self.writing(async {
-            let mut templates: HashMap<TemplateKey, TemplateRecord> = HashMap::new();
+            let mut templates = HashMap::new();
             let mut problems = Vec::new();
             let mut plan = Vec::with_capacity(news.len());
-            let mut keys_seen: HashMap<(String, String), usize> = HashMap::new();
+            let mut keys_seen: HashMap<(&str, &str), usize> = HashMap::new();
             for (index, new) in news.iter().enumerate() {
-                let template_key = (
-                    new.namespace.clone(),
-                    new.template.clone(),
-                    new.version.clone(),
-                );
-                let checked = self
-                    .check_new_task(new, &template_key, &mut templates)
-                    .await;
-                match checked {
+                match self.check_new_task(new, &mut templates).await {
                     Err(err) => problems.extend(item_problems(index, err)?),
-                    Ok(Some(existing)) => plan.push(Planned::Existing(Box::new(existing))),
-                    Ok(None) => {
-                        if let Some(key) = &new.request.idempotency_key {
-                            let scoped = (new.namespace.clone(), key.clone());
-                            if let Some(&first) = keys_seen.get(&scoped) {
-                                problems.push(repeated_key(index, first));
-                            } else {
-                                keys_seen.insert(scoped, index);
+                    Ok(planned) => {
+                        if let (Planned::New(_), Some(key)) =
+                            (&planned, &new.request.idempotency_key)
+                        {
+                            match keys_seen.entry((new.namespace.as_str(), key.as_str())) {
+                                Entry::Occupied(first) => {
+                                    problems.push(repeated_key(index, *first.get()));
+                                }
+                                Entry::Vacant(slot) => {
+                                    slot.insert(index);
+                                }
                             }
                         }
-                        plan.push(Planned::New(template_key));
+                        plan.push(planned);
                     }
                 }
             }
@@ -182,9 +175,7 @@ impl Store {
             let now = self.now();
             let mut rows = Vec::new();
             for (new, planned) in news.iter().zip(&plan) {
-                if let Planned::New(template_key) = planned
-                    && let Some(template) = templates.get(template_key)
-                {
+                if let Planned::New(template) = planned {
                     rows.push(Self::task_rows(template, new, now));
                 }
             }
@@ -217,28 +208,38 @@ impl Store {
         .await
     }
 
-    /// Checks one request of a batch: its fields, its template (read once per batch) and its
-    /// context; answers the task its idempotency key already started, if any.
+    /// Checks one request: its fields, its template (read once per call, kept in
+    /// `templates`) and its context. Answers the task its idempotency key already started,
+    /// or the template a new task starts from.
     async fn check_new_task(
         &self,
         new: &NewTask,
-        template_key: &TemplateKey,
-        templates: &mut HashMap<TemplateKey, TemplateRecord>,
-    ) -> Result<Option<TaskCreation>> {
+        templates: &mut HashMap<TemplateKey, Arc<TemplateRecord>>,
+    ) -> Result<Planned> {
         new.request.validate()?;
-        if !templates.contains_key(template_key) {
-            let template = self
-                .template(&new.namespace, &new.template, new.version.as_deref())
-                .await?;
-            templates.insert(template_key.clone(), template);
+        let key = (
+            new.namespace.clone(),
+            new.template.clone(),
+            new.version.clone(),
+        );
+        let template = match templates.get(&key) {
+            Some(template) => template.clone(),
+            None => {
+                let template = Arc::new(
+                    self.template(&new.namespace, &new.template, new.version.as_deref())
+                        .await?,
+                );
+                templates.insert(key, template.clone());
+                template
+            }
+        };
+        template.template.validate_context(&new.request.context)?;
+        if let Some(key) = &new.request.idempotency_key
+            && let Some(existing) = self.task_by_idempotency_key(new, key).await?
+        {
+            return Ok(Planned::Existing(Box::new(existing)));
         }
-        if let Some(template) = templates.get(template_key) {
-            template.template.validate_context(&new.request.context)?;
-        }
-        match &new.request.idempotency_key {
-            Some(key) => self.task_by_idempotency_key(new, key).await,
-            None => Ok(None),
-        }
+        Ok(Planned::New(template))
     }
 
     async fn task_by_idempotency_key(
