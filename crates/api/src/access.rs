@@ -428,9 +428,7 @@ impl Granted<'_, can::TaskCreate> {
             creation.created,
         ))
     }
-}
 
-impl Granted<'_, can::TaskCreate> {
     /// Starts many tasks from templates in scope, all or none; each answered with whether
     /// this call created it. A request outside the token's namespaces is refused as one of a
     /// template that does not exist, under its index.
@@ -440,14 +438,18 @@ impl Granted<'_, can::TaskCreate> {
             .enumerate()
             .filter(|(_, new)| !self.scope.allows(&new.namespace))
             .map(|(index, new)| {
-                let key = tasker_domain::template::reference(
-                    &new.namespace,
-                    &new.template,
-                    new.version.as_deref(),
-                );
+                // Worded as the store words a template that does not exist.
+                let missing = tasker_store::Error::NotFound {
+                    what: "template",
+                    key: tasker_domain::template::reference(
+                        &new.namespace,
+                        &new.template,
+                        new.version.as_deref(),
+                    ),
+                };
                 tasker_domain::Problem::new(
                     format!("inputs[{index}].template"),
-                    format!("template {key} was not found"),
+                    missing.to_string(),
                 )
             })
             .collect();

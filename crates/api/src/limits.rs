@@ -69,9 +69,7 @@ pub(crate) fn page_size(
     largest: fn(&QueryLimits) -> usize,
 ) -> async_graphql::Result<u64> {
     use crate::error::GqlResultExt;
-    let max = ctx
-        .data_opt::<QueryLimits>()
-        .map_or_else(|| largest(&QueryLimits::default()), largest);
+    let max = configured(ctx, largest);
     match u64::try_from(first) {
         Ok(first) if first <= max as u64 => Ok(first),
         _ => Err(crate::error::ApiError::invalid(
@@ -80,6 +78,15 @@ pub(crate) fn page_size(
         ))
         .gql(),
     }
+}
+
+/// One of the server's limits (its default when the schema was built without them).
+pub(crate) fn configured(
+    ctx: &async_graphql::Context<'_>,
+    limit: fn(&QueryLimits) -> usize,
+) -> usize {
+    ctx.data_opt::<QueryLimits>()
+        .map_or_else(|| limit(&QueryLimits::default()), limit)
 }
 
 pub(crate) struct QueryShape(pub QueryLimits);

@@ -461,11 +461,7 @@ impl TaskMutation {
         inputs: Vec<CreateTaskInput>,
     ) -> Result<CreateTasksPayload> {
         let granted = grant::<can::TaskCreate>(ctx)?;
-        let max = ctx
-            .data_opt::<QueryLimits>()
-            .map_or(QueryLimits::default().max_tasks_per_batch, |limits| {
-                limits.max_tasks_per_batch
-            });
+        let max = crate::limits::configured(ctx, |limits| limits.max_tasks_per_batch);
         if inputs.len() > max {
             return Err(crate::ApiError::invalid(
                 "inputs",
