@@ -278,19 +278,6 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// The JSON answer to one GraphQL request to a server started as a process.
-pub async fn graphql_at(address: &str, query: &str) -> Value {
-    http_client()
-        .post(format!("http://{address}/graphql"))
-        .json(&json!({ "query": query }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// A TCP proxy in front of the server that the test can cut (every connection through it
 /// drops at once and new ones are refused until it is restored, as when a network drops) and
 /// that can refuse WebSocket upgrades (as some corporate proxies do).

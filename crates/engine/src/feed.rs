@@ -454,6 +454,13 @@ mod tests {
             let next = take(&mut slow, 1).await;
             assert_eq!(next[0].payload["template"], "t30", "and then follows live");
             drop((slow, keeping_up));
+            let follower = feed.follow(EventFilter::within(tasker_domain::Within::Any), None);
+            assert_eq!(
+                feed.inner.places.lock().unwrap().len(),
+                1,
+                "a new subscription leaves no ended one's place behind"
+            );
+            drop(follower);
             assert_eq!(feed.slowest_subscriber_lag(Some(1_000)), 0, "none follows");
         }
     }
