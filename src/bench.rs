@@ -216,7 +216,7 @@ fn print_backend(backend: &Backend) {
     }
     let batch = &backend.batch_create;
     println!(
-        "   createTasks: {} one-step tasks in batches of {}: {:.0} tasks/s, {:.0} statements per batch",
+        "   createTasks through the engine (no HTTP): {} one-step tasks in batches of {}: {:.0} tasks/s, {:.0} statements per batch",
         batch.tasks, batch.batch_size, batch.tasks_per_second, batch.statements_per_batch
     );
     let api = &backend.api;
@@ -240,7 +240,6 @@ where
 {
     let database = fresh("commits").await?;
     let commits_per_second = commit_rate(&database.store).await;
-    database.store.clone().close().await?;
     database.drop().await?;
     let commits_per_second = commits_per_second?;
     let mut scenarios = Vec::new();
@@ -252,7 +251,6 @@ where
     }
     let database = fresh("batch").await?;
     let batch_create = batch_creation(&database.store).await;
-    database.store.clone().close().await?;
     database.drop().await?;
     let database = fresh("api").await?;
     let api = api_latency(database.store.clone(), workers, api_tasks).await;
@@ -282,16 +280,7 @@ async fn batch_creation(store: &Store) -> anyhow::Result<BatchCreation> {
     let started = Instant::now();
     for batch in 0..BATCH_TASKS / BATCH_SIZE {
         let news = (0..BATCH_SIZE)
-            .map(|i| NewTask {
-                namespace: template.namespace.clone(),
-                template: template.name.clone(),
-                version: None,
-                trace_parent: None,
-                request: TaskRequest {
-                    context: json!({ "n": batch * BATCH_SIZE + i }),
-                    ..TaskRequest::default()
-                },
-            })
+            .map(|i| numbered_task(&template, batch * BATCH_SIZE + i))
             .collect();
         creator.create_tasks(news).await?;
     }
@@ -303,6 +292,31 @@ async fn batch_creation(store: &Store) -> anyhow::Result<BatchCreation> {
         tasks_per_second: BATCH_TASKS as f64 / seconds,
         statements_per_batch: (store.statement_count() - statements_before) as f64 / batches,
     })
+}
+
+/// Task `n` of a scenario, its number in its context.
+fn numbered_task(template: &tasker_domain::TaskTemplate, n: usize) -> NewTask {
+    NewTask {
+        namespace: template.namespace.clone(),
+        template: template.name.clone(),
+        version: None,
+        trace_parent: None,
+        request: TaskRequest {
+            context: json!({ "n": n }),
+            ..TaskRequest::default()
+        },
+    }
+}
+
+/// The server as production wires it, on loopback, with no examples; the pool is what is
+/// measured, so it has at least one worker.
+fn server_settings(workers: usize) -> Settings {
+    Settings {
+        bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        examples: false,
+        workers: workers.max(1),
+        ..Settings::default()
+    }
 }
 
 /// Single-row autocommitted writes per second, one after another.
@@ -331,31 +345,14 @@ async fn measure(
     let create_started = Instant::now();
     let mut ids = Vec::with_capacity(scenario.tasks);
     for i in 0..scenario.tasks {
-        let creation = creator
-            .create_task(NewTask {
-                namespace: template.namespace.clone(),
-                template: template.name.clone(),
-                version: None,
-                trace_parent: None,
-                request: TaskRequest {
-                    context: json!({ "n": i }),
-                    ..TaskRequest::default()
-                },
-            })
-            .await?;
+        let creation = creator.create_task(numbered_task(&template, i)).await?;
         ids.push(creation.task.id);
     }
     let create_seconds = create_started.elapsed().as_secs_f64();
     let creation_statements = store.statement_count() - statements_before_creation;
 
     // The server as production wires it, its pool started with the clock.
-    let settings = Settings {
-        bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        examples: false,
-        // The pool is what is measured: at least one worker.
-        workers: workers.max(1),
-        ..Settings::default()
-    };
+    let settings = server_settings(workers);
     let statements_before_execution = store.statement_count();
     let started = Instant::now();
     let app = App::build_on(&settings, store.clone()).await?;
@@ -423,13 +420,7 @@ async fn api_latency(store: Store, workers: usize, tasks: usize) -> anyhow::Resu
         .context("the chain scenario")?;
     let registration = store.register_template(&chain.template, false).await?;
     let template = registration.template.template;
-    let settings = Settings {
-        bind: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-        examples: false,
-        workers: workers.max(1),
-        ..Settings::default()
-    };
-    let app = App::build_on(&settings, store).await?;
+    let app = App::build_on(&server_settings(workers), store).await?;
     let client = tasker_client::Client::new(&format!("http://{}", app.address()))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(app.serve(async move {
@@ -561,8 +552,9 @@ impl Database {
         })
     }
 
-    /// Removes the database; the scenario's app closed its store.
+    /// Closes its store (if a scenario's app has not already) and removes the database.
     async fn drop(self) -> anyhow::Result<()> {
+        self.store.close().await?;
         if let Some((url, schema)) = self.cleanup {
             let admin = Store::connect(&StoreOptions::new(url), Arc::new(SystemClock)).await?;
             admin.drop_schema(&schema).await?;
