@@ -152,7 +152,7 @@ async fn the_dashboard_follows_tasks_live_resumes_after_a_drop_and_acts_in_a_rea
         .await;
     // The event stream shows the log exactly: no duplicate, no gap.
     let expected = server.event_cursors(&task).await;
-    let shown = shown_cursors(&mut browser).await;
+    let shown = shown_cursors(&mut browser, expected.len()).await;
     assert_eq!(shown, json!(expected), "the page's events are the log's");
     assert_eq!(
         browser.eval("window.taskerMetrics.received").await,
@@ -238,7 +238,7 @@ async fn the_dashboard_polls_the_log_when_websockets_are_blocked() {
         .wait_for("document.querySelectorAll('g.node[data-state=COMPLETE]').length === 4")
         .await;
     let expected = server.event_cursors(&task).await;
-    let shown = shown_cursors(&mut browser).await;
+    let shown = shown_cursors(&mut browser, expected.len()).await;
     assert_eq!(shown, json!(expected));
     assert_eq!(
         browser.eval("window.taskerMetrics.received").await,
@@ -327,7 +327,15 @@ async fn browser_and_server() -> Option<(String, TestServer)> {
 }
 
 /// The cursors of the events the page lists, oldest first.
-async fn shown_cursors(browser: &mut Browser) -> serde_json::Value {
+/// The cursors of the events the page lists, oldest first, once it lists at least `count`
+/// (a task's state can arrive a message before its last events: each update reads the task
+/// as it is then).
+async fn shown_cursors(browser: &mut Browser, count: usize) -> serde_json::Value {
+    browser
+        .wait_for(&format!(
+            "document.querySelectorAll('#events li').length >= {count}"
+        ))
+        .await;
     browser
         .eval("[...document.querySelectorAll('#events li')].map(li => li.dataset.cursor).reverse()")
         .await
