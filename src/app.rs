@@ -100,6 +100,11 @@ impl App {
         background.push(tokio::spawn(
             engine.clone().run_maintenance(stopping.clone()),
         ));
+        background.push(tokio::spawn(
+            engine
+                .clone()
+                .run_retention(settings.retention.clone(), stopping.clone()),
+        ));
         background.push(tokio::spawn(engine.clone().run_listener(stopping)));
         let demo_routes = if settings.demo {
             crate::demo::routes()

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tasker::App;
-use tasker::config::Settings;
+use tasker::config::{BenchArgs, Settings};
 use tasker_domain::{SystemClock, TaskRequest, TaskState};
 use tasker_store::{NewTask, Store, StoreOptions, TaskFilter};
 use uuid::Uuid;
@@ -103,6 +103,10 @@ pub struct Measurement {
     /// SQL statements the store ran, per task created and per step executed.
     statements_per_task_created: f64,
     statements_per_step: f64,
+    /// What the finished tasks take in the database (tables and indexes), per task and per
+    /// step.
+    bytes_per_task: f64,
+    bytes_per_step: f64,
 }
 
 /// Chains created over HTTP and awaited over the subscription, one at a time.
@@ -147,25 +151,14 @@ const BATCH_SIZE: usize = 1_000;
 const API_CHAIN: usize = 10;
 
 /// Runs every scenario on SQLite and, when given, PostgreSQL; prints text or JSON.
-pub async fn run(
-    postgres_url: Option<String>,
-    json_output: bool,
-    workers: usize,
-    api_tasks: usize,
-) -> anyhow::Result<()> {
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    let mut backends = vec![
-        measure_backend("sqlite", workers, api_tasks, |key| {
-            Database::sqlite(dir.path(), key)
-        })
-        .await?,
-    ];
-    if let Some(url) = postgres_url {
-        backends.push(
-            measure_backend("postgres", workers, api_tasks, |_| Database::postgres(&url)).await?,
-        );
+    let mut backends =
+        vec![measure_backend("sqlite", &args, |key| Database::sqlite(dir.path(), key)).await?];
+    if let Some(url) = &args.postgres_url {
+        backends.push(measure_backend("postgres", &args, |_| Database::postgres(url)).await?);
     }
-    if json_output {
+    if args.json {
         println!("{}", serde_json::to_string_pretty(&backends)?);
     } else {
         for backend in &backends {
@@ -181,7 +174,7 @@ fn print_backend(backend: &Backend) {
         backend.backend, backend.commits_per_second
     );
     println!(
-        "   {:<34} {:>6} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>7}",
+        "   {:<34} {:>6} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
         "scenario",
         "steps",
         "create ms",
@@ -193,12 +186,14 @@ fn print_backend(backend: &Backend) {
         "sql/tsk",
         "sql/stp",
         "p50 ms",
-        "p99 ms"
+        "p99 ms",
+        "B/task",
+        "B/step"
     );
     for m in &backend.scenarios {
         let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
         println!(
-            "{:<2} {:<34} {:>6} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:>8.0} {:>6.2} {:>7.1} {:>7.1} {:>7} {:>7}",
+            "{:<2} {:<34} {:>6} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:>8.0} {:>6.2} {:>7.1} {:>7.1} {:>7} {:>7} {:>7.0} {:>7.0}",
             m.scenario,
             m.description,
             m.steps,
@@ -211,7 +206,9 @@ fn print_backend(backend: &Backend) {
             m.statements_per_task_created,
             m.statements_per_step,
             ms(m.handoff_p50_ms),
-            ms(m.handoff_p99_ms)
+            ms(m.handoff_p99_ms),
+            m.bytes_per_task,
+            m.bytes_per_step
         );
     }
     let batch = &backend.batch_create;
@@ -228,12 +225,7 @@ fn print_backend(backend: &Backend) {
 
 /// The commit rate, every scenario and the public-API figure on one kind of database, each on
 /// a fresh database.
-async fn measure_backend<F, D>(
-    backend: &str,
-    workers: usize,
-    api_tasks: usize,
-    fresh: F,
-) -> anyhow::Result<Backend>
+async fn measure_backend<F, D>(backend: &str, args: &BenchArgs, fresh: F) -> anyhow::Result<Backend>
 where
     F: Fn(&'static str) -> D,
     D: std::future::Future<Output = anyhow::Result<Database>>,
@@ -242,6 +234,7 @@ where
     let commits_per_second = commit_rate(&database.store).await;
     database.drop().await?;
     let commits_per_second = commits_per_second?;
+    let workers = args.workers;
     let mut scenarios = Vec::new();
     for scenario in scenarios_list() {
         let database = fresh(scenario.key).await?;
@@ -249,11 +242,23 @@ where
         database.drop().await?;
         scenarios.push(measured?);
     }
+    if args.history_tasks > 0 {
+        let database = fresh("f").await?;
+        let measured = at_scale(
+            &database.store,
+            args.history_tasks,
+            workers,
+            commits_per_second,
+        )
+        .await;
+        database.drop().await?;
+        scenarios.push(measured?);
+    }
     let database = fresh("batch").await?;
     let batch_create = batch_creation(&database.store).await;
     database.drop().await?;
     let database = fresh("api").await?;
-    let api = api_latency(database.store.clone(), workers, api_tasks).await;
+    let api = api_latency(database.store.clone(), workers, args.api_tasks).await;
     database.drop().await?;
     Ok(Backend {
         backend: backend.to_owned(),
@@ -275,15 +280,9 @@ async fn batch_creation(store: &Store) -> anyhow::Result<BatchCreation> {
         .await?
         .template
         .template;
-    let creator = tasker_engine::Engine::new(store.clone());
     let statements_before = store.statement_count();
     let started = Instant::now();
-    for batch in 0..BATCH_TASKS / BATCH_SIZE {
-        let news = (0..BATCH_SIZE)
-            .map(|i| numbered_task(&template, batch * BATCH_SIZE + i))
-            .collect();
-        creator.create_tasks(news).await?;
-    }
+    create_in_batches(store, &template, BATCH_TASKS).await?;
     let seconds = started.elapsed().as_secs_f64();
     let batches = (BATCH_TASKS / BATCH_SIZE) as f64;
     Ok(BatchCreation {
@@ -292,6 +291,70 @@ async fn batch_creation(store: &Store) -> anyhow::Result<BatchCreation> {
         tasks_per_second: BATCH_TASKS as f64 / seconds,
         statements_per_batch: (store.statement_count() - statements_before) as f64 / batches,
     })
+}
+
+/// Starts `tasks` tasks of `template`, [`BATCH_SIZE`] at a time, as `createTasks` does.
+async fn create_in_batches(
+    store: &Store,
+    template: &tasker_domain::TaskTemplate,
+    tasks: usize,
+) -> anyhow::Result<()> {
+    let creator = tasker_engine::Engine::new(store.clone());
+    for first in (0..tasks).step_by(BATCH_SIZE) {
+        let news = (first..tasks.min(first + BATCH_SIZE))
+            .map(|n| numbered_task(template, n))
+            .collect();
+        creator.create_tasks(news).await?;
+    }
+    Ok(())
+}
+
+/// (f): scenario (c) again, over a database that already holds `history` finished one-step
+/// tasks (of a template of their own, run by the pool first): claiming and completing must
+/// not get dearer as history grows.
+async fn at_scale(
+    store: &Store,
+    history: usize,
+    workers: usize,
+    commits_per_second: f64,
+) -> anyhow::Result<Measurement> {
+    let single = scenarios_list()
+        .into_iter()
+        .find(|scenario| scenario.key == "c")
+        .context("the one-step scenario")?;
+    let filler = single.template.replace("\"single\"", "\"history\"");
+    let template = store
+        .register_template(&filler, false)
+        .await?
+        .template
+        .template;
+    create_in_batches(store, &template, history).await?;
+    let app = App::build_on(&server_settings(workers), store.clone()).await?;
+    wait_for_finished(&app, history as u64, "f (history)").await?;
+    app.stop().await?;
+    let scenario = Scenario {
+        key: "f",
+        description: "(c) over finished tasks already held",
+        ..single
+    };
+    measure(store, &scenario, workers, commits_per_second).await
+}
+
+/// Waits until the app's engine has finished `expected` tasks.
+async fn wait_for_finished(app: &App, expected: u64, scenario: &str) -> anyhow::Result<()> {
+    let mut finished = app.engine().finished_tasks();
+    while *finished.borrow_and_update() < expected {
+        if tokio::time::timeout(Duration::from_secs(120), finished.changed())
+            .await
+            .is_err()
+        {
+            bail!(
+                "scenario {scenario} stalled: {} of {expected} tasks finished",
+                *finished.borrow()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Task `n` of a scenario, its number in its context.
@@ -338,6 +401,7 @@ async fn measure(
 ) -> anyhow::Result<Measurement> {
     let registration = store.register_template(&scenario.template, false).await?;
     let template = registration.template.template;
+    let bytes_before = store.database_bytes().await?;
     // Tasks are created as the API creates them, through an engine (without its background
     // work, which starts with the clock below).
     let creator = tasker_engine::Engine::new(store.clone());
@@ -356,7 +420,6 @@ async fn measure(
     let statements_before_execution = store.statement_count();
     let started = Instant::now();
     let app = App::build_on(&settings, store.clone()).await?;
-    let mut finished = app.engine().finished_tasks();
     let done = TaskFilter {
         namespace: Some(template.namespace.clone()),
         template: Some(template.name.clone()),
@@ -365,18 +428,7 @@ async fn measure(
     };
     // The engine counts the tasks it finished: wait for all of this scenario's.
     let expected = ids.len() as u64;
-    while *finished.borrow_and_update() < expected {
-        if tokio::time::timeout(Duration::from_secs(120), finished.changed())
-            .await
-            .is_err()
-        {
-            bail!(
-                "scenario {} stalled: {} of {expected} tasks finished",
-                scenario.key,
-                *finished.borrow()
-            );
-        }
-    }
+    wait_for_finished(&app, expected, scenario.key).await?;
     let execute_seconds = started.elapsed().as_secs_f64();
     let execution_statements = store.statement_count() - statements_before_execution;
 
@@ -388,6 +440,7 @@ async fn measure(
         );
     }
     let steps = template.steps.len() * ids.len();
+    let bytes = store.database_bytes().await?.saturating_sub(bytes_before) as f64;
     let (p50, p99) = handoff_latencies(store, &ids).await?;
     // Stops the pool and closes the database.
     app.stop().await?;
@@ -407,6 +460,8 @@ async fn measure(
         handoff_p99_ms: p99,
         statements_per_task_created: creation_statements as f64 / tasks as f64,
         statements_per_step: execution_statements as f64 / steps as f64,
+        bytes_per_task: bytes / tasks as f64,
+        bytes_per_step: bytes / steps as f64,
     })
 }
 

@@ -64,6 +64,11 @@ pub struct Cli {
     #[arg(long, env = "TASKER_DRAIN_SECONDS", global = true)]
     pub drain_seconds: Option<u64>,
 
+    /// Finished tasks (with their steps, transitions and events) are deleted this many days
+    /// after they ended (default 30); 0 keeps everything.
+    #[arg(long, env = "TASKER_RETENTION_DAYS", global = true)]
+    pub retention_days: Option<u64>,
+
     /// Log format.
     #[arg(long, env = "TASKER_LOG_FORMAT", global = true, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -251,6 +256,10 @@ pub struct BenchArgs {
     /// Chains run one after another through the public API (HTTP and the subscription).
     #[arg(long, default_value_t = 200)]
     pub api_tasks: usize,
+    /// Finished one-step tasks already in the database when scenario (f) runs (c) again; 0
+    /// leaves (f) out.
+    #[arg(long, default_value_t = 100_000)]
+    pub history_tasks: usize,
 }
 
 #[derive(ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -273,6 +282,7 @@ struct FileSettings {
     workers: Option<usize>,
     worker_lease_seconds: Option<u64>,
     drain_seconds: Option<u64>,
+    retention_days: Option<u64>,
     log_format: Option<LogFormat>,
     db_max_connections: Option<u32>,
     max_body_bytes: Option<usize>,
@@ -320,6 +330,8 @@ pub struct Settings {
     pub worker_lease: Duration,
     /// How long steps in flight may take to finish when the server drains.
     pub drain_grace: Duration,
+    /// What the retention sweep deletes, and when.
+    pub retention: tasker_engine::RetentionPolicy,
     pub log_format: LogFormat,
     pub db_max_connections: u32,
     pub http: tasker_api::HttpLimits,
@@ -345,6 +357,7 @@ impl Default for Settings {
             workers: pool.concurrency,
             worker_lease: pool.lease,
             drain_grace: pool.drain_grace,
+            retention: tasker_engine::RetentionPolicy::default(),
             log_format: LogFormat::default(),
             db_max_connections: tasker_store::StoreOptions::new("").max_connections,
             http: tasker_api::HttpLimits::default(),
@@ -457,6 +470,17 @@ impl Settings {
                 .drain_seconds
                 .or(file.drain_seconds)
                 .map_or(defaults.drain_grace, Duration::from_secs),
+            retention: match cli.retention_days.or(file.retention_days) {
+                None => defaults.retention,
+                Some(0) => tasker_engine::RetentionPolicy {
+                    keep: None,
+                    ..defaults.retention
+                },
+                Some(days) => tasker_engine::RetentionPolicy {
+                    keep: Some(Duration::from_secs(days.saturating_mul(24 * 3600))),
+                    ..defaults.retention
+                },
+            },
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
             db_max_connections: cli
                 .db_max_connections

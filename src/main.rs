@@ -30,12 +30,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let outcome = match cli.command {
         Some(Command::Migrate) => runtime.block_on(migrate(&settings)),
         Some(Command::Serve) | None => runtime.block_on(serve(settings)),
-        Some(Command::Bench(args)) => runtime.block_on(bench::run(
-            args.postgres_url,
-            args.json,
-            args.workers,
-            args.api_tasks,
-        )),
+        Some(Command::Bench(args)) => runtime.block_on(bench::run(args)),
         Some(Command::Token(args)) => token(&settings, &args),
         // Answered above.
         Some(_) => Ok(()),

@@ -590,3 +590,116 @@ async fn tasks_updated_follows_a_filtered_list_live_and_resumes() {
         assert_eq!(again["event"]["name"], "task.started");
     }
 }
+
+/// A server whose retention sweep keeps finished tasks one day and looks every few
+/// milliseconds, on a clock the test moves.
+async fn retaining_server(db: TestDatabase) -> TestServer {
+    let settings = tasker::config::Settings {
+        workers: tasker_engine::WorkerPoolConfig::default().concurrency,
+        retention: tasker_engine::RetentionPolicy {
+            keep: Some(std::time::Duration::from_secs(24 * 3600)),
+            batch: 1,
+            every: std::time::Duration::from_millis(5),
+        },
+        ..TestServer::settings()
+    };
+    TestServer::start_with(db, settings).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retention_sweep_deletes_old_tasks_and_an_older_cursor_gets_cursor_expired() {
+    let clock = Arc::new(tasker_domain::ManualClock::new(chrono::Utc::now()));
+    for db in TestDatabase::all(clock.clone()).await {
+        let server = retaining_server(db).await;
+        server.register(crate::support::DIAMOND).await;
+        let task_query = "query($id: ID!) { task(id: $id) { id state } }";
+        let mut ids = Vec::new();
+        for order in [1, 2] {
+            let id = server
+                .create_task(json!({ "namespace": "shop", "template": "fulfil", "context": { "order_id": order } }))
+                .await["task"]["id"]
+                .clone();
+            assert_eq!(
+                server.finished_task(task_query, &id).await["state"],
+                "COMPLETE"
+            );
+            ids.push(id);
+        }
+        let first_cursors = server.event_cursors(&ids[0]).await;
+        let last_of_second = server.event_cursors(&ids[1]).await.pop().unwrap();
+
+        // Two days on, the sweep deletes both; a third task, just finished, stays.
+        clock.advance(chrono::Duration::days(2));
+        let kept = server
+            .create_task(
+                json!({ "namespace": "shop", "template": "fulfil", "context": { "order_id": 3 } }),
+            )
+            .await["task"]["id"]
+            .clone();
+        assert_eq!(
+            server.finished_task(task_query, &kept).await["state"],
+            "COMPLETE"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        for id in &ids {
+            while server.graphql(task_query, json!({ "id": id })).await["errors"][0]["extensions"]["code"]
+                != "NOT_FOUND"
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the sweep never deleted {id}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        let (code, _) = server
+            .error(
+                "query($f: EventFilterInput) { events(filter: $f) { edges { cursor } } }",
+                json!({ "f": { "taskId": ids[0] } }),
+            )
+            .await;
+        assert_eq!(code, "NOT_FOUND", "the task and its events are gone");
+        assert_eq!(
+            server.data(task_query, json!({ "id": kept })).await["task"]["state"],
+            "COMPLETE"
+        );
+
+        // A cursor from before what the log retains is refused by the query and the
+        // subscription alike, and the error says where everything retained starts.
+        let page = "query($after: String) { events(after: $after, first: 500) { edges { cursor node { taskId } } } }";
+        let (code, error) = server
+            .error(page, json!({ "after": first_cursors[0] }))
+            .await;
+        assert_eq!(code, "CURSOR_EXPIRED", "{error}");
+        let pruned_through = error["extensions"]["prunedThrough"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(pruned_through, last_of_second, "the highest cursor deleted");
+        assert!(
+            error["message"].as_str().unwrap().contains("eventHead"),
+            "{error}"
+        );
+        let mut socket = subscribe_events(&server, Some(&first_cursors[0])).await;
+        let refused = receive(&mut socket).await;
+        let code = if refused["type"] == "error" {
+            &refused["payload"][0]["extensions"]["code"]
+        } else {
+            &refused["payload"]["errors"][0]["extensions"]["code"]
+        };
+        assert_eq!(code, "CURSOR_EXPIRED", "{refused}");
+
+        // From that cursor on, everything retained: the kept task's events.
+        let resumed = server.data(page, json!({ "after": pruned_through })).await;
+        let tasks: Vec<&Value> = resumed["events"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|edge| &edge["node"]["taskId"])
+            .collect();
+        assert!(
+            !tasks.is_empty() && tasks.iter().all(|task| **task == kept),
+            "{resumed:#}"
+        );
+    }
+}

@@ -612,7 +612,11 @@ impl Granted<'_, can::EventSubscribe> {
             return Ok(None);
         };
         let start = match after {
-            Some(cursor) => Some(cursor),
+            Some(cursor) => {
+                // Told now, rather than by a stream that ends.
+                self.store().check_cursor(cursor).await.gql()?;
+                Some(cursor)
+            }
             None => self.store().event_head().await.gql()?,
         };
         let filter = EventFilter { within, ..filter };

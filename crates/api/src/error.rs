@@ -24,6 +24,12 @@ pub enum ApiError {
     /// A worker's lease token no longer holds its step; nothing was recorded.
     #[error("{0}")]
     LeaseLost(String),
+    /// An event cursor older than what the log retains; `pruned_through` is the (opaque)
+    /// cursor from which everything retained can be read.
+    #[error(
+        "this cursor is older than the retained event log: the retention policy deleted older events, so some after it may be gone; start again from eventHead, or resume from cursor {pruned_through} (extensions.prunedThrough) to read everything retained"
+    )]
+    CursorExpired { pruned_through: String },
     /// No valid credentials.
     #[error("{0}")]
     Unauthenticated(String),
@@ -65,6 +71,7 @@ impl ApiError {
             ApiError::Validation { .. } => "VALIDATION_FAILED",
             ApiError::Conflict(_) => "CONFLICT",
             ApiError::LeaseLost(_) => "LEASE_LOST",
+            ApiError::CursorExpired { .. } => "CURSOR_EXPIRED",
             ApiError::Unauthenticated(_) => "UNAUTHENTICATED",
             ApiError::Forbidden(_) => "FORBIDDEN",
             ApiError::RateLimited(_) => "RATE_LIMITED",
@@ -92,6 +99,9 @@ impl ErrorExtensions for ApiError {
                 // Whether the change may have been saved: retry with the same idempotency
                 // key (or look first) when it may.
                 extensions.set("outcome", if *uncertain { "unknown" } else { "not_saved" });
+            }
+            if let ApiError::CursorExpired { pruned_through } = self {
+                extensions.set("prunedThrough", pruned_through.as_str());
             }
             if let ApiError::Validation { problems, .. } = self {
                 let list = problems
@@ -123,6 +133,9 @@ impl From<tasker_store::Error> for ApiError {
             Store::NotFound { .. } => ApiError::NotFound(err.to_string()),
             Store::Conflict(message) => ApiError::Conflict(message),
             Store::LeaseLost => ApiError::LeaseLost(err.to_string()),
+            Store::CursorExpired { pruned_through, .. } => ApiError::CursorExpired {
+                pruned_through: crate::ids::event_cursor(tasker_store::EventCursor(pruned_through)),
+            },
             Store::Domain(domain) => match domain {
                 Domain::InvalidTemplate(ref problems)
                 | Domain::InvalidContext(ref problems)

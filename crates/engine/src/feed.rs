@@ -134,6 +134,7 @@ impl EventFeed {
             caught_up: false,
             ready: std::collections::VecDeque::new(),
             appended: self.inner.store.events_appended(),
+            expired: false,
         }
     }
 }
@@ -224,14 +225,20 @@ pub struct Follow {
     ready: std::collections::VecDeque<EventRecord>,
     /// Wakes a subscription that is catching up and found the log's end.
     appended: tokio::sync::watch::Receiver<u64>,
+    /// Its place is older than what the log retains: it has nothing more to give.
+    expired: bool,
 }
 
 impl Follow {
-    /// The next matching event; `None` when the server shuts down.
+    /// The next matching event; `None` when the server shuts down, or when the subscription
+    /// fell so far behind that the retention policy deleted events it had not read.
     pub async fn next(&mut self) -> Option<EventRecord> {
         loop {
             if let Some(event) = self.ready.pop_front() {
                 return Some(event);
+            }
+            if self.expired {
+                return None;
             }
             if self.caught_up {
                 self.take_broadcast().await?;
@@ -345,6 +352,12 @@ impl Follow {
                     self.caught_up = true;
                 }
                 self.ready.extend(page);
+            }
+            Err(err @ tasker_store::Error::CursorExpired { .. }) => {
+                // It fell behind what the log retains: its stream ends, and resuming from its
+                // cursor says why.
+                tracing::warn!(error = %err, "a subscription fell behind the retained event log; its stream ends");
+                self.expired = true;
             }
             Err(err) => {
                 crate::retried("reading the event log for a subscription failed", &err);

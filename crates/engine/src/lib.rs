@@ -10,6 +10,7 @@ mod http;
 pub mod metrics;
 mod outbound;
 mod ready;
+mod retention;
 mod seed;
 mod trace;
 mod workers;
@@ -17,6 +18,7 @@ mod workers;
 pub use feed::{EventFeed, Follow};
 pub use handlers::BUILT_IN_HANDLERS;
 pub use outbound::OutboundPolicy;
+pub use retention::RetentionPolicy;
 pub use seed::{BundledTemplate, register_bundled, seed_templates};
 pub use workers::WorkerPoolConfig;
 

@@ -71,7 +71,8 @@ impl EventRecord {
 }
 
 impl Store {
-    /// Up to `limit` events after `after` (from the start when `None`), in log order.
+    /// Up to `limit` events after `after` (from the start of what is retained when `None`), in
+    /// log order; `Error::CursorExpired` when `after` is older than what the log retains.
     pub async fn events_page(
         &self,
         filter: &EventFilter,
@@ -88,6 +89,12 @@ impl Store {
             .push(order)
             .push(" > ")
             .bind(after.map_or(0, |cursor| cursor.0));
+        if let Some(cursor) = after {
+            // A cursor older than the retained log reads nothing (and is told why below).
+            sql.push(" AND EXISTS (SELECT 1 FROM event_retention WHERE pruned_through <= ")
+                .bind(cursor.0)
+                .push(")");
+        }
         if let Within::Only(within) = &filter.within {
             sql.push(" AND namespace IN ")
                 .bind_list(within.iter().cloned());
@@ -106,6 +113,10 @@ impl Store {
         let models = event::Model::find_by_statement(sql.build())
             .all(&self.db)
             .await?;
+        if let (true, Some(cursor)) = (models.is_empty(), after) {
+            // Nothing after the cursor: it may be older than what the log retains.
+            self.check_cursor(cursor).await?;
+        }
         Ok(models.into_iter().map(EventRecord::from).collect())
     }
 
@@ -150,7 +161,7 @@ impl Store {
     /// [`Store::sequence_events`] without recording a failure as a fault episode, for a caller
     /// that just committed (its own commit is the news; a failure here is retried by the
     /// sweep).
-    async fn number_events(&self) -> Result<u64> {
+    pub(crate) async fn number_events(&self) -> Result<u64> {
         if self.db.get_database_backend() != DbBackend::Postgres {
             return Ok(0);
         }

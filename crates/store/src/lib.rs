@@ -15,6 +15,7 @@ mod parking;
 mod progress;
 mod queries;
 mod records;
+mod retention;
 mod sql;
 mod state_change;
 mod status;
@@ -37,6 +38,7 @@ pub use records::{
     EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
     TaskTransitionRecord, TemplateRecord,
 };
+pub use retention::Pruned;
 pub use status::{PoolStatus, READY_COUNT_CAP, StoreStatus};
 pub use tasks::{NewTask, TaskCreation};
 pub use templates::{Registration, RegistrationOutcome};
@@ -94,6 +96,12 @@ pub enum Error {
         #[source]
         cause: DbErr,
     },
+    /// A reader resumed from a cursor older than what the event log retains: the retention
+    /// policy deleted events up to `pruned_through`, so some after the cursor may be gone.
+    #[error(
+        "cursor {cursor} is older than the retained event log: the retention policy deleted events up to cursor {pruned_through}, so some after {cursor} may be gone; start again from eventHead, or from cursor {pruned_through} to read everything retained"
+    )]
+    CursorExpired { cursor: i64, pruned_through: i64 },
     /// The database failed; the details are for the log, never for clients.
     #[error("the database failed")]
     Database(DbErr),

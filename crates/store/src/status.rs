@@ -131,3 +131,29 @@ impl Store {
         }
     }
 }
+
+#[derive(Debug, FromQueryResult)]
+struct Size {
+    bytes: Option<i64>,
+}
+
+impl Store {
+    /// The bytes the database's tables and indexes hold now (SQLite: its pages in use;
+    /// PostgreSQL: every table of the schema with its indexes and TOAST), so the cost of
+    /// what is stored can be measured per task.
+    pub async fn database_bytes(&self) -> Result<u64> {
+        let mut sql = Sql::new(self.db.get_database_backend());
+        sql.push(if sql.is_postgres() {
+            "SELECT CAST(SUM(pg_total_relation_size(c.oid)) AS BIGINT) AS bytes FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND c.relkind = 'r'"
+        } else {
+            "SELECT (p.page_count - f.freelist_count) * s.page_size AS bytes \
+             FROM pragma_page_count() p, pragma_freelist_count() f, pragma_page_size() s"
+        });
+        let size = Size::find_by_statement(sql.build()).one(&self.db).await?;
+        Ok(size
+            .and_then(|size| size.bytes)
+            .map_or(0, |bytes| u64::try_from(bytes).unwrap_or(0)))
+    }
+}

@@ -15,6 +15,7 @@ mod event_log;
 mod execution;
 mod faults;
 mod lifecycle;
+mod retention;
 
 pub const DIAMOND: &str = r#"
 namespace: shop

@@ -1,0 +1,194 @@
+//! The retention policy's deletes: old finished tasks go with everything about them, the rest
+//! stays, and the event log tells a reader whose cursor is older than what it retains.
+
+use crate::{DIAMOND, claim, complete, databases, order};
+use chrono::Duration;
+use tasker_domain::Within;
+use tasker_store::{Error, EventCursor, EventFilter, Pruned, Store};
+use uuid::Uuid;
+
+/// Runs a task's steps to completion, one claim after another.
+async fn finish(store: &Store) {
+    loop {
+        let claimed = store.claim_steps(&claim(10)).await.unwrap();
+        if claimed.is_empty() {
+            return;
+        }
+        complete(store, &claimed).await;
+    }
+}
+
+/// Prunes batch after batch until nothing is left to delete; returns the total.
+async fn prune_all(store: &Store, cutoff: chrono::DateTime<chrono::Utc>, batch: u32) -> Pruned {
+    let mut total = Pruned::default();
+    loop {
+        let pruned = store.prune_finished(cutoff, batch).await.unwrap();
+        if pruned == Pruned::default() {
+            return total;
+        }
+        assert!(pruned.tasks <= u64::from(batch), "one batch at a time");
+        total.tasks += pruned.tasks;
+        total.events += pruned.events;
+    }
+}
+
+#[tokio::test]
+async fn old_finished_tasks_go_with_their_rows_and_an_older_cursor_is_refused() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let backend = db.backend();
+        store.register_template(DIAMOND, false).await.unwrap();
+        // Old: one completed, one cancelled, one still running (never deleted).
+        let done = store
+            .create_task(order("shop", "fulfil", 1))
+            .await
+            .unwrap()
+            .task;
+        finish(store).await;
+        let cancelled = store
+            .create_task(order("shop", "fulfil", 2))
+            .await
+            .unwrap()
+            .task;
+        store.cancel_task(cancelled.id, None).await.unwrap();
+        let running = store
+            .create_task(order("shop", "fulfil", 3))
+            .await
+            .unwrap()
+            .task;
+        // Its first step stays leased: the task is still running when the sweep comes.
+        assert_eq!(store.claim_steps(&claim(10)).await.unwrap().len(), 1);
+        let old = [done.id, cancelled.id];
+        let old_steps: Vec<Uuid> = store
+            .steps_for_tasks(&old)
+            .await
+            .unwrap()
+            .iter()
+            .map(|step| step.id)
+            .collect();
+        let old_events = store.events_for_tasks(&old).await.unwrap();
+        let deleted_through = old_events.iter().map(|e| e.cursor()).max().unwrap();
+        let before_running = store.events_for_tasks(&[running.id]).await.unwrap();
+
+        // Ten days later, one more finishes: recent, kept.
+        clock.advance(Duration::days(10));
+        let recent = store
+            .create_task(order("shop", "fulfil", 4))
+            .await
+            .unwrap()
+            .task;
+        finish(store).await;
+        let kept = [running.id, recent.id];
+        let kept_events = store.events_for_tasks(&kept).await.unwrap();
+        let kept_steps = store.steps_for_tasks(&kept).await.unwrap();
+
+        clock.advance(Duration::days(2));
+        let cutoff = clock_now(store) - Duration::days(7);
+        let pruned = prune_all(store, cutoff, 1).await;
+        assert_eq!(pruned.tasks, 2, "{backend}");
+        assert_eq!(
+            pruned.events,
+            old_events.len() as u64 + 1,
+            "{backend}: the tasks' events and the template's registration"
+        );
+
+        for id in old {
+            assert!(
+                matches!(store.task(id).await, Err(Error::NotFound { .. })),
+                "{backend}"
+            );
+        }
+        assert!(
+            store.steps_for_tasks(&old).await.unwrap().is_empty(),
+            "{backend}"
+        );
+        assert!(
+            store.edges_for_tasks(&old).await.unwrap().is_empty(),
+            "{backend}"
+        );
+        assert!(
+            store.task_transitions(&old).await.unwrap().is_empty(),
+            "{backend}"
+        );
+        assert!(
+            store.step_transitions(&old_steps).await.unwrap().is_empty(),
+            "{backend}"
+        );
+        assert!(
+            store.events_for_tasks(&old).await.unwrap().is_empty(),
+            "{backend}"
+        );
+
+        // Everything of the kept tasks is still there, the running one's oldest events too.
+        assert_eq!(
+            store.events_for_tasks(&kept).await.unwrap().len(),
+            kept_events.len()
+        );
+        assert_eq!(
+            store.steps_for_tasks(&kept).await.unwrap().len(),
+            kept_steps.len()
+        );
+        let everything = store
+            .events_page(&EventFilter::within(Within::Any), None, 10_000)
+            .await
+            .unwrap();
+        let ids: Vec<Uuid> = everything.iter().map(|e| e.id).collect();
+        let kept_ids: Vec<Uuid> = kept_events.iter().map(|e| e.id).collect();
+        assert_eq!(
+            ids, kept_ids,
+            "{backend}: the log keeps its order, holes where tasks went"
+        );
+        assert!(before_running.iter().all(|e| ids.contains(&e.id)));
+
+        // A cursor older than the highest deleted one is refused, saying from where to read.
+        assert_eq!(store.pruned_through().await.unwrap(), deleted_through);
+        let older = EventCursor(deleted_through.0 - 1);
+        for outcome in [
+            store
+                .events_page(&EventFilter::within(Within::Any), Some(older), 10)
+                .await
+                .map(|_| ()),
+            store.check_cursor(older).await,
+        ] {
+            match outcome {
+                Err(Error::CursorExpired {
+                    cursor,
+                    pruned_through,
+                }) => {
+                    assert_eq!(
+                        (cursor, pruned_through),
+                        (older.0, deleted_through.0),
+                        "{backend}"
+                    );
+                }
+                other => panic!("{backend}: expected an expired cursor, got {other:?}"),
+            }
+        }
+        // From the highest deleted cursor on, everything retained reads as before.
+        let resumed = store
+            .events_page(
+                &EventFilter::within(Within::Any),
+                Some(deleted_through),
+                10_000,
+            )
+            .await
+            .unwrap();
+        let resumed_ids: Vec<Uuid> = resumed.iter().map(|e| e.id).collect();
+        let after_deleted: Vec<Uuid> = kept_events
+            .iter()
+            .filter(|e| e.cursor() > deleted_through)
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(resumed_ids, after_deleted, "{backend}");
+        store.check_cursor(deleted_through).await.unwrap();
+
+        // Nothing more has aged out; the recorded cursor stays.
+        assert_eq!(prune_all(store, cutoff, 50).await, Pruned::default());
+        assert_eq!(store.pruned_through().await.unwrap(), deleted_through);
+    }
+}
+
+fn clock_now(store: &Store) -> chrono::DateTime<chrono::Utc> {
+    store.clock().now()
+}
