@@ -103,6 +103,10 @@ pub struct Measurement {
     /// SQL statements the store ran, per task created and per step executed.
     statements_per_task_created: f64,
     statements_per_step: f64,
+    /// Commands sent to the database (several statements may go in one), per task created
+    /// and per step executed: the round trips to the driver's thread or the server.
+    round_trips_per_task_created: f64,
+    round_trips_per_step: f64,
     /// What the finished tasks take in the database (tables and indexes), per task and per
     /// step.
     bytes_per_task: f64,
@@ -140,6 +144,7 @@ pub struct BatchCreation {
     batch_size: usize,
     tasks_per_second: f64,
     statements_per_batch: f64,
+    round_trips_per_batch: f64,
 }
 
 /// How long the commit rate is measured.
@@ -174,7 +179,7 @@ fn print_backend(backend: &Backend) {
         backend.backend, backend.commits_per_second
     );
     println!(
-        "   {:<34} {:>6} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+        "   {:<34} {:>6} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7}",
         "scenario",
         "steps",
         "create ms",
@@ -185,6 +190,8 @@ fn print_backend(backend: &Backend) {
         "÷commit",
         "sql/tsk",
         "sql/stp",
+        "rt/tsk",
+        "rt/stp",
         "p50 ms",
         "p99 ms",
         "B/task",
@@ -193,7 +200,7 @@ fn print_backend(backend: &Backend) {
     for m in &backend.scenarios {
         let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
         println!(
-            "{:<2} {:<34} {:>6} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:>8.0} {:>6.2} {:>7.1} {:>7.1} {:>7} {:>7} {:>7.0} {:>7.0}",
+            "{:<2} {:<34} {:>6} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:>8.0} {:>6.2} {:>7.1} {:>7.1} {:>6.1} {:>6.1} {:>7} {:>7} {:>7.0} {:>7.0}",
             m.scenario,
             m.description,
             m.steps,
@@ -205,6 +212,8 @@ fn print_backend(backend: &Backend) {
             m.execute_to_commit_ratio,
             m.statements_per_task_created,
             m.statements_per_step,
+            m.round_trips_per_task_created,
+            m.round_trips_per_step,
             ms(m.handoff_p50_ms),
             ms(m.handoff_p99_ms),
             m.bytes_per_task,
@@ -213,8 +222,12 @@ fn print_backend(backend: &Backend) {
     }
     let batch = &backend.batch_create;
     println!(
-        "   createTasks through the engine (no HTTP): {} one-step tasks in batches of {}: {:.0} tasks/s, {:.0} statements per batch",
-        batch.tasks, batch.batch_size, batch.tasks_per_second, batch.statements_per_batch
+        "   createTasks through the engine (no HTTP): {} one-step tasks in batches of {}: {:.0} tasks/s, {:.0} statements in {:.0} round trips per batch",
+        batch.tasks,
+        batch.batch_size,
+        batch.tasks_per_second,
+        batch.statements_per_batch,
+        batch.round_trips_per_batch
     );
     let api = &backend.api;
     println!(
@@ -281,6 +294,7 @@ async fn batch_creation(store: &Store) -> anyhow::Result<BatchCreation> {
         .template
         .template;
     let statements_before = store.statement_count();
+    let trips_before = store.round_trip_count();
     let started = Instant::now();
     create_in_batches(store, &template, BATCH_TASKS).await?;
     let seconds = started.elapsed().as_secs_f64();
@@ -290,6 +304,7 @@ async fn batch_creation(store: &Store) -> anyhow::Result<BatchCreation> {
         batch_size: BATCH_SIZE,
         tasks_per_second: BATCH_TASKS as f64 / seconds,
         statements_per_batch: (store.statement_count() - statements_before) as f64 / batches,
+        round_trips_per_batch: (store.round_trip_count() - trips_before) as f64 / batches,
     })
 }
 
@@ -406,6 +421,7 @@ async fn measure(
     // work, which starts with the clock below).
     let creator = tasker_engine::Engine::new(store.clone());
     let statements_before_creation = store.statement_count();
+    let trips_before_creation = store.round_trip_count();
     let create_started = Instant::now();
     let mut ids = Vec::with_capacity(scenario.tasks);
     for i in 0..scenario.tasks {
@@ -414,10 +430,12 @@ async fn measure(
     }
     let create_seconds = create_started.elapsed().as_secs_f64();
     let creation_statements = store.statement_count() - statements_before_creation;
+    let creation_trips = store.round_trip_count() - trips_before_creation;
 
     // The server as production wires it, its pool started with the clock.
     let settings = server_settings(workers);
     let statements_before_execution = store.statement_count();
+    let trips_before_execution = store.round_trip_count();
     let started = Instant::now();
     let app = App::build_on(&settings, store.clone()).await?;
     let done = TaskFilter {
@@ -431,6 +449,7 @@ async fn measure(
     wait_for_finished(&app, expected, scenario.key).await?;
     let execute_seconds = started.elapsed().as_secs_f64();
     let execution_statements = store.statement_count() - statements_before_execution;
+    let execution_trips = store.round_trip_count() - trips_before_execution;
 
     let complete = store.count_tasks(&done).await?;
     if complete != expected {
@@ -460,6 +479,8 @@ async fn measure(
         handoff_p99_ms: p99,
         statements_per_task_created: creation_statements as f64 / tasks as f64,
         statements_per_step: execution_statements as f64 / steps as f64,
+        round_trips_per_task_created: creation_trips as f64 / tasks as f64,
+        round_trips_per_step: execution_trips as f64 / steps as f64,
         bytes_per_task: bytes / tasks as f64,
         bytes_per_step: bytes / steps as f64,
     })

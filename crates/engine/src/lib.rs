@@ -186,13 +186,12 @@ impl Engine {
 
     /// Counts steps just leased, with how long each had been claimable (the claim stamped
     /// `updated_at`).
-    fn note_claims(&self, claimed: &[ClaimedStep]) {
-        for claim in claimed {
-            let waited = claim
-                .step
+    fn note_claims<'s>(&self, claimed: impl IntoIterator<Item = &'s tasker_store::StepRecord>) {
+        for step in claimed {
+            let waited = step
                 .ready_since
-                .map(|since| (claim.step.updated_at - since).num_milliseconds() as f64 / 1000.0);
-            self.metrics.claimed(&claim.step.handler, waited);
+                .map(|since| (step.updated_at - since).num_milliseconds() as f64 / 1000.0);
+            self.metrics.claimed(&step.handler, waited);
         }
     }
 
@@ -356,7 +355,7 @@ impl Engine {
             if !claimed.is_empty() || tokio::time::Instant::now() >= deadline {
                 if !claimed.is_empty() {
                     self.timers.notify_one();
-                    self.note_claims(&claimed);
+                    self.note_claims(claimed.iter().map(|claim| &claim.step));
                     trace::leased(&mut claimed, &request.worker_id);
                 }
                 return Ok(claimed);
@@ -375,6 +374,13 @@ impl Engine {
     /// Records finished attempts and wakes claimers when children became ready.
     pub async fn complete(&self, completions: &[Completion]) -> Result<CompletionReport> {
         let report = self.store.complete_steps(completions).await?;
+        self.completed(&report).await;
+        Ok(report)
+    }
+
+    /// What follows recorded completions: claimers hear of the steps they made ready, and
+    /// the attempts and finished tasks are counted.
+    async fn completed(&self, report: &CompletionReport) {
         if report.newly_ready > 0 {
             self.announce().await;
         }
@@ -383,7 +389,6 @@ impl Engine {
             self.note_attempt(step, metrics::AttemptOutcome::Completed, ended);
         }
         self.tasks_finished(&report.finished_tasks);
-        Ok(report)
     }
 
     /// Gives leases back unfinished; their steps are claimable again at once.

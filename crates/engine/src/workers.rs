@@ -91,6 +91,7 @@ impl Engine {
             signal.borrow_and_update();
             let capacity = concurrency.saturating_sub(in_flight.len());
             let mut claimed = Vec::new();
+            let mut fused = 0;
             if capacity > 0 {
                 let request = ClaimRequest {
                     worker_id: config.worker_id.clone(),
@@ -99,10 +100,34 @@ impl Engine {
                     limit: u32::try_from(capacity).unwrap_or(u32::MAX),
                     lease: config.lease,
                 };
-                match self.store.claim_steps(&request).await {
-                    Ok(steps) => {
-                        self.note_claims(&steps);
+                // Steps that finish at once without I/O (untraced: a traced attempt keeps its
+                // spans on the ordinary path) complete in the claim's own transaction; the
+                // other outcomes computed on the way are kept for the steps left.
+                let mut decided: HashMap<Uuid, Outcome> = HashMap::new();
+                let claiming = self.store.claim_and_complete(&request, |step| {
+                    if step.step.handler == "http" || step.trace_parent.is_some() {
+                        return None;
+                    }
+                    match run_immediate(step) {
+                        Outcome::Complete(results) => Some(results),
+                        other => {
+                            decided.insert(step.lease_token, other);
+                            None
+                        }
+                    }
+                });
+                match claiming.await {
+                    Ok((steps, report)) => {
+                        self.note_claims(
+                            steps
+                                .iter()
+                                .map(|claim| &claim.step)
+                                .chain(&report.completed),
+                        );
                         attempts.open(&steps, self.store.clock().now());
+                        fused = report.completed.len();
+                        self.completed(&report).await;
+                        outcomes.extend(decided);
                         claimed = steps;
                     }
                     Err(err) => {
@@ -114,15 +139,18 @@ impl Engine {
                     }
                 }
             }
-            let full = capacity > 0 && claimed.len() == capacity;
+            let full = capacity > 0 && claimed.len() + fused == capacity;
             in_flight.extend(
                 self.start_requests(&claimed, &attempts, &caller, max_request, &done)
                     .await,
             );
+            let decided: std::collections::HashSet<Uuid> =
+                outcomes.iter().map(|(token, _)| *token).collect();
             outcomes.extend(
                 claimed
                     .iter()
                     .filter(|step| step.step.handler != "http")
+                    .filter(|step| !decided.contains(&step.lease_token))
                     .map(|step| {
                         let outcome = attempts
                             .run(step.lease_token)
@@ -134,7 +162,7 @@ impl Engine {
                 in_flight.remove(&outcome.0);
                 outcomes.push(outcome);
             }
-            let worked = !claimed.is_empty() || !outcomes.is_empty();
+            let worked = !claimed.is_empty() || fused > 0 || !outcomes.is_empty();
             outcomes = self
                 .record(std::mem::take(&mut outcomes), &mut attempts)
                 .await;

@@ -1,11 +1,15 @@
 //! Rows for the event log and the transition tables, built inside the transaction of the
 //! change they record.
 
-use crate::Result;
 use crate::entities::{event, step_transition, task_transition};
+use crate::sql::Sql;
+use crate::{Result, Store};
 use chrono::{DateTime, Utc};
-use sea_orm::ActiveValue::{NotSet, Set};
-use sea_orm::{ActiveModelTrait, DatabaseTransaction, EntityTrait, IntoActiveModel};
+use sea_orm::ActiveValue::{self, NotSet, Set};
+use sea_orm::{
+    ActiveModelTrait, ConnectionTrait, DatabaseTransaction, EntityName, EntityTrait, IdenStatic,
+    Iterable,
+};
 use serde_json::{Map, Value, json};
 use tasker_domain::{EventName, StateMachine, StepState, TaskState};
 use uuid::Uuid;
@@ -200,24 +204,168 @@ pub(crate) fn metadata(fields: &[(&str, Option<Value>)]) -> Value {
     Value::Object(map)
 }
 
-/// Rows per multi-row INSERT: keeps every statement under the databases' parameter limits.
-const INSERT_CHUNK: usize = 400;
+/// Bound values per command: under PostgreSQL's 65,535 per statement and SQLite's 32,766,
+/// with room to spare. A multi-row INSERT takes as many rows as fit.
+const VALUES_PER_COMMAND: usize = 30_000;
 
-/// Inserts rows in multi-row statements of at most [`INSERT_CHUNK`] rows.
-pub(crate) async fn insert_all<A>(
-    txn: &DatabaseTransaction,
-    rows: impl IntoIterator<Item = A>,
-) -> Result<()>
-where
-    A: ActiveModelTrait + Send,
-    A: IntoActiveModel<A>,
-{
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        let chunk: Vec<A> = rows.by_ref().take(INSERT_CHUNK).collect();
-        <A::Entity as EntityTrait>::insert_many(chunk)
-            .exec_without_returning(txn)
-            .await?;
+/// New rows for several tables, written with as few round trips as the driver allows (see
+/// [`Store::insert_rows`]).
+#[derive(Default)]
+pub(crate) struct Rows {
+    tables: Vec<TableRows>,
+}
+
+/// Rows of one table that set the same columns.
+struct TableRows {
+    table: &'static str,
+    columns: Vec<&'static str>,
+    rows: Vec<Vec<sea_orm::Value>>,
+}
+
+impl Rows {
+    pub fn new() -> Rows {
+        Rows::default()
     }
-    Ok(())
+
+    /// Adds rows of one table; columns a row leaves unset take their defaults.
+    pub fn add<A>(&mut self, models: impl IntoIterator<Item = A>) -> &mut Rows
+    where
+        A: ActiveModelTrait,
+    {
+        let table = <A::Entity as Default>::default().table_name();
+        for model in models {
+            let mut columns = Vec::new();
+            let mut values = Vec::new();
+            for column in <A::Entity as EntityTrait>::Column::iter() {
+                if let ActiveValue::Set(value) | ActiveValue::Unchanged(value) = model.get(column) {
+                    columns.push(column.as_str());
+                    values.push(value);
+                }
+            }
+            // Rows of a table stay in the order they were added (events are numbered so);
+            // tables are written in the order they first appear (parents before children).
+            match self
+                .tables
+                .iter_mut()
+                .find(|rows| rows.table == table && rows.columns == columns)
+            {
+                Some(rows) => rows.rows.push(values),
+                None => self.tables.push(TableRows {
+                    table,
+                    columns,
+                    rows: vec![values],
+                }),
+            }
+        }
+        self
+    }
+
+    /// The multi-row INSERTs, each of at most [`VALUES_PER_COMMAND`] values.
+    fn inserts(self) -> Vec<Insert> {
+        let mut inserts = Vec::new();
+        for table in self.tables {
+            let chunk = (VALUES_PER_COMMAND / table.columns.len().max(1)).max(1);
+            let head = format!(
+                "INSERT INTO \"{}\" ({}) VALUES ",
+                table.table,
+                table
+                    .columns
+                    .iter()
+                    .map(|column| format!("\"{column}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let mut rows = table.rows.into_iter().peekable();
+            while rows.peek().is_some() {
+                inserts.push(Insert {
+                    table: table.table,
+                    head: head.clone(),
+                    rows: rows.by_ref().take(chunk).collect(),
+                });
+            }
+        }
+        inserts
+    }
+}
+
+/// One multi-row INSERT.
+struct Insert {
+    table: &'static str,
+    head: String,
+    rows: Vec<Vec<sea_orm::Value>>,
+}
+
+impl Insert {
+    fn values(&self) -> usize {
+        self.rows.iter().map(Vec::len).sum()
+    }
+
+    fn render(self, sql: &mut Sql) {
+        sql.push(&self.head);
+        for (i, row) in self.rows.into_iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            for (j, value) in row.into_iter().enumerate() {
+                if j > 0 {
+                    sql.push(", ");
+                }
+                sql.bind(value);
+            }
+            sql.push(")");
+        }
+    }
+}
+
+impl Store {
+    /// Writes the rows in as few round trips as the driver allows: on SQLite, many INSERTs in
+    /// one command (the driver runs them one after another on its thread); on PostgreSQL, one
+    /// statement whose INSERTs but the last are data-modifying CTEs. Each command stays under
+    /// [`VALUES_PER_COMMAND`] bound values.
+    pub(crate) async fn insert_rows(&self, txn: &DatabaseTransaction, rows: Rows) -> Result<()> {
+        let backend = txn.get_database_backend();
+        let mut commands: Vec<Vec<Insert>> = Vec::new();
+        let mut bound = 0;
+        for insert in rows.inserts() {
+            let values = insert.values();
+            // PostgreSQL runs the CTEs of one statement in no set order: two INSERTs into one
+            // table there could number their rows (event positions) out of order.
+            let fits = |command: &Vec<Insert>| {
+                bound + values <= VALUES_PER_COMMAND
+                    && (backend != sea_orm::DbBackend::Postgres
+                        || command.iter().all(|other| other.table != insert.table))
+            };
+            match commands.last_mut() {
+                Some(command) if fits(command) => command.push(insert),
+                _ => {
+                    bound = 0;
+                    commands.push(vec![insert]);
+                }
+            }
+            bound += values;
+        }
+        for command in commands {
+            let statements = command.len() as u64;
+            let mut sql = Sql::new(backend);
+            let postgres = sql.is_postgres();
+            let last = command.len() - 1;
+            for (i, insert) in command.into_iter().enumerate() {
+                if postgres && i < last {
+                    sql.push(if i == 0 { "WITH " } else { ", " })
+                        .push(&format!("w{i} AS ("));
+                    insert.render(&mut sql);
+                    sql.push(")");
+                } else {
+                    if !postgres && i > 0 {
+                        sql.push("; ");
+                    } else if postgres && i > 0 {
+                        sql.push(" ");
+                    }
+                    insert.render(&mut sql);
+                }
+            }
+            txn.execute_raw(sql.build()).await?;
+            // One round trip, counted by the driver; the statements bundled with the first.
+            self.note_bundled_statements(statements - 1);
+        }
+        Ok(())
+    }
 }

@@ -10,6 +10,7 @@
 
 use crate::entities::workflow_step;
 use crate::events::{metadata, step_transition as step_rows, task_transition as task_rows};
+use crate::progress::Subjects;
 use crate::records::{StepRecord, TaskRecord, convert_all};
 use crate::sql::Sql;
 use crate::state_change::{CompletedAt, TaskMove, ending_attempt, move_tasks};
@@ -131,10 +132,66 @@ impl Store {
 
     /// The claim itself, one transaction.
     async fn claim_in_transaction(&self, request: &ClaimRequest) -> Result<Vec<ClaimedStep>> {
+        let txn = self.db.begin().await?;
+        let mut rows = crate::events::Rows::new();
+        let Some((leases, _)) = self.claim_rows(&txn, request, &mut rows).await? else {
+            // Nothing written: no news about whether writes work.
+            txn.commit().await?;
+            return Ok(Vec::new());
+        };
+        self.insert_rows(&txn, rows).await?;
+        self.commit_events(txn).await?;
+        Ok(leases)
+    }
+
+    /// Claims like [`Store::claim_steps`], then completes at once, in the same transaction,
+    /// the claimed steps to which `run` gives results (built-in handlers that need no I/O):
+    /// one transaction instead of two, and no round trip through the worker. Returns the
+    /// claimed steps left to the caller, and what the completions did.
+    pub async fn claim_and_complete(
+        &self,
+        request: &ClaimRequest,
+        mut run: impl FnMut(&ClaimedStep) -> Option<Value> + Send,
+    ) -> Result<(Vec<ClaimedStep>, CompletionReport)> {
+        self.writing(async {
+            let txn = self.db.begin().await?;
+            let mut rows = crate::events::Rows::new();
+            let Some((leases, subjects)) = self.claim_rows(&txn, request, &mut rows).await? else {
+                txn.commit().await?;
+                return Ok((Vec::new(), CompletionReport::default()));
+            };
+            let mut completions = Vec::new();
+            let mut left = Vec::new();
+            for lease in leases {
+                match run(&lease) {
+                    Some(results) => completions.push(Completion {
+                        lease_token: lease.lease_token,
+                        results,
+                    }),
+                    None => left.push(lease),
+                }
+            }
+            let report = self
+                .complete_rows(&txn, &completions, Some(subjects), &mut rows)
+                .await?;
+            self.insert_rows(&txn, rows).await?;
+            self.commit_events(txn).await?;
+            Ok((left, report))
+        })
+        .await
+    }
+
+    /// The claim's writes inside `txn`, its transition and event rows added to `rows`; `None`
+    /// when nothing was claimable. Also answers the subjects of the claimed steps' tasks.
+    async fn claim_rows(
+        &self,
+        txn: &DatabaseTransaction,
+        request: &ClaimRequest,
+        rows: &mut crate::events::Rows,
+    ) -> Result<Option<(Vec<ClaimedStep>, Subjects)>> {
         let now = self.now();
         let now_ms = now.timestamp_millis();
         let lease_ms = i64::try_from(request.lease.as_millis()).unwrap_or(i64::MAX / 4);
-        let txn = self.db.begin().await?;
         let mut sql = Sql::new(self.db.get_database_backend());
         let postgres = sql.is_postgres();
         if postgres {
@@ -171,16 +228,14 @@ impl Store {
             sql.push(") RETURNING *");
         }
         let claimed = workflow_step::Model::find_by_statement(sql.build())
-            .all(&txn)
+            .all(txn)
             .await?;
         if claimed.is_empty() {
-            // Nothing written: no news about whether writes work.
-            txn.commit().await?;
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let task_ids: Vec<Uuid> = distinct(claimed.iter().map(|step| step.task_id));
         let started = move_tasks(
-            &txn,
+            txn,
             TaskMove {
                 ids: &task_ids,
                 from: &[TaskState::Pending],
@@ -191,7 +246,7 @@ impl Store {
             now,
         )
         .await?;
-        let subjects = self.subjects(&txn, &task_ids, &started).await?;
+        let subjects = self.subjects(txn, &task_ids, &started).await?;
         let mut events = Vec::new();
         let mut task_transitions = Vec::new();
         for task in &started {
@@ -237,11 +292,8 @@ impl Store {
                 lease_expires_at,
             });
         }
-        crate::events::insert_all(&txn, task_transitions).await?;
-        crate::events::insert_all(&txn, step_transitions).await?;
-        crate::events::insert_all(&txn, events).await?;
-        self.commit_events(txn).await?;
-        Ok(leases)
+        rows.add(task_transitions).add(step_transitions).add(events);
+        Ok(Some((leases, subjects)))
     }
 
     /// Extends the leases still held; returns the new expiry for each live token (tokens
@@ -310,9 +362,34 @@ impl Store {
         if completions.is_empty() {
             return Ok(CompletionReport::default());
         }
+        let txn = self.db.begin().await?;
+        let mut rows = crate::events::Rows::new();
+        let report = self
+            .complete_rows(&txn, completions, None, &mut rows)
+            .await?;
+        if report.completed.is_empty() {
+            txn.commit().await?;
+        } else {
+            self.insert_rows(&txn, rows).await?;
+            self.commit_events(txn).await?;
+        }
+        Ok(report)
+    }
+
+    /// The completions' writes inside `txn`, their transition and event rows added to `rows`.
+    /// `known`: the subjects of the steps' tasks, when the caller has them already.
+    async fn complete_rows(
+        &self,
+        txn: &DatabaseTransaction,
+        completions: &[Completion],
+        known: Option<Subjects>,
+        rows: &mut crate::events::Rows,
+    ) -> Result<CompletionReport> {
+        if completions.is_empty() {
+            return Ok(CompletionReport::default());
+        }
         let now = self.now();
         let now_ms = now.timestamp_millis();
-        let txn = self.db.begin().await?;
         let mut sql = Sql::new(self.db.get_database_backend());
         let postgres = sql.is_postgres();
         sql.push("WITH v(token, results) AS (VALUES ");
@@ -333,17 +410,19 @@ impl Store {
             .bind(now_ms)
             .push(if postgres { " RETURNING s.*" } else { " RETURNING *" });
         let completed = workflow_step::Model::find_by_statement(sql.build())
-            .all(&txn)
+            .all(txn)
             .await?;
         let done_ids: Vec<Uuid> = completed.iter().map(|step| step.id).collect();
         let mut report = CompletionReport::default();
         if completed.is_empty() {
-            txn.commit().await?;
             report.lost = completions.iter().map(|c| c.lease_token).collect();
             return Ok(report);
         }
         let task_ids = distinct(completed.iter().map(|step| step.task_id));
-        let subjects = self.subjects(&txn, &task_ids, &[]).await?;
+        let subjects = match known {
+            Some(subjects) => subjects,
+            None => self.subjects(txn, &task_ids, &[]).await?,
+        };
         let mut transitions = Vec::with_capacity(completed.len());
         let mut events = Vec::with_capacity(completed.len());
         for step in &completed {
@@ -361,15 +440,12 @@ impl Store {
             events.push(event);
         }
         report.newly_ready = self
-            .release_children(&txn, &done_ids, &subjects, now, &mut events)
+            .release_children(txn, &done_ids, &subjects, now, &mut events)
             .await?;
         let finished = self
-            .finalize_tasks(&txn, &task_ids, &subjects, now, &mut events)
+            .finalize_tasks(txn, &task_ids, &subjects, now, &mut events)
             .await?;
-        crate::events::insert_all(&txn, transitions).await?;
-        crate::events::insert_all(&txn, finished.1).await?;
-        crate::events::insert_all(&txn, events).await?;
-        self.commit_events(txn).await?;
+        rows.add(transitions).add(finished.1).add(events);
         // A completed step keeps the token that completed it; the others were lost.
         let completed_tokens: HashSet<Uuid> = completed
             .iter()
@@ -499,8 +575,9 @@ impl Store {
                 txn.commit().await?;
                 return Ok(released);
             }
-            crate::events::insert_all(&txn, transitions).await?;
-            crate::events::insert_all(&txn, events).await?;
+            let mut new_rows = crate::events::Rows::new();
+            new_rows.add(transitions).add(events);
+            self.insert_rows(&txn, new_rows).await?;
             self.commit_events(txn).await?;
             Ok(released)
         })
@@ -725,9 +802,9 @@ impl Store {
         let (mut finished, task_transitions) = self
             .finalize_tasks(txn, &[step.task_id], &subjects, now, &mut events)
             .await?;
-        crate::events::insert_all(txn, [row]).await?;
-        crate::events::insert_all(txn, task_transitions).await?;
-        crate::events::insert_all(txn, events).await?;
+        let mut new_rows = crate::events::Rows::new();
+        new_rows.add([row]).add(task_transitions).add(events);
+        self.insert_rows(txn, new_rows).await?;
         Ok(FailureReport {
             step: updated.try_into()?,
             newly_ready,

@@ -183,7 +183,10 @@ impl StoreOptions {
 pub struct Store {
     db: DatabaseConnection,
     clock: Arc<dyn Clock>,
+    /// Commands sent (the driver's count).
     statements: Arc<AtomicU64>,
+    /// Statements sent inside the command of another (batched INSERTs).
+    bundled: Arc<AtomicU64>,
     /// The PostgreSQL NOTIFY channel replicas share; one per schema.
     work_channel: String,
     /// Bumped after every commit that appended events.
@@ -269,6 +272,7 @@ impl Store {
             db,
             clock,
             statements,
+            bundled: Arc::new(AtomicU64::new(0)),
             work_channel,
             appended: Arc::new(tokio::sync::watch::Sender::new(0)),
             health,
@@ -351,9 +355,21 @@ impl Store {
         }
     }
 
-    /// How many SQL statements this store has executed since it connected.
+    /// How many SQL statements this store has executed since it connected (statements sent
+    /// together in one command count one by one; `BEGIN` and `COMMIT` are not counted).
     pub fn statement_count(&self) -> u64 {
+        self.round_trip_count() + self.bundled.load(Ordering::Relaxed)
+    }
+
+    /// How many commands this store has sent to the database since it connected, each one
+    /// round trip to the driver's thread or the server (`BEGIN` and `COMMIT` not counted).
+    pub fn round_trip_count(&self) -> u64 {
         self.statements.load(Ordering::Relaxed)
+    }
+
+    /// Counts statements that went to the database in the command of another.
+    pub(crate) fn note_bundled_statements(&self, statements: u64) {
+        self.bundled.fetch_add(statements, Ordering::Relaxed);
     }
 
     pub fn clock(&self) -> &Arc<dyn Clock> {

@@ -124,9 +124,9 @@ impl Store {
                 .finalize_tasks(&txn, &[step.task_id], &subjects, now, &mut events)
                 .await?;
             task_transitions.extend(finishing);
-            crate::events::insert_all(&txn, [row]).await?;
-            crate::events::insert_all(&txn, task_transitions).await?;
-            crate::events::insert_all(&txn, events).await?;
+            let mut new_rows = crate::events::Rows::new();
+            new_rows.add([row]).add(task_transitions).add(events);
+            self.insert_rows(&txn, new_rows).await?;
             self.commit_events(txn).await?;
             // The task as this change left it: finished, reopened, or as it was.
             let task = match finished.pop() {
@@ -210,9 +210,12 @@ impl Store {
             let (mut task_transitions, running) =
                 reopen_task(&txn, &pending, subject, now, reason.as_deref(), &mut events).await?;
             task_transitions.insert(0, requested);
-            crate::events::insert_all(&txn, step_transitions).await?;
-            crate::events::insert_all(&txn, task_transitions).await?;
-            crate::events::insert_all(&txn, events).await?;
+            let mut new_rows = crate::events::Rows::new();
+            new_rows
+                .add(step_transitions)
+                .add(task_transitions)
+                .add(events);
+            self.insert_rows(&txn, new_rows).await?;
             let task = running.unwrap_or(pending);
             self.commit_events(txn).await?;
             task.try_into()
@@ -250,8 +253,9 @@ impl Store {
                 manual(reason.as_deref(), None),
                 now,
             );
-            crate::events::insert_all(&txn, [row]).await?;
-            crate::events::insert_all(&txn, [event]).await?;
+            let mut new_rows = crate::events::Rows::new();
+            new_rows.add([row]).add([event]);
+            self.insert_rows(&txn, new_rows).await?;
             self.commit_events(txn).await?;
             resolved.try_into()
         })
@@ -364,9 +368,9 @@ impl Store {
             events.extend(subjects.steps_ready(ready.iter().copied(), now));
             let (task_transitions, reopened) =
                 reopen_task(&txn, &task, subject, now, reason.as_deref(), &mut events).await?;
-            crate::events::insert_all(&txn, step_transitions).await?;
-            crate::events::insert_all(&txn, task_transitions).await?;
-            crate::events::insert_all(&txn, events).await?;
+            let mut new_rows = crate::events::Rows::new();
+            new_rows.add(step_transitions).add(task_transitions).add(events);
+            self.insert_rows(&txn, new_rows).await?;
             self.commit_events(txn).await?;
             let mut steps = Vec::with_capacity(moved.len());
             for step in moved {

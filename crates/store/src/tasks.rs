@@ -4,7 +4,7 @@ use crate::entities::{
     event, step_transition, task, task_tag, task_transition, workflow_step, workflow_step_edge,
 };
 use crate::events::{
-    Subject, insert_all, metadata, step_transition as step_rows, task_transition as task_rows,
+    Subject, metadata, step_transition as step_rows, task_transition as task_rows,
 };
 use crate::records::{TaskRecord, TemplateRecord};
 use crate::state_change::{
@@ -446,13 +446,16 @@ impl Store {
             events.extend(rows.events);
         }
         let txn = self.db.begin().await?;
-        insert_all(&txn, models.iter().cloned().map(task::ActiveModel::from)).await?;
-        insert_all(&txn, tags).await?;
-        insert_all(&txn, steps).await?;
-        insert_all(&txn, edges).await?;
-        insert_all(&txn, task_transitions).await?;
-        insert_all(&txn, step_transitions).await?;
-        insert_all(&txn, events).await?;
+        let mut new_rows = crate::events::Rows::new();
+        new_rows
+            .add(models.iter().cloned().map(task::ActiveModel::from))
+            .add(tags)
+            .add(steps)
+            .add(edges)
+            .add(task_transitions)
+            .add(step_transitions)
+            .add(events);
+        self.insert_rows(&txn, new_rows).await?;
         self.commit_events(txn).await?;
         models.into_iter().map(TaskRecord::try_from).collect()
     }
@@ -520,8 +523,9 @@ impl Store {
                     events.push(event);
                 }
             }
-            insert_all(&txn, transitions).await?;
-            insert_all(&txn, events).await?;
+            let mut new_rows = crate::events::Rows::new();
+            new_rows.add(transitions).add(events);
+            self.insert_rows(&txn, new_rows).await?;
             self.commit_events(txn).await?;
             updated.try_into()
         })

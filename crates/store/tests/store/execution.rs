@@ -725,3 +725,89 @@ async fn a_step_is_claimable_since_its_last_parent_finished_or_its_retry_time() 
         );
     }
 }
+
+#[tokio::test]
+async fn steps_completed_in_their_claims_transaction_record_every_transition_in_order() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let backend = db.backend();
+        store.register_template(DIAMOND, false).await.unwrap();
+        let task = store
+            .create_task(order("shop", "fulfil", 1))
+            .await
+            .unwrap()
+            .task;
+        let (left, report) = store
+            .claim_and_complete(&claim(10), |step| Some(json!({ "ran": step.step.name })))
+            .await
+            .unwrap();
+        assert!(left.is_empty());
+        assert_eq!(report.completed.len(), 1, "{backend}");
+        assert_eq!(report.newly_ready, 2, "{backend}: reserve and charge");
+        // Reserve is left to the caller, charge completes at once; ship waits for reserve.
+        let (left, report) = store
+            .claim_and_complete(&claim(10), |step| {
+                (step.step.name == "charge").then(|| json!({}))
+            })
+            .await
+            .unwrap();
+        assert_eq!(names(&left), ["reserve"], "{backend}");
+        assert_eq!(report.completed.len(), 1);
+        assert_eq!(report.newly_ready, 0);
+        complete(store, &left).await;
+        let (left, report) = store
+            .claim_and_complete(&claim(10), |_| Some(json!({})))
+            .await
+            .unwrap();
+        assert!(left.is_empty());
+        assert_eq!(
+            report.finished_tasks.len(),
+            1,
+            "{backend}: ship ends the task"
+        );
+        assert_eq!(
+            store.task(task.id).await.unwrap().state,
+            TaskState::Complete
+        );
+
+        // Every step went pending → in progress → complete, numbered 1, 2, 3, and the log
+        // says each started before it completed.
+        let steps = store.steps_for_tasks(&[task.id]).await.unwrap();
+        let ids: Vec<_> = steps.iter().map(|s| s.id).collect();
+        let transitions = store.step_transitions(&ids).await.unwrap();
+        for step in &steps {
+            let mine: Vec<(i32, Option<StepState>, StepState)> = transitions
+                .iter()
+                .filter(|t| t.step_id == step.id)
+                .map(|t| (t.sort_key, t.from_state, t.to_state))
+                .collect();
+            assert_eq!(
+                mine,
+                [
+                    (1, None, StepState::Pending),
+                    (2, Some(StepState::Pending), StepState::InProgress),
+                    (3, Some(StepState::InProgress), StepState::Complete),
+                ],
+                "{backend}: {}",
+                step.name
+            );
+        }
+        let events = store.events_for_tasks(&[task.id]).await.unwrap();
+        for step in &steps {
+            let at = |name: &str| {
+                events
+                    .iter()
+                    .position(|e| e.step_id == Some(step.id) && e.name == name)
+                    .unwrap()
+            };
+            assert!(at("step.started") < at("step.completed"), "{backend}");
+        }
+        let task_events: Vec<&str> = events
+            .iter()
+            .filter(|e| e.name == "task.started" || e.name == "task.completed")
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(task_events, ["task.started", "task.completed"], "{backend}");
+    }
+}
