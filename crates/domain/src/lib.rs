@@ -26,7 +26,7 @@ pub use permission::{NamespaceScope, NamespaceSet, Permission, Permissions, With
 pub use problem::Problem;
 pub use state::{StateMachine, StepState, TaskState};
 pub use task::TaskRequest;
-pub use template::{Backoff, RetryPolicy, StepTemplate, TaskTemplate};
+pub use template::{Backoff, ContextCheck, RetryPolicy, StepTemplate, TaskTemplate};
 
 /// Every way a domain rule can refuse its input.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -11,6 +11,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The largest definition accepted, in bytes.
 pub const MAX_DEFINITION_BYTES: usize = 1024 * 1024;
@@ -187,8 +188,17 @@ impl TaskTemplate {
     /// Checks a task context against the template's `context_schema` (any context passes when
     /// there is none). Every violation is reported with its JSON path under `context`.
     pub fn validate_context(&self, context: &Value) -> Result<()> {
+        match self.context_check()? {
+            Some(check) => check.validate(context),
+            None => Ok(()),
+        }
+    }
+
+    /// The context schema compiled once, for a caller that checks many contexts against it
+    /// (`None`: the template has no schema).
+    pub fn context_check(&self) -> Result<Option<ContextCheck>> {
         let Some(schema) = &self.context_schema else {
-            return Ok(());
+            return Ok(None);
         };
         let validator = jsonschema::validator_for(schema).map_err(|err| {
             Error::InvalidContext(vec![Problem::new(
@@ -196,7 +206,25 @@ impl TaskTemplate {
                 format!("the template's schema cannot be used: {}", err.masked()),
             )])
         })?;
-        let problems: Vec<Problem> = validator
+        Ok(Some(ContextCheck(Arc::new(validator))))
+    }
+}
+
+/// A template's context schema, compiled; cheap to clone.
+#[derive(Clone)]
+pub struct ContextCheck(Arc<jsonschema::Validator>);
+
+impl std::fmt::Debug for ContextCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ContextCheck")
+    }
+}
+
+impl ContextCheck {
+    /// Every way `context` breaks the schema, each with its path (at most a few dozen).
+    pub fn validate(&self, context: &Value) -> Result<()> {
+        let problems: Vec<Problem> = self
+            .0
             .iter_errors(context)
             .take(MAX_PROBLEMS)
             .map(|err| {

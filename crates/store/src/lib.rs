@@ -193,6 +193,8 @@ pub struct Store {
     appended: Arc<tokio::sync::watch::Sender<u64>>,
     /// Whether writes work, as the last ones found.
     health: Arc<health::WriteHealth>,
+    /// Templates parsed for new tasks.
+    parsed_templates: Arc<templates::TemplateCache>,
 }
 
 impl Store {
@@ -273,6 +275,7 @@ impl Store {
             clock,
             statements,
             bundled: Arc::new(AtomicU64::new(0)),
+            parsed_templates: Arc::default(),
             work_channel,
             appended: Arc::new(tokio::sync::watch::Sender::new(0)),
             health,

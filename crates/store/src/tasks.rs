@@ -10,6 +10,7 @@ use crate::records::{TaskRecord, TemplateRecord};
 use crate::state_change::{
     CompletedAt, StepEffect, StepMove, Steps, TaskMove, move_steps, move_tasks,
 };
+use crate::templates::StartingTemplate;
 use crate::{Error, Result, Store};
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
@@ -214,7 +215,7 @@ impl Store {
     async fn check_new_task(
         &self,
         new: &NewTask,
-        templates: &mut HashMap<TemplateKey, Arc<TemplateRecord>>,
+        templates: &mut HashMap<TemplateKey, StartingTemplate>,
     ) -> Result<Planned> {
         new.request.validate()?;
         let key = (
@@ -225,21 +226,22 @@ impl Store {
         let template = match templates.get(&key) {
             Some(template) => template.clone(),
             None => {
-                let template = Arc::new(
-                    self.template(&new.namespace, &new.template, new.version.as_deref())
-                        .await?,
-                );
+                let template = self
+                    .starting_template(&new.namespace, &new.template, new.version.as_deref())
+                    .await?;
                 templates.insert(key, template.clone());
                 template
             }
         };
-        template.template.validate_context(&new.request.context)?;
+        if let Some(check) = &template.context_check {
+            check.validate(&new.request.context)?;
+        }
         if let Some(key) = &new.request.idempotency_key
             && let Some(existing) = self.task_by_idempotency_key(new, key).await?
         {
             return Ok(Planned::Existing(Box::new(existing)));
         }
-        Ok(Planned::New(template))
+        Ok(Planned::New(template.record))
     }
 
     async fn task_by_idempotency_key(

@@ -3,14 +3,19 @@
 use crate::entities::{event, namespace, task_template};
 use crate::events::event_row;
 use crate::records::{NamespaceRecord, TemplateRecord, convert_all};
+use crate::sql::Sql;
 use crate::{Error, Result, Store};
+use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
+use sea_orm::FromQueryResult;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
     TransactionTrait,
 };
 use serde_json::json;
-use tasker_domain::{EventName, TaskTemplate};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tasker_domain::{ContextCheck, EventName, TaskTemplate};
 use uuid::Uuid;
 
 /// What registering did.
@@ -125,6 +130,8 @@ impl Store {
         .exec_without_returning(&txn)
         .await?;
         self.commit_events(txn).await?;
+        // Tasks start from the new definition from now on.
+        self.parsed_templates.forget(model.id);
         Ok(Registration {
             template: model.try_into()?,
             outcome,
@@ -187,12 +194,7 @@ impl Store {
                 .into_iter()
                 .next(),
             Some(wanted) => {
-                let wanted = semver::Version::parse(wanted).map_err(|err| {
-                    tasker_domain::Error::InvalidRequest(vec![tasker_domain::Problem::new(
-                        "version",
-                        format!("{wanted:?} is not a semantic version such as 1.0.0 ({err})"),
-                    )])
-                })?;
+                let wanted = parse_version(wanted)?;
                 task_template::Entity::find()
                     .filter(task_template::Column::Namespace.eq(namespace))
                     .filter(task_template::Column::Name.eq(name))
@@ -218,4 +220,120 @@ impl Store {
         }
         Ok(records)
     }
+}
+
+/// A template as tasks start from it: parsed, with its context schema compiled.
+#[derive(Debug, Clone)]
+pub(crate) struct StartingTemplate {
+    pub record: Arc<TemplateRecord>,
+    pub context_check: Option<ContextCheck>,
+}
+
+/// Parsed templates by id, each valid while its row's `updated_at` is the one it was parsed
+/// at, so creating a task neither parses a definition nor compiles a schema again. A replica
+/// learns of another's registration from that column; its own also clear the entry.
+#[derive(Default)]
+pub(crate) struct TemplateCache(Mutex<HashMap<Uuid, (DateTime<Utc>, StartingTemplate)>>);
+
+/// How many parsed templates a store keeps; past it the cache starts again empty.
+const CACHED_TEMPLATES: usize = 1024;
+
+impl std::fmt::Debug for TemplateCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TemplateCache")
+    }
+}
+
+impl TemplateCache {
+    fn get(&self, id: Uuid, updated_at: DateTime<Utc>) -> Option<StartingTemplate> {
+        let cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(&id)
+            .filter(|(stamp, _)| *stamp == updated_at)
+            .map(|(_, template)| template.clone())
+    }
+
+    fn put(&self, template: &StartingTemplate) {
+        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHED_TEMPLATES {
+            cache.clear();
+        }
+        cache.insert(
+            template.record.id,
+            (template.record.updated_at, template.clone()),
+        );
+    }
+
+    fn forget(&self, id: Uuid) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+}
+
+#[derive(Debug, FromQueryResult)]
+struct TemplateStamp {
+    id: Uuid,
+    version: String,
+    updated_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// The template a new task starts from: the given version, or the newest. One light read
+    /// finds it (id, version and stamp of each version); the definition is read and parsed
+    /// only when this store has not parsed it at that stamp before.
+    pub(crate) async fn starting_template(
+        &self,
+        namespace: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<StartingTemplate> {
+        let wanted = version.map(parse_version).transpose()?;
+        let mut sql = Sql::new(self.db.get_database_backend());
+        sql.push("SELECT id, version, updated_at FROM task_templates WHERE namespace = ")
+            .bind(namespace)
+            .push(" AND name = ")
+            .bind(name);
+        if let Some(wanted) = &wanted {
+            sql.push(" AND version = ").bind(wanted.to_string());
+        }
+        let stamps = TemplateStamp::find_by_statement(sql.build())
+            .all(&self.db)
+            .await?;
+        let newest = stamps
+            .into_iter()
+            .filter_map(|stamp| Some((semver::Version::parse(&stamp.version).ok()?, stamp)))
+            .max_by(|(a, _), (b, _)| a.cmp(b))
+            .map(|(_, stamp)| stamp)
+            .ok_or_else(|| Error::NotFound {
+                what: "template",
+                key: tasker_domain::template::reference(namespace, name, version),
+            })?;
+        if let Some(template) = self.parsed_templates.get(newest.id, newest.updated_at) {
+            return Ok(template);
+        }
+        let record: TemplateRecord = task_template::Entity::find_by_id(newest.id)
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: "template",
+                key: tasker_domain::template::reference(namespace, name, version),
+            })?
+            .try_into()?;
+        let template = StartingTemplate {
+            context_check: record.template.context_check()?,
+            record: Arc::new(record),
+        };
+        self.parsed_templates.put(&template);
+        Ok(template)
+    }
+}
+
+/// A requested version, which must be a semantic version.
+fn parse_version(wanted: &str) -> Result<semver::Version> {
+    semver::Version::parse(wanted).map_err(|err| {
+        tasker_domain::Error::InvalidRequest(vec![tasker_domain::Problem::new(
+            "version",
+            format!("{wanted:?} is not a semantic version such as 1.0.0 ({err})"),
+        )])
+        .into()
+    })
 }

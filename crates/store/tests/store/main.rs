@@ -239,7 +239,8 @@ async fn a_batch_starts_every_task_for_a_constant_number_of_statements() {
         store.register_template(DIAMOND, false).await.unwrap();
         let mut costs = Vec::new();
         let mut roots = 0;
-        for size in [5, 50] {
+        // The first batch also reads the template's definition; the others find it parsed.
+        for size in [1, 5, 50] {
             let batch: Vec<NewTask> = (0..size).map(|i| order("shop", "fulfil", i)).collect();
             let before = store.statement_count();
             let created = store.create_tasks(batch).await.unwrap();
@@ -263,7 +264,8 @@ async fn a_batch_starts_every_task_for_a_constant_number_of_statements() {
             assert!(names.contains(&"task.created") && names.contains(&"task.steps_ready"));
             roots += size;
         }
-        assert_eq!(costs[0], costs[1], "{}: {costs:?}", db.backend());
+        assert_eq!(costs[0], costs[1] + 1, "{}: {costs:?}", db.backend());
+        assert_eq!(costs[1], costs[2], "{}: {costs:?}", db.backend());
         let claimed = store.claim_steps(&claim(1_000)).await.unwrap();
         assert_eq!(claimed.len(), roots as usize, "every root is claimable");
     }
@@ -566,5 +568,75 @@ async fn batch_reads_cost_one_statement_each() {
         let edges = store.edges_for_tasks(&ids).await.unwrap();
         assert_eq!((steps.len(), edges.len()), (200, 200));
         assert_eq!(store.statement_count() - before, 2, "{}", db.backend());
+    }
+}
+
+#[tokio::test]
+async fn tasks_start_from_the_current_definition_whichever_replica_registered_it() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let backend = db.backend();
+        // Two replicas over one database, each with its own parsed templates.
+        let (starter, registrar) = (
+            &db.store,
+            Store::connect(&db.options, clock.clone()).await.unwrap(),
+        );
+        registrar.register_template(DIAMOND, false).await.unwrap();
+        let version = |task: &tasker_store::TaskRecord| task.template_version.clone();
+        let first = starter
+            .create_task(order("shop", "fulfil", 1))
+            .await
+            .unwrap()
+            .task;
+        assert_eq!(version(&first), "1.0.0");
+        // The schema is compiled once and still checked on every task.
+        let refused = starter
+            .create_task(NewTask {
+                request: TaskRequest {
+                    context: json!({ "order_id": "x" }),
+                    ..TaskRequest::default()
+                },
+                ..order("shop", "fulfil", 0)
+            })
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(Error::Domain(tasker_domain::Error::InvalidContext(_)))
+            ),
+            "{backend}"
+        );
+
+        // The other replica replaces 1.0.0: the starter's next task has the new step list.
+        clock.advance(Duration::seconds(1));
+        let replaced = DIAMOND.replace("name: ship, handler: noop", "name: ship, handler: courier");
+        registrar.register_template(&replaced, true).await.unwrap();
+        let second = starter
+            .create_task(order("shop", "fulfil", 2))
+            .await
+            .unwrap()
+            .task;
+        let handlers: Vec<String> = starter
+            .steps_for_tasks(&[second.id])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|step| step.handler)
+            .collect();
+        assert!(
+            handlers.contains(&"courier".to_owned()),
+            "{backend}: {handlers:?}"
+        );
+
+        // And a newer version becomes the default at once.
+        let newer = DIAMOND.replace("version: 1.0.0", "version: 1.1.0");
+        registrar.register_template(&newer, false).await.unwrap();
+        let third = starter
+            .create_task(order("shop", "fulfil", 3))
+            .await
+            .unwrap()
+            .task;
+        assert_eq!(version(&third), "1.1.0", "{backend}");
+        registrar.close().await.unwrap();
     }
 }
