@@ -256,14 +256,11 @@ where
         scenarios.push(measured?);
     }
     if args.history_tasks > 0 {
-        let database = fresh("f").await?;
-        let measured = at_scale(
-            &database.store,
-            args.history_tasks,
-            workers,
-            commits_per_second,
-        )
-        .await;
+        let mut database = fresh("f").await?;
+        // Running the history stops its server, which closes the store: connect again.
+        fill_history(&database.store, args.history_tasks, workers).await?;
+        database.reconnect().await?;
+        let measured = measure(&database.store, &at_scale()?, workers, commits_per_second).await;
         database.drop().await?;
         scenarios.push(measured?);
     }
@@ -284,10 +281,7 @@ where
 
 /// [`BATCH_TASKS`] one-step tasks started [`BATCH_SIZE`] at a time, as `createTasks` does.
 async fn batch_creation(store: &Store) -> anyhow::Result<BatchCreation> {
-    let single = scenarios_list()
-        .into_iter()
-        .find(|scenario| scenario.key == "c")
-        .context("the one-step scenario")?;
+    let single = one_step()?;
     let template = store
         .register_template(&single.template, false)
         .await?
@@ -324,20 +318,10 @@ async fn create_in_batches(
     Ok(())
 }
 
-/// (f): scenario (c) again, over a database that already holds `history` finished one-step
-/// tasks (of a template of their own, run by the pool first): claiming and completing must
-/// not get dearer as history grows.
-async fn at_scale(
-    store: &Store,
-    history: usize,
-    workers: usize,
-    commits_per_second: f64,
-) -> anyhow::Result<Measurement> {
-    let single = scenarios_list()
-        .into_iter()
-        .find(|scenario| scenario.key == "c")
-        .context("the one-step scenario")?;
-    let filler = single.template.replace("\"single\"", "\"history\"");
+/// `history` finished one-step tasks (of a template of their own), started in batches and
+/// run by the pool, for (f).
+async fn fill_history(store: &Store, history: usize, workers: usize) -> anyhow::Result<()> {
+    let filler = one_step()?.template.replace("\"single\"", "\"history\"");
     let template = store
         .register_template(&filler, false)
         .await?
@@ -346,13 +330,25 @@ async fn at_scale(
     create_in_batches(store, &template, history).await?;
     let app = App::build_on(&server_settings(workers), store.clone()).await?;
     wait_for_finished(&app, history as u64, "f (history)").await?;
-    app.stop().await?;
-    let scenario = Scenario {
+    app.stop().await
+}
+
+/// (f): scenario (c) again, over a database that already holds finished tasks: claiming and
+/// completing must not get dearer as history grows.
+fn at_scale() -> anyhow::Result<Scenario> {
+    Ok(Scenario {
         key: "f",
         description: "(c) over finished tasks already held",
-        ..single
-    };
-    measure(store, &scenario, workers, commits_per_second).await
+        ..one_step()?
+    })
+}
+
+/// Scenario (c).
+fn one_step() -> anyhow::Result<Scenario> {
+    scenarios_list()
+        .into_iter()
+        .find(|scenario| scenario.key == "c")
+        .context("the one-step scenario")
 }
 
 /// Waits until the app's engine has finished `expected` tasks.
@@ -599,16 +595,19 @@ async fn handoff_latencies(
 /// A fresh database for one scenario, removed afterwards.
 struct Database {
     store: Store,
+    options: StoreOptions,
     cleanup: Option<(String, String)>,
 }
 
 impl Database {
     async fn sqlite(dir: &std::path::Path, key: &str) -> anyhow::Result<Database> {
         let url = format!("sqlite://{}", dir.join(format!("bench-{key}.db")).display());
-        let store = Store::connect(&StoreOptions::new(url), Arc::new(SystemClock)).await?;
+        let options = StoreOptions::new(url);
+        let store = Store::connect(&options, Arc::new(SystemClock)).await?;
         store.migrate().await?;
         Ok(Database {
             store,
+            options,
             cleanup: None,
         })
     }
@@ -624,8 +623,15 @@ impl Database {
         store.migrate().await?;
         Ok(Database {
             store,
+            options,
             cleanup: Some((url.to_owned(), schema)),
         })
+    }
+
+    /// A new connection to the same database (after a server stopped and closed the store).
+    async fn reconnect(&mut self) -> anyhow::Result<()> {
+        self.store = Store::connect(&self.options, Arc::new(SystemClock)).await?;
+        Ok(())
     }
 
     /// Closes its store (if a scenario's app has not already) and removes the database.
