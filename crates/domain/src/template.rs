@@ -185,17 +185,8 @@ impl TaskTemplate {
         Dag::from_keys(&names, edges)
     }
 
-    /// Checks a task context against the template's `context_schema` (any context passes when
-    /// there is none). Every violation is reported with its JSON path under `context`.
-    pub fn validate_context(&self, context: &Value) -> Result<()> {
-        match self.context_check()? {
-            Some(check) => check.validate(context),
-            None => Ok(()),
-        }
-    }
-
-    /// The context schema compiled once, for a caller that checks many contexts against it
-    /// (`None`: the template has no schema).
+    /// The template's `context_schema` compiled, to check task contexts against (`None`: there
+    /// is none, and any context passes). Compiled once per definition by its callers.
     pub fn context_check(&self) -> Result<Option<ContextCheck>> {
         let Some(schema) = &self.context_schema else {
             return Ok(None);
@@ -221,7 +212,8 @@ impl std::fmt::Debug for ContextCheck {
 }
 
 impl ContextCheck {
-    /// Every way `context` breaks the schema, each with its path (at most a few dozen).
+    /// Every way `context` breaks the schema, each reported with its JSON path under
+    /// `context` (at most a few dozen).
     pub fn validate(&self, context: &Value) -> Result<()> {
         let problems: Vec<Problem> = self
             .0

@@ -112,6 +112,8 @@ pub struct Engine {
     /// Bumped whenever tasks finish (complete, error or cancelled), for those who wait on
     /// outcomes.
     finished: watch::Sender<u64>,
+    /// Bumped after each retention sweep, for those who wait on its effects.
+    swept: watch::Sender<u64>,
     /// The one reader of the event log that every subscription shares.
     events: EventFeed,
     /// Ready-step counts shared by the `stepsAvailable` subscriptions.
@@ -142,6 +144,7 @@ impl Engine {
             work: watch::Sender::new(0),
             timers: Notify::new(),
             finished: watch::Sender::new(0),
+            swept: watch::Sender::new(0),
             ready: ready::ReadyCounts::default(),
             metrics: metrics::Metrics::new(),
             draining: watch::Sender::new(false),

@@ -53,6 +53,11 @@ impl Engine {
         }
     }
 
+    /// A receiver that changes after each retention sweep (whatever it deleted).
+    pub fn retention_sweeps(&self) -> watch::Receiver<u64> {
+        self.swept.subscribe()
+    }
+
     /// The retention sweep, every `policy.every` until `shutdown` changes; nothing when the
     /// policy keeps everything.
     pub async fn run_retention(
@@ -75,6 +80,8 @@ impl Engine {
                     crate::retried("the retention sweep failed", &err);
                 }
             }
+            self.swept
+                .send_modify(|sweeps| *sweeps = sweeps.wrapping_add(1));
             tokio::select! {
                 () = tokio::time::sleep(policy.every) => {}
                 _ = shutdown.changed() => return,

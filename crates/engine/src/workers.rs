@@ -42,6 +42,13 @@ impl Default for WorkerPoolConfig {
 
 type Finished = (Uuid, Outcome);
 
+/// Whether a claimed step's outcome is decided inside its claim (and recorded there when it
+/// completes): a built-in handler that needs no I/O, on an attempt that is not traced (a traced
+/// one runs inside its `step.attempt` span, after the claim).
+fn decided_in_claim(step: &ClaimedStep) -> bool {
+    step.step.handler != "http" && step.trace_parent.is_none()
+}
+
 /// How long past the drain grace the pool's last writes (outcomes, releases) may take.
 const DRAIN_WRITES: Duration = Duration::from_secs(5);
 
@@ -105,7 +112,7 @@ impl Engine {
                 // other outcomes computed on the way are kept for the steps left.
                 let mut decided: HashMap<Uuid, Outcome> = HashMap::new();
                 let claiming = self.store.claim_and_complete(&request, |step| {
-                    if step.step.handler == "http" || step.trace_parent.is_some() {
+                    if !decided_in_claim(step) {
                         return None;
                     }
                     match run_immediate(step) {
@@ -144,13 +151,11 @@ impl Engine {
                 self.start_requests(&claimed, &attempts, &caller, max_request, &done)
                     .await,
             );
-            let decided: std::collections::HashSet<Uuid> =
-                outcomes.iter().map(|(token, _)| *token).collect();
+            // The traced ones: their outcome is decided here, inside their attempt's span.
             outcomes.extend(
                 claimed
                     .iter()
-                    .filter(|step| step.step.handler != "http")
-                    .filter(|step| !decided.contains(&step.lease_token))
+                    .filter(|step| step.step.handler != "http" && !decided_in_claim(step))
                     .map(|step| {
                         let outcome = attempts
                             .run(step.lease_token)

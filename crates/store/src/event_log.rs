@@ -60,6 +60,16 @@ struct Head {
     head: Option<i64>,
 }
 
+/// The column event cursors are: `sequence` on PostgreSQL (numbered in commit order),
+/// `position` on SQLite (one writer: positions are commit order).
+pub(crate) fn cursor_column(backend: DbBackend) -> &'static str {
+    if backend == DbBackend::Postgres {
+        "sequence"
+    } else {
+        "position"
+    }
+}
+
 /// The advisory lock that serializes sequencing across replicas ("tasker" in ASCII).
 const SEQUENCER_LOCK: i64 = 0x7461_736b_6572;
 
@@ -79,12 +89,9 @@ impl Store {
         after: Option<EventCursor>,
         limit: u64,
     ) -> Result<Vec<EventRecord>> {
-        let mut sql = Sql::new(self.db.get_database_backend());
-        let order = if sql.is_postgres() {
-            "sequence"
-        } else {
-            "position"
-        };
+        let backend = self.db.get_database_backend();
+        let order = cursor_column(backend);
+        let mut sql = Sql::new(backend);
         sql.push("SELECT * FROM events WHERE ")
             .push(order)
             .push(" > ")
@@ -141,12 +148,11 @@ impl Store {
 
     /// The cursor of the newest readable event: "start from now".
     pub async fn event_head(&self) -> Result<Option<EventCursor>> {
-        let mut sql = Sql::new(self.db.get_database_backend());
-        sql.push(if sql.is_postgres() {
-            "SELECT MAX(sequence) AS head FROM events"
-        } else {
-            "SELECT MAX(position) AS head FROM events"
-        });
+        let backend = self.db.get_database_backend();
+        let mut sql = Sql::new(backend);
+        sql.push("SELECT MAX(")
+            .push(cursor_column(backend))
+            .push(") AS head FROM events");
         let head = Head::find_by_statement(sql.build()).one(&self.db).await?;
         Ok(head.and_then(|head| head.head).map(EventCursor))
     }

@@ -342,22 +342,25 @@ impl Store {
             }
             bound += values;
         }
-        for command in commands {
+        for mut command in commands {
             let statements = command.len() as u64;
             let mut sql = Sql::new(backend);
-            let postgres = sql.is_postgres();
-            let last = command.len() - 1;
-            for (i, insert) in command.into_iter().enumerate() {
-                if postgres && i < last {
+            if sql.is_postgres() {
+                // WITH w0 AS (INSERT …), w1 AS (INSERT …) INSERT …
+                let last = command.pop();
+                for (i, insert) in command.into_iter().enumerate() {
                     sql.push(if i == 0 { "WITH " } else { ", " })
                         .push(&format!("w{i} AS ("));
                     insert.render(&mut sql);
-                    sql.push(")");
-                } else {
-                    if !postgres && i > 0 {
+                    sql.push(") ");
+                }
+                if let Some(last) = last {
+                    last.render(&mut sql);
+                }
+            } else {
+                for (i, insert) in command.into_iter().enumerate() {
+                    if i > 0 {
                         sql.push("; ");
-                    } else if postgres && i > 0 {
-                        sql.push(" ");
                     }
                     insert.render(&mut sql);
                 }

@@ -51,11 +51,7 @@ impl Store {
             self.number_events().await?;
             let txn = self.db.begin().await?;
             let backend = self.db.get_database_backend();
-            let cursor = if backend == sea_orm::DbBackend::Postgres {
-                "sequence"
-            } else {
-                "position"
-            };
+            let cursor = crate::event_log::cursor_column(backend);
             let mut candidates = Sql::new(backend);
             // A task that ended before the cutoff was created before it: the range on
             // ix_tasks_created_at keeps the search to old tasks.

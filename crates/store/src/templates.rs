@@ -183,10 +183,6 @@ impl Store {
         name: &str,
         version: Option<&str>,
     ) -> Result<TemplateRecord> {
-        let not_found = || Error::NotFound {
-            what: "template",
-            key: tasker_domain::template::reference(namespace, name, version),
-        };
         let found = match version {
             None => self
                 .templates(Some(namespace), Some(name))
@@ -205,7 +201,7 @@ impl Store {
                     .transpose()?
             }
         };
-        found.ok_or_else(not_found)
+        found.ok_or_else(|| template_not_found(namespace, name, version))
     }
 
     /// Templates by id, in no particular order; ids not found are left out.
@@ -303,20 +299,14 @@ impl Store {
             .filter_map(|stamp| Some((semver::Version::parse(&stamp.version).ok()?, stamp)))
             .max_by(|(a, _), (b, _)| a.cmp(b))
             .map(|(_, stamp)| stamp)
-            .ok_or_else(|| Error::NotFound {
-                what: "template",
-                key: tasker_domain::template::reference(namespace, name, version),
-            })?;
+            .ok_or_else(|| template_not_found(namespace, name, version))?;
         if let Some(template) = self.parsed_templates.get(newest.id, newest.updated_at) {
             return Ok(template);
         }
         let record: TemplateRecord = task_template::Entity::find_by_id(newest.id)
             .one(&self.db)
             .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "template",
-                key: tasker_domain::template::reference(namespace, name, version),
-            })?
+            .ok_or_else(|| template_not_found(namespace, name, version))?
             .try_into()?;
         let template = StartingTemplate {
             context_check: record.template.context_check()?,
@@ -324,6 +314,14 @@ impl Store {
         };
         self.parsed_templates.put(&template);
         Ok(template)
+    }
+}
+
+/// The answer for a template reference that names nothing.
+fn template_not_found(namespace: &str, name: &str, version: Option<&str>) -> Error {
+    Error::NotFound {
+        what: "template",
+        key: tasker_domain::template::reference(namespace, name, version),
     }
 }
 

@@ -307,16 +307,20 @@ fn arbitrary_input_never_panics() {
 
 #[test]
 fn context_is_validated_against_the_schema() {
-    let template = TaskTemplate::parse(DIAMOND).unwrap();
-    assert!(template.validate_context(&json!({"order_id": 7})).is_ok());
-    match template.validate_context(&json!({"order_id": "seven"})) {
+    let check = TaskTemplate::parse(DIAMOND)
+        .unwrap()
+        .context_check()
+        .unwrap()
+        .expect("the template has a schema");
+    assert!(check.validate(&json!({"order_id": 7})).is_ok());
+    match check.validate(&json!({"order_id": "seven"})) {
         Err(Error::InvalidContext(problems)) => {
             assert_eq!(problems.len(), 1);
             assert_eq!(problems[0].path, "context/order_id");
         }
         other => panic!("expected InvalidContext, got {other:?}"),
     }
-    match template.validate_context(&json!({})) {
+    match check.validate(&json!({})) {
         Err(Error::InvalidContext(problems)) => {
             assert!(problems[0].message.contains("order_id"), "{problems:?}")
         }
