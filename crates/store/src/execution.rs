@@ -18,8 +18,8 @@ use crate::{Error, Result, Store};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter,
+    QueryOrder, TransactionTrait,
 };
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
@@ -112,6 +112,35 @@ pub struct StepInputs {
     pub parent_results: serde_json::Map<String, Value>,
 }
 
+/// Adds to the `RETURNING` list of an `UPDATE workflow_steps` what the steps' events name of
+/// their task ([`StepsTask`]), each looked up by id, so that no statement has to read the
+/// tasks again. `task_id` is left unqualified: SQLite's `RETURNING` cannot name the updated
+/// table's alias, and only the step has a column of that name.
+fn push_task_fields(sql: &mut Sql) {
+    for (column, alias) in [
+        ("state", "task_state"),
+        ("namespace", "task_namespace"),
+        ("template_name", "task_template"),
+        ("correlation_id", "task_correlation_id"),
+        ("traceparent", "task_traceparent"),
+    ] {
+        sql.push(", (SELECT t.")
+            .push(column)
+            .push(" FROM tasks t WHERE t.id = task_id) AS ")
+            .push(alias);
+    }
+}
+
+/// What a returned step's row brings of its task ([`push_task_fields`]).
+#[derive(Debug, FromQueryResult)]
+struct StepsTask {
+    task_state: String,
+    task_namespace: String,
+    task_template: String,
+    task_correlation_id: Option<String>,
+    task_traceparent: Option<String>,
+}
+
 #[derive(Debug, FromQueryResult)]
 struct Wakeup {
     due: Option<i64>,
@@ -195,7 +224,7 @@ impl Store {
         let mut sql = Sql::new(self.db.get_database_backend());
         let postgres = sql.is_postgres();
         if postgres {
-            sql.push("WITH ready AS (SELECT s.id FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
+            sql.push("WITH ready AS (SELECT s.id");
         } else {
             sql.push("UPDATE workflow_steps SET state = 'in_progress', attempts = attempts + 1, lease_token = randomblob(16), lease_holder = ")
                 .bind(request.worker_id.clone())
@@ -207,9 +236,9 @@ impl Store {
                 .bind(now_ms)
                 .push(" + timeout_ms END, next_attempt_ms = NULL, version = version + 1, updated_at = ")
                 .bind(now)
-                .push(" WHERE id IN (SELECT s.id FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
+                .push(" WHERE id IN (SELECT s.id");
         }
-        push_ready_condition(&mut sql, now_ms, &request.handlers, &request.within);
+        push_ready_steps(&mut sql, now_ms, &request.handlers, &request.within);
         sql.push(" ORDER BY s.id LIMIT ")
             .bind(i64::from(request.limit));
         if postgres {
@@ -224,20 +253,38 @@ impl Store {
                 .push(" + s.timeout_ms END, next_attempt_ms = NULL, version = s.version + 1, updated_at = ")
                 .bind(now)
                 .push(" FROM ready WHERE s.id = ready.id RETURNING s.*");
+            push_task_fields(&mut sql);
         } else {
             sql.push(") RETURNING *");
+            push_task_fields(&mut sql);
         }
-        let claimed = workflow_step::Model::find_by_statement(sql.build())
-            .all(txn)
-            .await?;
-        if claimed.is_empty() {
+        let returned = txn.query_all_raw(sql.build()).await?;
+        if returned.is_empty() {
             return Ok(None);
         }
-        let task_ids: Vec<Uuid> = distinct(claimed.iter().map(|step| step.task_id));
+        let mut claimed = Vec::with_capacity(returned.len());
+        let mut subjects = Subjects::default();
+        let mut pending = Vec::new();
+        for row in &returned {
+            let step = workflow_step::Model::from_query_result(row, "")?;
+            let task = StepsTask::from_query_result(row, "")?;
+            if task.task_state == TaskState::Pending.as_str() && !subjects.knows(step.task_id) {
+                pending.push(step.task_id);
+            }
+            subjects.add(
+                step.task_id,
+                task.task_namespace,
+                task.task_template,
+                task.task_correlation_id,
+                task.task_traceparent,
+            );
+            claimed.push(step);
+        }
+        // Only the tasks still pending start (the guard settles a race with another claim).
         let started = move_tasks(
             txn,
             TaskMove {
-                ids: &task_ids,
+                ids: &pending,
                 from: &[TaskState::Pending],
                 to: TaskState::InProgress,
                 version: None,
@@ -246,7 +293,6 @@ impl Store {
             now,
         )
         .await?;
-        let subjects = self.subjects(txn, &task_ids, &started).await?;
         let mut events = Vec::new();
         let mut task_transitions = Vec::new();
         for task in &started {
@@ -409,9 +455,26 @@ impl Store {
             .push(" FROM v WHERE s.lease_token = v.token AND s.state = 'in_progress' AND s.lease_expires_ms >= ")
             .bind(now_ms)
             .push(if postgres { " RETURNING s.*" } else { " RETURNING *" });
-        let completed = workflow_step::Model::find_by_statement(sql.build())
-            .all(txn)
-            .await?;
+        if known.is_none() {
+            push_task_fields(&mut sql);
+        }
+        let returned = txn.query_all_raw(sql.build()).await?;
+        let mut completed = Vec::with_capacity(returned.len());
+        let mut found = Subjects::default();
+        for row in &returned {
+            let step = workflow_step::Model::from_query_result(row, "")?;
+            if known.is_none() {
+                let task = StepsTask::from_query_result(row, "")?;
+                found.add(
+                    step.task_id,
+                    task.task_namespace,
+                    task.task_template,
+                    task.task_correlation_id,
+                    task.task_traceparent,
+                );
+            }
+            completed.push(step);
+        }
         let done_ids: Vec<Uuid> = completed.iter().map(|step| step.id).collect();
         let mut report = CompletionReport::default();
         if completed.is_empty() {
@@ -419,10 +482,7 @@ impl Store {
             return Ok(report);
         }
         let task_ids = distinct(completed.iter().map(|step| step.task_id));
-        let subjects = match known {
-            Some(subjects) => subjects,
-            None => self.subjects(txn, &task_ids, &[]).await?,
-        };
+        let subjects = known.unwrap_or(found);
         let mut transitions = Vec::with_capacity(completed.len());
         let mut events = Vec::with_capacity(completed.len());
         for step in &completed {
@@ -830,17 +890,13 @@ fn truncate(message: &str) -> String {
     message[..end].to_owned()
 }
 
-/// The readiness rule over `workflow_steps s JOIN tasks t`, narrowed to handlers (when given)
-/// and namespaces.
-pub(crate) fn push_ready_condition(
-    sql: &mut Sql,
-    now_ms: i64,
-    handlers: &[String],
-    within: &Within,
-) {
-    // Written so the planner seeks ix_steps_ready (state, pending_parents, handler) and then
-    // joins the tasks; put as one OR, SQLite walked every unfinished task instead.
-    sql.push("s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
+/// `FROM workflow_steps s … WHERE` the readiness rule, narrowed to handlers (when given) and
+/// namespaces. The steps are read first, through ix_steps_ready (state, pending_parents,
+/// handler), and their tasks looked up by id: `CROSS JOIN` makes SQLite keep that order (on
+/// PostgreSQL it is a plain join). Left to choose, SQLite walked every unfinished task
+/// instead, so a claim cost as much as the tasks waiting for other handlers.
+pub(crate) fn push_ready_steps(sql: &mut Sql, now_ms: i64, handlers: &[String], within: &Within) {
+    sql.push(" FROM workflow_steps s CROSS JOIN tasks t WHERE t.id = s.task_id AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
         .bind(now_ms)
         .push(") AND t.state IN ('pending', 'in_progress')");
     if !handlers.is_empty() {
@@ -868,8 +924,8 @@ impl Store {
         cap: u32,
     ) -> Result<u64> {
         let mut sql = Sql::new(self.db.get_database_backend());
-        sql.push("SELECT COUNT(*) AS ready FROM (SELECT s.id FROM workflow_steps s JOIN tasks t ON t.id = s.task_id WHERE ");
-        push_ready_condition(&mut sql, self.now_ms(), handlers, within);
+        sql.push("SELECT COUNT(*) AS ready FROM (SELECT s.id");
+        push_ready_steps(&mut sql, self.now_ms(), handlers, within);
         sql.push(" LIMIT ")
             .bind(i64::from(cap))
             .push(") AS ready_steps");

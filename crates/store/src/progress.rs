@@ -244,6 +244,7 @@ struct SubjectNames {
 }
 
 /// Namespace, template and correlation id by task id.
+#[derive(Default)]
 pub(crate) struct Subjects {
     names: HashMap<Uuid, SubjectNames>,
 }
@@ -269,6 +270,28 @@ impl Subjects {
             })
             .collect();
         Subjects { names }
+    }
+
+    /// Whether the task's subject is known already.
+    pub fn knows(&self, task_id: Uuid) -> bool {
+        self.names.contains_key(&task_id)
+    }
+
+    /// Records a task's subject as a statement returned it (the first one given is kept).
+    pub fn add(
+        &mut self,
+        task_id: Uuid,
+        namespace: String,
+        template: String,
+        correlation_id: Option<String>,
+        trace_parent: Option<String>,
+    ) {
+        self.names.entry(task_id).or_insert_with(|| SubjectNames {
+            correlation_id: correlation_or_id(correlation_id, task_id),
+            namespace,
+            template,
+            trace_parent,
+        });
     }
 
     /// One `task.steps_ready` event per task among `(task, step, name)` steps.

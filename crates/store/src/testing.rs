@@ -161,6 +161,27 @@ impl TestDatabase {
         }
     }
 
+    /// SQLite: how the planner reads the ready steps of `handlers` (the claim's and the ready
+    /// counts' query), one line of `EXPLAIN QUERY PLAN` per step of its plan.
+    pub async fn ready_steps_plan(&self, handlers: &[String]) -> Vec<String> {
+        use sea_orm::FromQueryResult;
+        #[derive(FromQueryResult)]
+        struct PlanLine {
+            detail: String,
+        }
+        let mut sql = crate::sql::Sql::new(self.store.db.get_database_backend());
+        sql.push("EXPLAIN QUERY PLAN SELECT s.id");
+        crate::execution::push_ready_steps(&mut sql, 0, handlers, &tasker_domain::Within::Any);
+        sql.push(" ORDER BY s.id LIMIT 10");
+        PlanLine::find_by_statement(sql.build())
+            .all(&self.store.db)
+            .await
+            .expect("explain query plan")
+            .into_iter()
+            .map(|line| line.detail)
+            .collect()
+    }
+
     /// What SQLite does on its own after `SQLITE_FULL` or `SQLITE_IOERR`: rolls back the
     /// transaction of an operation that then fails, while the driver still counts it open.
     pub async fn roll_back_behind_the_drivers_back(&self) {

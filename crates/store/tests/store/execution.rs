@@ -111,6 +111,35 @@ async fn a_diamond_runs_in_dependency_order_and_completes_its_task() {
     }
 }
 
+/// SQLite's planner, left to choose, walked every unfinished task to find the ready steps, so
+/// a claim for built-in handlers cost as much as the tasks waiting for external workers. The
+/// steps come first, through the readiness index, whatever the tasks hold. (PostgreSQL plans
+/// from statistics; the query is the same there.)
+#[tokio::test]
+async fn sqlite_reads_ready_steps_through_the_readiness_index_before_their_tasks() {
+    let db = tasker_store::testing::TestDatabase::sqlite(std::sync::Arc::new(
+        tasker_domain::SystemClock,
+    ))
+    .await;
+    let store = &db.store;
+    store.register_template(DIAMOND, false).await.unwrap();
+    for n in 0..50 {
+        store.create_task(order("shop", "fulfil", n)).await.unwrap();
+    }
+    for handlers in [vec!["noop".to_owned(), "http".to_owned()], Vec::new()] {
+        let plan = db.ready_steps_plan(&handlers).await;
+        assert!(
+            plan.first()
+                .is_some_and(|line| line.contains("s USING INDEX ix_steps_ready")),
+            "handlers {handlers:?}: {plan:?}"
+        );
+        assert!(
+            plan.iter().any(|line| line.starts_with("SEARCH t ")),
+            "tasks are looked up by id: {plan:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_lease_fences_a_worker_that_lost_it() {
     let (clock, databases) = databases().await;
