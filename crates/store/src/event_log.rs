@@ -73,6 +73,14 @@ pub(crate) fn cursor_column(backend: DbBackend) -> &'static str {
 /// The advisory lock that serializes sequencing across replicas ("tasker" in ASCII).
 const SEQUENCER_LOCK: i64 = 0x7461_736b_6572;
 
+/// Numbers every event without a number that the transaction sees, in position order, after
+/// every number given before; run under [`SEQUENCER_LOCK`].
+const NUMBER_EVENTS: &str = "UPDATE events AS e SET sequence = numbered.base + numbered.n \
+     FROM (SELECT p.position, ROW_NUMBER() OVER (ORDER BY p.position) AS n, \
+                  (SELECT COALESCE(MAX(sequence), 0) FROM events) AS base \
+           FROM events p WHERE p.sequence IS NULL) AS numbered \
+     WHERE e.position = numbered.position";
+
 impl EventRecord {
     /// Its place in the log (PostgreSQL: the commit-ordered number; SQLite: the position).
     pub fn cursor(&self) -> EventCursor {
@@ -177,16 +185,7 @@ impl Store {
             .bind(SEQUENCER_LOCK)
             .push(")");
         txn.execute_raw(lock.build()).await?;
-        let numbered = txn
-            .execute_unprepared(
-                "UPDATE events AS e SET sequence = numbered.base + numbered.n \
-                 FROM (SELECT p.position, ROW_NUMBER() OVER (ORDER BY p.position) AS n, \
-                              (SELECT COALESCE(MAX(sequence), 0) FROM events) AS base \
-                       FROM events p WHERE p.sequence IS NULL) AS numbered \
-                 WHERE e.position = numbered.position",
-            )
-            .await?
-            .rows_affected();
+        let numbered = txn.execute_unprepared(NUMBER_EVENTS).await?.rows_affected();
         if numbered > 0 {
             // Delivered when the numbers commit: other replicas' readers look again.
             let mut notify = Sql::new(DbBackend::Postgres);
@@ -202,7 +201,6 @@ impl Store {
         }
         Ok(numbered)
     }
-
     /// Changes whenever events were appended (in this process, or, once the engine relays
     /// NOTIFY, on another replica).
     pub fn events_appended(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -222,19 +220,21 @@ impl Store {
             .replacen("tasker_work", "tasker_events", 1)
     }
 
-    /// Commits a transaction that appended events and tells readers: on PostgreSQL it numbers
-    /// them (which NOTIFYs the other replicas); then the in-process signal.
+    /// Commits a transaction that appended events and tells readers. On PostgreSQL the
+    /// events are numbered inside it, last (which NOTIFYs the other replicas at commit): the
+    /// sequencer lock is held from there to the commit, so numbers follow commit order and no
+    /// reader can pass over a late commit. Then the in-process signal.
     pub(crate) async fn commit_events(&self, txn: DatabaseTransaction) -> Result<()> {
-        self.commit(txn).await?;
-        // Committed: the answer is success whatever follows. Events left without a number
-        // are numbered by the next writer or the engine's sweep.
-        if let Err(err) = self.number_events().await {
-            if err.is_fault() {
-                tracing::debug!(error = %err, "committed events could not be numbered yet");
-            } else {
-                tracing::warn!(error = %err, "committed events could not be numbered yet; the maintenance sweep will");
-            }
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            // One command: the lock, the numbers, the NOTIFY (delivered at commit). The lock
+            // key is a constant and the channel a name made of hex digits: no input in it.
+            let sql = format!(
+                "SELECT pg_advisory_xact_lock({SEQUENCER_LOCK}); {NUMBER_EVENTS}; SELECT pg_notify('{}', '')",
+                self.events_channel()
+            );
+            txn.execute_unprepared(&sql).await?;
         }
+        self.commit(txn).await?;
         self.note_events_appended();
         Ok(())
     }
