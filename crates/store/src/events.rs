@@ -57,8 +57,11 @@ pub(crate) fn named_event_row(
 }
 
 impl Subject<'_> {
-    /// An event about this task (and one of its steps): the common fields, then `fields`,
-    /// then the metadata's fields that are not already there.
+    /// An event about this task (and one of its steps): the template (and step name), then
+    /// `fields`, then the metadata's fields that are not already there. What the event's
+    /// columns hold (task, step, namespace) and a correlation id that is the task's own id are
+    /// left out of the stored payload and put back when it is read
+    /// ([`with_subject_fields`]), so the log does not store them twice.
     pub(crate) fn event(
         &self,
         name: &str,
@@ -67,18 +70,19 @@ impl Subject<'_> {
         metadata: &Value,
         at: DateTime<Utc>,
     ) -> event::ActiveModel {
-        let mut payload = json!({
-            "task_id": self.task_id,
-            "namespace": self.namespace,
-            "template": self.template,
-            "correlation_id": self.correlation_id,
-        });
-        if let Some((step_id, step_name)) = step {
-            merge(
-                &mut payload,
-                &json!({ "step_id": step_id, "step": step_name }),
+        let mut payload = Map::new();
+        payload.insert("template".to_owned(), Value::from(self.template));
+        let mut own_id = Uuid::encode_buffer();
+        if self.correlation_id != self.task_id.hyphenated().encode_lower(&mut own_id) {
+            payload.insert(
+                "correlation_id".to_owned(),
+                Value::from(self.correlation_id),
             );
         }
+        if let Some((_, step_name)) = step {
+            payload.insert("step".to_owned(), Value::from(step_name));
+        }
+        let mut payload = Value::Object(payload);
         merge(&mut payload, &fields);
         merge(&mut payload, metadata);
         named_event_row(
@@ -90,6 +94,38 @@ impl Subject<'_> {
             at,
         )
     }
+}
+
+/// A stored payload as readers get it: the task, step and namespace of the event's columns,
+/// and the correlation id (the task's own id unless the payload names another), added where
+/// the payload leaves them out.
+pub(crate) fn with_subject_fields(
+    mut payload: Value,
+    namespace: Option<&str>,
+    task_id: Option<Uuid>,
+    step_id: Option<Uuid>,
+) -> Value {
+    if let Value::Object(fields) = &mut payload {
+        if let Some(task_id) = task_id {
+            fields
+                .entry("task_id")
+                .or_insert_with(|| Value::from(task_id.to_string()));
+            fields
+                .entry("correlation_id")
+                .or_insert_with(|| Value::from(task_id.to_string()));
+        }
+        if let Some(namespace) = namespace {
+            fields
+                .entry("namespace")
+                .or_insert_with(|| Value::from(namespace));
+        }
+        if let Some(step_id) = step_id {
+            fields
+                .entry("step_id")
+                .or_insert_with(|| Value::from(step_id.to_string()));
+        }
+    }
+    payload
 }
 
 /// The `task.steps_ready` event of steps of one task that just became claimable.

@@ -128,6 +128,12 @@ pub struct EventRecord {
 
 impl From<event::Model> for EventRecord {
     fn from(model: event::Model) -> Self {
+        let payload = crate::events::with_subject_fields(
+            model.payload,
+            model.namespace.as_deref(),
+            model.task_id,
+            model.step_id,
+        );
         Self {
             position: model.position,
             id: model.id,
@@ -135,7 +141,7 @@ impl From<event::Model> for EventRecord {
             namespace: model.namespace,
             task_id: model.task_id,
             step_id: model.step_id,
-            payload: model.payload,
+            payload,
             occurred_at: model.occurred_at,
             sequence: model.sequence,
         }
