@@ -101,12 +101,25 @@ pub const MAX_CLAIM_WAIT: Duration =
 /// The slow safety sweep behind the timers.
 pub(crate) const SAFETY_SWEEP: Duration = Duration::from_secs(5);
 
+/// Whether some of these creations made steps of a built-in handler claimable.
+fn built_in_ready(creations: &[TaskCreation]) -> bool {
+    creations.iter().any(|creation| {
+        creation
+            .ready_handlers
+            .iter()
+            .any(|handler| BUILT_IN_HANDLERS.contains(&handler.as_str()))
+    })
+}
+
 /// The orchestrator shared by the API, the worker pool and the maintenance loop.
 pub struct Engine {
     store: Store,
     /// Bumped whenever work may have become claimable; waiters compare generations, so a
     /// wake-up between "found nothing" and "wait" is never lost.
     work: watch::Sender<u64>,
+    /// Bumped like `work`, except for work that only external workers can claim: the embedded
+    /// pool waits on this one, so tasks for external handlers do not make it claim in vain.
+    built_in_work: watch::Sender<u64>,
     /// Poked when a new retry time may be earlier than the one the timer sleeps toward.
     timers: Notify,
     /// Bumped whenever tasks finish (complete, error or cancelled), for those who wait on
@@ -142,6 +155,7 @@ impl Engine {
             events: EventFeed::new(store.clone()),
             store,
             work: watch::Sender::new(0),
+            built_in_work: watch::Sender::new(0),
             timers: Notify::new(),
             finished: watch::Sender::new(0),
             swept: watch::Sender::new(0),
@@ -229,8 +243,8 @@ impl Engine {
         &self.store
     }
 
-    /// How many are subscribed to work wake-ups: parked long-poll claims, plus the embedded
-    /// pool when it runs. A gauge for operators, and how tests know a claim is parked.
+    /// How many long-poll claims are parked waiting for work. A gauge for operators, and how
+    /// tests know a claim is parked.
     pub fn work_listeners(&self) -> usize {
         self.work.receiver_count()
     }
@@ -242,13 +256,28 @@ impl Engine {
 
     /// Tells every waiting claimer in this process to look again.
     pub fn work_available(&self) {
-        self.work
-            .send_modify(|generation| *generation = generation.wrapping_add(1));
+        self.wake_claimers(true);
+    }
+
+    /// Tells the waiting claimers in this process to look again: parked long polls always,
+    /// the embedded pool when `built_in`.
+    fn wake_claimers(&self, built_in: bool) {
+        let bump = |generation: &mut u64| *generation = generation.wrapping_add(1);
+        self.work.send_modify(bump);
+        if built_in {
+            self.built_in_work.send_modify(bump);
+        }
     }
 
     /// Tells every waiting claimer, in this process and on every other replica, to look again.
     async fn announce(&self) {
-        self.work_available();
+        self.announce_ready(true).await;
+    }
+
+    /// Like [`Engine::announce`], waking this process's pool only when `built_in`: work for
+    /// external handlers alone leaves it asleep. Other replicas hear of any work.
+    async fn announce_ready(&self, built_in: bool) {
+        self.wake_claimers(built_in);
         if let Err(err) = self.store.announce_work().await {
             tracing::warn!(error = %err, "could not tell other replicas about new work");
         }
@@ -321,7 +350,8 @@ impl Engine {
             tracing::Instrument::instrument(self.store.create_task(new), span.clone()).await?;
         span.record("task_id", tracing::field::display(creation.task.id));
         if creation.created {
-            self.announce().await;
+            self.announce_ready(built_in_ready(std::slice::from_ref(&creation)))
+                .await;
         }
         Ok(creation)
     }
@@ -337,7 +367,7 @@ impl Engine {
         let creations =
             tracing::Instrument::instrument(self.store.create_tasks(news), span).await?;
         if creations.iter().any(|creation| creation.created) {
-            self.announce().await;
+            self.announce_ready(built_in_ready(&creations)).await;
         }
         Ok(creations)
     }
@@ -622,6 +652,39 @@ steps:
                 ..TaskRequest::default()
             },
         }
+    }
+
+    /// Tasks whose first steps only external workers claim wake the long polls but not the
+    /// embedded pool, which could claim nothing of them; a task with a built-in first step
+    /// wakes both.
+    #[tokio::test]
+    async fn only_work_for_built_in_handlers_wakes_the_embedded_pool() {
+        let db = TestDatabase::sqlite(Arc::new(SystemClock)).await;
+        let remote = "namespace: demo\nname: remote\nversion: 1.0.0\nsteps:\n  - { name: a, handler: remote }\n  - { name: b, handler: noop, depends_on: [a] }\n";
+        db.store.register_template(remote, false).await.unwrap();
+        db.store
+            .register_template(FLAKY_CHAIN, false)
+            .await
+            .unwrap();
+        let engine = Engine::new(db.store.clone());
+        let mut long_polls = engine.work_signal();
+        let pool = engine.built_in_work.subscribe();
+        let external = NewTask {
+            template: "remote".into(),
+            ..new_task()
+        };
+        let created = engine.create_task(external.clone()).await.unwrap();
+        assert_eq!(created.ready_handlers, ["remote"]);
+        assert!(long_polls.has_changed().unwrap());
+        assert!(!pool.has_changed().unwrap());
+        long_polls.borrow_and_update();
+        engine.create_tasks(vec![external]).await.unwrap();
+        assert!(long_polls.has_changed().unwrap());
+        assert!(!pool.has_changed().unwrap());
+
+        let created = engine.create_task(new_task()).await.unwrap();
+        assert_eq!(created.ready_handlers, ["noop"]);
+        assert!(pool.has_changed().unwrap());
     }
 
     /// The embedded pool runs built-in steps to completion, retries included, woken by

@@ -77,7 +77,7 @@ impl Engine {
         caller: Arc<crate::http::Caller>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut signal = self.work.subscribe();
+        let mut signal = self.built_in_work.subscribe();
         let concurrency = config.concurrency.max(1);
         let (done, mut finished) = mpsc::unbounded_channel::<Finished>();
         // A request must end well before the lease it runs under.

@@ -8,6 +8,7 @@ mod entities;
 mod event_log;
 mod events;
 mod execution;
+mod grouped;
 mod health;
 mod lifecycle;
 mod notify;
@@ -195,6 +196,8 @@ pub struct Store {
     health: Arc<health::WriteHealth>,
     /// Templates parsed for new tasks.
     parsed_templates: Arc<templates::TemplateCache>,
+    /// Single creations waiting to be written together.
+    creations: Arc<grouped::CreationQueue>,
 }
 
 impl Store {
@@ -276,6 +279,7 @@ impl Store {
             statements,
             bundled: Arc::new(AtomicU64::new(0)),
             parsed_templates: Arc::default(),
+            creations: Arc::default(),
             work_channel,
             appended: Arc::new(tokio::sync::watch::Sender::new(0)),
             health,

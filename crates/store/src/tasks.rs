@@ -91,7 +91,8 @@ enum Planned {
 }
 
 /// Every row one new task writes.
-struct TaskRows {
+#[derive(Clone)]
+pub(crate) struct TaskRows {
     task: task::Model,
     tags: Vec<task_tag::ActiveModel>,
     steps: Vec<workflow_step::ActiveModel>,
@@ -107,6 +108,23 @@ struct TaskRows {
 pub struct TaskCreation {
     pub task: TaskRecord,
     pub created: bool,
+    /// The handlers of the steps this call made claimable (the template's roots; none when
+    /// the task existed already), so only claimers of those handlers need waking.
+    pub ready_handlers: Vec<String>,
+}
+
+/// The distinct handlers of a template's root steps: what a new task of it can run at once.
+fn root_handlers(template: &TemplateRecord) -> Vec<String> {
+    let mut handlers: Vec<String> = template
+        .template
+        .steps
+        .iter()
+        .filter(|step| step.depends_on.is_empty())
+        .map(|step| step.handler.clone())
+        .collect();
+    handlers.sort_unstable();
+    handlers.dedup();
+    handlers
 }
 
 impl Store {
@@ -123,6 +141,7 @@ impl Store {
                 Ok(task) => Ok(TaskCreation {
                     task,
                     created: true,
+                    ready_handlers: root_handlers(&template),
                 }),
                 // Another request with the same key committed first: answer with its task.
                 Err(Error::Database(err)) if Self::is_unique_violation(&err) => {
@@ -194,11 +213,12 @@ impl Store {
             plan.into_iter()
                 .map(|planned| match planned {
                     Planned::Existing(existing) => Ok(*existing),
-                    Planned::New(_) => written
+                    Planned::New(template) => written
                         .next()
                         .map(|task| TaskCreation {
                             task,
                             created: true,
+                            ready_handlers: root_handlers(&template),
                         })
                         .ok_or_else(|| {
                             Error::Conflict("a task of the batch was not written".into())
@@ -267,6 +287,7 @@ impl Store {
         Ok(Some(TaskCreation {
             task: model.try_into()?,
             created: false,
+            ready_handlers: Vec::new(),
         }))
     }
 
@@ -276,10 +297,7 @@ impl Store {
         new: &NewTask,
     ) -> Result<TaskRecord> {
         let rows = Self::task_rows(template_record, new, self.now());
-        let mut records = self.insert_task_rows(vec![rows]).await?;
-        records
-            .pop()
-            .ok_or_else(|| Error::Conflict("the task was not written".into()))
+        self.insert_task_grouped(rows).await
     }
 
     /// Every row of one new task, built before anything is written.
@@ -433,7 +451,7 @@ impl Store {
 
     /// Writes the rows of many new tasks in one transaction, one multi-row statement per
     /// table (per chunk), whatever their number.
-    async fn insert_task_rows(&self, tasks: Vec<TaskRows>) -> Result<Vec<TaskRecord>> {
+    pub(crate) async fn insert_task_rows(&self, tasks: Vec<TaskRows>) -> Result<Vec<TaskRecord>> {
         let mut models = Vec::with_capacity(tasks.len());
         let (mut tags, mut steps, mut edges) = (Vec::new(), Vec::new(), Vec::new());
         let (mut task_transitions, mut step_transitions, mut events) =

@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tasker_domain::{ManualClock, StepState, TaskRequest, TaskState};
 use tasker_store::testing::TestDatabase;
@@ -403,6 +404,65 @@ async fn an_idempotency_key_returns_the_existing_task_even_under_concurrency() {
             store.create_task(refund).await,
             Err(Error::Conflict(_))
         ));
+    }
+}
+
+/// Concurrent single creations are written together (group commit); each still answers its
+/// own task, a repeated idempotency key among them still answers the one task, and every task
+/// has all its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creations_each_answer_their_own_task() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = db.store.clone();
+        store.register_template(DIAMOND, false).await.unwrap();
+        let attempts: Vec<_> = (0..40)
+            .map(|n| {
+                let store = store.clone();
+                let mut request = order("shop", "fulfil", n);
+                if n >= 30 {
+                    request.request.idempotency_key = Some(format!("key-{}", n % 5));
+                }
+                tokio::spawn(async move { (n, store.create_task(request).await) })
+            })
+            .collect();
+        let mut by_key: HashMap<String, Vec<(uuid::Uuid, bool)>> = HashMap::new();
+        let mut ids = Vec::new();
+        for attempt in attempts {
+            let (n, result) = attempt.await.unwrap();
+            let creation = result.unwrap();
+            if n >= 30 {
+                by_key
+                    .entry(format!("key-{}", n % 5))
+                    .or_default()
+                    .push((creation.task.id, creation.created));
+            } else {
+                assert!(creation.created);
+                assert_eq!(creation.task.context, json!({ "order_id": n }));
+                ids.push(creation.task.id);
+            }
+        }
+        assert_eq!(by_key.len(), 5);
+        for answers in by_key.values() {
+            assert_eq!(answers.len(), 2);
+            assert_eq!(
+                answers[0].0,
+                answers[1].0,
+                "{}: one task per key",
+                db.backend()
+            );
+            assert_eq!(answers.iter().filter(|(_, created)| *created).count(), 1);
+            ids.push(answers[0].0);
+        }
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 35);
+        assert_eq!(all_tasks(&store).await.len(), 35);
+        let steps = store.steps_for_tasks(&ids).await.unwrap();
+        assert_eq!(steps.len(), 35 * 4);
+        let events = store.events_for_tasks(&ids).await.unwrap();
+        let created = events.iter().filter(|e| e.name == "task.created").count();
+        assert_eq!(created, 35);
     }
 }
 
