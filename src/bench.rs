@@ -107,6 +107,9 @@ pub struct Measurement {
     /// and per step executed: the round trips to the driver's thread or the server.
     round_trips_per_task_created: f64,
     round_trips_per_step: f64,
+    /// CPU time this process (the server: API, engine and, on SQLite, the database itself)
+    /// spent per step executed, in microseconds.
+    cpu_us_per_step: f64,
     /// What the finished tasks take in the database (tables and indexes), per task and per
     /// step.
     bytes_per_task: f64,
@@ -135,6 +138,31 @@ pub struct Backend {
     /// One-step tasks started with `createTasks`-sized batches, through the engine.
     batch_create: BatchCreation,
     api: ApiLatency,
+    http_create: HttpCreation,
+}
+
+/// Tasks created over HTTP, as scripts and services start them: `createTask` from clients
+/// sending at once, then `createTasks` batches. Their step is for an external worker, so the
+/// server's pool leaves them alone and only creation is timed.
+#[derive(Debug, Serialize)]
+pub struct HttpCreation {
+    single: Vec<ConcurrentCreation>,
+    batch_tasks: usize,
+    batch_size: usize,
+    /// `createTasks` calls one after another from one client.
+    batch_tasks_per_second: f64,
+}
+
+/// `createTask` calls from `clients` clients at once, each sending its next call when the
+/// last one is answered.
+#[derive(Debug, Serialize)]
+pub struct ConcurrentCreation {
+    clients: usize,
+    tasks: usize,
+    tasks_per_second: f64,
+    /// One call's answer time.
+    p50_ms: f64,
+    p99_ms: f64,
 }
 
 /// Tasks started in batches.
@@ -154,6 +182,9 @@ const BATCH_TASKS: usize = 10_000;
 const BATCH_SIZE: usize = 1_000;
 /// The chain the public-API figure runs.
 const API_CHAIN: usize = 10;
+/// How many tasks each HTTP creation figure starts, and from how many clients at once.
+const HTTP_TASKS: usize = 4_000;
+const HTTP_CLIENTS: [usize; 3] = [1, 4, 16];
 
 /// Runs every scenario on SQLite and, when given, PostgreSQL; prints text or JSON.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -179,7 +210,7 @@ fn print_backend(backend: &Backend) {
         backend.backend, backend.commits_per_second
     );
     println!(
-        "   {:<34} {:>6} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7}",
+        "   {:<34} {:>6} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7}",
         "scenario",
         "steps",
         "create ms",
@@ -192,6 +223,7 @@ fn print_backend(backend: &Backend) {
         "sql/stp",
         "rt/tsk",
         "rt/stp",
+        "µs cpu",
         "p50 ms",
         "p99 ms",
         "B/task",
@@ -200,7 +232,7 @@ fn print_backend(backend: &Backend) {
     for m in &backend.scenarios {
         let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
         println!(
-            "{:<2} {:<34} {:>6} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:>8.0} {:>6.2} {:>7.1} {:>7.1} {:>6.1} {:>6.1} {:>7} {:>7} {:>7.0} {:>7.0}",
+            "{:<2} {:<34} {:>6} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:>8.0} {:>6.2} {:>7.1} {:>7.1} {:>6.1} {:>6.1} {:>6.0} {:>7} {:>7} {:>7.0} {:>7.0}",
             m.scenario,
             m.description,
             m.steps,
@@ -214,6 +246,7 @@ fn print_backend(backend: &Backend) {
             m.statements_per_step,
             m.round_trips_per_task_created,
             m.round_trips_per_step,
+            m.cpu_us_per_step,
             ms(m.handoff_p50_ms),
             ms(m.handoff_p99_ms),
             m.bytes_per_task,
@@ -228,6 +261,17 @@ fn print_backend(backend: &Backend) {
         batch.tasks_per_second,
         batch.statements_per_batch,
         batch.round_trips_per_batch
+    );
+    let http = &backend.http_create;
+    for single in &http.single {
+        println!(
+            "   createTask over HTTP from {:>2} clients at once: {:.0} tasks/s, p50 {:.2} ms, p99 {:.2} ms per call",
+            single.clients, single.tasks_per_second, single.p50_ms, single.p99_ms
+        );
+    }
+    println!(
+        "   createTasks over HTTP: {} one-step tasks in batches of {}: {:.0} tasks/s",
+        http.batch_tasks, http.batch_size, http.batch_tasks_per_second
     );
     let api = &backend.api;
     println!(
@@ -270,12 +314,16 @@ where
     let database = fresh("api").await?;
     let api = api_latency(database.store.clone(), workers, args.api_tasks).await;
     database.drop().await?;
+    let database = fresh("http").await?;
+    let http_create = http_creation(database.store.clone(), workers).await;
+    database.drop().await?;
     Ok(Backend {
         backend: backend.to_owned(),
         commits_per_second,
         scenarios,
         batch_create: batch_create?,
         api: api?,
+        http_create: http_create?,
     })
 }
 
@@ -432,6 +480,7 @@ async fn measure(
     let settings = server_settings(workers);
     let statements_before_execution = store.statement_count();
     let trips_before_execution = store.round_trip_count();
+    let cpu_before = process_cpu();
     let started = Instant::now();
     let app = App::build_on(&settings, store.clone()).await?;
     let done = TaskFilter {
@@ -444,6 +493,7 @@ async fn measure(
     let expected = ids.len() as u64;
     wait_for_finished(&app, expected, scenario.key).await?;
     let execute_seconds = started.elapsed().as_secs_f64();
+    let execution_cpu = process_cpu().saturating_sub(cpu_before);
     let execution_statements = store.statement_count() - statements_before_execution;
     let execution_trips = store.round_trip_count() - trips_before_execution;
 
@@ -477,6 +527,7 @@ async fn measure(
         statements_per_step: execution_statements as f64 / steps as f64,
         round_trips_per_task_created: creation_trips as f64 / tasks as f64,
         round_trips_per_step: execution_trips as f64 / steps as f64,
+        cpu_us_per_step: execution_cpu.as_secs_f64() * 1e6 / steps as f64,
         bytes_per_task: bytes / tasks as f64,
         bytes_per_step: bytes / steps as f64,
     })
@@ -542,6 +593,97 @@ async fn api_latency(store: Store, workers: usize, tasks: usize) -> anyhow::Resu
         p50_ms: quantile(&latencies, 0.50).unwrap_or(0.0),
         p99_ms: quantile(&latencies, 0.99).unwrap_or(0.0),
     })
+}
+
+/// [`HTTP_TASKS`] tasks created over HTTP for each number of clients in [`HTTP_CLIENTS`],
+/// then as many again in `createTasks` batches of [`BATCH_SIZE`].
+async fn http_creation(store: Store, workers: usize) -> anyhow::Result<HttpCreation> {
+    let definition = json!({
+        "namespace": "bench",
+        "name": "external",
+        "version": "1.0.0",
+        "steps": [{ "name": "only", "handler": "bench.external" }],
+    })
+    .to_string();
+    store.register_template(&definition, false).await?;
+    let app = App::build_on(&server_settings(workers), store).await?;
+    let client = tasker_client::Client::new(&format!("http://{}", app.address()))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.serve(async move {
+        let _ = stopped.await;
+    }));
+    let new_task = |n: usize| {
+        let mut task = tasker_client::NewTask::new("bench", "external");
+        task.context = Some(json!({ "n": n }));
+        task
+    };
+    let measured = async {
+        let mut single = Vec::new();
+        for clients in HTTP_CLIENTS {
+            let started = Instant::now();
+            let senders = (0..clients).map(|c| {
+                let client = client.clone();
+                async move {
+                    let mut latencies = Vec::new();
+                    for n in (c..HTTP_TASKS).step_by(clients) {
+                        let sent = Instant::now();
+                        client.create_task(&new_task(n)).await?;
+                        latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    anyhow::Ok(latencies)
+                }
+            });
+            let mut latencies: Vec<f64> = futures::future::try_join_all(senders)
+                .await?
+                .into_iter()
+                .flatten()
+                .collect();
+            let seconds = started.elapsed().as_secs_f64();
+            latencies.sort_by(f64::total_cmp);
+            single.push(ConcurrentCreation {
+                clients,
+                tasks: HTTP_TASKS,
+                tasks_per_second: HTTP_TASKS as f64 / seconds,
+                p50_ms: quantile(&latencies, 0.50).unwrap_or(0.0),
+                p99_ms: quantile(&latencies, 0.99).unwrap_or(0.0),
+            });
+        }
+        let started = Instant::now();
+        for first in (0..HTTP_TASKS).step_by(BATCH_SIZE) {
+            let batch: Vec<_> = (first..HTTP_TASKS.min(first + BATCH_SIZE))
+                .map(new_task)
+                .collect();
+            client.create_tasks(&batch).await?;
+        }
+        anyhow::Ok((single, HTTP_TASKS as f64 / started.elapsed().as_secs_f64()))
+    }
+    .await;
+    let _ = stop.send(());
+    server.await??;
+    let (single, batch_tasks_per_second) = measured?;
+    Ok(HttpCreation {
+        single,
+        batch_tasks: HTTP_TASKS,
+        batch_size: BATCH_SIZE,
+        batch_tasks_per_second,
+    })
+}
+
+/// CPU time (user and system) this process has used so far.
+fn process_cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) != 0 {
+            return Duration::ZERO;
+        }
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// The value at quantile `q` of sorted values.
