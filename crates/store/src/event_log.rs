@@ -74,8 +74,12 @@ pub(crate) fn cursor_column(backend: DbBackend) -> &'static str {
 const SEQUENCER_LOCK: i64 = 0x7461_736b_6572;
 
 /// Numbers every event without a number that the transaction sees, in position order, after
-/// every number given before; run under [`SEQUENCER_LOCK`].
-const NUMBER_EVENTS: &str = "UPDATE events AS e SET sequence = numbered.base + numbered.n \
+/// every number given before; run under [`SEQUENCER_LOCK`]. The unnumbered events are found
+/// with a plain scan of their partial index, not a bitmap scan: each number given leaves a dead
+/// entry there until a vacuum, and only a plain scan marks those it passes so the next one
+/// skips them (measured: 29 ms to find 8 rows behind 160,000 dead entries by bitmap, then
+/// under 1.2 ms by plain scans). `SET LOCAL` ends with the transaction.
+const NUMBER_EVENTS: &str = "SET LOCAL enable_bitmapscan = off; UPDATE events AS e SET sequence = numbered.base + numbered.n \
      FROM (SELECT p.position, ROW_NUMBER() OVER (ORDER BY p.position) AS n, \
                   (SELECT COALESCE(MAX(sequence), 0) FROM events) AS base \
            FROM events p WHERE p.sequence IS NULL) AS numbered \
