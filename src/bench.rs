@@ -265,8 +265,16 @@ fn print_backend(backend: &Backend) {
     let http = &backend.http_create;
     for single in &http.single {
         println!(
-            "   createTask over HTTP from {:>2} clients at once: {:.0} tasks/s, p50 {:.2} ms, p99 {:.2} ms per call",
-            single.clients, single.tasks_per_second, single.p50_ms, single.p99_ms
+            "   createTask over HTTP from {:>2} {} at once: {:.0} tasks/s, p50 {:.2} ms, p99 {:.2} ms per call",
+            single.clients,
+            if single.clients == 1 {
+                "client"
+            } else {
+                "clients"
+            },
+            single.tasks_per_second,
+            single.p50_ms,
+            single.p99_ms
         );
     }
     println!(
@@ -543,12 +551,8 @@ async fn api_latency(store: Store, workers: usize, tasks: usize) -> anyhow::Resu
         .context("the chain scenario")?;
     let registration = store.register_template(&chain.template, false).await?;
     let template = registration.template.template;
-    let app = App::build_on(&server_settings(workers), store).await?;
-    let client = tasker_client::Client::new(&format!("http://{}", app.address()))?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.serve(async move {
-        let _ = stopped.await;
-    }));
+    let server = Served::start(store, workers).await?;
+    let client = &server.client;
     let measured = async {
         let head = client.event_head().await?;
         let filter = tasker_client::EventFilter {
@@ -580,8 +584,7 @@ async fn api_latency(store: Store, workers: usize, tasks: usize) -> anyhow::Resu
         anyhow::Ok(latencies)
     }
     .await;
-    let _ = stop.send(());
-    server.await??;
+    server.stop().await?;
     let mut latencies = measured?;
     latencies.sort_by(f64::total_cmp);
     Ok(ApiLatency {
@@ -606,12 +609,8 @@ async fn http_creation(store: Store, workers: usize) -> anyhow::Result<HttpCreat
     })
     .to_string();
     store.register_template(&definition, false).await?;
-    let app = App::build_on(&server_settings(workers), store).await?;
-    let client = tasker_client::Client::new(&format!("http://{}", app.address()))?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.serve(async move {
-        let _ = stopped.await;
-    }));
+    let server = Served::start(store, workers).await?;
+    let client = &server.client;
     let new_task = |n: usize| {
         let mut task = tasker_client::NewTask::new("bench", "external");
         task.context = Some(json!({ "n": n }));
@@ -658,8 +657,7 @@ async fn http_creation(store: Store, workers: usize) -> anyhow::Result<HttpCreat
         anyhow::Ok((single, HTTP_TASKS as f64 / started.elapsed().as_secs_f64()))
     }
     .await;
-    let _ = stop.send(());
-    server.await??;
+    server.stop().await?;
     let (single, batch_tasks_per_second) = measured?;
     Ok(HttpCreation {
         single,
@@ -684,6 +682,35 @@ fn process_cpu() -> Duration {
             + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
     };
     time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// The real server on a store, serving HTTP on loopback until stopped, and a client of it.
+struct Served {
+    client: tasker_client::Client,
+    stop: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Served {
+    async fn start(store: Store, workers: usize) -> anyhow::Result<Served> {
+        let app = App::build_on(&server_settings(workers), store).await?;
+        let client = tasker_client::Client::new(&format!("http://{}", app.address()))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(app.serve(async move {
+            let _ = stopped.await;
+        }));
+        Ok(Served {
+            client,
+            stop,
+            serving,
+        })
+    }
+
+    /// Stops the server (it drains, then closes the database).
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.serving.await?
+    }
 }
 
 /// The value at quantile `q` of sorted values.

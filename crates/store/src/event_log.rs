@@ -205,6 +205,7 @@ impl Store {
         }
         Ok(numbered)
     }
+
     /// Changes whenever events were appended (in this process, or, once the engine relays
     /// NOTIFY, on another replica).
     pub fn events_appended(&self) -> tokio::sync::watch::Receiver<u64> {

@@ -107,12 +107,11 @@ pub(crate) fn with_subject_fields(
 ) -> Value {
     if let Value::Object(fields) = &mut payload {
         if let Some(task_id) = task_id {
-            fields
-                .entry("task_id")
-                .or_insert_with(|| Value::from(task_id.to_string()));
-            fields
-                .entry("correlation_id")
-                .or_insert_with(|| Value::from(task_id.to_string()));
+            let id = Value::from(task_id.to_string());
+            if !fields.contains_key("correlation_id") {
+                fields.insert("correlation_id".to_owned(), id.clone());
+            }
+            fields.entry("task_id").or_insert(id);
         }
         if let Some(namespace) = namespace {
             fields

@@ -10,7 +10,7 @@
 
 use crate::entities::workflow_step;
 use crate::events::{metadata, step_transition as step_rows, task_transition as task_rows};
-use crate::progress::Subjects;
+use crate::progress::{SUBJECT_FIELDS, Subjects, TaskSubject, push_task_fields};
 use crate::records::{StepRecord, TaskRecord, convert_all};
 use crate::sql::Sql;
 use crate::state_change::{CompletedAt, TaskMove, ending_attempt, move_tasks};
@@ -112,33 +112,10 @@ pub struct StepInputs {
     pub parent_results: serde_json::Map<String, Value>,
 }
 
-/// Adds to the `RETURNING` list of an `UPDATE workflow_steps` what the steps' events name of
-/// their task ([`StepsTask`]), each looked up by id, so that no statement has to read the
-/// tasks again. `task_id` is left unqualified: SQLite's `RETURNING` cannot name the updated
-/// table's alias, and only the step has a column of that name.
-fn push_task_fields(sql: &mut Sql) {
-    for (column, alias) in [
-        ("state", "task_state"),
-        ("namespace", "task_namespace"),
-        ("template_name", "task_template"),
-        ("correlation_id", "task_correlation_id"),
-        ("traceparent", "task_traceparent"),
-    ] {
-        sql.push(", (SELECT t.")
-            .push(column)
-            .push(" FROM tasks t WHERE t.id = task_id) AS ")
-            .push(alias);
-    }
-}
-
-/// What a returned step's row brings of its task ([`push_task_fields`]).
+/// A claimed step's task state, returned beside it (`push_task_fields`).
 #[derive(Debug, FromQueryResult)]
-struct StepsTask {
+struct ClaimedTaskState {
     task_state: String,
-    task_namespace: String,
-    task_template: String,
-    task_correlation_id: Option<String>,
-    task_traceparent: Option<String>,
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -253,11 +230,11 @@ impl Store {
                 .push(" + s.timeout_ms END, next_attempt_ms = NULL, version = s.version + 1, updated_at = ")
                 .bind(now)
                 .push(" FROM ready WHERE s.id = ready.id RETURNING s.*");
-            push_task_fields(&mut sql);
         } else {
             sql.push(") RETURNING *");
-            push_task_fields(&mut sql);
         }
+        push_task_fields(&mut sql, &SUBJECT_FIELDS);
+        push_task_fields(&mut sql, &[("state", "task_state")]);
         let returned = txn.query_all_raw(sql.build()).await?;
         if returned.is_empty() {
             return Ok(None);
@@ -267,17 +244,11 @@ impl Store {
         let mut pending = Vec::new();
         for row in &returned {
             let step = workflow_step::Model::from_query_result(row, "")?;
-            let task = StepsTask::from_query_result(row, "")?;
-            if task.task_state == TaskState::Pending.as_str() && !subjects.knows(step.task_id) {
+            let state = ClaimedTaskState::from_query_result(row, "")?;
+            if state.task_state == TaskState::Pending.as_str() && !subjects.knows(step.task_id) {
                 pending.push(step.task_id);
             }
-            subjects.add(
-                step.task_id,
-                task.task_namespace,
-                task.task_template,
-                task.task_correlation_id,
-                task.task_traceparent,
-            );
+            subjects.add(TaskSubject::from_query_result(row, "")?);
             claimed.push(step);
         }
         // Only the tasks still pending start (the guard settles a race with another claim).
@@ -456,7 +427,7 @@ impl Store {
             .bind(now_ms)
             .push(if postgres { " RETURNING s.*" } else { " RETURNING *" });
         if known.is_none() {
-            push_task_fields(&mut sql);
+            push_task_fields(&mut sql, &SUBJECT_FIELDS);
         }
         let returned = txn.query_all_raw(sql.build()).await?;
         let mut completed = Vec::with_capacity(returned.len());
@@ -464,14 +435,7 @@ impl Store {
         for row in &returned {
             let step = workflow_step::Model::from_query_result(row, "")?;
             if known.is_none() {
-                let task = StepsTask::from_query_result(row, "")?;
-                found.add(
-                    step.task_id,
-                    task.task_namespace,
-                    task.task_template,
-                    task.task_correlation_id,
-                    task.task_traceparent,
-                );
+                found.add(TaskSubject::from_query_result(row, "")?);
             }
             completed.push(step);
         }
@@ -575,7 +539,7 @@ impl Store {
                 return Ok(Vec::new());
             }
             let task_ids = distinct(held.iter().map(|step| step.task_id));
-            let subjects = self.subjects(&txn, &task_ids, &[]).await?;
+            let subjects = self.subjects(&txn, &task_ids).await?;
             let mut released = Vec::with_capacity(held.len());
             let mut transitions = Vec::with_capacity(held.len());
             let mut events = Vec::with_capacity(held.len());
@@ -807,7 +771,7 @@ impl Store {
             .into_iter()
             .next()
             .ok_or(Error::LeaseLost)?;
-        let subjects = self.subjects(txn, &[step.task_id], &[]).await?;
+        let subjects = self.subjects(txn, &[step.task_id]).await?;
         let mut events = Vec::new();
         let (row, event) = step_rows(
             subjects.subject(step.task_id),

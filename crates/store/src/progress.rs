@@ -201,40 +201,51 @@ impl Store {
         &self,
         txn: &DatabaseTransaction,
         task_ids: &[Uuid],
-        known: &[task::Model],
     ) -> Result<Subjects> {
-        let Subjects { mut names } = Subjects::of_tasks(known);
-        let missing: Vec<Uuid> = task_ids
-            .iter()
-            .copied()
-            .filter(|id| !names.contains_key(id))
-            .collect();
-        if !missing.is_empty() {
+        let mut subjects = Subjects::default();
+        if !task_ids.is_empty() {
             let mut sql = Sql::new(self.db.get_database_backend());
-            sql.push("SELECT id, namespace, template_name, correlation_id, traceparent FROM tasks WHERE id IN ")
-                .bind_list(missing);
-            for row in TaskNames::find_by_statement(sql.build()).all(txn).await? {
-                let names_of_row = SubjectNames {
-                    correlation_id: correlation_or_id(row.correlation_id, row.id),
-                    namespace: row.namespace,
-                    template: row.template_name,
-                    trace_parent: row.traceparent,
-                };
-                names.insert(row.id, names_of_row);
+            sql.push("SELECT id AS task_id, namespace AS task_namespace, template_name AS task_template, correlation_id AS task_correlation_id, traceparent AS task_traceparent FROM tasks WHERE id IN ")
+                .bind_list(task_ids.iter().copied());
+            for row in TaskSubject::find_by_statement(sql.build()).all(txn).await? {
+                subjects.add(row);
             }
         }
-        Ok(Subjects { names })
+        Ok(subjects)
     }
 }
 
+/// What events name of a task, as a statement returns it: the `task_*` columns of
+/// [`push_subject_fields`] beside a step's row (its own `task_id`), or of a read of tasks.
 #[derive(Debug, FromQueryResult)]
-struct TaskNames {
-    id: Uuid,
-    namespace: String,
-    template_name: String,
-    correlation_id: Option<String>,
-    traceparent: Option<String>,
+pub(crate) struct TaskSubject {
+    pub task_id: Uuid,
+    task_namespace: String,
+    task_template: String,
+    task_correlation_id: Option<String>,
+    task_traceparent: Option<String>,
 }
+
+/// Adds to the `RETURNING` list of an `UPDATE workflow_steps` the [`TaskSubject`] columns of
+/// each step's task (`column` of the task as `alias`), each looked up by id, so that no
+/// statement has to read the tasks again. `task_id` is left unqualified: SQLite's `RETURNING`
+/// cannot name the updated table's alias, and only the step has a column of that name.
+pub(crate) fn push_task_fields(sql: &mut Sql, fields: &[(&str, &str)]) {
+    for (column, alias) in fields {
+        sql.push(", (SELECT t.")
+            .push(column)
+            .push(" FROM tasks t WHERE t.id = task_id) AS ")
+            .push(alias);
+    }
+}
+
+/// The task columns a [`TaskSubject`] reads, and their aliases.
+pub(crate) const SUBJECT_FIELDS: [(&str, &str); 4] = [
+    ("namespace", "task_namespace"),
+    ("template_name", "task_template"),
+    ("correlation_id", "task_correlation_id"),
+    ("traceparent", "task_traceparent"),
+];
 
 struct SubjectNames {
     namespace: String,
@@ -257,19 +268,17 @@ fn correlation_or_id(correlation_id: Option<String>, task_id: Uuid) -> String {
 impl Subjects {
     /// The subjects of tasks already read, without a query.
     pub fn of_tasks(tasks: &[task::Model]) -> Subjects {
-        let names = tasks
-            .iter()
-            .map(|t| {
-                let names = SubjectNames {
-                    namespace: t.namespace.clone(),
-                    template: t.template_name.clone(),
-                    correlation_id: correlation_or_id(t.correlation_id.clone(), t.id),
-                    trace_parent: t.traceparent.clone(),
-                };
-                (t.id, names)
-            })
-            .collect();
-        Subjects { names }
+        let mut subjects = Subjects::default();
+        for t in tasks {
+            subjects.add(TaskSubject {
+                task_id: t.id,
+                task_namespace: t.namespace.clone(),
+                task_template: t.template_name.clone(),
+                task_correlation_id: t.correlation_id.clone(),
+                task_traceparent: t.traceparent.clone(),
+            });
+        }
+        subjects
     }
 
     /// Whether the task's subject is known already.
@@ -277,20 +286,14 @@ impl Subjects {
         self.names.contains_key(&task_id)
     }
 
-    /// Records a task's subject as a statement returned it (the first one given is kept).
-    pub fn add(
-        &mut self,
-        task_id: Uuid,
-        namespace: String,
-        template: String,
-        correlation_id: Option<String>,
-        trace_parent: Option<String>,
-    ) {
+    /// Records a task's subject (the first one given for a task is kept).
+    pub fn add(&mut self, subject: TaskSubject) {
+        let task_id = subject.task_id;
         self.names.entry(task_id).or_insert_with(|| SubjectNames {
-            correlation_id: correlation_or_id(correlation_id, task_id),
-            namespace,
-            template,
-            trace_parent,
+            correlation_id: correlation_or_id(subject.task_correlation_id, task_id),
+            namespace: subject.task_namespace,
+            template: subject.task_template,
+            trace_parent: subject.task_traceparent,
         });
     }
 
