@@ -110,6 +110,10 @@ pub struct Measurement {
     /// CPU time this process (the server: API, engine and, on SQLite, the database itself)
     /// spent per step executed, in microseconds.
     cpu_us_per_step: f64,
+    /// The most memory this process (server and benchmark) held resident while the steps
+    /// executed, in MiB, sampled every few milliseconds (freed memory returned to the system
+    /// before the scenario starts).
+    peak_rss_mib: f64,
     /// What the finished tasks take in the database (tables and indexes), per task and per
     /// step.
     bytes_per_task: f64,
@@ -210,7 +214,7 @@ fn print_backend(backend: &Backend) {
         backend.backend, backend.commits_per_second
     );
     println!(
-        "   {:<34} {:>6} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7}",
+        "   {:<34} {:>6} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>6} {:>6} {:>6} {:>5} {:>7} {:>7} {:>7} {:>7}",
         "scenario",
         "steps",
         "create ms",
@@ -224,6 +228,7 @@ fn print_backend(backend: &Backend) {
         "rt/tsk",
         "rt/stp",
         "µs cpu",
+        "MiB",
         "p50 ms",
         "p99 ms",
         "B/task",
@@ -232,7 +237,7 @@ fn print_backend(backend: &Backend) {
     for m in &backend.scenarios {
         let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
         println!(
-            "{:<2} {:<34} {:>6} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:>8.0} {:>6.2} {:>7.1} {:>7.1} {:>6.1} {:>6.1} {:>6.0} {:>7} {:>7} {:>7.0} {:>7.0}",
+            "{:<2} {:<34} {:>6} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:>8.0} {:>6.2} {:>7.1} {:>7.1} {:>6.1} {:>6.1} {:>6.0} {:>5.0} {:>7} {:>7} {:>7.0} {:>7.0}",
             m.scenario,
             m.description,
             m.steps,
@@ -247,6 +252,7 @@ fn print_backend(backend: &Backend) {
             m.round_trips_per_task_created,
             m.round_trips_per_step,
             m.cpu_us_per_step,
+            m.peak_rss_mib,
             ms(m.handoff_p50_ms),
             ms(m.handoff_p99_ms),
             m.bytes_per_task,
@@ -312,6 +318,10 @@ where
         // Running the history stops its server, which closes the store: connect again.
         fill_history(&database.store, args.history_tasks, workers).await?;
         database.reconnect().await?;
+        // A history this size builds up over days, while autovacuum keeps pace; filled in
+        // seconds, it leaves PostgreSQL's autovacuum catching up through the measurement
+        // (creation 2.5x slower in one run). Vacuumed first, (f) measures the steady state.
+        database.store.vacuum_analyze().await?;
         let measured = measure(&database.store, &at_scale()?, workers, commits_per_second).await;
         database.drop().await?;
         scenarios.push(measured?);
@@ -489,6 +499,7 @@ async fn measure(
     let statements_before_execution = store.statement_count();
     let trips_before_execution = store.round_trip_count();
     let cpu_before = process_cpu();
+    let memory = PeakMemory::watch();
     let started = Instant::now();
     let app = App::build_on(&settings, store.clone()).await?;
     let done = TaskFilter {
@@ -502,6 +513,7 @@ async fn measure(
     wait_for_finished(&app, expected, scenario.key).await?;
     let execute_seconds = started.elapsed().as_secs_f64();
     let execution_cpu = process_cpu().saturating_sub(cpu_before);
+    let peak_rss_mib = memory.stop().await;
     let execution_statements = store.statement_count() - statements_before_execution;
     let execution_trips = store.round_trip_count() - trips_before_execution;
 
@@ -536,6 +548,7 @@ async fn measure(
         round_trips_per_task_created: creation_trips as f64 / tasks as f64,
         round_trips_per_step: execution_trips as f64 / steps as f64,
         cpu_us_per_step: execution_cpu.as_secs_f64() * 1e6 / steps as f64,
+        peak_rss_mib,
         bytes_per_task: bytes / tasks as f64,
         bytes_per_step: bytes / steps as f64,
     })
@@ -682,6 +695,61 @@ fn process_cpu() -> Duration {
             + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
     };
     time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// The highest resident memory of this process seen while it watches.
+struct PeakMemory {
+    stop: tokio::sync::oneshot::Sender<()>,
+    watching: tokio::task::JoinHandle<u64>,
+}
+
+/// How often [`PeakMemory`] looks.
+const MEMORY_SAMPLE_EVERY: Duration = Duration::from_millis(5);
+
+impl PeakMemory {
+    /// Starts watching, after handing back to the system what earlier scenarios freed (the
+    /// allocator keeps freed memory resident otherwise), so the peak is this scenario's.
+    fn watch() -> PeakMemory {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let watching = tokio::spawn(async move {
+            let mut peak = resident_bytes();
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    () = tokio::time::sleep(MEMORY_SAMPLE_EVERY) => {}
+                }
+                peak = peak.max(resident_bytes());
+            }
+            peak.max(resident_bytes())
+        });
+        PeakMemory { stop, watching }
+    }
+
+    /// The peak seen, in MiB.
+    async fn stop(self) -> f64 {
+        let _ = self.stop.send(());
+        self.watching.await.unwrap_or(0) as f64 / (1024.0 * 1024.0)
+    }
+}
+
+/// This process's resident memory now (Linux: `/proc/self/statm`; 0 where it cannot be read).
+fn resident_bytes() -> u64 {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|pages| pages.parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page_size).unwrap_or(4096)
 }
 
 /// The real server on a store, serving HTTP on loopback until stopped, and a client of it.

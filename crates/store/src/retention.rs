@@ -53,17 +53,7 @@ impl Store {
             let backend = self.db.get_database_backend();
             let cursor = crate::event_log::cursor_column(backend);
             let mut candidates = Sql::new(backend);
-            // A task that ended before the cutoff was created before it: the range on
-            // ix_tasks_created_at keeps the search to old tasks.
-            candidates
-                .push("SELECT id FROM tasks WHERE created_at < ")
-                .bind(cutoff)
-                .push(" AND completed_at < ")
-                .bind(cutoff)
-                .push(" AND state IN ")
-                .bind_list(FINISHED.iter().map(|state| state.as_str()))
-                .push(" ORDER BY created_at LIMIT ")
-                .bind(i64::from(batch));
+            push_aged_out_tasks(&mut candidates, cutoff, batch);
             let tasks: Vec<Uuid> = TaskId::find_by_statement(candidates.build())
                 .all(&txn)
                 .await?
@@ -159,6 +149,28 @@ impl Store {
 struct LooseEvent {
     id: i64,
     through: Option<i64>,
+}
+
+/// The ids of up to `batch` finished tasks that ended before `cutoff`, oldest first. A task
+/// that ended before the cutoff was created before it, so the range on `ix_tasks_created_at`
+/// keeps the search to old tasks. SQLite is told to use that index: left to choose, its
+/// planner (which has no statistics) prefers the equality on `ix_tasks_state` and reads every
+/// finished task, recent ones included, on each sweep (46 ms over 100,000 of them, holding
+/// the writer).
+pub(crate) fn push_aged_out_tasks(sql: &mut Sql, cutoff: DateTime<Utc>, batch: u32) {
+    sql.push(if sql.is_postgres() {
+        "SELECT id FROM tasks"
+    } else {
+        "SELECT id FROM tasks INDEXED BY ix_tasks_created_at"
+    })
+    .push(" WHERE created_at < ")
+    .bind(cutoff)
+    .push(" AND completed_at < ")
+    .bind(cutoff)
+    .push(" AND state IN ")
+    .bind_list(FINISHED.iter().map(|state| state.as_str()))
+    .push(" ORDER BY created_at LIMIT ")
+    .bind(i64::from(batch));
 }
 
 async fn highest_cursor<C: ConnectionTrait>(connection: &C, sql: Sql) -> Result<Option<i64>> {

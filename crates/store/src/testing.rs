@@ -164,15 +164,48 @@ impl TestDatabase {
     /// SQLite: how the planner reads the ready steps of `handlers` (the claim's and the ready
     /// counts' query), one line of `EXPLAIN QUERY PLAN` per step of its plan.
     pub async fn ready_steps_plan(&self, handlers: &[String]) -> Vec<String> {
+        let mut sql = crate::sql::Sql::new(self.store.db.get_database_backend());
+        sql.push("EXPLAIN QUERY PLAN SELECT s.id");
+        crate::execution::push_ready_steps(&mut sql, 0, handlers, &tasker_domain::Within::Any);
+        sql.push(" ORDER BY s.id LIMIT 10");
+        self.plan(sql).await
+    }
+
+    /// SQLite: how the planner finds the finished tasks the retention sweep deletes.
+    pub async fn aged_out_tasks_plan(&self) -> Vec<String> {
+        let mut sql = crate::sql::Sql::new(self.store.db.get_database_backend());
+        sql.push("EXPLAIN QUERY PLAN ");
+        crate::retention::push_aged_out_tasks(&mut sql, chrono::Utc::now(), 10);
+        self.plan(sql).await
+    }
+
+    /// PostgreSQL: the tables of this test's schema that a manual VACUUM has processed.
+    pub async fn vacuumed_tables(&self) -> Vec<String> {
+        use sea_orm::FromQueryResult;
+        #[derive(FromQueryResult)]
+        struct Table {
+            relname: String,
+        }
+        let mut sql = crate::sql::Sql::new(self.store.db.get_database_backend());
+        sql.push(
+            "SELECT relname FROM pg_stat_user_tables WHERE schemaname = current_schema() \
+             AND last_vacuum IS NOT NULL AND last_analyze IS NOT NULL ORDER BY relname",
+        );
+        Table::find_by_statement(sql.build())
+            .all(&self.store.db)
+            .await
+            .expect("vacuum statistics")
+            .into_iter()
+            .map(|table| table.relname)
+            .collect()
+    }
+
+    async fn plan(&self, sql: crate::sql::Sql) -> Vec<String> {
         use sea_orm::FromQueryResult;
         #[derive(FromQueryResult)]
         struct PlanLine {
             detail: String,
         }
-        let mut sql = crate::sql::Sql::new(self.store.db.get_database_backend());
-        sql.push("EXPLAIN QUERY PLAN SELECT s.id");
-        crate::execution::push_ready_steps(&mut sql, 0, handlers, &tasker_domain::Within::Any);
-        sql.push(" ORDER BY s.id LIMIT 10");
         PlanLine::find_by_statement(sql.build())
             .all(&self.store.db)
             .await

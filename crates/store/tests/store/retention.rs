@@ -192,3 +192,46 @@ async fn old_finished_tasks_go_with_their_rows_and_an_older_cursor_is_refused() 
 fn clock_now(store: &Store) -> chrono::DateTime<chrono::Utc> {
     store.clock().now()
 }
+
+/// The sweep runs on a schedule against a growing history: SQLite, without statistics, read
+/// every finished task through the state index on each sweep, holding the writer. The search
+/// is a range on the creation index, whatever the history holds.
+#[tokio::test]
+async fn sqlite_looks_for_aged_out_tasks_through_the_creation_index() {
+    let db = tasker_store::testing::TestDatabase::sqlite(std::sync::Arc::new(
+        tasker_domain::SystemClock,
+    ))
+    .await;
+    let store = &db.store;
+    store.register_template(DIAMOND, false).await.unwrap();
+    for n in 0..20 {
+        store.create_task(order("shop", "fulfil", n)).await.unwrap();
+    }
+    finish(store).await;
+    let plan = db.aged_out_tasks_plan().await;
+    assert_eq!(
+        plan,
+        ["SEARCH tasks USING INDEX ix_tasks_created_at (created_at<?)"],
+        "no scan of the finished tasks, no sort"
+    );
+}
+
+/// After a bulk load, `vacuum_analyze` does on PostgreSQL what autovacuum would do later, to
+/// every table of the store's schema and to no other; SQLite has nothing to do.
+#[tokio::test]
+async fn vacuum_analyze_processes_every_table_of_the_schema() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+        finish(store).await;
+        store.vacuum_analyze().await.unwrap();
+        if db.backend() == "postgres" {
+            let vacuumed = db.vacuumed_tables().await;
+            for table in ["events", "tasks", "workflow_steps", "step_transitions"] {
+                assert!(vacuumed.iter().any(|name| name == table), "{vacuumed:?}");
+            }
+        }
+    }
+}
