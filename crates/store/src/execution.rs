@@ -660,13 +660,7 @@ impl Store {
     /// step wakes, or a lease or attempt runs out, so the engine can sleep until then instead of polling.
     pub async fn next_wakeup_ms(&self, after_ms: i64) -> Result<Option<i64>> {
         let mut sql = Sql::new(self.db.get_database_backend());
-        sql.push("SELECT MIN(due) AS due FROM (SELECT MIN(next_attempt_ms) AS due FROM workflow_steps WHERE state IN ('error', 'in_progress') AND next_attempt_ms > ")
-            .bind(after_ms)
-            .push(" UNION ALL SELECT MIN(lease_expires_ms) AS due FROM workflow_steps WHERE state = 'in_progress' AND lease_expires_ms > ")
-            .bind(after_ms)
-            .push(" UNION ALL SELECT MIN(deadline_ms) AS due FROM workflow_steps WHERE state = 'in_progress' AND deadline_ms > ")
-            .bind(after_ms)
-            .push(") AS wakeups");
+        push_wakeups(&mut sql, after_ms);
         let row = Wakeup::find_by_statement(sql.build()).one(&self.db).await?;
         Ok(row.and_then(|row| row.due))
     }
@@ -859,6 +853,19 @@ fn truncate(message: &str) -> String {
 /// handler), and their tasks looked up by id: `CROSS JOIN` makes SQLite keep that order (on
 /// PostgreSQL it is a plain join). Left to choose, SQLite walked every unfinished task
 /// instead, so a claim cost as much as the tasks waiting for other handlers.
+/// The earliest due time after `after_ms` among retries, leases and attempt deadlines. Leases
+/// and deadlines are read through `ix_steps_in_flight_lease`, which holds in-flight steps
+/// only (`state = 'in_progress'` is its predicate, so each query here repeats it).
+pub(crate) fn push_wakeups(sql: &mut Sql, after_ms: i64) {
+    sql.push("SELECT MIN(due) AS due FROM (SELECT MIN(next_attempt_ms) AS due FROM workflow_steps WHERE state IN ('error', 'in_progress') AND next_attempt_ms > ")
+        .bind(after_ms)
+        .push(" UNION ALL SELECT MIN(lease_expires_ms) AS due FROM workflow_steps WHERE state = 'in_progress' AND lease_expires_ms > ")
+        .bind(after_ms)
+        .push(" UNION ALL SELECT MIN(deadline_ms) AS due FROM workflow_steps WHERE state = 'in_progress' AND deadline_ms > ")
+        .bind(after_ms)
+        .push(") AS wakeups");
+}
+
 pub(crate) fn push_ready_steps(sql: &mut Sql, now_ms: i64, handlers: &[String], within: &Within) {
     sql.push(" FROM workflow_steps s CROSS JOIN tasks t WHERE t.id = s.task_id AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
         .bind(now_ms)

@@ -179,6 +179,14 @@ impl TestDatabase {
         self.plan(sql).await
     }
 
+    /// SQLite: how the planner finds the engine's next wake-up (retries, leases, deadlines).
+    pub async fn wakeups_plan(&self) -> Vec<String> {
+        let mut sql = crate::sql::Sql::new(self.store.db.get_database_backend());
+        sql.push("EXPLAIN QUERY PLAN ");
+        crate::execution::push_wakeups(&mut sql, 0);
+        self.plan(sql).await
+    }
+
     /// PostgreSQL: the tables of this test's schema that a manual VACUUM has processed.
     pub async fn vacuumed_tables(&self) -> Vec<String> {
         use sea_orm::FromQueryResult;

@@ -840,3 +840,29 @@ async fn steps_completed_in_their_claims_transaction_record_every_transition_in_
         assert_eq!(task_events, ["task.started", "task.completed"], "{backend}");
     }
 }
+
+/// Lease expiry and lease tokens are indexed for in-flight steps only, so finished steps,
+/// however many are kept, cost those indexes nothing; the next lease to run out is still one
+/// probe of the in-flight index, and a token still finds its step.
+#[tokio::test]
+async fn sqlite_reads_leases_through_the_in_flight_indexes() {
+    let db = tasker_store::testing::TestDatabase::sqlite(std::sync::Arc::new(
+        tasker_domain::SystemClock,
+    ))
+    .await;
+    let store = &db.store;
+    store.register_template(DIAMOND, false).await.unwrap();
+    store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+    let claimed = store.claim_steps(&claim(1)).await.unwrap();
+    let plan = db.wakeups_plan().await;
+    assert!(
+        plan.iter()
+            .any(|line| line.contains("ix_steps_in_flight_lease (state=? AND lease_expires_ms>?)")),
+        "{plan:?}"
+    );
+    let token = claimed[0].lease_token;
+    assert_eq!(
+        store.lease_namespaces(&[token]).await.unwrap()[&token],
+        "shop"
+    );
+}
