@@ -848,11 +848,6 @@ fn truncate(message: &str) -> String {
     message[..end].to_owned()
 }
 
-/// `FROM workflow_steps s … WHERE` the readiness rule, narrowed to handlers (when given) and
-/// namespaces. The steps are read first, through ix_steps_ready (state, pending_parents,
-/// handler), and their tasks looked up by id: `CROSS JOIN` makes SQLite keep that order (on
-/// PostgreSQL it is a plain join). Left to choose, SQLite walked every unfinished task
-/// instead, so a claim cost as much as the tasks waiting for other handlers.
 /// The earliest due time after `after_ms` among retries, leases and attempt deadlines. Leases
 /// and deadlines are read through `ix_steps_in_flight_lease`, which holds in-flight steps
 /// only (`state = 'in_progress'` is its predicate, so each query here repeats it).
@@ -866,6 +861,11 @@ pub(crate) fn push_wakeups(sql: &mut Sql, after_ms: i64) {
         .push(") AS wakeups");
 }
 
+/// `FROM workflow_steps s … WHERE` the readiness rule, narrowed to handlers (when given) and
+/// namespaces. The steps are read first, through ix_steps_ready (state, pending_parents,
+/// handler), and their tasks looked up by id: `CROSS JOIN` makes SQLite keep that order (on
+/// PostgreSQL it is a plain join). Left to choose, SQLite walked every unfinished task
+/// instead, so a claim cost as much as the tasks waiting for other handlers.
 pub(crate) fn push_ready_steps(sql: &mut Sql, now_ms: i64, handlers: &[String], within: &Within) {
     sql.push(" FROM workflow_steps s CROSS JOIN tasks t WHERE t.id = s.task_id AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
         .bind(now_ms)

@@ -175,7 +175,9 @@ impl Store {
             return Ok(());
         }
         let mut sql = Sql::new(DbBackend::Postgres);
-        sql.push("SELECT tablename AS name FROM pg_tables WHERE schemaname = current_schema()");
+        // Schema-qualified and quoted by the server (`%I`), so no other schema's table of the
+        // same name is meant.
+        sql.push("SELECT format('%I.%I', schemaname, tablename) AS name FROM pg_tables WHERE schemaname = current_schema()");
         let tables = TableName::find_by_statement(sql.build())
             .all(&self.db)
             .await?;
@@ -184,7 +186,7 @@ impl Store {
         }
         let list = tables
             .iter()
-            .map(|table| format!("\"{}\"", table.name.replace('"', "\"\"")))
+            .map(|table| table.name.as_str())
             .collect::<Vec<_>>()
             .join(", ");
         // VACUUM runs outside a transaction: one unprepared command on a pooled connection.
