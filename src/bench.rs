@@ -21,7 +21,7 @@ use uuid::Uuid;
 /// One workload: a template and how many tasks of it.
 struct Scenario {
     key: &'static str,
-    description: &'static str,
+    description: String,
     template: String,
     tasks: usize,
 }
@@ -55,25 +55,25 @@ fn scenarios_list() -> Vec<Scenario> {
     vec![
         Scenario {
             key: "a",
-            description: "1 task, a chain of 40 noop steps",
+            description: "1 task, a chain of 40 noop steps".into(),
             template: template("chain40", chain(40)),
             tasks: 1,
         },
         Scenario {
             key: "b",
-            description: "1 task, a diamond 1 -> 50 -> 1",
+            description: "1 task, a diamond 1 -> 50 -> 1".into(),
             template: template("diamond50", diamond),
             tasks: 1,
         },
         Scenario {
             key: "c",
-            description: "1,000 tasks of one noop step",
+            description: "1,000 tasks of one noop step".into(),
             template: template("single", chain(1)),
             tasks: 1000,
         },
         Scenario {
             key: "d",
-            description: "100 tasks, each a chain of 10",
+            description: "100 tasks, each a chain of 10".into(),
             template: template("chain10", chain(10)),
             tasks: 100,
         },
@@ -307,7 +307,10 @@ where
     let commits_per_second = commits_per_second?;
     let workers = args.workers;
     let mut scenarios = Vec::new();
-    for scenario in scenarios_list() {
+    for mut scenario in scenarios_list() {
+        if scenario.key == "c" {
+            scenario = one_step(args.one_step_tasks)?;
+        }
         let database = fresh(scenario.key).await?;
         let measured = measure(&database.store, &scenario, workers, commits_per_second).await;
         database.drop().await?;
@@ -322,7 +325,8 @@ where
         // seconds, it leaves PostgreSQL's autovacuum catching up through the measurement
         // (creation 2.5x slower in one run). Vacuumed first, (f) measures the steady state.
         database.store.vacuum_analyze().await?;
-        let measured = measure(&database.store, &at_scale()?, workers, commits_per_second).await;
+        let at_scale = at_scale(args.one_step_tasks)?;
+        let measured = measure(&database.store, &at_scale, workers, commits_per_second).await;
         database.drop().await?;
         scenarios.push(measured?);
     }
@@ -347,7 +351,7 @@ where
 
 /// [`BATCH_TASKS`] one-step tasks started [`BATCH_SIZE`] at a time, as `createTasks` does.
 async fn batch_creation(store: &Store) -> anyhow::Result<BatchCreation> {
-    let single = one_step()?;
+    let single = one_step(1)?;
     let template = store
         .register_template(&single.template, false)
         .await?
@@ -387,7 +391,7 @@ async fn create_in_batches(
 /// `history` finished one-step tasks (of a template of their own), started in batches and
 /// run by the pool, for (f).
 async fn fill_history(store: &Store, history: usize, workers: usize) -> anyhow::Result<()> {
-    let filler = one_step()?.template.replace("\"single\"", "\"history\"");
+    let filler = one_step(1)?.template.replace("\"single\"", "\"history\"");
     let template = store
         .register_template(&filler, false)
         .await?
@@ -401,20 +405,28 @@ async fn fill_history(store: &Store, history: usize, workers: usize) -> anyhow::
 
 /// (f): scenario (c) again, over a database that already holds finished tasks: claiming and
 /// completing must not get dearer as history grows.
-fn at_scale() -> anyhow::Result<Scenario> {
+fn at_scale(tasks: usize) -> anyhow::Result<Scenario> {
     Ok(Scenario {
         key: "f",
-        description: "(c) over finished tasks already held",
-        ..one_step()?
+        description: "(c) over finished tasks already held".into(),
+        ..one_step(tasks)?
     })
 }
 
-/// Scenario (c).
-fn one_step() -> anyhow::Result<Scenario> {
-    scenarios_list()
+/// Scenario (c), with `tasks` tasks (1,000 unless `--one-step-tasks` says otherwise).
+fn one_step(tasks: usize) -> anyhow::Result<Scenario> {
+    let scenario = scenarios_list()
         .into_iter()
         .find(|scenario| scenario.key == "c")
-        .context("the one-step scenario")
+        .context("the one-step scenario")?;
+    if tasks == scenario.tasks {
+        return Ok(scenario);
+    }
+    Ok(Scenario {
+        description: format!("{tasks} tasks of one noop step"),
+        tasks,
+        ..scenario
+    })
 }
 
 /// Waits until the app's engine has finished `expected` tasks.
@@ -532,7 +544,7 @@ async fn measure(
     let tasks = ids.len();
     Ok(Measurement {
         scenario: scenario.key.to_owned(),
-        description: scenario.description.to_owned(),
+        description: scenario.description.clone(),
         tasks,
         steps,
         create_ms: create_seconds * 1000.0,
