@@ -26,32 +26,14 @@ struct Scenario {
     tasks: usize,
 }
 
-fn scenarios_list() -> Vec<Scenario> {
-    let noop = |name: String, depends: Vec<String>| json!({ "name": name, "handler": "noop", "depends_on": depends });
-    let chain = |n: usize| -> Vec<serde_json::Value> {
-        (0..n)
-            .map(|i| {
-                noop(
-                    format!("s{i}"),
-                    if i == 0 {
-                        vec![]
-                    } else {
-                        vec![format!("s{}", i - 1)]
-                    },
-                )
-            })
-            .collect()
-    };
+/// Every scenario, (c) with `one_step_tasks` tasks.
+fn scenarios_list(one_step_tasks: usize) -> Vec<Scenario> {
     let mut diamond = vec![noop("top".into(), vec![])];
     diamond.extend((0..50).map(|i| noop(format!("m{i}"), vec!["top".into()])));
     diamond.push(noop(
         "bottom".into(),
         (0..50).map(|i| format!("m{i}")).collect(),
     ));
-    let template = |name: &str, steps: Vec<serde_json::Value>| {
-        json!({ "namespace": "bench", "name": name, "version": "1.0.0", "steps": steps })
-            .to_string()
-    };
     vec![
         Scenario {
             key: "a",
@@ -65,19 +47,52 @@ fn scenarios_list() -> Vec<Scenario> {
             template: template("diamond50", diamond),
             tasks: 1,
         },
-        Scenario {
-            key: "c",
-            description: "1,000 tasks of one noop step".into(),
-            template: template("single", chain(1)),
-            tasks: 1000,
-        },
+        one_step(one_step_tasks),
         Scenario {
             key: "d",
             description: "100 tasks, each a chain of 10".into(),
-            template: template("chain10", chain(10)),
+            template: chain_template(),
             tasks: 100,
         },
     ]
+}
+
+/// Scenario (c): `tasks` tasks of one step.
+fn one_step(tasks: usize) -> Scenario {
+    Scenario {
+        key: "c",
+        description: format!("{tasks} tasks of one noop step"),
+        template: template("single", chain(1)),
+        tasks,
+    }
+}
+
+/// The template of scenario (d) and of the public-API figure: a chain of [`API_CHAIN`].
+fn chain_template() -> String {
+    template("chain10", chain(API_CHAIN))
+}
+
+/// A template of the bench namespace with these steps.
+fn template(name: &str, steps: Vec<serde_json::Value>) -> String {
+    json!({ "namespace": "bench", "name": name, "version": "1.0.0", "steps": steps }).to_string()
+}
+
+/// `n` noop steps, each depending on the one before.
+fn chain(n: usize) -> Vec<serde_json::Value> {
+    (0..n)
+        .map(|i| {
+            let parents = if i == 0 {
+                vec![]
+            } else {
+                vec![format!("s{}", i - 1)]
+            };
+            noop(format!("s{i}"), parents)
+        })
+        .collect()
+}
+
+fn noop(name: String, depends_on: Vec<String>) -> serde_json::Value {
+    json!({ "name": name, "handler": "noop", "depends_on": depends_on })
 }
 
 /// What one scenario measured.
@@ -214,7 +229,7 @@ fn print_backend(backend: &Backend) {
         backend.backend, backend.commits_per_second
     );
     println!(
-        "   {:<34} {:>6} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>6} {:>6} {:>6} {:>5} {:>7} {:>7} {:>7} {:>7}",
+        "   {:<36} {:>6} {:>9} {:>8} {:>9} {:>8} {:>8} {:>6} {:>7} {:>7} {:>6} {:>6} {:>6} {:>5} {:>7} {:>7} {:>7} {:>7}",
         "scenario",
         "steps",
         "create ms",
@@ -237,7 +252,7 @@ fn print_backend(backend: &Backend) {
     for m in &backend.scenarios {
         let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
         println!(
-            "{:<2} {:<34} {:>6} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:>8.0} {:>6.2} {:>7.1} {:>7.1} {:>6.1} {:>6.1} {:>6.0} {:>5.0} {:>7} {:>7} {:>7.0} {:>7.0}",
+            "{:<2} {:<36} {:>6} {:>9.1} {:>8.0} {:>9.1} {:>8.0} {:>8.0} {:>6.2} {:>7.1} {:>7.1} {:>6.1} {:>6.1} {:>6.0} {:>5.0} {:>7} {:>7} {:>7.0} {:>7.0}",
             m.scenario,
             m.description,
             m.steps,
@@ -307,10 +322,7 @@ where
     let commits_per_second = commits_per_second?;
     let workers = args.workers;
     let mut scenarios = Vec::new();
-    for mut scenario in scenarios_list() {
-        if scenario.key == "c" {
-            scenario = one_step(args.one_step_tasks)?;
-        }
+    for scenario in scenarios_list(args.one_step_tasks) {
         let database = fresh(scenario.key).await?;
         let measured = measure(&database.store, &scenario, workers, commits_per_second).await;
         database.drop().await?;
@@ -325,7 +337,7 @@ where
         // seconds, it leaves PostgreSQL's autovacuum catching up through the measurement
         // (creation 2.5x slower in one run). Vacuumed first, (f) measures the steady state.
         database.store.vacuum_analyze().await?;
-        let at_scale = at_scale(args.one_step_tasks)?;
+        let at_scale = at_scale(args.one_step_tasks);
         let measured = measure(&database.store, &at_scale, workers, commits_per_second).await;
         database.drop().await?;
         scenarios.push(measured?);
@@ -351,7 +363,7 @@ where
 
 /// [`BATCH_TASKS`] one-step tasks started [`BATCH_SIZE`] at a time, as `createTasks` does.
 async fn batch_creation(store: &Store) -> anyhow::Result<BatchCreation> {
-    let single = one_step(1)?;
+    let single = one_step(BATCH_TASKS);
     let template = store
         .register_template(&single.template, false)
         .await?
@@ -391,7 +403,9 @@ async fn create_in_batches(
 /// `history` finished one-step tasks (of a template of their own), started in batches and
 /// run by the pool, for (f).
 async fn fill_history(store: &Store, history: usize, workers: usize) -> anyhow::Result<()> {
-    let filler = one_step(1)?.template.replace("\"single\"", "\"history\"");
+    let filler = one_step(history)
+        .template
+        .replace("\"single\"", "\"history\"");
     let template = store
         .register_template(&filler, false)
         .await?
@@ -405,28 +419,12 @@ async fn fill_history(store: &Store, history: usize, workers: usize) -> anyhow::
 
 /// (f): scenario (c) again, over a database that already holds finished tasks: claiming and
 /// completing must not get dearer as history grows.
-fn at_scale(tasks: usize) -> anyhow::Result<Scenario> {
-    Ok(Scenario {
+fn at_scale(tasks: usize) -> Scenario {
+    Scenario {
         key: "f",
         description: "(c) over finished tasks already held".into(),
-        ..one_step(tasks)?
-    })
-}
-
-/// Scenario (c), with `tasks` tasks (1,000 unless `--one-step-tasks` says otherwise).
-fn one_step(tasks: usize) -> anyhow::Result<Scenario> {
-    let scenario = scenarios_list()
-        .into_iter()
-        .find(|scenario| scenario.key == "c")
-        .context("the one-step scenario")?;
-    if tasks == scenario.tasks {
-        return Ok(scenario);
+        ..one_step(tasks)
     }
-    Ok(Scenario {
-        description: format!("{tasks} tasks of one noop step"),
-        tasks,
-        ..scenario
-    })
 }
 
 /// Waits until the app's engine has finished `expected` tasks.
@@ -570,11 +568,7 @@ async fn measure(
 /// [`API_CHAIN`] steps created over HTTP, its `task.completed` event awaited over one
 /// `events` subscription, one task after another.
 async fn api_latency(store: Store, workers: usize, tasks: usize) -> anyhow::Result<ApiLatency> {
-    let chain = scenarios_list()
-        .into_iter()
-        .find(|scenario| scenario.key == "d")
-        .context("the chain scenario")?;
-    let registration = store.register_template(&chain.template, false).await?;
+    let registration = store.register_template(&chain_template(), false).await?;
     let template = registration.template.template;
     let server = Served::start(store, workers).await?;
     let client = &server.client;

@@ -3,9 +3,9 @@
 //! out steps without a token (never claimed, or given back). A step created, claimed and
 //! completed then costs five index writes fewer, and a finished step carries one index entry
 //! fewer for as long as it is kept (a completed step keeps its token, so that a worker's
-//! repeated completion is still recognised). Unique tokens stay unique: SQLite and PostgreSQL both enforce a unique
-//! partial index over the rows it covers, and a NULL token was never a duplicate. The lease
-//! index keeps `state` as its first column although its rows all share it: SQLite's planner
+//! repeated completion is still recognised). Unique tokens stay unique: SQLite and PostgreSQL
+//! both enforce a unique partial index over the rows it covers, and a NULL token was never a
+//! duplicate. The lease index keeps `state` as its first column although its rows all share it: SQLite's planner
 //! (no statistics) takes an equality and a range on one index over the equality alone on
 //! `ix_steps_ready`, so the earliest lease expiry stays one index probe.
 

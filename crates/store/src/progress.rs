@@ -216,7 +216,7 @@ impl Store {
 }
 
 /// What events name of a task, as a statement returns it: the `task_*` columns of
-/// [`push_subject_fields`] beside a step's row (its own `task_id`), or of a read of tasks.
+/// [`push_task_fields`] beside a step's row (its own `task_id`), or of a read of tasks.
 #[derive(Debug, FromQueryResult)]
 pub(crate) struct TaskSubject {
     pub task_id: Uuid,

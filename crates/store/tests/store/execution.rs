@@ -1,6 +1,6 @@
 //! Claiming, leases, completion, failure, retries and task finishing, with a manual clock.
 
-use crate::{DIAMOND, claim, complete, databases, order};
+use crate::{DIAMOND, claim, complete, databases, order, sqlite_with_diamond};
 use chrono::Duration as Minutes;
 use serde_json::json;
 use std::collections::HashSet;
@@ -117,12 +117,8 @@ async fn a_diamond_runs_in_dependency_order_and_completes_its_task() {
 /// from statistics; the query is the same there.)
 #[tokio::test]
 async fn sqlite_reads_ready_steps_through_the_readiness_index_before_their_tasks() {
-    let db = tasker_store::testing::TestDatabase::sqlite(std::sync::Arc::new(
-        tasker_domain::SystemClock,
-    ))
-    .await;
+    let db = sqlite_with_diamond().await;
     let store = &db.store;
-    store.register_template(DIAMOND, false).await.unwrap();
     for n in 0..50 {
         store.create_task(order("shop", "fulfil", n)).await.unwrap();
     }
@@ -841,17 +837,13 @@ async fn steps_completed_in_their_claims_transaction_record_every_transition_in_
     }
 }
 
-/// Lease expiry and lease tokens are indexed for in-flight steps only, so finished steps,
-/// however many are kept, cost those indexes nothing; the next lease to run out is still one
-/// probe of the in-flight index, and a token still finds its step.
+/// Lease expiry is indexed for in-flight steps only and lease tokens for steps that hold one,
+/// so pending steps cost those indexes nothing; the next lease to run out is still one probe
+/// of the in-flight index, and a token still finds its step.
 #[tokio::test]
 async fn sqlite_reads_leases_through_the_in_flight_indexes() {
-    let db = tasker_store::testing::TestDatabase::sqlite(std::sync::Arc::new(
-        tasker_domain::SystemClock,
-    ))
-    .await;
+    let db = sqlite_with_diamond().await;
     let store = &db.store;
-    store.register_template(DIAMOND, false).await.unwrap();
     store.create_task(order("shop", "fulfil", 1)).await.unwrap();
     let claimed = store.claim_steps(&claim(1)).await.unwrap();
     let plan = db.wakeups_plan().await;

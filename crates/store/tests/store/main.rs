@@ -39,6 +39,14 @@ pub fn start() -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
+/// A SQLite database alone, with the diamond template registered: for what only SQLite's
+/// planner decides (PostgreSQL plans from statistics).
+pub async fn sqlite_with_diamond() -> TestDatabase {
+    let db = TestDatabase::sqlite(Arc::new(tasker_domain::SystemClock)).await;
+    db.store.register_template(DIAMOND, false).await.unwrap();
+    db
+}
+
 pub async fn databases() -> (Arc<ManualClock>, Vec<TestDatabase>) {
     let clock = Arc::new(ManualClock::new(start()));
     let databases = TestDatabase::all(clock.clone()).await;

@@ -1,7 +1,7 @@
 //! The retention policy's deletes: old finished tasks go with everything about them, the rest
 //! stays, and the event log tells a reader whose cursor is older than what it retains.
 
-use crate::{DIAMOND, claim, complete, databases, order};
+use crate::{DIAMOND, claim, complete, databases, order, sqlite_with_diamond};
 use chrono::Duration;
 use tasker_domain::Within;
 use tasker_store::{Error, EventCursor, EventFilter, Pruned, Store};
@@ -198,12 +198,8 @@ fn clock_now(store: &Store) -> chrono::DateTime<chrono::Utc> {
 /// is a range on the creation index, whatever the history holds.
 #[tokio::test]
 async fn sqlite_looks_for_aged_out_tasks_through_the_creation_index() {
-    let db = tasker_store::testing::TestDatabase::sqlite(std::sync::Arc::new(
-        tasker_domain::SystemClock,
-    ))
-    .await;
+    let db = sqlite_with_diamond().await;
     let store = &db.store;
-    store.register_template(DIAMOND, false).await.unwrap();
     for n in 0..20 {
         store.create_task(order("shop", "fulfil", n)).await.unwrap();
     }
@@ -217,7 +213,7 @@ async fn sqlite_looks_for_aged_out_tasks_through_the_creation_index() {
 }
 
 /// After a bulk load, `vacuum_analyze` does on PostgreSQL what autovacuum would do later, to
-/// every table of the store's schema and to no other; SQLite has nothing to do.
+/// every table of the store's schema; SQLite has nothing to do.
 #[tokio::test]
 async fn vacuum_analyze_processes_every_table_of_the_schema() {
     let (_clock, databases) = databases().await;
