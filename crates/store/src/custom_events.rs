@@ -3,7 +3,7 @@
 use crate::entities::{event, workflow_step};
 use crate::records::EventRecord;
 use crate::{Error, Result, Store};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
 use tasker_domain::template::{CUSTOM_EVENT_PREFIX, MAX_CUSTOM_PAYLOAD_BYTES};
 use tasker_domain::{Problem, StateMachine, StepState};
@@ -33,7 +33,7 @@ impl Store {
                 ));
             }
             let now = self.now();
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let step = workflow_step::Entity::find()
                 .filter(workflow_step::Column::LeaseToken.eq(lease_token))
                 .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))

@@ -11,8 +11,9 @@
 use crate::entities::event;
 use crate::records::EventRecord;
 use crate::sql::Sql;
+use crate::write::WriteTxn;
 use crate::{Result, Store};
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, FromQueryResult, TransactionTrait};
+use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult};
 use tasker_domain::Within;
 use uuid::Uuid;
 
@@ -183,7 +184,7 @@ impl Store {
         if self.db.get_database_backend() != DbBackend::Postgres {
             return Ok(0);
         }
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         let mut lock = Sql::new(DbBackend::Postgres);
         lock.push("SELECT pg_advisory_xact_lock(")
             .bind(SEQUENCER_LOCK)
@@ -229,7 +230,7 @@ impl Store {
     /// events are numbered inside it, last (which NOTIFYs the other replicas at commit): the
     /// sequencer lock is held from there to the commit, so numbers follow commit order and no
     /// reader can pass over a late commit. Then the in-process signal.
-    pub(crate) async fn commit_events(&self, txn: DatabaseTransaction) -> Result<()> {
+    pub(crate) async fn commit_events(&self, txn: WriteTxn) -> Result<()> {
         if self.db.get_database_backend() == DbBackend::Postgres {
             // One command: the lock, the numbers, the NOTIFY (delivered at commit). The lock
             // key is a constant and the channel a name made of hex digits: no input in it.

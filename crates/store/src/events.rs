@@ -3,13 +3,11 @@
 
 use crate::entities::{event, step_transition, task_transition};
 use crate::sql::Sql;
+use crate::write::WriteTxn;
 use crate::{Result, Store};
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::{self, NotSet, Set};
-use sea_orm::{
-    ActiveModelTrait, ConnectionTrait, DatabaseTransaction, EntityName, EntityTrait, IdenStatic,
-    Iterable,
-};
+use sea_orm::{ActiveModelTrait, ConnectionTrait, EntityName, EntityTrait, IdenStatic, Iterable};
 use serde_json::{Map, Value, json};
 use tasker_domain::{EventName, StateMachine, StepState, TaskState};
 use uuid::Uuid;
@@ -352,10 +350,11 @@ impl Insert {
 
 impl Store {
     /// Writes the rows in as few round trips as the driver allows: on SQLite, many INSERTs in
-    /// one command (the driver runs them one after another on its thread); on PostgreSQL, one
-    /// statement whose INSERTs but the last are data-modifying CTEs. Each command stays under
+    /// one script (the driver runs them one after another on its thread), sent with the
+    /// transaction's next command; on PostgreSQL, one statement whose INSERTs but the last are
+    /// data-modifying CTEs. Each command stays under
     /// [`VALUES_PER_COMMAND`] bound values.
-    pub(crate) async fn insert_rows(&self, txn: &DatabaseTransaction, rows: Rows) -> Result<()> {
+    pub(crate) async fn insert_rows(&self, txn: &WriteTxn, rows: Rows) -> Result<()> {
         let backend = txn.get_database_backend();
         let mut commands: Vec<Vec<Insert>> = Vec::new();
         let mut bound = 0;
@@ -400,9 +399,8 @@ impl Store {
                     insert.render(&mut sql);
                 }
             }
-            txn.execute_raw(sql.build()).await?;
-            // One round trip, counted by the driver; the statements bundled with the first.
-            self.note_bundled_statements(statements - 1);
+            // Nothing is read back: on SQLite the rows go with the transaction's next command.
+            txn.queue(sql.build(), statements).await?;
         }
         Ok(())
     }

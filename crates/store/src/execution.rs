@@ -14,12 +14,12 @@ use crate::progress::{SUBJECT_FIELDS, Subjects, TaskSubject, push_task_fields};
 use crate::records::{StepRecord, TaskRecord, convert_all};
 use crate::sql::Sql;
 use crate::state_change::{CompletedAt, TaskMove, ending_attempt, move_tasks};
+use crate::write::WriteTxn;
 use crate::{Error, Result, Store};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter,
-    QueryOrder, TransactionTrait,
+    ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
 };
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
@@ -138,7 +138,7 @@ impl Store {
 
     /// The claim itself, one transaction.
     async fn claim_in_transaction(&self, request: &ClaimRequest) -> Result<Vec<ClaimedStep>> {
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         let mut rows = crate::events::Rows::new();
         let Some((leases, _)) = self.claim_rows(&txn, request, &mut rows).await? else {
             // Nothing written: no news about whether writes work.
@@ -160,7 +160,7 @@ impl Store {
         mut run: impl FnMut(&ClaimedStep) -> Option<Value> + Send,
     ) -> Result<(Vec<ClaimedStep>, CompletionReport)> {
         self.writing(async {
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let mut rows = crate::events::Rows::new();
             let Some((leases, subjects)) = self.claim_rows(&txn, request, &mut rows).await? else {
                 txn.commit().await?;
@@ -191,7 +191,7 @@ impl Store {
     /// when nothing was claimable. Also answers the subjects of the claimed steps' tasks.
     async fn claim_rows(
         &self,
-        txn: &DatabaseTransaction,
+        txn: &WriteTxn,
         request: &ClaimRequest,
         rows: &mut crate::events::Rows,
     ) -> Result<Option<(Vec<ClaimedStep>, Subjects)>> {
@@ -379,7 +379,7 @@ impl Store {
         if completions.is_empty() {
             return Ok(CompletionReport::default());
         }
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         let mut rows = crate::events::Rows::new();
         let report = self
             .complete_rows(&txn, completions, None, &mut rows)
@@ -397,7 +397,7 @@ impl Store {
     /// `known`: the subjects of the steps' tasks, when the caller has them already.
     async fn complete_rows(
         &self,
-        txn: &DatabaseTransaction,
+        txn: &WriteTxn,
         completions: &[Completion],
         known: Option<Subjects>,
         rows: &mut crate::events::Rows,
@@ -491,7 +491,7 @@ impl Store {
     pub async fn fail_step(&self, failure: &AttemptFailure) -> Result<FailureReport> {
         self.writing(async {
             let now_ms = self.now_ms();
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let step = workflow_step::Entity::find()
                 .filter(workflow_step::Column::LeaseToken.eq(failure.lease_token))
                 .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
@@ -526,7 +526,7 @@ impl Store {
             }
             let now = self.now();
             let now_ms = now.timestamp_millis();
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let held = workflow_step::Entity::find()
                 .filter(workflow_step::Column::LeaseToken.is_in(tokens.iter().copied()))
                 .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
@@ -613,7 +613,7 @@ impl Store {
     pub async fn expire_leases(&self) -> Result<Vec<Expiry>> {
         self.writing(async {
             let now_ms = self.now_ms();
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let expired = workflow_step::Entity::find()
                 .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
                 .filter(
@@ -711,7 +711,7 @@ impl Store {
     /// The failure path shared by workers' reports and expired leases.
     async fn record_failure(
         &self,
-        txn: &DatabaseTransaction,
+        txn: &WriteTxn,
         step: workflow_step::Model,
         message: &str,
         retryable: bool,

@@ -194,7 +194,8 @@ impl WriteHealth {
 /// the driver may be used again: outside one by the driver's count and by SQLite's own flag
 /// once the queued rollback ran. (One the driver counts outside any transaction is reused at
 /// once: SQLite can only be inside one the driver does not count after a raw `BEGIN`, which
-/// the store never sends — raw statements exist only in test builds.)
+/// only `WriteTxn` sends, and it rolls back before it lets its connection go — other raw
+/// statements exist only in test builds.)
 pub(crate) async fn sqlite_reusable(
     conn: &mut sea_orm::sqlx::SqliteConnection,
     health: &WriteHealth,

@@ -24,6 +24,7 @@ mod tasks;
 mod templates;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod write;
 
 pub use event_log::{EventCursor, EventFilter};
 pub use execution::{
@@ -44,9 +45,10 @@ pub use status::{PoolStatus, READY_COUNT_CAP, StoreStatus};
 pub use tasks::{NewTask, TaskCreation};
 pub use templates::{Registration, RegistrationOutcome};
 
+use crate::write::WriteTxn;
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tasker_domain::Clock;
 use tasker_migrations::{Migrator, MigratorTrait};
@@ -184,10 +186,8 @@ impl StoreOptions {
 pub struct Store {
     db: DatabaseConnection,
     clock: Arc<dyn Clock>,
-    /// Commands sent (the driver's count).
-    statements: Arc<AtomicU64>,
-    /// Statements sent inside the command of another (batched INSERTs).
-    bundled: Arc<AtomicU64>,
+    /// Commands and statements sent.
+    counters: write::Counters,
     /// The PostgreSQL NOTIFY channel replicas share; one per schema.
     work_channel: String,
     /// Bumped after every commit that appended events.
@@ -267,17 +267,18 @@ impl Store {
             });
         }
         let mut db = Database::connect(connect).await?;
-        let statements = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&statements);
+        let counters = write::Counters::default();
+        let counted = counters.clone();
+        // Statements the driver runs one per command (reads, PostgreSQL transactions).
         db.set_metric_callback(move |_info| {
-            counter.fetch_add(1, Ordering::Relaxed);
+            counted.commands.fetch_add(1, Ordering::Relaxed);
+            counted.statements.fetch_add(1, Ordering::Relaxed);
         });
         let work_channel = channel_name("tasker_work", options.schema.as_deref());
         Ok(Store {
             db,
             clock,
-            statements,
-            bundled: Arc::new(AtomicU64::new(0)),
+            counters,
             parsed_templates: Arc::default(),
             creations: Arc::default(),
             work_channel,
@@ -299,10 +300,15 @@ impl Store {
         result
     }
 
+    /// Starts a write transaction (see [`WriteTxn`]).
+    pub(crate) async fn begin_write(&self) -> Result<WriteTxn> {
+        WriteTxn::begin(&self.db, &self.counters).await
+    }
+
     /// Commits a write transaction; a commit that returns is what ends a fault episode (an
     /// operation that wrote nothing says nothing about whether writes work).
-    pub(crate) async fn commit(&self, txn: sea_orm::DatabaseTransaction) -> Result<()> {
-        match txn.commit().await.map_err(Error::from) {
+    pub(crate) async fn commit(&self, txn: WriteTxn) -> Result<()> {
+        match txn.commit().await {
             Ok(()) => {
                 self.health.succeeded(self.clock.now());
                 Ok(())
@@ -363,20 +369,18 @@ impl Store {
     }
 
     /// How many SQL statements this store has executed since it connected (statements sent
-    /// together in one command count one by one; `BEGIN` and `COMMIT` are not counted).
+    /// together in one command count one by one; `BEGIN`, `COMMIT` and `ROLLBACK` are not
+    /// counted).
     pub fn statement_count(&self) -> u64 {
-        self.round_trip_count() + self.bundled.load(Ordering::Relaxed)
+        self.counters.statements.load(Ordering::Relaxed)
     }
 
     /// How many commands this store has sent to the database since it connected, each one
-    /// round trip to the driver's thread or the server (`BEGIN` and `COMMIT` not counted).
+    /// round trip to the driver's thread or the server: a write transaction's `BEGIN` and
+    /// `COMMIT` count when they travel alone (on PostgreSQL), not when they go with other
+    /// statements (on SQLite).
     pub fn round_trip_count(&self) -> u64 {
-        self.statements.load(Ordering::Relaxed)
-    }
-
-    /// Counts statements that went to the database in the command of another.
-    pub(crate) fn note_bundled_statements(&self, statements: u64) {
-        self.bundled.fetch_add(statements, Ordering::Relaxed);
+        self.counters.commands.load(Ordering::Relaxed)
     }
 
     pub fn clock(&self) -> &Arc<dyn Clock> {

@@ -12,12 +12,10 @@ use crate::sql::Sql;
 use crate::state_change::{
     CompletedAt, StepEffect, StepMove, Steps, TaskMove, move_steps, move_tasks,
 };
+use crate::write::WriteTxn;
 use crate::{Error, Result, Store};
 use chrono::{DateTime, Utc};
-use sea_orm::{
-    ColumnTrait, DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter, QuerySelect,
-    TransactionTrait,
-};
+use sea_orm::{ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, QuerySelect};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use tasker_domain::{Dag, StateMachine, StepState, TaskState};
@@ -52,7 +50,7 @@ impl Store {
     ) -> Result<StepChange> {
         self.writing(async {
             let now = self.now();
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let step = Self::step_row(&txn, step_id).await?;
             let task = Self::task_row(&txn, step.task_id).await?;
             ensure_open(&task)?;
@@ -147,7 +145,7 @@ impl Store {
     pub async fn retry_task(&self, task_id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
         self.writing(async {
             let now = self.now();
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let current = failed_task_row(&txn, task_id, "retried").await?;
             let change = StepMove {
                 steps: Steps::OfTask(task_id),
@@ -228,7 +226,7 @@ impl Store {
     pub async fn resolve_task(&self, task_id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
         self.writing(async {
             let now = self.now();
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let current = failed_task_row(&txn, task_id, "resolved by hand").await?;
             let resolved = move_tasks(
                 &txn,
@@ -269,7 +267,7 @@ impl Store {
     pub async fn rerun_from_step(&self, step_id: Uuid, reason: Option<String>) -> Result<Rerun> {
         self.writing(async {
             let now = self.now();
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let start = Self::step_row(&txn, step_id).await?;
             let task = Self::task_row(&txn, start.task_id).await?;
             ensure_open(&task)?;
@@ -389,7 +387,7 @@ impl Store {
     /// each step with its count.
     async fn count_pending_parents(
         &self,
-        txn: &DatabaseTransaction,
+        txn: &WriteTxn,
         step_ids: &[Uuid],
     ) -> Result<Vec<(Uuid, i32)>> {
         let mut sql = Sql::new(self.db.get_database_backend());
@@ -412,7 +410,7 @@ impl Store {
 /// run and it can finish; a running task is left as it is. `task` is the row as this
 /// transaction read or wrote it.
 async fn reopen_task(
-    txn: &DatabaseTransaction,
+    txn: &WriteTxn,
     task: &crate::entities::task::Model,
     subject: Subject<'_>,
     now: DateTime<Utc>,
@@ -473,7 +471,7 @@ fn ensure_open(task: &crate::entities::task::Model) -> Result<()> {
 
 /// A task that must have failed to be `what` ("retried"): a conflict otherwise.
 async fn failed_task_row(
-    txn: &DatabaseTransaction,
+    txn: &WriteTxn,
     task_id: Uuid,
     what: &str,
 ) -> Result<crate::entities::task::Model> {

@@ -9,11 +9,10 @@ use crate::execution::DONE_STATES;
 use crate::records::TaskRecord;
 use crate::sql::Sql;
 use crate::state_change::{CompletedAt, TaskMove, move_tasks};
+use crate::write::WriteTxn;
 use crate::{Result, Store};
 use chrono::{DateTime, Utc};
-use sea_orm::{
-    ColumnTrait, DatabaseTransaction, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-};
+use sea_orm::{ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use tasker_domain::execution::{StepProgress, task_outcome};
@@ -26,7 +25,7 @@ impl Store {
     /// returns how many did.
     pub(crate) async fn release_children(
         &self,
-        txn: &DatabaseTransaction,
+        txn: &WriteTxn,
         parent_ids: &[Uuid],
         subjects: &Subjects,
         now: DateTime<Utc>,
@@ -63,7 +62,7 @@ impl Store {
     /// the caller to insert.
     pub(crate) async fn finalize_tasks(
         &self,
-        txn: &DatabaseTransaction,
+        txn: &WriteTxn,
         task_ids: &[Uuid],
         subjects: &Subjects,
         now: DateTime<Utc>,
@@ -151,11 +150,7 @@ impl Store {
     }
 
     /// Of tasks with a step that failed for good, those where nothing else can run.
-    async fn blocked_tasks(
-        &self,
-        txn: &DatabaseTransaction,
-        task_ids: &[Uuid],
-    ) -> Result<Vec<Uuid>> {
+    async fn blocked_tasks(&self, txn: &WriteTxn, task_ids: &[Uuid]) -> Result<Vec<Uuid>> {
         if task_ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -197,11 +192,7 @@ impl Store {
     }
 
     /// Namespace, template and correlation id of each task, for event payloads.
-    pub(crate) async fn subjects(
-        &self,
-        txn: &DatabaseTransaction,
-        task_ids: &[Uuid],
-    ) -> Result<Subjects> {
+    pub(crate) async fn subjects(&self, txn: &WriteTxn, task_ids: &[Uuid]) -> Result<Subjects> {
         let mut subjects = Subjects::default();
         if !task_ids.is_empty() {
             let mut sql = Sql::new(self.db.get_database_backend());

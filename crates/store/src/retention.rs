@@ -7,9 +7,10 @@
 
 use crate::event_log::EventCursor;
 use crate::sql::Sql;
+use crate::write::WriteTxn;
 use crate::{Error, Result, Store};
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseTransaction, FromQueryResult, TransactionTrait};
+use sea_orm::{ConnectionTrait, FromQueryResult};
 use tasker_domain::{StateMachine, TaskState};
 use uuid::Uuid;
 
@@ -49,7 +50,7 @@ impl Store {
             // PostgreSQL: every committed event has its number before any is deleted, so the
             // recorded cursor covers them all.
             self.number_events().await?;
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let backend = self.db.get_database_backend();
             let cursor = crate::event_log::cursor_column(backend);
             let mut candidates = Sql::new(backend);
@@ -182,7 +183,7 @@ async fn highest_cursor<C: ConnectionTrait>(connection: &C, sql: Sql) -> Result<
 
 /// Deletes the rows of `table` whose `column` is one of `ids`; returns how many.
 async fn delete(
-    txn: &DatabaseTransaction,
+    txn: &WriteTxn,
     backend: sea_orm::DbBackend,
     table: &str,
     column: &str,

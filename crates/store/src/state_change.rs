@@ -7,9 +7,10 @@
 
 use crate::Result;
 use crate::entities::{task, workflow_step};
+use crate::write::WriteTxn;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ColumnTrait, DatabaseTransaction, EntityTrait, QueryFilter};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use tasker_domain::{StateMachine, StepState, TaskState};
 use uuid::Uuid;
 
@@ -38,7 +39,7 @@ pub(crate) struct TaskMove<'a> {
 /// Moves the tasks of `change` that are still in an expected state (and version); returns
 /// them as they are now. A task that moved meanwhile is left alone and not returned.
 pub(crate) async fn move_tasks(
-    txn: &DatabaseTransaction,
+    txn: &WriteTxn,
     change: TaskMove<'_>,
     now: DateTime<Utc>,
 ) -> Result<Vec<task::Model>> {
@@ -103,7 +104,7 @@ pub(crate) struct StepMove<'a> {
 /// Moves the steps of `change` that are still in an expected state (and version); returns
 /// them as they are now.
 pub(crate) async fn move_steps(
-    txn: &DatabaseTransaction,
+    txn: &WriteTxn,
     change: StepMove<'_>,
     now: DateTime<Utc>,
 ) -> Result<Vec<workflow_step::Model>> {

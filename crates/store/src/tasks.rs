@@ -14,7 +14,7 @@ use crate::templates::StartingTemplate;
 use crate::{Error, Result, Store};
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -465,7 +465,7 @@ impl Store {
             step_transitions.extend(rows.step_transitions);
             events.extend(rows.events);
         }
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         let mut new_rows = crate::events::Rows::new();
         new_rows
             .add(models.iter().cloned().map(task::ActiveModel::from))
@@ -485,7 +485,7 @@ impl Store {
     pub async fn cancel_task(&self, id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
         self.writing(async {
             let now = self.now();
-            let txn = self.db.begin().await?;
+            let txn = self.begin_write().await?;
             let current = Self::task_row(&txn, id).await?;
             let from = TaskState::parse(&current.state)?;
             from.transition_to(TaskState::Cancelled)?;

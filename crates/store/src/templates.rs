@@ -10,7 +10,6 @@ use sea_orm::ActiveValue::Set;
 use sea_orm::FromQueryResult;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
-    TransactionTrait,
 };
 use serde_json::json;
 use std::collections::HashMap;
@@ -61,7 +60,7 @@ impl Store {
         let now = self.now();
         let definition = template.to_normalized();
         let version = template.version.to_string();
-        let txn = self.db.begin().await?;
+        let txn = self.begin_write().await?;
         namespace::Entity::insert(namespace::ActiveModel {
             id: Set(Uuid::now_v7()),
             name: Set(template.namespace.clone()),

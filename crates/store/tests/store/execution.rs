@@ -503,6 +503,33 @@ async fn claiming_and_completing_cost_a_constant_number_of_statements() {
     }
 }
 
+/// On SQLite a write transaction goes to the driver's thread as scripts: a task's creation is
+/// one command (`BEGIN`, its rows, `COMMIT`) after the read of its template's version stamp,
+/// a claim that starts a task three (`BEGIN` with the claim; the task's start; its transition
+/// and event rows with `COMMIT`).
+#[tokio::test]
+async fn sqlite_sends_a_creation_as_two_commands_and_a_claim_as_three() {
+    let db = sqlite_with_diamond().await;
+    let store = &db.store;
+    // The first creation reads the template; the next ones find it parsed.
+    store.create_task(order("shop", "fulfil", 0)).await.unwrap();
+    let before = store.round_trip_count();
+    let task = store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+    assert_eq!(store.round_trip_count() - before, 2, "creation");
+    let before = store.round_trip_count();
+    let claimed = store.claim_steps(&claim(1)).await.unwrap();
+    assert_eq!(store.round_trip_count() - before, 3, "claim");
+    assert_eq!(claimed.len(), 1);
+    // What the scripts wrote is there: the task started, and its events are in the log.
+    let claimed_task = store.task(claimed[0].step.task_id).await.unwrap();
+    assert_eq!(claimed_task.state, TaskState::InProgress);
+    let events = store.events_for_tasks(&[task.task.id]).await.unwrap();
+    assert!(
+        events.iter().any(|event| event.name == "task.created"),
+        "{events:?}"
+    );
+}
+
 /// Many workers claiming at once never share a step.
 #[tokio::test]
 async fn concurrent_claims_never_lease_a_step_twice() {
