@@ -352,8 +352,9 @@ impl Store {
     /// Writes the rows in as few round trips as the driver allows: on SQLite, many INSERTs in
     /// one script (the driver runs them one after another on its thread), sent with the
     /// transaction's next command; on PostgreSQL, one statement whose INSERTs but the last are
-    /// data-modifying CTEs. Each command stays under
-    /// [`VALUES_PER_COMMAND`] bound values.
+    /// data-modifying CTEs. Each statement stays under
+    /// [`VALUES_PER_COMMAND`] bound values (SQLite's limit is per statement, so a script that
+    /// carries several may hold more).
     pub(crate) async fn insert_rows(&self, txn: &WriteTxn, rows: Rows) -> Result<()> {
         let backend = txn.get_database_backend();
         let mut commands: Vec<Vec<Insert>> = Vec::new();

@@ -193,9 +193,9 @@ impl WriteHealth {
 /// Whether a SQLite connection that comes back to the pool counted inside a transaction by
 /// the driver may be used again: outside one by the driver's count and by SQLite's own flag
 /// once the queued rollback ran. (One the driver counts outside any transaction is reused at
-/// once: SQLite can only be inside one the driver does not count after a raw `BEGIN`, which
-/// only `WriteTxn` sends, and it rolls back before it lets its connection go — other raw
-/// statements exist only in test builds.)
+/// once, unless a `WriteTxn` may have left its raw `BEGIN` open: SQLite can only be inside a
+/// transaction the driver does not count after a raw `BEGIN`, which only `WriteTxn` sends —
+/// other raw statements exist only in test builds.)
 pub(crate) async fn sqlite_reusable(
     conn: &mut sea_orm::sqlx::SqliteConnection,
     health: &WriteHealth,
@@ -203,18 +203,26 @@ pub(crate) async fn sqlite_reusable(
     use sea_orm::sqlx::Connection as _;
     // A transaction was dropped: its rollback is queued to the connection's worker. Reaching
     // the handle goes through the same queue, so after it both answers are current.
-    let mut handle = conn.lock_handle().await?;
-    // SAFETY: the handle is a live connection, locked for this call; the function only
-    // reads the connection's autocommit flag.
-    let autocommit =
-        unsafe { libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) } != 0;
-    drop(handle);
+    let autocommit = sqlite_autocommit(conn).await?;
     let counted_open = conn.is_in_transaction();
     if autocommit && !counted_open {
         return Ok(true);
     }
     replaced(health, !autocommit, counted_open);
     Ok(false)
+}
+
+/// Whether SQLite is outside any transaction on this connection (its autocommit flag), once
+/// every command sent before has run.
+pub(crate) async fn sqlite_autocommit(
+    conn: &mut sea_orm::sqlx::SqliteConnection,
+) -> Result<bool, sea_orm::sqlx::Error> {
+    let mut handle = conn.lock_handle().await?;
+    // SAFETY: the handle is a live connection, locked for this call; the function only
+    // reads the connection's autocommit flag.
+    let autocommit =
+        unsafe { libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) } != 0;
+    Ok(autocommit)
 }
 
 /// Whether a PostgreSQL connection coming back to the pool may be used again: outside any

@@ -188,6 +188,8 @@ pub struct Store {
     clock: Arc<dyn Clock>,
     /// Commands and statements sent.
     counters: write::Counters,
+    /// Whether a SQLite write transaction may hold its raw `BEGIN` open.
+    raw_transaction: write::RawTransaction,
     /// The PostgreSQL NOTIFY channel replicas share; one per schema.
     work_channel: String,
     /// Bumped after every commit that appended events.
@@ -204,6 +206,8 @@ impl Store {
     /// Connects (creating a missing SQLite file) and counts every statement executed.
     pub async fn connect(options: &StoreOptions, clock: Arc<dyn Clock>) -> Result<Store> {
         let health = Arc::new(health::WriteHealth::default());
+        let counters = write::Counters::default();
+        let raw_transaction = write::RawTransaction::default();
         let mut connect = ConnectOptions::new(options.url.clone());
         connect
             .sqlx_logging(false)
@@ -224,15 +228,17 @@ impl Store {
                     .busy_timeout(busy_timeout)
             });
             let released = health.clone();
+            let raw_open = raw_transaction.clone();
             connect.map_sqlx_sqlite_pool_opts(move |pool| {
                 let health = released.clone();
+                let raw_open = raw_open.clone();
                 // A SQLite connection does not go bad while idle in the pool; the check on
                 // release is what keeps it sound.
                 pool.test_before_acquire(false)
                     .after_release(move |conn, _| {
                         use sea_orm::sqlx::Connection as _;
                         // The common case answers at once, with nothing to clone or await.
-                        if !conn.is_in_transaction() {
+                        if !conn.is_in_transaction() && !raw_open.may_be_open() {
                             return Box::pin(std::future::ready(Ok(true)));
                         }
                         let health = health.clone();
@@ -267,7 +273,6 @@ impl Store {
             });
         }
         let mut db = Database::connect(connect).await?;
-        let counters = write::Counters::default();
         let counted = counters.clone();
         // Statements the driver runs one per command (reads, PostgreSQL transactions).
         db.set_metric_callback(move |_info| {
@@ -279,6 +284,7 @@ impl Store {
             db,
             clock,
             counters,
+            raw_transaction,
             parsed_templates: Arc::default(),
             creations: Arc::default(),
             work_channel,
@@ -302,7 +308,7 @@ impl Store {
 
     /// Starts a write transaction (see [`WriteTxn`]).
     pub(crate) async fn begin_write(&self) -> Result<WriteTxn> {
-        WriteTxn::begin(&self.db, &self.counters).await
+        WriteTxn::begin(&self.db, &self.counters, &self.raw_transaction).await
     }
 
     /// Commits a write transaction; a commit that returns is what ends a fault episode (an

@@ -21,7 +21,7 @@ use sea_orm::{
 };
 use sea_query_sqlx::SqlxValues;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What the store sent to the database since it connected (see
 /// [`crate::Store::statement_count`] and [`crate::Store::round_trip_count`]).
@@ -40,6 +40,22 @@ impl Counters {
     }
 }
 
+/// Set while a SQLite `WriteTxn` may have its raw `BEGIN` open (the pool has one connection):
+/// the driver does not count such a transaction, so the pool's check on release looks at
+/// SQLite's own flag instead of trusting the driver while this is set.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RawTransaction(Arc<AtomicBool>);
+
+impl RawTransaction {
+    pub fn may_be_open(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self, open: bool) {
+        self.0.store(open, Ordering::Release);
+    }
+}
+
 /// A write transaction: the only way the store writes.
 pub(crate) struct WriteTxn {
     kind: Kind,
@@ -54,7 +70,11 @@ enum Kind {
 impl WriteTxn {
     /// Starts a write transaction. On SQLite this takes the pool's one connection and sends
     /// nothing yet.
-    pub async fn begin(db: &DatabaseConnection, counters: &Counters) -> Result<WriteTxn> {
+    pub async fn begin(
+        db: &DatabaseConnection,
+        counters: &Counters,
+        raw: &RawTransaction,
+    ) -> Result<WriteTxn> {
         let kind = if db.get_database_backend() == DbBackend::Sqlite {
             let conn = db
                 .get_sqlite_connection_pool()
@@ -63,11 +83,12 @@ impl WriteTxn {
                 .map_err(|err| DbErr::Conn(RuntimeErr::SqlxError(Arc::new(err))))?;
             Kind::Script(tokio::sync::Mutex::new(Script {
                 conn: Some(conn),
-                waiting: "BEGIN IMMEDIATE".to_owned(),
+                waiting: BEGIN.to_owned(),
                 values: Vec::new(),
                 statements: 0,
-                begun: false,
+                state: ScriptState::NotBegun,
                 counters: counters.clone(),
+                raw: raw.clone(),
             }))
         } else {
             let txn = db.begin().await?;
@@ -81,8 +102,9 @@ impl WriteTxn {
     }
 
     /// Runs `statement` (`statements` of them, `;`-separated on SQLite), whose result nobody
-    /// reads (INSERTs without RETURNING): on SQLite it goes with the next command, so its
-    /// error, if any, comes from that command.
+    /// reads (INSERTs without RETURNING; placeholders anonymous, as the store's builders
+    /// write them: a numbered one would count from the script's start): on SQLite it goes
+    /// with the next command, so its error, if any, comes from that command.
     pub async fn queue(&self, statement: Statement, statements: u64) -> Result<()> {
         match &self.kind {
             Kind::Driver(txn) => {
@@ -91,10 +113,7 @@ impl WriteTxn {
                 self.counters.sent(0, statements.saturating_sub(1));
                 Ok(())
             }
-            Kind::Script(script) => {
-                script.lock().await.queue(statement, statements);
-                Ok(())
-            }
+            Kind::Script(script) => Ok(script.lock().await.queue(statement, statements)?),
         }
     }
 
@@ -105,14 +124,29 @@ impl WriteTxn {
                 self.counters.sent(1, 0);
                 Ok(txn.commit().await?)
             }
-            Kind::Script(script) => script.into_inner().commit().await,
+            Kind::Script(script) => Ok(script.into_inner().commit().await?),
         }
     }
 }
 
+/// How a SQLite transaction starts: it takes the write lock at once, so a writer in another
+/// process makes it wait (busy timeout) at its start rather than fail halfway.
+const BEGIN: &str = "BEGIN IMMEDIATE";
+
+/// Where a script transaction stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScriptState {
+    /// Nothing sent yet: `BEGIN` waits with the first statement.
+    NotBegun,
+    /// `BEGIN` went to the database: the connection may be inside the transaction.
+    Begun,
+    /// Committed, or rolled back after a failed command: nothing more may be sent.
+    Ended,
+}
+
 /// A SQLite transaction sent as scripts over one connection.
 struct Script {
-    /// `None` once committed.
+    /// `None` once handed back.
     conn: Option<PoolConnection<Sqlite>>,
     /// Statements not sent yet, `;`-separated: `BEGIN IMMEDIATE` until the first command,
     /// then queued writes.
@@ -122,10 +156,9 @@ struct Script {
     values: Vec<Value>,
     /// How many statements wait, `BEGIN` aside.
     statements: u64,
-    /// Whether `BEGIN` went to the database (and no `COMMIT` or `ROLLBACK` since): the
-    /// connection may be inside the transaction.
-    begun: bool,
+    state: ScriptState,
     counters: Counters,
+    raw: RawTransaction,
 }
 
 /// What the last statement of a script answered.
@@ -134,10 +167,19 @@ struct Answer {
     changes: Option<sqlx::sqlite::SqliteQueryResult>,
 }
 
+/// Refuses statements for a transaction that ended (a caller that went on after an error).
+fn ended() -> DbErr {
+    DbErr::Custom("the transaction has ended (a statement in it failed); start another".into())
+}
+
 impl Script {
-    fn queue(&mut self, statement: Statement, statements: u64) {
+    fn queue(&mut self, statement: Statement, statements: u64) -> Result<(), DbErr> {
+        if self.state == ScriptState::Ended {
+            return Err(ended());
+        }
         self.append(&statement.sql, statement.values);
         self.statements += statements;
+        Ok(())
     }
 
     fn append(&mut self, sql: &str, values: Option<Values>) {
@@ -157,23 +199,30 @@ impl Script {
         values: Option<Values>,
         statements: u64,
     ) -> Result<Answer, DbErr> {
+        if self.state == ScriptState::Ended || self.conn.is_none() {
+            return Err(ended());
+        }
+        // A script that carries queued rows is seldom sent twice: prepared for this once,
+        // rather than taking a place in the driver's statement cache.
+        let repeats = self.statements == 0;
         self.append(sql, values);
         let text = std::mem::take(&mut self.waiting);
         let values = std::mem::take(&mut self.values);
         let statements = std::mem::take(&mut self.statements) + statements;
         self.counters.sent(1, statements);
         let span = tracing::info_span!(
+            target: "sea_orm",
             "db.script",
             otel.kind = "client",
             db.system = "sqlite",
             db.statement = text.as_str(),
         );
+        self.state = ScriptState::Begun;
+        self.raw.set(true);
         let Some(conn) = self.conn.as_mut() else {
-            return Err(DbErr::Custom("the transaction has ended".into()));
+            return Err(ended());
         };
-        self.begun = true;
-        let answer = tracing::Instrument::instrument(run(conn, text, values), span).await;
-        match answer {
+        match tracing::Instrument::instrument(run(conn, text, values, repeats), span).await {
             Ok(answer) => Ok(answer),
             Err(err) => {
                 self.roll_back().await;
@@ -182,31 +231,45 @@ impl Script {
         }
     }
 
-    /// After a failed command: ends the transaction (SQLite may have rolled it back already;
-    /// a connection whose `ROLLBACK` fails is closed rather than reused).
+    /// After a failed command: ends the transaction. SQLite may have rolled it back already
+    /// (a full disk, an I/O error), so a `ROLLBACK` that fails is checked against SQLite's own
+    /// flag; a connection still inside a transaction after that is closed, not reused.
     async fn roll_back(&mut self) {
         self.waiting.clear();
         self.values.clear();
         self.statements = 0;
+        self.state = ScriptState::Ended;
         if let Some(conn) = self.conn.as_mut() {
             self.counters.sent(1, 0);
-            if conn.execute(sqlx::raw_sql("ROLLBACK")).await.is_err() {
+            if !ends_transaction(conn).await {
                 conn.close_on_drop();
             }
         }
-        self.begun = false;
+        self.raw.set(false);
     }
 
-    async fn commit(mut self) -> Result<()> {
-        if !self.begun && self.statements == 0 {
-            // Nothing was sent or waits: there is nothing to commit.
-            return Ok(());
+    async fn commit(mut self) -> Result<(), DbErr> {
+        match self.state {
+            ScriptState::Ended => return Err(ended()),
+            // Nothing was sent and nothing waits: there is nothing to commit.
+            ScriptState::NotBegun if self.statements == 0 => {}
+            _ => {
+                self.send("COMMIT", None, 0).await?;
+            }
         }
-        self.send("COMMIT", None, 0).await?;
-        self.begun = false;
-        self.conn = None;
+        self.state = ScriptState::Ended;
+        self.raw.set(false);
         Ok(())
     }
+}
+
+/// Rolls back; whether the connection is outside any transaction afterwards.
+async fn ends_transaction(conn: &mut PoolConnection<Sqlite>) -> bool {
+    if conn.execute(sqlx::raw_sql("ROLLBACK")).await.is_ok() {
+        return true;
+    }
+    // "No transaction is active" when SQLite rolled back on its own.
+    matches!(crate::health::sqlite_autocommit(conn).await, Ok(true))
 }
 
 /// One command: every statement of `text`; the rows and changes of the last.
@@ -214,8 +277,10 @@ async fn run(
     conn: &mut PoolConnection<Sqlite>,
     text: String,
     values: Vec<Value>,
+    repeats: bool,
 ) -> Result<Answer, sqlx::Error> {
-    let query = sqlx::query_with(sqlx::AssertSqlSafe(text), SqlxValues(Values(values)));
+    let query =
+        sqlx::query_with(sqlx::AssertSqlSafe(text), SqlxValues(Values(values))).persistent(repeats);
     let mut answers = conn.fetch_many(query);
     let mut answer = Answer {
         rows: Vec::new(),
@@ -236,26 +301,27 @@ async fn run(
 }
 
 impl Drop for Script {
-    /// A transaction dropped before its commit (an error, a cancelled request) is rolled back
-    /// before its connection serves anyone else.
+    /// A transaction dropped before its end (an error in the caller, a cancelled request) is
+    /// rolled back before its connection serves anyone else: a task holds the connection
+    /// until then. (Outside a runtime the driver cannot hand a connection back either; the
+    /// pool's check on release then finds the transaction open and closes it.)
     fn drop(&mut self) {
-        if !self.begun {
+        if self.state != ScriptState::Begun {
             return;
         }
-        let Some(mut conn) = self.conn.take() else {
+        let (Some(mut conn), Ok(runtime)) =
+            (self.conn.take(), tokio::runtime::Handle::try_current())
+        else {
             return;
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    if conn.execute(sqlx::raw_sql("ROLLBACK")).await.is_err() {
-                        conn.close_on_drop();
-                    }
-                });
+        self.counters.sent(1, 0);
+        let raw = self.raw.clone();
+        runtime.spawn(async move {
+            if !ends_transaction(&mut conn).await {
+                conn.close_on_drop();
             }
-            // No runtime to send it with: closing the connection rolls the transaction back.
-            Err(_) => conn.close_on_drop(),
-        }
+            raw.set(false);
+        });
     }
 }
 
@@ -428,8 +494,33 @@ mod tests {
                 "{}: {repeated:?}",
                 database.backend()
             );
-            drop(txn);
+            // Going on after it writes nothing either (on SQLite the transaction refuses; on
+            // PostgreSQL the aborted transaction's COMMIT rolls back).
+            let went_on = match txn.queue(insert(store, 3, "c"), 1).await {
+                Ok(()) => txn.commit().await,
+                Err(err) => {
+                    drop(txn);
+                    Err(err)
+                }
+            };
+            if database.backend() == "sqlite" {
+                assert!(went_on.is_err(), "{went_on:?}");
+            }
             assert!(committed(store).await.is_empty(), "{}", database.backend());
+            writes_only_b_next(&database).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_cancelled_in_flight_leaves_nothing_behind() {
+        for database in databases().await {
+            let store = &database.store;
+            let txn = store.begin_write().await.expect("begin");
+            txn.queue(insert(store, 1, "a"), 1).await.expect("queue");
+            // Polled once (the command is on its way), then dropped: a request cancelled.
+            let read = txn.query_all_raw(select(store));
+            let _ = tokio::time::timeout(std::time::Duration::ZERO, read).await;
+            drop(txn);
             writes_only_b_next(&database).await;
         }
     }
