@@ -25,7 +25,7 @@ pub use workers::WorkerPoolConfig;
 use std::sync::Arc;
 use std::time::Duration;
 use tasker_store::{
-    AttemptFailure, ClaimRequest, ClaimedStep, Completion, CompletionReport, FailureReport,
+    AttemptFailure, ClaimRequest, ClaimedStep, Completion, CompletionReport, FailureReport, Heard,
     NewTask, StepAction, StepChange, Store, TaskCreation, TaskRecord,
 };
 use tokio::sync::{Notify, watch};
@@ -278,7 +278,7 @@ impl Engine {
     /// external handlers alone leaves it asleep. Other replicas hear of any work.
     async fn announce_ready(&self, built_in: bool) {
         self.wake_claimers(built_in);
-        if let Err(err) = self.store.announce_work().await {
+        if let Err(err) = self.store.announce_work(built_in).await {
             tracing::warn!(error = %err, "could not tell other replicas about new work");
         }
     }
@@ -302,18 +302,24 @@ impl Engine {
         };
         loop {
             tokio::select! {
-                woke = listener.next() => {
-                    if let Err(err) = woke {
-                        tracing::warn!(error = %err, "lost the connection listening for work");
-                        tokio::select! {
-                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = shutdown.changed() => return,
+                heard = listener.next() => match heard {
+                    Ok(Heard::Own) => {}
+                    Ok(Heard::Work { built_in }) => self.wake_claimers(built_in),
+                    Ok(Heard::Events) => self.store.note_events_appended(),
+                    missed => {
+                        if let Err(err) = missed {
+                            tracing::warn!(error = %err, "lost the connection listening for work");
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                _ = shutdown.changed() => return,
+                            }
                         }
+                        // Anything may have been missed: work may be claimable, and new
+                        // events may be readable.
+                        self.work_available();
+                        self.store.note_events_appended();
                     }
-                    // Work may be claimable, and new events may be readable.
-                    self.work_available();
-                    self.store.note_events_appended();
-                }
+                },
                 _ = shutdown.changed() => return,
             }
         }
@@ -593,7 +599,8 @@ impl Engine {
                         self.note_attempt(&expiry.step, outcome, expiry.step.updated_at);
                     }
                     self.tasks_finished(expired.iter().filter_map(|e| e.finished_task.as_ref()));
-                    self.work_available();
+                    // Retries of them may be claimable here and on the other replicas.
+                    self.announce().await;
                 }
                 Ok(_) => {}
                 Err(err) => {

@@ -197,7 +197,9 @@ impl Store {
             notify
                 .push("SELECT pg_notify(")
                 .bind(self.events_channel())
-                .push(", '')");
+                .push(", ")
+                .bind(self.origin.to_string())
+                .push(")");
             txn.execute_raw(notify.build()).await?;
             self.commit(txn).await?;
         } else {
@@ -233,10 +235,12 @@ impl Store {
     pub(crate) async fn commit_events(&self, txn: WriteTxn) -> Result<()> {
         if self.db.get_database_backend() == DbBackend::Postgres {
             // One command: the lock, the numbers, the NOTIFY (delivered at commit). The lock
-            // key is a constant and the channel a name made of hex digits: no input in it.
+            // key is a constant, the channel and the origin are made of hex digits: no input
+            // in them.
             let sql = format!(
-                "SELECT pg_advisory_xact_lock({SEQUENCER_LOCK}); {NUMBER_EVENTS}; SELECT pg_notify('{}', '')",
-                self.events_channel()
+                "SELECT pg_advisory_xact_lock({SEQUENCER_LOCK}); {NUMBER_EVENTS}; SELECT pg_notify('{}', '{}')",
+                self.events_channel(),
+                self.origin
             );
             txn.execute_unprepared(&sql).await?;
         }

@@ -33,7 +33,7 @@ pub use execution::{
 };
 pub use health::Fault;
 pub use lifecycle::{Rerun, StepAction, StepChange};
-pub use notify::WorkListener;
+pub use notify::{Heard, WorkListener};
 pub use parking::AWAITING_DECISION;
 pub use queries::TaskFilter;
 pub use records::{
@@ -192,6 +192,8 @@ pub struct Store {
     raw_transaction: write::RawTransaction,
     /// The PostgreSQL NOTIFY channel replicas share; one per schema.
     work_channel: String,
+    /// This store's name in its notifications (hex digits), so it can ignore its own.
+    origin: Arc<str>,
     /// Bumped after every commit that appended events.
     appended: Arc<tokio::sync::watch::Sender<u64>>,
     /// Whether writes work, as the last ones found.
@@ -288,6 +290,7 @@ impl Store {
             parsed_templates: Arc::default(),
             creations: Arc::default(),
             work_channel,
+            origin: uuid::Uuid::new_v4().simple().to_string().into(),
             appended: Arc::new(tokio::sync::watch::Sender::new(0)),
             health,
         })
