@@ -228,12 +228,33 @@ impl Store {
             .replacen("tasker_work", "tasker_events", 1)
     }
 
+    /// Takes the sequencer lock for the rest of `txn` (PostgreSQL), so that its events can be
+    /// numbered as they are written, and NOTIFYs the other replicas (delivered at commit).
+    /// One command.
+    pub(crate) async fn lock_sequencer(&self, txn: &WriteTxn) -> Result<()> {
+        if txn.sequencer_locked() {
+            return Ok(());
+        }
+        let mut sql = Sql::new(DbBackend::Postgres);
+        sql.push("SELECT pg_advisory_xact_lock(")
+            .bind(SEQUENCER_LOCK)
+            .push("), pg_notify(")
+            .bind(self.events_channel())
+            .push(", ")
+            .bind(self.origin.to_string())
+            .push(")");
+        txn.execute_raw(sql.build()).await?;
+        txn.note_sequencer_locked();
+        Ok(())
+    }
+
     /// Commits a transaction that appended events and tells readers. On PostgreSQL the
-    /// events are numbered inside it, last (which NOTIFYs the other replicas at commit): the
-    /// sequencer lock is held from there to the commit, so numbers follow commit order and no
+    /// events are numbered inside it under the sequencer lock (which also NOTIFYs the other
+    /// replicas at commit) — as they are written by [`Store::insert_rows`], last for the
+    /// others —, and the lock is held to the commit, so numbers follow commit order and no
     /// reader can pass over a late commit. Then the in-process signal.
     pub(crate) async fn commit_events(&self, txn: WriteTxn) -> Result<()> {
-        if self.db.get_database_backend() == DbBackend::Postgres {
+        if self.db.get_database_backend() == DbBackend::Postgres && !txn.sequencer_locked() {
             // One command: the lock, the numbers, the NOTIFY (delivered at commit). The lock
             // key is a constant, the channel and the origin are made of hex digits: no input
             // in them.

@@ -334,6 +334,9 @@ impl Insert {
     }
 
     fn render(self, sql: &mut Sql) {
+        if sql.is_postgres() && self.table == EVENTS_TABLE {
+            return self.render_numbered(sql);
+        }
         sql.push(&self.head);
         for (i, row) in self.rows.into_iter().enumerate() {
             sql.push(if i == 0 { "(" } else { ", (" });
@@ -348,11 +351,48 @@ impl Insert {
     }
 }
 
+impl Insert {
+    /// PostgreSQL events, numbered as they are written: `sequence` follows the highest number
+    /// given so far (the statement runs under the sequencer lock, taken by an earlier
+    /// statement so that this one's snapshot sees every number committed before), in the
+    /// order the rows were added, which their positions follow too.
+    fn render_numbered(self, sql: &mut Sql) {
+        let columns = self
+            .head
+            .trim_start_matches("INSERT INTO \"events\" (")
+            .trim_end_matches(") VALUES ")
+            .to_owned();
+        let names: Vec<&str> = columns.split(", ").collect();
+        let picked: Vec<String> = names.iter().map(|name| format!("v.{name}")).collect();
+        sql.push("INSERT INTO \"events\" (")
+            .push(&columns)
+            .push(", \"sequence\") SELECT ")
+            .push(&picked.join(", "))
+            .push(", b.base + v.ord FROM (VALUES ");
+        for (i, row) in self.rows.into_iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            for value in row {
+                sql.bind(value);
+                sql.push(", ");
+            }
+            // Row numbers: the store's own integers, not input.
+            sql.push(&(i + 1).to_string()).push(")");
+        }
+        sql.push(") AS v(")
+            .push(&columns)
+            .push(", ord) CROSS JOIN (SELECT COALESCE(MAX(sequence), 0) AS base FROM events) AS b ORDER BY v.ord");
+    }
+}
+
+/// The event log's table, whose rows PostgreSQL numbers as they are written.
+const EVENTS_TABLE: &str = "events";
+
 impl Store {
     /// Writes the rows in as few round trips as the driver allows: on SQLite, many INSERTs in
     /// one script (the driver runs them one after another on its thread), sent with the
     /// transaction's next command; on PostgreSQL, one statement whose INSERTs but the last are
-    /// data-modifying CTEs. Each statement stays under
+    /// data-modifying CTEs, events numbered as they are written (after the sequencer lock,
+    /// see [`Store::commit_events`]). Each statement stays under
     /// [`VALUES_PER_COMMAND`] bound values (SQLite's limit is per statement, so a script that
     /// carries several may hold more).
     pub(crate) async fn insert_rows(&self, txn: &WriteTxn, rows: Rows) -> Result<()> {
@@ -376,6 +416,14 @@ impl Store {
                 }
             }
             bound += values;
+        }
+        if backend == sea_orm::DbBackend::Postgres
+            && commands
+                .iter()
+                .flatten()
+                .any(|insert| insert.table == EVENTS_TABLE)
+        {
+            self.lock_sequencer(txn).await?;
         }
         for mut command in commands {
             let statements = command.len() as u64;

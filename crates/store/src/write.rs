@@ -60,6 +60,9 @@ impl RawTransaction {
 pub(crate) struct WriteTxn {
     kind: Kind,
     counters: Counters,
+    /// PostgreSQL: whether it holds the event sequencer's lock (see
+    /// [`crate::Store::lock_sequencer`]).
+    sequencer_locked: AtomicBool,
 }
 
 enum Kind {
@@ -98,7 +101,16 @@ impl WriteTxn {
         Ok(WriteTxn {
             kind,
             counters: counters.clone(),
+            sequencer_locked: AtomicBool::new(false),
         })
+    }
+
+    pub fn sequencer_locked(&self) -> bool {
+        self.sequencer_locked.load(Ordering::Relaxed)
+    }
+
+    pub fn note_sequencer_locked(&self) {
+        self.sequencer_locked.store(true, Ordering::Relaxed);
     }
 
     /// Runs `statement` (`statements` of them, `;`-separated on SQLite), whose result nobody

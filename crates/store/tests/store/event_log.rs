@@ -148,3 +148,77 @@ async fn a_late_commit_is_never_skipped() {
         other.close().await.unwrap();
     }
 }
+
+/// Two replicas writing at once: every event gets a number of its own, a task's events are
+/// numbered in the order they were written, and a reader that follows the log while they
+/// write receives every event exactly once (none committed behind its cursor).
+#[tokio::test]
+async fn concurrent_replicas_number_every_event_once_and_a_follower_misses_none() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(DIAMOND, false).await.unwrap();
+        let filter = EventFilter::within(tasker_domain::Within::Any);
+        let registered = all_after(store, &filter, None).await.len();
+        let other = Store::connect(&db.options, clock.clone()).await.unwrap();
+        let writers: Vec<_> = [store.clone(), other.clone()]
+            .into_iter()
+            .enumerate()
+            .map(|(replica, store)| {
+                tokio::spawn(async move {
+                    for i in 0..25 {
+                        let order_id = (replica * 100 + i) as i64;
+                        store
+                            .create_task(order("shop", "fulfil", order_id))
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut followed = Vec::new();
+        let mut cursor = None;
+        let mut writing = true;
+        while writing {
+            writing = writers.iter().any(|writer| !writer.is_finished());
+            let page = all_after(store, &filter, cursor).await;
+            cursor = page.last().map(|e| e.cursor()).or(cursor);
+            followed.extend(page);
+        }
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let all = all_after(store, &filter, None).await;
+        assert_eq!(all.len(), registered + 50 * 6, "{}", db.backend());
+        let ids: Vec<_> = followed.iter().map(|e| e.id).collect();
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "{}: a repeat", db.backend());
+        assert_eq!(
+            ids.len(),
+            all.len(),
+            "{}: the follower missed some",
+            db.backend()
+        );
+        let cursors: Vec<_> = all.iter().map(|e| e.cursor()).collect();
+        assert!(
+            cursors.windows(2).all(|pair| pair[0] < pair[1]),
+            "{}: numbers are distinct and read in order",
+            db.backend()
+        );
+        let mut by_task: std::collections::HashMap<_, Vec<_>> = Default::default();
+        for event in &all {
+            by_task
+                .entry(event.task_id)
+                .or_default()
+                .push(event.position);
+        }
+        for positions in by_task.values() {
+            assert!(
+                positions.windows(2).all(|pair| pair[0] < pair[1]),
+                "{}: a task's events keep their written order",
+                db.backend()
+            );
+        }
+        other.close().await.unwrap();
+    }
+}
