@@ -10,7 +10,10 @@
 
 use crate::entities::workflow_step;
 use crate::events::{metadata, step_transition as step_rows, task_transition as task_rows};
-use crate::progress::{SUBJECT_FIELDS, Subjects, TaskSubject, push_task_fields};
+use crate::progress::{
+    SUBJECT_FIELDS, Subjects, TaskSubject, children_released, push_task_fields,
+    release_children_statement, step_counts_statement,
+};
 use crate::records::{StepRecord, TaskRecord, convert_all};
 use crate::sql::Sql;
 use crate::state_change::{CompletedAt, TaskMove, ending_attempt, move_tasks};
@@ -167,18 +170,27 @@ impl Store {
                 return Ok((Vec::new(), CompletionReport::default()));
             };
             let mut completions = Vec::new();
+            let mut steps = Vec::new();
             let mut left = Vec::new();
             for lease in leases {
                 match run(&lease) {
-                    Some(results) => completions.push(Completion {
-                        lease_token: lease.lease_token,
-                        results,
-                    }),
+                    Some(results) => {
+                        completions.push(Completion {
+                            lease_token: lease.lease_token,
+                            results,
+                        });
+                        steps.push((lease.step.id, lease.step.task_id));
+                    }
                     None => left.push(lease),
                 }
             }
+            let claimed = ClaimedHere {
+                subjects,
+                tasks: distinct(steps.iter().map(|(_, task)| *task)),
+                steps: steps.into_iter().map(|(step, _)| step).collect(),
+            };
             let report = self
-                .complete_rows(&txn, &completions, Some(subjects), &mut rows)
+                .complete_rows(&txn, &completions, Some(claimed), &mut rows)
                 .await?;
             self.insert_rows(&txn, rows).await?;
             self.commit_events(txn).await?;
@@ -394,12 +406,13 @@ impl Store {
     }
 
     /// The completions' writes inside `txn`, their transition and event rows added to `rows`.
-    /// `known`: the subjects of the steps' tasks, when the caller has them already.
+    /// `claimed`: when the steps were claimed earlier in `txn`, which steps and tasks they
+    /// are, and their subjects.
     async fn complete_rows(
         &self,
         txn: &WriteTxn,
         completions: &[Completion],
-        known: Option<Subjects>,
+        claimed: Option<ClaimedHere>,
         rows: &mut crate::events::Rows,
     ) -> Result<CompletionReport> {
         if completions.is_empty() {
@@ -426,27 +439,54 @@ impl Store {
             .push(" FROM v WHERE s.lease_token = v.token AND s.state = 'in_progress' AND s.lease_expires_ms >= ")
             .bind(now_ms)
             .push(if postgres { " RETURNING s.*" } else { " RETURNING *" });
-        if known.is_none() {
+        if claimed.is_none() {
             push_task_fields(&mut sql, &SUBJECT_FIELDS);
         }
-        let returned = txn.query_all_raw(sql.build()).await?;
+        let backend = txn.get_database_backend();
+        // Steps claimed in this transaction all complete (they hold the leases it just gave):
+        // the release of their children and the count of their tasks' steps go with the
+        // completion, in one command on SQLite, and what completed is checked against them.
+        let (returned, mut released, mut counted) = match &claimed {
+            Some(claimed) => {
+                let mut answers = txn
+                    .query_many(vec![
+                        sql.build(),
+                        release_children_statement(backend, &claimed.steps, now),
+                        step_counts_statement(backend, &claimed.tasks, now),
+                    ])
+                    .await?
+                    .into_iter();
+                let mut next = || answers.next().unwrap_or_default();
+                (next(), Some(next()), Some(next()))
+            }
+            None => (txn.query_all_raw(sql.build()).await?, None, None),
+        };
         let mut completed = Vec::with_capacity(returned.len());
         let mut found = Subjects::default();
         for row in &returned {
             let step = workflow_step::Model::from_query_result(row, "")?;
-            if known.is_none() {
+            if claimed.is_none() {
                 found.add(TaskSubject::from_query_result(row, "")?);
             }
             completed.push(step);
         }
         let done_ids: Vec<Uuid> = completed.iter().map(|step| step.id).collect();
         let mut report = CompletionReport::default();
+        if let Some(claimed) = &claimed
+            && !same_ids(&claimed.steps, &done_ids)
+        {
+            // Not reachable while the claim holds its leases; never committed if it were.
+            return Err(Error::Conflict(
+                "steps claimed in this transaction did not all complete; nothing was written"
+                    .into(),
+            ));
+        }
         if completed.is_empty() {
             report.lost = completions.iter().map(|c| c.lease_token).collect();
             return Ok(report);
         }
         let task_ids = distinct(completed.iter().map(|step| step.task_id));
-        let subjects = known.unwrap_or(found);
+        let subjects = claimed.map_or(found, |claimed| claimed.subjects);
         let mut transitions = Vec::with_capacity(completed.len());
         let mut events = Vec::with_capacity(completed.len());
         for step in &completed {
@@ -463,12 +503,23 @@ impl Store {
             transitions.push(row);
             events.push(event);
         }
-        report.newly_ready = self
-            .release_children(txn, &done_ids, &subjects, now, &mut events)
-            .await?;
-        let finished = self
-            .finalize_tasks(txn, &task_ids, &subjects, now, &mut events)
-            .await?;
+        report.newly_ready = match released.take() {
+            Some(released) => children_released(&released, &subjects, now, &mut events)?,
+            None => {
+                self.release_children(txn, &done_ids, &subjects, now, &mut events)
+                    .await?
+            }
+        };
+        let finished = match counted.take() {
+            Some(counts) => {
+                self.finalize_counted(txn, &counts, &subjects, now, &mut events)
+                    .await?
+            }
+            None => {
+                self.finalize_tasks(txn, &task_ids, &subjects, now, &mut events)
+                    .await?
+            }
+        };
         rows.add(transitions).add(finished.1).add(events);
         // A completed step keeps the token that completed it; the others were lost.
         let completed_tokens: HashSet<Uuid> = completed
@@ -904,6 +955,23 @@ impl Store {
             .one(&self.db)
             .await?;
         Ok(row.map_or(0, |row| u64::try_from(row.ready).unwrap_or(0)))
+    }
+}
+
+/// Steps claimed earlier in a transaction that completes them: which steps and tasks the
+/// completion touches is known before it runs.
+struct ClaimedHere {
+    subjects: Subjects,
+    steps: Vec<Uuid>,
+    /// Their tasks, each once.
+    tasks: Vec<Uuid>,
+}
+
+/// Whether two lists hold the same ids (each list's ids distinct).
+fn same_ids(expected: &[Uuid], found: &[Uuid]) -> bool {
+    expected.len() == found.len() && {
+        let expected: HashSet<&Uuid> = expected.iter().collect();
+        found.iter().all(|id| expected.contains(id))
     }
 }
 

@@ -12,7 +12,10 @@ use crate::state_change::{CompletedAt, TaskMove, move_tasks};
 use crate::write::WriteTxn;
 use crate::{Result, Store};
 use chrono::{DateTime, Utc};
-use sea_orm::{ColumnTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    Statement,
+};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use tasker_domain::execution::{StepProgress, task_outcome};
@@ -34,25 +37,8 @@ impl Store {
         if parent_ids.is_empty() {
             return Ok(0);
         }
-        let mut sql = Sql::new(self.db.get_database_backend());
-        // Every child is stamped: the stamp that stays is the one of the parent that brought
-        // its counter to zero, the moment it became claimable (until then it is not read).
-        sql.push("UPDATE workflow_steps SET pending_parents = pending_parents - (SELECT COUNT(*) FROM workflow_step_edges e WHERE e.child_step_id = workflow_steps.id AND e.parent_step_id IN ")
-            .bind_list(parent_ids.iter().copied())
-            .push("), ready_since_ms = ")
-            .bind(now.timestamp_millis())
-            .push(" WHERE id IN (SELECT child_step_id FROM workflow_step_edges WHERE parent_step_id IN ")
-            .bind_list(parent_ids.iter().copied())
-            .push(") RETURNING id, task_id, name, position, pending_parents");
-        let children = ReadyChild::find_by_statement(sql.build()).all(txn).await?;
-        let mut ready: Vec<&ReadyChild> =
-            children.iter().filter(|c| c.pending_parents == 0).collect();
-        ready.sort_by_key(|c| c.position);
-        events.extend(subjects.steps_ready(
-            ready.iter().map(|c| (c.task_id, c.id, c.name.as_str())),
-            now,
-        ));
-        Ok(ready.len())
+        let statement = release_children_statement(txn.get_database_backend(), parent_ids, now);
+        children_released(&txn.query_all_raw(statement).await?, subjects, now, events)
     }
 
     /// Moves running tasks whose steps are all done to `complete`, and those where a step
@@ -68,19 +54,25 @@ impl Store {
         now: DateTime<Utc>,
         events: &mut Vec<event::ActiveModel>,
     ) -> Result<(Vec<TaskRecord>, Vec<task_transition::ActiveModel>)> {
-        let mut sql = Sql::new(self.db.get_database_backend());
-        sql.push("SELECT task_id, COUNT(*) AS total, SUM(CASE WHEN state IN ")
-            .push(DONE_STATES)
-            .push(" THEN 1 ELSE 0 END) AS done, SUM(CASE WHEN state = 'error' AND next_attempt_ms IS NULL THEN 1 ELSE 0 END) AS failed, SUM(CASE WHEN state = 'in_progress' OR (state = 'pending' AND pending_parents = 0) OR (state = 'error' AND next_attempt_ms <= ")
-            .bind(now.timestamp_millis())
-            .push(") THEN 1 ELSE 0 END) AS active, SUM(CASE WHEN state = 'error' AND next_attempt_ms > ")
-            .bind(now.timestamp_millis())
-            .push(" THEN 1 ELSE 0 END) AS backing_off, MIN(CASE WHEN state = 'error' THEN next_attempt_ms END) AS next_retry_ms FROM workflow_steps WHERE task_id IN ")
-            .bind_list(task_ids.iter().copied())
-            .push(" GROUP BY task_id");
-        let counts = TaskStepCounts::find_by_statement(sql.build())
-            .all(txn)
-            .await?;
+        let statement = step_counts_statement(txn.get_database_backend(), task_ids, now);
+        let counts = txn.query_all_raw(statement).await?;
+        self.finalize_counted(txn, &counts, subjects, now, events)
+            .await
+    }
+
+    /// [`Store::finalize_tasks`] once the tasks' steps are counted ([`step_counts_statement`]).
+    pub(crate) async fn finalize_counted(
+        &self,
+        txn: &WriteTxn,
+        counts: &[sea_orm::QueryResult],
+        subjects: &Subjects,
+        now: DateTime<Utc>,
+        events: &mut Vec<event::ActiveModel>,
+    ) -> Result<(Vec<TaskRecord>, Vec<task_transition::ActiveModel>)> {
+        let counts = counts
+            .iter()
+            .map(|row| TaskStepCounts::from_query_result(row, ""))
+            .collect::<Result<Vec<_>, _>>()?;
         let complete: Vec<Uuid> = counts
             .iter()
             .filter(|c| c.done == c.total)
@@ -204,6 +196,67 @@ impl Store {
         }
         Ok(subjects)
     }
+}
+
+/// The statement that drops the dependency counters of the children of `parent_ids` and
+/// answers them ([`children_released`] reads its rows).
+pub(crate) fn release_children_statement(
+    backend: DbBackend,
+    parent_ids: &[Uuid],
+    now: DateTime<Utc>,
+) -> Statement {
+    let mut sql = Sql::new(backend);
+    // Every child is stamped: the stamp that stays is the one of the parent that brought
+    // its counter to zero, the moment it became claimable (until then it is not read).
+    sql.push("UPDATE workflow_steps SET pending_parents = pending_parents - (SELECT COUNT(*) FROM workflow_step_edges e WHERE e.child_step_id = workflow_steps.id AND e.parent_step_id IN ")
+        .bind_list(parent_ids.iter().copied())
+        .push("), ready_since_ms = ")
+        .bind(now.timestamp_millis())
+        .push(" WHERE id IN (SELECT child_step_id FROM workflow_step_edges WHERE parent_step_id IN ")
+        .bind_list(parent_ids.iter().copied())
+        .push(") RETURNING id, task_id, name, position, pending_parents");
+    sql.build()
+}
+
+/// Appends a `task.steps_ready` event for each task where children became claimable (the
+/// rows of [`release_children_statement`]); returns how many did.
+pub(crate) fn children_released(
+    rows: &[sea_orm::QueryResult],
+    subjects: &Subjects,
+    now: DateTime<Utc>,
+    events: &mut Vec<event::ActiveModel>,
+) -> Result<usize> {
+    let children = rows
+        .iter()
+        .map(|row| ReadyChild::from_query_result(row, ""))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ready: Vec<&ReadyChild> = children.iter().filter(|c| c.pending_parents == 0).collect();
+    ready.sort_by_key(|c| c.position);
+    events.extend(subjects.steps_ready(
+        ready.iter().map(|c| (c.task_id, c.id, c.name.as_str())),
+        now,
+    ));
+    Ok(ready.len())
+}
+
+/// The statement that counts the steps of `task_ids` by what they are doing
+/// ([`Store::finalize_counted`] reads its rows).
+pub(crate) fn step_counts_statement(
+    backend: DbBackend,
+    task_ids: &[Uuid],
+    now: DateTime<Utc>,
+) -> Statement {
+    let mut sql = Sql::new(backend);
+    sql.push("SELECT task_id, COUNT(*) AS total, SUM(CASE WHEN state IN ")
+        .push(DONE_STATES)
+        .push(" THEN 1 ELSE 0 END) AS done, SUM(CASE WHEN state = 'error' AND next_attempt_ms IS NULL THEN 1 ELSE 0 END) AS failed, SUM(CASE WHEN state = 'in_progress' OR (state = 'pending' AND pending_parents = 0) OR (state = 'error' AND next_attempt_ms <= ")
+        .bind(now.timestamp_millis())
+        .push(") THEN 1 ELSE 0 END) AS active, SUM(CASE WHEN state = 'error' AND next_attempt_ms > ")
+        .bind(now.timestamp_millis())
+        .push(" THEN 1 ELSE 0 END) AS backing_off, MIN(CASE WHEN state = 'error' THEN next_attempt_ms END) AS next_retry_ms FROM workflow_steps WHERE task_id IN ")
+        .bind_list(task_ids.iter().copied())
+        .push(" GROUP BY task_id");
+    sql.build()
 }
 
 /// What events name of a task, as a statement returns it: the `task_*` columns of

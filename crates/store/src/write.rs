@@ -105,6 +105,25 @@ impl WriteTxn {
         })
     }
 
+    /// Runs `statements` in order and answers the rows of each: on SQLite in one command.
+    /// For statements that depend on no answer before them.
+    pub async fn query_many(&self, statements: Vec<Statement>) -> Result<Vec<Vec<QueryResult>>> {
+        match &self.kind {
+            Kind::Driver(txn) => {
+                let mut answers = Vec::with_capacity(statements.len());
+                for statement in statements {
+                    answers.push(txn.query_all_raw(statement).await?);
+                }
+                Ok(answers)
+            }
+            Kind::Script(script) => {
+                let count = statements.len() as u64;
+                let answers = script.lock().await.send_all(statements, count).await?;
+                Ok(answers.into_iter().map(|answer| answer.rows).collect())
+            }
+        }
+    }
+
     pub fn sequencer_locked(&self) -> bool {
         self.sequencer_locked.load(Ordering::Relaxed)
     }
@@ -173,10 +192,10 @@ struct Script {
     raw: RawTransaction,
 }
 
-/// What the last statement of a script answered.
+/// What one statement of a script answered.
 struct Answer {
     rows: Vec<QueryResult>,
-    changes: Option<sqlx::sqlite::SqliteQueryResult>,
+    changes: sqlx::sqlite::SqliteQueryResult,
 }
 
 /// Refuses statements for a transaction that ended (a caller that went on after an error).
@@ -204,20 +223,30 @@ impl Script {
         }
     }
 
-    /// Sends what waits and then `sql` as one command; answers the rows and changes of `sql`.
-    async fn send(
+    /// Sends what waits and then `statement` as one command; answers the rows and changes of
+    /// `statement`.
+    async fn send(&mut self, statement: Statement, statements: u64) -> Result<Answer, DbErr> {
+        let mut answers = self.send_all(vec![statement], statements).await?;
+        answers.pop().ok_or_else(ended)
+    }
+
+    /// Sends what waits and then `tail` as one command (`statements` of them, transaction
+    /// control left out); answers the rows and changes of each of `tail`, in order.
+    async fn send_all(
         &mut self,
-        sql: &str,
-        values: Option<Values>,
+        tail: Vec<Statement>,
         statements: u64,
-    ) -> Result<Answer, DbErr> {
+    ) -> Result<Vec<Answer>, DbErr> {
         if self.state == ScriptState::Ended || self.conn.is_none() {
             return Err(ended());
         }
         // A script that carries queued rows is seldom sent twice: prepared for this once,
         // rather than taking a place in the driver's statement cache.
         let repeats = self.statements == 0;
-        self.append(sql, values);
+        let answered = tail.len();
+        for statement in tail {
+            self.append(&statement.sql, statement.values);
+        }
         let text = std::mem::take(&mut self.waiting);
         let values = std::mem::take(&mut self.values);
         let statements = std::mem::take(&mut self.statements) + statements;
@@ -235,7 +264,16 @@ impl Script {
             return Err(ended());
         };
         match tracing::Instrument::instrument(run(conn, text, values, repeats), span).await {
-            Ok(answer) => Ok(answer),
+            Ok(mut answers) if answers.len() >= answered => {
+                Ok(answers.split_off(answers.len() - answered))
+            }
+            Ok(_) => {
+                // Fewer statements ran than were sent: not a state to commit.
+                self.roll_back().await;
+                Err(DbErr::Custom(
+                    "a script ran fewer statements than it holds".into(),
+                ))
+            }
             Err(err) => {
                 self.roll_back().await;
                 Err(DbErr::Query(RuntimeErr::SqlxError(Arc::new(err))))
@@ -266,13 +304,18 @@ impl Script {
             // Nothing was sent and nothing waits: there is nothing to commit.
             ScriptState::NotBegun if self.statements == 0 => {}
             _ => {
-                self.send("COMMIT", None, 0).await?;
+                self.send(unbound("COMMIT"), 0).await?;
             }
         }
         self.state = ScriptState::Ended;
         self.raw.set(false);
         Ok(())
     }
+}
+
+/// A statement without values.
+fn unbound(sql: &str) -> Statement {
+    Statement::from_string(DbBackend::Sqlite, sql)
 }
 
 /// Rolls back; whether the connection is outside any transaction afterwards.
@@ -284,32 +327,29 @@ async fn ends_transaction(conn: &mut PoolConnection<Sqlite>) -> bool {
     matches!(crate::health::sqlite_autocommit(conn).await, Ok(true))
 }
 
-/// One command: every statement of `text`; the rows and changes of the last.
+/// One command: every statement of `text`; the rows and changes of each, in order.
 async fn run(
     conn: &mut PoolConnection<Sqlite>,
     text: String,
     values: Vec<Value>,
     repeats: bool,
-) -> Result<Answer, sqlx::Error> {
+) -> Result<Vec<Answer>, sqlx::Error> {
     let query =
         sqlx::query_with(sqlx::AssertSqlSafe(text), SqlxValues(Values(values))).persistent(repeats);
-    let mut answers = conn.fetch_many(query);
-    let mut answer = Answer {
-        rows: Vec::new(),
-        changes: None,
-    };
+    let mut items = conn.fetch_many(query);
+    let mut answers = Vec::new();
     let mut rows = Vec::new();
-    // Each statement's rows come before its summary: the rows kept are the last statement's.
-    while let Some(item) = answers.try_next().await? {
+    // Each statement's rows come before its summary.
+    while let Some(item) = items.try_next().await? {
         match item {
             Either::Right(row) => rows.push(QueryResult::from(row)),
-            Either::Left(changes) => {
-                answer.rows = std::mem::take(&mut rows);
-                answer.changes = Some(changes);
-            }
+            Either::Left(changes) => answers.push(Answer {
+                rows: std::mem::take(&mut rows),
+                changes,
+            }),
         }
     }
-    Ok(answer)
+    Ok(answers)
 }
 
 impl Drop for Script {
@@ -350,8 +390,8 @@ impl ConnectionTrait for WriteTxn {
         match &self.kind {
             Kind::Driver(txn) => txn.execute_raw(stmt).await,
             Kind::Script(script) => {
-                let answer = script.lock().await.send(&stmt.sql, stmt.values, 1).await?;
-                Ok(answer.changes.unwrap_or_default().into())
+                let answer = script.lock().await.send(stmt, 1).await?;
+                Ok(answer.changes.into())
             }
         }
     }
@@ -360,8 +400,8 @@ impl ConnectionTrait for WriteTxn {
         match &self.kind {
             Kind::Driver(txn) => txn.execute_unprepared(sql).await,
             Kind::Script(script) => {
-                let answer = script.lock().await.send(sql, None, 1).await?;
-                Ok(answer.changes.unwrap_or_default().into())
+                let answer = script.lock().await.send(unbound(sql), 1).await?;
+                Ok(answer.changes.into())
             }
         }
     }
@@ -373,12 +413,7 @@ impl ConnectionTrait for WriteTxn {
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
         match &self.kind {
             Kind::Driver(txn) => txn.query_all_raw(stmt).await,
-            Kind::Script(script) => Ok(script
-                .lock()
-                .await
-                .send(&stmt.sql, stmt.values, 1)
-                .await?
-                .rows),
+            Kind::Script(script) => Ok(script.lock().await.send(stmt, 1).await?.rows),
         }
     }
 }
@@ -491,6 +526,41 @@ mod tests {
                 "{}",
                 database.backend()
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn statements_sent_together_answer_their_own_rows() {
+        for database in databases().await {
+            let store = &database.store;
+            let txn = store.begin_write().await.expect("begin");
+            txn.queue(insert(store, 1, "a"), 1).await.expect("queue");
+            let backend = store.db.get_database_backend();
+            let answers = txn
+                .query_many(vec![
+                    insert(store, 2, "b"),
+                    select(store),
+                    Statement::from_string(backend, "SELECT name FROM scratch WHERE id = 2"),
+                ])
+                .await
+                .expect("three statements");
+            let names = |rows: &[QueryResult]| -> Vec<String> {
+                rows.iter()
+                    .map(|row| Name::from_query_result(row, "").expect("name").name)
+                    .collect()
+            };
+            let got: Vec<Vec<String>> = answers.iter().map(|rows| names(rows)).collect();
+            assert_eq!(
+                got,
+                [
+                    vec![],
+                    vec!["a".to_owned(), "b".to_owned()],
+                    vec!["b".to_owned()]
+                ],
+                "{}",
+                database.backend()
+            );
+            txn.commit().await.expect("commit");
         }
     }
 

@@ -530,6 +530,30 @@ async fn sqlite_sends_a_creation_as_two_commands_and_a_claim_as_three() {
     );
 }
 
+/// On SQLite a claim that completes what it claimed, in a task already running, is three
+/// commands: `BEGIN` with the claim; the completion with the release of the children and the
+/// count of the task's steps; the transition and event rows with `COMMIT`.
+#[tokio::test]
+async fn sqlite_claims_and_completes_in_three_commands() {
+    let db = sqlite_with_diamond().await;
+    let store = &db.store;
+    store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+    let (_, first) = store
+        .claim_and_complete(&claim(10), |_| Some(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(first.newly_ready, 2, "reserve and charge");
+    let before = store.round_trip_count();
+    let (left, second) = store
+        .claim_and_complete(&claim(10), |_| Some(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(store.round_trip_count() - before, 3);
+    assert!(left.is_empty());
+    assert_eq!(second.completed.len(), 2, "reserve and charge");
+    assert_eq!(second.newly_ready, 1, "ship");
+}
+
 /// Many workers claiming at once never share a step.
 #[tokio::test]
 async fn concurrent_claims_never_lease_a_step_twice() {
