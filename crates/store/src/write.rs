@@ -160,6 +160,9 @@ impl WriteTxn {
     }
 }
 
+/// The longest script kept in the driver's statement cache.
+const CACHED_SCRIPT_BYTES: usize = 8 * 1024;
+
 /// How a SQLite transaction starts: it takes the write lock at once, so a writer in another
 /// process makes it wait (busy timeout) at its start rather than fail halfway.
 const BEGIN: &str = "BEGIN IMMEDIATE";
@@ -240,14 +243,14 @@ impl Script {
         if self.state == ScriptState::Ended || self.conn.is_none() {
             return Err(ended());
         }
-        // A script that carries queued rows is seldom sent twice: prepared for this once,
-        // rather than taking a place in the driver's statement cache.
-        let repeats = self.statements == 0;
         let answered = tail.len();
         for statement in tail {
             self.append(&statement.sql, statement.values);
         }
         let text = std::mem::take(&mut self.waiting);
+        // Small scripts come back (a creation, a chain step: the same rows each time) and are
+        // kept prepared; a big batch's seldom does, and would crowd the driver's cache.
+        let repeats = text.len() <= CACHED_SCRIPT_BYTES;
         let values = std::mem::take(&mut self.values);
         let statements = std::mem::take(&mut self.statements) + statements;
         self.counters.sent(1, statements);
