@@ -445,7 +445,13 @@ impl Engine {
     /// Records a failed attempt; a scheduled retry re-arms the timer.
     pub async fn fail(&self, failure: &AttemptFailure) -> Result<FailureReport> {
         let report = self.store.fail_step(failure).await?;
-        if report.newly_ready > 0 {
+        // A retry due at once is work now, here and on the other replicas (later ones are
+        // found by every replica's timer).
+        let retry_now = report
+            .step
+            .next_attempt_at
+            .is_some_and(|at| at <= self.store.clock().now());
+        if report.newly_ready > 0 || retry_now {
             self.announce().await;
         }
         self.note_attempt(

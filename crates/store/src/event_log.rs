@@ -82,9 +82,13 @@ const SEQUENCER_LOCK: i64 = 0x7461_736b_6572;
 /// under 1.2 ms by plain scans). `SET LOCAL` ends with the transaction.
 const NUMBER_EVENTS: &str = "SET LOCAL enable_bitmapscan = off; UPDATE events AS e SET sequence = numbered.base + numbered.n \
      FROM (SELECT p.position, ROW_NUMBER() OVER (ORDER BY p.position) AS n, \
-                  (SELECT COALESCE(MAX(sequence), 0) FROM events) AS base \
+                  (SELECT GREATEST(COALESCE(MAX(sequence), 0), (SELECT pruned_through FROM event_retention WHERE id = 1)) FROM events) AS base \
            FROM events p WHERE p.sequence IS NULL) AS numbered \
      WHERE e.position = numbered.position";
+
+/// The number the next event follows: the highest given, or the highest the retention
+/// policy deleted when it deleted them all (numbers never start over).
+pub(crate) const SEQUENCE_BASE: &str = "SELECT GREATEST(COALESCE(MAX(sequence), 0), (SELECT pruned_through FROM event_retention WHERE id = 1)) AS base FROM events";
 
 impl EventRecord {
     /// Its place in the log (PostgreSQL: the commit-ordered number; SQLite: the position).
@@ -254,6 +258,8 @@ impl Store {
     /// others —, and the lock is held to the commit, so numbers follow commit order and no
     /// reader can pass over a late commit. Then the in-process signal.
     pub(crate) async fn commit_events(&self, txn: WriteTxn) -> Result<()> {
+        // Events inserted otherwise (a published custom event, a registration) are numbered
+        // here; no transaction inserts events both ways.
         if self.db.get_database_backend() == DbBackend::Postgres && !txn.sequencer_locked() {
             // One command: the lock, the numbers, the NOTIFY (delivered at commit). The lock
             // key is a constant, the channel and the origin are made of hex digits: no input

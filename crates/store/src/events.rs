@@ -380,7 +380,9 @@ impl Insert {
         }
         sql.push(") AS v(")
             .push(&columns)
-            .push(", ord) CROSS JOIN (SELECT COALESCE(MAX(sequence), 0) AS base FROM events) AS b ORDER BY v.ord");
+            .push(", ord) CROSS JOIN (")
+            .push(crate::event_log::SEQUENCE_BASE)
+            .push(") AS b ORDER BY v.ord");
     }
 }
 

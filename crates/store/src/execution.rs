@@ -436,9 +436,17 @@ impl Store {
             .bind(now)
             .push(", completed_at = ")
             .bind(now)
-            .push(" FROM v WHERE s.lease_token = v.token AND s.state = 'in_progress' AND s.lease_expires_ms >= ")
-            .bind(now_ms)
-            .push(if postgres { " RETURNING s.*" } else { " RETURNING *" });
+            .push(" FROM v WHERE s.lease_token = v.token AND s.state = 'in_progress'");
+        // Steps claimed in this transaction hold their leases whatever the time now: the
+        // transaction has held their rows since.
+        if claimed.is_none() {
+            sql.push(" AND s.lease_expires_ms >= ").bind(now_ms);
+        }
+        sql.push(if postgres {
+            " RETURNING s.*"
+        } else {
+            " RETURNING *"
+        });
         if claimed.is_none() {
             push_task_fields(&mut sql, &SUBJECT_FIELDS);
         }
@@ -475,7 +483,8 @@ impl Store {
         if let Some(claimed) = &claimed
             && !same_ids(&claimed.steps, &done_ids)
         {
-            // Not reachable while the claim holds its leases; never committed if it were.
+            // Not reachable: the transaction holds the rows it claimed; never committed if it
+            // were.
             return Err(Error::Conflict(
                 "steps claimed in this transaction did not all complete; nothing was written"
                     .into(),
@@ -550,16 +559,18 @@ impl Store {
                 .one(&txn)
                 .await?
                 .ok_or(Error::LeaseLost)?;
+            let mut rows = crate::events::Rows::new();
             let report = self
                 .record_failure(
                     &txn,
                     step,
                     &failure.message,
-                    failure.retryable,
-                    failure.retry_after_seconds,
+                    (failure.retryable, failure.retry_after_seconds),
                     None,
+                    &mut rows,
                 )
                 .await?;
+            self.insert_rows(&txn, rows).await?;
             self.commit_events(txn).await?;
             Ok(report)
         })
@@ -676,6 +687,9 @@ impl Store {
                 .all(&txn)
                 .await?;
             let mut expiries = Vec::with_capacity(expired.len());
+            // Every step's rows are written together, last: on PostgreSQL writing events
+            // takes the sequencer lock, which must not be held while other rows are locked.
+            let mut rows = crate::events::Rows::new();
             for step in expired {
                 let (message, cause) = match (step.deadline_ms, step.timeout_ms) {
                     (Some(deadline), Some(timeout)) if deadline < now_ms => (
@@ -689,7 +703,7 @@ impl Store {
                     ),
                 };
                 let report = self
-                    .record_failure(&txn, step, &message, true, None, Some(cause))
+                    .record_failure(&txn, step, &message, (true, None), Some(cause), &mut rows)
                     .await?;
                 expiries.push(Expiry {
                     step: report.step,
@@ -700,6 +714,7 @@ impl Store {
             if expiries.is_empty() {
                 txn.commit().await?;
             } else {
+                self.insert_rows(&txn, rows).await?;
                 self.commit_events(txn).await?;
             }
             Ok(expiries)
@@ -759,15 +774,16 @@ impl Store {
         Ok(inputs)
     }
 
-    /// The failure path shared by workers' reports and expired leases.
+    /// The failure path shared by workers' reports and expired leases; its transition and
+    /// event rows are added to `new_rows`, for the caller to write last.
     async fn record_failure(
         &self,
         txn: &WriteTxn,
         step: workflow_step::Model,
         message: &str,
-        retryable: bool,
-        retry_after_seconds: Option<f64>,
+        (retryable, retry_after_seconds): (bool, Option<f64>),
         cause: Option<EventName>,
+        new_rows: &mut crate::events::Rows,
     ) -> Result<FailureReport> {
         let now = self.now();
         let now_ms = now.timestamp_millis();
@@ -871,9 +887,7 @@ impl Store {
         let (mut finished, task_transitions) = self
             .finalize_tasks(txn, &[step.task_id], &subjects, now, &mut events)
             .await?;
-        let mut new_rows = crate::events::Rows::new();
         new_rows.add([row]).add(task_transitions).add(events);
-        self.insert_rows(txn, new_rows).await?;
         Ok(FailureReport {
             step: updated.try_into()?,
             newly_ready,

@@ -48,8 +48,11 @@ impl Store {
     pub async fn prune_finished(&self, cutoff: DateTime<Utc>, batch: u32) -> Result<Pruned> {
         self.writing(async {
             // PostgreSQL: every committed event has its number before any is deleted, so the
-            // recorded cursor covers them all.
-            self.number_events().await?;
+            // recorded cursor covers them all. Readers here hear of newly numbered ones (the
+            // NOTIFY reaches only the other replicas).
+            if self.number_events().await? > 0 {
+                self.note_events_appended();
+            }
             let txn = self.begin_write().await?;
             let backend = self.db.get_database_backend();
             let cursor = crate::event_log::cursor_column(backend);

@@ -231,3 +231,41 @@ async fn vacuum_analyze_processes_every_table_of_the_schema() {
         }
     }
 }
+
+/// When the policy has deleted the whole log, the numbers go on after the last one deleted:
+/// a reader at that cursor receives what comes next.
+#[tokio::test]
+async fn numbers_go_on_after_a_log_pruned_to_nothing() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let backend = db.backend();
+        store.register_template(DIAMOND, false).await.unwrap();
+        store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+        finish(store).await;
+        clock.advance(Duration::days(10));
+        prune_all(store, clock_now(store) - Duration::days(7), 10).await;
+        let within = EventFilter::within(Within::Any);
+        assert!(
+            store
+                .events_page(&within, None, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{backend}: nothing left"
+        );
+        let through = store.pruned_through().await.unwrap();
+        let next = store
+            .create_task(order("shop", "fulfil", 2))
+            .await
+            .unwrap()
+            .task;
+        let read = store
+            .events_page(&within, Some(through), 100)
+            .await
+            .unwrap();
+        let written = store.events_for_tasks(&[next.id]).await.unwrap();
+        assert_eq!(read.len(), written.len(), "{backend}: {read:?}");
+        assert!(read.iter().all(|e| e.cursor() > through), "{backend}");
+    }
+}
