@@ -11,6 +11,7 @@ mod m20261201_000002_step_ready_since;
 mod m20261201_000003_task_trace_parent;
 mod m20261204_000001_event_retention;
 mod m20261207_000001_partial_step_indexes;
+mod m20261207_000002_lean_history;
 
 /// Every migration, in the order they apply.
 pub struct Migrator;
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000003_task_trace_parent::Migration),
             Box::new(m20261204_000001_event_retention::Migration),
             Box::new(m20261207_000001_partial_step_indexes::Migration),
+            Box::new(m20261207_000002_lean_history::Migration),
         ]
     }
 }

@@ -75,8 +75,14 @@ impl Store {
                     .bind_list(tasks.iter().copied());
                 through = through.max(highest_cursor(&txn, highest).await?);
                 pruned.events += delete(&txn, backend, "events", "task_id", &tasks).await?;
+                // Step transitions are keyed by their step: reached through the steps' index.
+                let mut step_transitions = Sql::new(backend);
+                step_transitions
+                    .push("DELETE FROM step_transitions WHERE step_id IN (SELECT id FROM workflow_steps WHERE task_id IN ")
+                    .bind_list(tasks.iter().copied())
+                    .push(")");
+                txn.execute_raw(step_transitions.build()).await?;
                 for table in [
-                    "step_transitions",
                     "task_transitions",
                     "workflow_step_edges",
                     "task_tags",

@@ -105,6 +105,18 @@ impl TestDatabase {
     pub fn backend(&self) -> &'static str {
         self.store.backend_name()
     }
+
+    /// Undoes the newest migration and applies it again, over whatever the database holds:
+    /// a migration that rebuilds tables must carry their rows both ways.
+    pub async fn redo_last_migration(&self) {
+        use tasker_migrations::{Migrator, MigratorTrait};
+        Migrator::down(&self.store.db, Some(1))
+            .await
+            .expect("undo the newest migration");
+        Migrator::up(&self.store.db, None)
+            .await
+            .expect("apply it again");
+    }
 }
 
 /// Another session that holds what writers need until released: SQLite's write lock

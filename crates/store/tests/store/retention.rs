@@ -269,3 +269,78 @@ async fn numbers_go_on_after_a_log_pruned_to_nothing() {
         assert!(read.iter().all(|e| e.cursor() > through), "{backend}");
     }
 }
+
+/// Every transition, step transition and event of these tasks, as stored.
+async fn history(store: &Store, tasks: &[Uuid]) -> impl std::fmt::Debug + PartialEq + use<> {
+    let steps: Vec<Uuid> = store
+        .steps_for_tasks(tasks)
+        .await
+        .unwrap()
+        .iter()
+        .map(|step| step.id)
+        .collect();
+    (
+        store.task_transitions(tasks).await.unwrap(),
+        store.step_transitions(&steps).await.unwrap(),
+        store.events_for_tasks(tasks).await.unwrap(),
+    )
+}
+
+/// The history tables were rebuilt with other keys (on SQLite by copying them): their rows
+/// come through unchanged both ways, and event numbers go on after the highest ever given,
+/// also when the log was pruned to nothing before the rebuild.
+#[tokio::test]
+async fn rebuilt_history_tables_keep_their_rows_and_the_log_its_numbers() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let backend = db.backend();
+        store.register_template(DIAMOND, false).await.unwrap();
+        let old = store.create_task(order("shop", "fulfil", 1)).await.unwrap();
+        finish(store).await;
+        let deleted_through = history_end(store, old.task.id).await;
+        clock.advance(Duration::days(10));
+        prune_all(store, clock_now(store), 10).await;
+        assert!(
+            store
+                .events_page(&EventFilter::within(Within::Any), None, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{backend}: the log is empty"
+        );
+
+        db.redo_last_migration().await;
+        let kept = store.create_task(order("shop", "fulfil", 2)).await.unwrap();
+        finish(store).await;
+        let kept_events = store.events_for_tasks(&[kept.task.id]).await.unwrap();
+        assert!(
+            kept_events.iter().all(|e| e.cursor() > deleted_through),
+            "{backend}: numbers go on after {deleted_through:?}: {:?}",
+            kept_events.iter().map(|e| e.cursor()).collect::<Vec<_>>()
+        );
+
+        let before = history(store, &[kept.task.id]).await;
+        db.redo_last_migration().await;
+        assert_eq!(history(store, &[kept.task.id]).await, before, "{backend}");
+        let newest = store.create_task(order("shop", "fulfil", 3)).await.unwrap();
+        finish(store).await;
+        let kept_end = history_end(store, kept.task.id).await;
+        let newest_events = store.events_for_tasks(&[newest.task.id]).await.unwrap();
+        assert!(
+            newest_events.iter().all(|e| e.cursor() > kept_end),
+            "{backend}"
+        );
+        assert_eq!(
+            store.task(newest.task.id).await.unwrap().state,
+            tasker_domain::TaskState::Complete,
+            "{backend}: the rebuilt tables take new rows"
+        );
+    }
+}
+
+/// The highest cursor of a task's events.
+async fn history_end(store: &Store, task: Uuid) -> EventCursor {
+    let events = store.events_for_tasks(&[task]).await.unwrap();
+    events.iter().map(|e| e.cursor()).max().unwrap()
+}
