@@ -237,6 +237,7 @@ impl Store {
                 // A SQLite connection does not go bad while idle in the pool; the check on
                 // release is what keeps it sound.
                 pool.test_before_acquire(false)
+                    .after_connect(|conn, _| Box::pin(health::sqlite_stable_plans(conn)))
                     .after_release(move |conn, _| {
                         use sea_orm::sqlx::Connection as _;
                         // The common case answers at once, with nothing to clone or await.

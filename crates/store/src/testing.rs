@@ -179,8 +179,24 @@ impl TestDatabase {
         let mut sql = crate::sql::Sql::new(self.store.db.get_database_backend());
         sql.push("EXPLAIN QUERY PLAN SELECT s.id");
         crate::execution::push_ready_steps(&mut sql, 0, handlers, &tasker_domain::Within::Any);
-        sql.push(" ORDER BY s.id LIMIT 10");
+        // Bound, as the claim binds it: the plan must not depend on its value.
+        sql.push(" ORDER BY s.id LIMIT ").bind(10i64);
         self.plan(sql).await
+    }
+
+    /// SQLite: whether the store's connection plans statements without looking at the values
+    /// bound to them (see `health::sqlite_stable_plans`).
+    pub async fn sqlite_plans_are_stable(&self) -> bool {
+        let mut conn = self
+            .store
+            .db
+            .get_sqlite_connection_pool()
+            .acquire()
+            .await
+            .expect("the connection");
+        crate::health::sqlite_plans_are_stable(&mut conn)
+            .await
+            .expect("the planner setting")
     }
 
     /// SQLite: how the planner finds the finished tasks the retention sweep deletes.

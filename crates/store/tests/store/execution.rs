@@ -111,6 +111,15 @@ async fn a_diamond_runs_in_dependency_order_and_completes_its_task() {
     }
 }
 
+/// SQLite 3.51 plans with the value bound to a `LIMIT ?` unless told not to, and then compiles
+/// the statement again each time the value is bound: the claim was prepared anew on every
+/// execution. The store's connection plans without bound values.
+#[tokio::test]
+async fn sqlite_plans_do_not_depend_on_bound_values() {
+    let db = sqlite_with_diamond().await;
+    assert!(db.sqlite_plans_are_stable().await);
+}
+
 /// SQLite's planner, left to choose, walked every unfinished task to find the ready steps, so
 /// a claim for built-in handlers cost as much as the tasks waiting for external workers. The
 /// steps come first, through the readiness index, whatever the tasks hold. (PostgreSQL plans
