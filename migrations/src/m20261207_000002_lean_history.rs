@@ -6,10 +6,10 @@
 //! 11 index entries fewer on PostgreSQL, and every kept row carries them no longer. The step transitions' `task_id` index goes too: the retention
 //! sweep reaches them through their steps.
 //!
-//! SQLite cannot change a table's key in place, so there the tables are rebuilt, in one
-//! transaction of their own (SQLite runs a migration outside one); the event log keeps its
-//! AUTOINCREMENT high-water mark, so no position is ever handed out twice. PostgreSQL turns
-//! the unique order indexes into the primary keys.
+//! SQLite cannot change a table's key in place, so there the tables are rebuilt; the event
+//! log keeps its AUTOINCREMENT high-water mark, so no position is ever handed out twice.
+//! PostgreSQL turns the unique order indexes into the primary keys. On both, the migration
+//! and its record are one transaction: all of it or, after a failure, none.
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
@@ -19,16 +19,21 @@ pub struct Migration;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
+    /// Also on SQLite, where migrations otherwise run outside a transaction.
+    fn use_transaction(&self) -> Option<bool> {
+        Some(true)
+    }
+
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         match manager.get_database_backend() {
-            DbBackend::Sqlite => sqlite_script(manager, &sqlite_rebuild(Keys::Lean)).await,
+            DbBackend::Sqlite => run_all(manager, &[&sqlite_rebuild(Keys::Lean)]).await,
             _ => run_all(manager, POSTGRES_UP).await,
         }
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         match manager.get_database_backend() {
-            DbBackend::Sqlite => sqlite_script(manager, &sqlite_rebuild(Keys::ById)).await,
+            DbBackend::Sqlite => run_all(manager, &[&sqlite_rebuild(Keys::ById)]).await,
             _ => run_all(manager, POSTGRES_DOWN).await,
         }
     }
@@ -145,18 +150,4 @@ const TRANSITION_COLUMNS: &str =
 /// Copies every row of `table` into its rebuilt twin.
 fn copy(table: &str, columns: &str) -> String {
     format!("INSERT INTO {table}_rebuilt ({columns}) SELECT {columns} FROM {table}")
-}
-
-/// Runs `script` as one SQLite transaction: all of it or, after a failure, none.
-async fn sqlite_script(manager: &SchemaManager<'_>, script: &str) -> Result<(), DbErr> {
-    let db = manager.get_connection();
-    let outcome = db
-        .execute_unprepared(&format!("BEGIN IMMEDIATE;\n{script};\nCOMMIT"))
-        .await;
-    if outcome.is_err() {
-        // The script stopped inside its transaction; what it did is undone. (An error from
-        // the ROLLBACK itself means SQLite rolled back already.)
-        let _ = db.execute_unprepared("ROLLBACK").await;
-    }
-    outcome.map(|_| ())
 }
