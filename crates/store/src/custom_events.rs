@@ -5,8 +5,8 @@ use crate::records::EventRecord;
 use crate::{Error, Result, Store};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
+use tasker_domain::Problem;
 use tasker_domain::template::{CUSTOM_EVENT_PREFIX, MAX_CUSTOM_PAYLOAD_BYTES};
-use tasker_domain::{Problem, StateMachine, StepState};
 use uuid::Uuid;
 
 fn invalid(path: &str, message: String) -> Error {
@@ -36,7 +36,7 @@ impl Store {
             let txn = self.begin_write().await?;
             let step = workflow_step::Entity::find()
                 .filter(workflow_step::Column::LeaseToken.eq(lease_token))
-                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(crate::execution::step_in_progress())
                 .filter(workflow_step::Column::LeaseExpiresMs.gte(self.now_ms()))
                 .one(&txn)
                 .await?

@@ -31,6 +31,15 @@ use tasker_domain::execution::{Failure, FailureOutcome};
 use tasker_domain::{Backoff, EventName, StateMachine, StepState, TaskState, Within};
 use uuid::Uuid;
 
+/// `state = 'in_progress'`, written into the statement rather than bound: SQLite can then
+/// match it with the condition of the in-flight lease index, which it cannot do with a bound
+/// value (its planner never reads them: see `health::sqlite_stable_plans`).
+pub(crate) fn step_in_progress() -> Expr {
+    use sea_orm::sea_query::ExprTrait as _;
+    Expr::col((workflow_step::Entity, workflow_step::Column::State))
+        .eq(Expr::Constant(StepState::InProgress.as_str().into()))
+}
+
 /// What a worker asks for.
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {
@@ -344,7 +353,7 @@ impl Store {
                     Expr::value(expires_ms),
                 )
                 .filter(workflow_step::Column::LeaseToken.is_in(tokens.iter().copied()))
-                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(step_in_progress())
                 .filter(workflow_step::Column::LeaseExpiresMs.gte(now_ms))
                 .exec_with_returning(&self.db)
                 .await?;
@@ -554,7 +563,7 @@ impl Store {
             let txn = self.begin_write().await?;
             let step = workflow_step::Entity::find()
                 .filter(workflow_step::Column::LeaseToken.eq(failure.lease_token))
-                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(step_in_progress())
                 .filter(workflow_step::Column::LeaseExpiresMs.gte(now_ms))
                 .one(&txn)
                 .await?
@@ -591,7 +600,7 @@ impl Store {
             let txn = self.begin_write().await?;
             let held = workflow_step::Entity::find()
                 .filter(workflow_step::Column::LeaseToken.is_in(tokens.iter().copied()))
-                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(step_in_progress())
                 .filter(workflow_step::Column::LeaseExpiresMs.gte(now_ms))
                 .order_by_asc(workflow_step::Column::Id)
                 .all(&txn)
@@ -677,7 +686,7 @@ impl Store {
             let now_ms = self.now_ms();
             let txn = self.begin_write().await?;
             let expired = workflow_step::Entity::find()
-                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(step_in_progress())
                 .filter(
                     sea_orm::Condition::any()
                         .add(workflow_step::Column::LeaseExpiresMs.lt(now_ms))

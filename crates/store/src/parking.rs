@@ -38,7 +38,7 @@ impl Store {
                 )
                 .col_expr(workflow_step::Column::LeaseHolder, Expr::value(holder))
                 .filter(workflow_step::Column::LeaseToken.eq(lease_token))
-                .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+                .filter(crate::execution::step_in_progress())
                 .filter(workflow_step::Column::LeaseExpiresMs.gte(self.now_ms()))
                 .exec(&self.db)
                 .await?;
@@ -53,7 +53,7 @@ impl Store {
     /// Parked steps whose wake time has come, with their lease tokens, oldest first.
     pub async fn due_parked_steps(&self, limit: u64) -> Result<Vec<(Uuid, StepRecord)>> {
         let models = workflow_step::Entity::find()
-            .filter(workflow_step::Column::State.eq(StepState::InProgress.as_str()))
+            .filter(crate::execution::step_in_progress())
             .filter(workflow_step::Column::NextAttemptMs.lte(self.now_ms()))
             .order_by_asc(workflow_step::Column::NextAttemptMs)
             .limit(limit)
