@@ -3,8 +3,9 @@
 //! `(task_id | step_id, sort_key)`, its id an ordinary column, and the event id's unique index
 //! goes. A one-step task's claim and completion then write 15 B-tree entries fewer on SQLite
 //! (a transition is one B-tree instead of three or four, an event three instead of four) and
-//! 11 index entries fewer on PostgreSQL, and every kept row carries them no longer. The step transitions' `task_id` index goes too: the retention
-//! sweep reaches them through their steps.
+//! 11 index entries fewer on PostgreSQL, and every kept row carries them no longer. The step
+//! transitions' `task_id` index goes too: the retention sweep reaches them through their
+//! steps.
 //!
 //! SQLite cannot change a table's key in place, so there the tables are rebuilt; the event
 //! log keeps its AUTOINCREMENT high-water mark, so no position is ever handed out twice.

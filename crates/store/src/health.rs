@@ -242,17 +242,9 @@ pub(crate) async fn sqlite_stable_plans(
     ))
 }
 
-/// Whether SQLite plans this connection's statements without looking at bound values.
-#[cfg(feature = "testing")]
-pub(crate) async fn sqlite_plans_are_stable(
-    conn: &mut sea_orm::sqlx::SqliteConnection,
-) -> Result<bool, sea_orm::sqlx::Error> {
-    planner_stability(conn, -1).await
-}
-
 /// Sets SQLite's query planner stability guarantee (1 on, 0 off, -1 leaves it) and answers
 /// whether it is on afterwards.
-async fn planner_stability(
+pub(crate) async fn planner_stability(
     conn: &mut sea_orm::sqlx::SqliteConnection,
     setting: std::ffi::c_int,
 ) -> Result<bool, sea_orm::sqlx::Error> {

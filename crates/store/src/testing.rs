@@ -194,7 +194,7 @@ impl TestDatabase {
             .acquire()
             .await
             .expect("the connection");
-        crate::health::sqlite_plans_are_stable(&mut conn)
+        crate::health::planner_stability(&mut conn, -1)
             .await
             .expect("the planner setting")
     }
