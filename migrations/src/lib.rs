@@ -12,6 +12,7 @@ mod m20261201_000003_task_trace_parent;
 mod m20261204_000001_event_retention;
 mod m20261207_000001_partial_step_indexes;
 mod m20261207_000002_lean_history;
+mod m20261208_000001_priority;
 
 /// Every migration, in the order they apply.
 pub struct Migrator;
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000001_event_retention::Migration),
             Box::new(m20261207_000001_partial_step_indexes::Migration),
             Box::new(m20261207_000002_lean_history::Migration),
+            Box::new(m20261208_000001_priority::Migration),
         ]
     }
 }

@@ -28,6 +28,9 @@ pub struct RunArgs {
     /// Why the task runs (shown in its history).
     #[arg(long)]
     pub reason: Option<String>,
+    /// 1 (low) to 4 (urgent); the template's priority when omitted.
+    #[arg(long, value_name = "1-4", value_parser = clap::value_parser!(i32).range(1..=4))]
+    pub priority: Option<i32>,
     /// Follow the task until it ends; the exit code says how it ended.
     #[arg(long)]
     pub wait: bool,
@@ -225,6 +228,7 @@ fn new_task(args: &RunArgs) -> Result<NewTask, Failure> {
         idempotency_key: args.idempotency_key.clone(),
         reason: args.reason.clone(),
         tags: args.tags.clone(),
+        priority: args.priority,
         source_system: Some("tasker-cli".into()),
         ..NewTask::default()
     })
@@ -344,6 +348,7 @@ mod tests {
             idempotency_key: None,
             tags: vec![],
             reason: None,
+            priority: None,
             wait: false,
             timeout: None,
             output: Output::Text,

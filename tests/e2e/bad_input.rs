@@ -77,6 +77,15 @@ steps:
             "dependency cycle: a -> b -> c -> a".into()
         )));
 
+        let (code, error) = server
+            .error(
+                REGISTER,
+                json!({ "d": DIAMOND.replace("version: 1.0.0", "version: 1.0.0\npriority: 9") }),
+            )
+            .await;
+        assert_eq!(code, "VALIDATION_FAILED");
+        assert_eq!(problems(&error)[0].0, "priority");
+
         let oversized = format!("{DIAMOND}description: \"{}\"\n", "x".repeat(1024 * 1024));
         let (code, error) = server.error(REGISTER, json!({ "d": oversized })).await;
         assert_eq!(code, "VALIDATION_FAILED");
@@ -160,6 +169,18 @@ async fn bad_task_requests_are_refused_and_leave_no_row_behind() {
             .error(CREATE, json!({ "i": { "namespace": "shop", "template": "fulfil", "context": { "order_id": 1 }, "tags": [""] } }))
             .await;
         assert_eq!(code, "VALIDATION_FAILED");
+
+        let (code, error) = server
+            .error(CREATE, json!({ "i": { "namespace": "shop", "template": "fulfil", "context": { "order_id": 1 }, "priority": 0 } }))
+            .await;
+        assert_eq!(code, "VALIDATION_FAILED");
+        assert_eq!(
+            problems(&error),
+            [(
+                "priority".to_owned(),
+                "must be a whole number from 1 (low) to 4 (urgent), found 0".to_owned()
+            )]
+        );
 
         let counts = server.data(COUNTS, json!({})).await;
         assert_eq!(counts["tasks"]["totalCount"], 0, "{}", server.backend());

@@ -41,10 +41,12 @@ async fn run_to_end(client: &Client, namespace: &str, template: &str) -> Task {
     let created = client
         .create_task(&NewTask {
             context: Some(json!({ "order_id": 7 })),
+            priority: Some(3),
             ..NewTask::new(namespace, template)
         })
         .await
         .unwrap();
+    assert_eq!(created.task.priority, Some(3), "the caller's priority");
     let mut updates = client.follow_task(&created.task.id, None);
     let ended = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(update) = updates.next().await {

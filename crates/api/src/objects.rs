@@ -111,6 +111,12 @@ impl Template {
         Json(self.0.template.to_normalized())
     }
 
+    /// The priority of its tasks when their creator gives none: 1 (low) to 4 (urgent); 2
+    /// when the template does not say.
+    async fn priority(&self) -> i32 {
+        i32::from(self.0.template.priority.unwrap_or_default().level())
+    }
+
     /// The steps in declaration order, each with its dependency level.
     async fn steps(&self) -> Vec<StepTemplate> {
         step_templates(&self.0.template)
@@ -139,6 +145,8 @@ pub struct StepTemplate {
     backoff: BackoffPolicy,
     timeout_seconds: Option<f64>,
     skippable: bool,
+    /// Its own priority (1 to 4), when it declares one; else its task's.
+    priority: Option<i32>,
     /// 0 for steps with no dependencies, else one more than the deepest dependency.
     level: usize,
 }
@@ -180,6 +188,7 @@ fn step_templates(template: &TaskTemplate) -> Vec<StepTemplate> {
             backoff: BackoffPolicy::from(&step.retry.backoff),
             timeout_seconds: step.timeout,
             skippable: step.skippable,
+            priority: step.priority.map(|priority| i32::from(priority.level())),
             level: levels.get(i).copied().unwrap_or_default(),
         })
         .collect()
@@ -297,6 +306,13 @@ impl Task {
     /// Carried by every event about the task, as `correlation_id` in its payload.
     async fn correlation_id(&self) -> &str {
         &self.record.correlation_id
+    }
+
+    /// 1 (low) to 4 (urgent): its steps' priority unless they declare their own. Claims take
+    /// higher priority first; a wait of a minute weighs as much as one level, so low priority
+    /// work is delayed, never starved.
+    async fn priority(&self) -> i32 {
+        i32::from(self.record.priority.level())
     }
 
     async fn created_at(&self) -> DateTime<Utc> {
@@ -469,6 +485,11 @@ impl Step {
 
     async fn timeout_seconds(&self) -> Option<f64> {
         self.record.timeout_seconds
+    }
+
+    /// 1 (low) to 4 (urgent): the order claims take ready steps in, with aging.
+    async fn priority(&self) -> i32 {
+        i32::from(self.record.priority.level())
     }
 
     /// What the handler returned when the step completed.

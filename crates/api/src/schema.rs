@@ -295,6 +295,8 @@ pub struct CreateTaskInput {
     /// Carried by every event about the task, to follow one request through the log; the
     /// task's id when omitted.
     correlation_id: Option<String>,
+    /// 1 (low) to 4 (urgent); the template's priority (or 2) when omitted.
+    priority: Option<i32>,
 }
 
 impl CreateTaskInput {
@@ -312,6 +314,7 @@ impl CreateTaskInput {
                 tags: self.tags.unwrap_or_default(),
                 idempotency_key: self.idempotency_key,
                 correlation_id: self.correlation_id,
+                priority: self.priority.map(i64::from),
             },
         }
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 /// What every task read selects.
 pub(crate) const TASK_FIELDS: &str = "id namespace templateName templateVersion state tags \
-     correlationId createdAt completedAt completionPercentage \
+     correlationId priority createdAt completedAt completionPercentage \
      stepCounts { total pending inProgress complete error cancelled resolvedManually skipped }";
 
 /// What every step read selects.

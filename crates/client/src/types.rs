@@ -111,6 +111,9 @@ pub struct Task {
     pub tags: Vec<String>,
     #[serde(default)]
     pub correlation_id: Option<String>,
+    /// 1 (low) to 4 (urgent).
+    #[serde(default)]
+    pub priority: Option<i32>,
     #[serde(default)]
     pub context: Option<Value>,
     pub created_at: DateTime<Utc>,
@@ -297,6 +300,9 @@ pub struct NewTask {
     pub tags: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+    /// 1 (low) to 4 (urgent); the template's priority when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
 }
 
 impl NewTask {

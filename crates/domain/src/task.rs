@@ -1,5 +1,6 @@
 //! The rules a request to start a task must follow before anything is written.
 
+use crate::priority::Priority;
 use crate::problem::Problem;
 use crate::{Error, Result};
 use serde_json::Value;
@@ -23,6 +24,8 @@ pub struct TaskRequest {
     pub idempotency_key: Option<String>,
     /// Carried by every event about the task (a CI run, an order, a trace id).
     pub correlation_id: Option<String>,
+    /// 1 (low) to 4 (urgent), as the caller gave it; the template's (or 2) when `None`.
+    pub priority: Option<i64>,
 }
 
 impl TaskRequest {
@@ -55,6 +58,9 @@ impl TaskRequest {
                 _ => {}
             }
         }
+        if let Some(Err(message)) = self.priority.map(Priority::new) {
+            problems.push(Problem::new("priority", message));
+        }
         if self.tags.len() > MAX_TAGS {
             problems.push(Problem::new(
                 "tags",
@@ -77,6 +83,15 @@ impl TaskRequest {
         } else {
             Err(Error::InvalidRequest(problems))
         }
+    }
+
+    /// The task's priority: the caller's, else its template's default, else 2. A caller's
+    /// value out of range is refused by [`TaskRequest::validate`] before this is read.
+    pub fn priority_under(&self, template_default: Option<Priority>) -> Priority {
+        self.priority
+            .and_then(|level| Priority::new(level).ok())
+            .or(template_default)
+            .unwrap_or_default()
     }
 
     /// Tags without repeats, in the order first given.
@@ -115,6 +130,7 @@ mod tests {
             correlation_id: Some("c".repeat(256)),
             reason: Some("x".repeat(MAX_REASON + 1)),
             tags: vec!["ok".into(), String::new(), "bad\u{7}".into()],
+            priority: Some(9),
             ..TaskRequest::default()
         };
         let Err(Error::InvalidRequest(problems)) = request.validate() else {
@@ -128,9 +144,20 @@ mod tests {
                 "initiator",
                 "correlationId",
                 "reason",
+                "priority",
                 "tags[1]",
                 "tags[2]"
             ]
         );
+    }
+
+    #[test]
+    fn the_callers_priority_wins_over_the_templates_and_two_is_the_default() {
+        let three = Priority::new(3).ok();
+        let mut request = TaskRequest::default();
+        assert_eq!(request.priority_under(None), Priority::DEFAULT);
+        assert_eq!(request.priority_under(three), Priority::new(3).unwrap());
+        request.priority = Some(4);
+        assert_eq!(request.priority_under(three), Priority::HIGHEST);
     }
 }

@@ -6,6 +6,7 @@
 //! make it panic.
 
 use crate::graph::Dag;
+use crate::priority::Priority;
 use crate::problem::Problem;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,9 @@ pub struct TaskTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_schema: Option<Value>,
     pub steps: Vec<StepTemplate>,
+    /// The priority of its tasks when their creator does not choose one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
     /// Events its workers may publish (as `custom.<name>`) while they hold a lease.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub custom_events: Vec<CustomEvent>,
@@ -85,6 +89,9 @@ pub struct StepTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<f64>,
     pub skippable: bool,
+    /// Its own priority, whatever its task's (a cleanup step that may wait, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
 }
 
 /// How often a step may run and how long to wait between attempts.
@@ -401,6 +408,27 @@ impl<'a> ObjectReader<'a> {
         }
     }
 
+    /// A priority, 1 (low) to 4 (urgent).
+    fn priority(&self, problems: &mut Problems) -> Option<Priority> {
+        let value = self.get("priority")?;
+        let level = match value {
+            Value::Number(n) => n.as_i64().ok_or_else(|| {
+                format!("must be a whole number from 1 (low) to 4 (urgent), found {n}")
+            }),
+            other => Err(format!(
+                "expected a whole number from 1 (low) to 4 (urgent), found {}",
+                kind(other)
+            )),
+        };
+        match level.and_then(Priority::new) {
+            Ok(priority) => Some(priority),
+            Err(message) => {
+                problems.push(self.path("priority"), message);
+                None
+            }
+        }
+    }
+
     /// Seconds, given as a number or as a string with a unit: `500ms`, `30s`, `5m`, `2h`.
     fn seconds(&self, key: &str, problems: &mut Problems) -> Option<f64> {
         let value = self.get(key)?;
@@ -520,6 +548,7 @@ const TEMPLATE_FIELDS: &[&str] = &[
     "context_schema",
     "steps",
     "custom_events",
+    "priority",
 ];
 const CUSTOM_EVENT_FIELDS: &[&str] = &["name", "description"];
 const STEP_FIELDS: &[&str] = &[
@@ -531,6 +560,7 @@ const STEP_FIELDS: &[&str] = &[
     "retry",
     "timeout",
     "skippable",
+    "priority",
 ];
 const RETRY_FIELDS: &[&str] = &["max_attempts", "retryable", "backoff"];
 const BACKOFF_FIELDS: &[&str] = &["base", "factor", "max", "jitter"];
@@ -561,6 +591,7 @@ fn read_template(value: &Value, problems: &mut Problems) -> Option<TaskTemplate>
     }
     let steps = read_steps(reader.get("steps"), problems);
     let custom_events = read_custom_events(reader.get("custom_events"), problems);
+    let priority = reader.priority(problems);
     Some(TaskTemplate {
         namespace: namespace?,
         name: name?,
@@ -568,6 +599,7 @@ fn read_template(value: &Value, problems: &mut Problems) -> Option<TaskTemplate>
         description,
         context_schema,
         steps: steps?,
+        priority,
         custom_events,
     })
 }
@@ -726,6 +758,7 @@ fn read_step(value: &Value, path: &str, problems: &mut Problems) -> Option<StepT
         problems.push(reader.path("timeout"), "must be more than 0 seconds");
     }
     let skippable = reader.bool("skippable", false, problems);
+    let priority = reader.priority(problems);
     Some(StepTemplate {
         name: name?,
         handler: handler?,
@@ -735,6 +768,7 @@ fn read_step(value: &Value, path: &str, problems: &mut Problems) -> Option<StepT
         retry,
         timeout,
         skippable,
+        priority,
     })
 }
 

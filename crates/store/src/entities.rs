@@ -72,6 +72,8 @@ pub mod task {
         pub completed_at: Option<DateTimeUtc>,
         /// The creating span's W3C trace context, when traces are exported.
         pub traceparent: Option<String>,
+        /// 1 (low) to 4 (urgent); its steps' unless they declare their own.
+        pub priority: i32,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -137,6 +139,8 @@ pub mod workflow_step {
         pub version: i32,
         /// When the step last became claimable, or will (its retry time), in epoch ms.
         pub ready_since_ms: Option<i64>,
+        /// 1 (low) to 4 (urgent): with `ready_since_ms`, the order claims take it in.
+        pub priority: i32,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
         pub completed_at: Option<DateTimeUtc>,

@@ -237,8 +237,8 @@ impl Store {
                 .push(" WHERE id IN (SELECT s.id");
         }
         push_ready_steps(&mut sql, now_ms, &request.handlers, &request.within);
-        sql.push(" ORDER BY s.id LIMIT ")
-            .bind(i64::from(request.limit));
+        push_claim_order(&mut sql);
+        sql.push(" LIMIT ").bind(i64::from(request.limit));
         if postgres {
             sql.push(" FOR UPDATE OF s SKIP LOCKED) UPDATE workflow_steps AS s SET state = 'in_progress', attempts = s.attempts + 1, lease_token = gen_random_uuid(), lease_holder = ")
                 .bind(request.worker_id.clone())
@@ -952,6 +952,16 @@ pub(crate) fn push_ready_steps(sql: &mut Sql, now_ms: i64, handlers: &[String], 
         sql.push(" AND t.namespace IN ")
             .bind_list(namespaces.iter().cloned());
     }
+}
+
+/// ` ORDER BY` the claim rank of the ready steps (see [`tasker_domain::priority`]): when each
+/// became claimable (a step in error: its retry time), less its priority's head start; then
+/// by id, the order they were created in.
+pub(crate) fn push_claim_order(sql: &mut Sql) {
+    sql.push(&format!(
+        " ORDER BY COALESCE(CASE WHEN s.state = 'error' THEN s.next_attempt_ms ELSE s.ready_since_ms END, 0) - s.priority * {}, s.id",
+        tasker_domain::priority::AGING_MS
+    ));
 }
 
 #[derive(Debug, FromQueryResult)]

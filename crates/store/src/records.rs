@@ -7,7 +7,7 @@ use crate::entities::{
 };
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use tasker_domain::{Backoff, StateMachine, StepState, TaskState, TaskTemplate};
+use tasker_domain::{Backoff, Priority, StateMachine, StepState, TaskState, TaskTemplate};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +47,7 @@ pub struct TaskRecord {
     pub completed_at: Option<DateTime<Utc>>,
     /// The W3C trace context the task's work joins, when traces were exported at its creation.
     pub trace_parent: Option<String>,
+    pub priority: Priority,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +76,8 @@ pub struct StepRecord {
     pub lease_expires_at: Option<DateTime<Utc>>,
     /// When it last became claimable (or will, at its retry time).
     pub ready_since: Option<DateTime<Utc>>,
+    /// Claims take steps of higher priority first, with aging (see [`Priority`]).
+    pub priority: Priority,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
@@ -193,6 +196,7 @@ impl TryFrom<task::Model> for TaskRecord {
             updated_at: model.updated_at,
             completed_at: model.completed_at,
             trace_parent: model.traceparent,
+            priority: stored_priority(model.priority),
         })
     }
 }
@@ -223,11 +227,17 @@ impl TryFrom<workflow_step::Model> for StepRecord {
             lease_holder: model.lease_holder,
             lease_expires_at: model.lease_expires_ms.and_then(from_millis),
             ready_since: model.ready_since_ms.and_then(from_millis),
+            priority: stored_priority(model.priority),
             created_at: model.created_at,
             updated_at: model.updated_at,
             completed_at: model.completed_at,
         })
     }
+}
+
+/// A stored priority; the default if the row holds something no version wrote.
+fn stored_priority(level: i32) -> Priority {
+    Priority::new(i64::from(level)).unwrap_or_default()
 }
 
 impl From<workflow_step_edge::Model> for EdgeRecord {

@@ -310,6 +310,7 @@ impl Store {
             .correlation_id
             .clone()
             .unwrap_or_else(|| task_id.to_string());
+        let priority = request.priority_under(template.priority);
         let subject = Subject {
             namespace: &template.namespace,
             template: &template.name,
@@ -335,6 +336,7 @@ impl Store {
             updated_at: now,
             completed_at: None,
             traceparent: new.trace_parent.clone(),
+            priority: i32::from(priority.level()),
         };
         let step_ids: Vec<Uuid> = template.steps.iter().map(|_| Uuid::now_v7()).collect();
         let steps = template
@@ -371,6 +373,7 @@ impl Store {
                 version: Set(1),
                 // Roots are claimable now; a child's time is set when its last parent is done.
                 ready_since_ms: Set(step.depends_on.is_empty().then(|| now.timestamp_millis())),
+                priority: Set(i32::from(step.priority.unwrap_or(priority).level())),
                 created_at: Set(now),
                 updated_at: Set(now),
                 completed_at: Set(None),

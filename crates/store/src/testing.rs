@@ -180,7 +180,8 @@ impl TestDatabase {
         sql.push("EXPLAIN QUERY PLAN SELECT s.id");
         crate::execution::push_ready_steps(&mut sql, 0, handlers, &tasker_domain::Within::Any);
         // Bound, as the claim binds it: the plan must not depend on its value.
-        sql.push(" ORDER BY s.id LIMIT ").bind(10i64);
+        crate::execution::push_claim_order(&mut sql);
+        sql.push(" LIMIT ").bind(10i64);
         self.plan(sql).await
     }
 

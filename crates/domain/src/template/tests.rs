@@ -377,3 +377,36 @@ fn custom_events_are_declared_by_name_or_with_a_description() {
     assert!(has(&problems, "custom_events[2].name", "lowercase"));
     assert!(has(&problems, "custom_events[3]", "expected a name"));
 }
+
+#[test]
+fn priorities_are_one_to_four_on_the_template_and_its_steps() {
+    let template = TaskTemplate::parse(
+        "namespace: a\nname: b\nversion: 1.0.0\npriority: 3\nsteps:\n  - name: x\n    handler: noop\n  - name: y\n    handler: noop\n    priority: 1\n",
+    )
+    .unwrap();
+    assert_eq!(template.priority, Priority::new(3).ok());
+    assert_eq!(
+        template.steps[0].priority, None,
+        "the step follows its task"
+    );
+    assert_eq!(template.steps[1].priority, Priority::new(1).ok());
+    let reread = TaskTemplate::from_normalized(template.to_normalized()).unwrap();
+    assert_eq!(reread, template);
+    // No priority written: none stored, so older definitions compare equal.
+    let plain = TaskTemplate::parse(
+        "namespace: a\nname: b\nversion: 1.0.0\nsteps:\n  - name: x\n    handler: noop\n",
+    )
+    .unwrap();
+    assert!(plain.to_normalized().get("priority").is_none());
+
+    let problems = problems_of(
+        "namespace: a\nname: b\nversion: 1.0.0\npriority: 0\nsteps:\n  - name: x\n    handler: noop\n    priority: urgent\n  - name: y\n    handler: noop\n    priority: 2.5\n",
+    );
+    assert!(has(
+        &problems,
+        "priority",
+        "from 1 (low) to 4 (urgent), found 0"
+    ));
+    assert!(has(&problems, "steps[0].priority", "found a string"));
+    assert!(has(&problems, "steps[1].priority", "found 2.5"));
+}

@@ -918,3 +918,98 @@ async fn sqlite_reads_leases_through_the_in_flight_indexes() {
         "shop"
     );
 }
+
+/// One step that inherits its task's priority after one that declares its own, low.
+const PRIORITIZED: &str = r#"
+namespace: ops
+name: job
+version: 1.0.0
+priority: 1
+steps:
+  - { name: tidy, handler: noop, priority: 1 }
+  - { name: work, handler: noop }
+"#;
+
+/// A task of `ops/job` at `priority` (the template's when `None`).
+fn job(priority: Option<i64>) -> tasker_store::NewTask {
+    let mut new = order("ops", "job", 0);
+    new.request.priority = priority;
+    new
+}
+
+/// Claims one step at a time: which task and step each is.
+async fn claim_one_by_one(store: &Store, count: usize) -> Vec<(uuid::Uuid, String)> {
+    let mut order = Vec::new();
+    for _ in 0..count {
+        let claimed = store.claim_steps(&claim(1)).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        order.push((claimed[0].step.task_id, claimed[0].step.name.clone()));
+    }
+    order
+}
+
+/// Claims take urgent work first, whatever came before it; but a minute of waiting weighs as
+/// much as a level of priority, so low priority work is delayed, never starved.
+#[tokio::test]
+async fn claims_take_higher_priority_first_and_waiting_work_ages() {
+    let aging = Minutes::milliseconds(tasker_domain::priority::AGING_MS);
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        store.register_template(PRIORITIZED, false).await.unwrap();
+        let low = store.create_task(job(None)).await.unwrap().task;
+        clock.advance(Minutes::seconds(1));
+        let high = store.create_task(job(Some(3))).await.unwrap().task;
+        clock.advance(Minutes::seconds(1));
+        let urgent = store.create_task(job(Some(4))).await.unwrap().task;
+        assert_eq!(
+            [
+                low.priority.level(),
+                high.priority.level(),
+                urgent.priority.level()
+            ],
+            [1, 3, 4],
+            "the caller's priority, else the template's"
+        );
+        let steps = store.steps_for_tasks(&[urgent.id]).await.unwrap();
+        assert_eq!(
+            steps.iter().map(|s| s.priority.level()).collect::<Vec<_>>(),
+            [1, 4],
+            "a step declaring a priority keeps it; the others take the task's"
+        );
+        let taken = claim_one_by_one(store, 6).await;
+        assert_eq!(
+            taken,
+            [
+                (urgent.id, "work".to_owned()),
+                (high.id, "work".to_owned()),
+                (low.id, "tidy".to_owned()),
+                (low.id, "work".to_owned()),
+                (high.id, "tidy".to_owned()),
+                (urgent.id, "tidy".to_owned()),
+            ],
+            "{}: by priority, then by the time they became claimable",
+            db.backend()
+        );
+
+        // Aging: work of priority 4 arriving up to three minutes after work of priority 1 goes
+        // first; arriving later, it waits its turn.
+        let waiting = store.create_task(job(None)).await.unwrap().task;
+        clock.advance(aging * 3 - Minutes::seconds(1));
+        let sooner = store.create_task(job(Some(4))).await.unwrap().task;
+        clock.advance(Minutes::seconds(2));
+        let later = store.create_task(job(Some(4))).await.unwrap().task;
+        let taken: Vec<_> = claim_one_by_one(store, 6)
+            .await
+            .into_iter()
+            .filter(|(_, name)| name == "work")
+            .map(|(task, _)| task)
+            .collect();
+        assert_eq!(
+            taken,
+            [sooner.id, waiting.id, later.id],
+            "{}: a wait of three minutes weighs as much as three levels",
+            db.backend()
+        );
+    }
+}
