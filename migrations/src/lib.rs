@@ -13,6 +13,7 @@ mod m20261204_000001_event_retention;
 mod m20261207_000001_partial_step_indexes;
 mod m20261207_000002_lean_history;
 mod m20261208_000001_priority;
+mod m20261208_000002_concurrency;
 
 /// Every migration, in the order they apply.
 pub struct Migrator;
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_000001_partial_step_indexes::Migration),
             Box::new(m20261207_000002_lean_history::Migration),
             Box::new(m20261208_000001_priority::Migration),
+            Box::new(m20261208_000002_concurrency::Migration),
         ]
     }
 }

@@ -86,6 +86,23 @@ steps:
         assert_eq!(code, "VALIDATION_FAILED");
         assert_eq!(problems(&error)[0].0, "priority");
 
+        let (code, error) = server
+            .error(
+                REGISTER,
+                json!({ "d": DIAMOND.replace("version: 1.0.0", "version: 1.0.0\nconcurrency: { key: customer, limit: 0, strategy: fifo }") }),
+            )
+            .await;
+        assert_eq!(code, "VALIDATION_FAILED");
+        let paths: Vec<String> = problems(&error).into_iter().map(|(path, _)| path).collect();
+        assert_eq!(
+            paths,
+            [
+                "concurrency.key",
+                "concurrency.limit",
+                "concurrency.strategy"
+            ]
+        );
+
         let oversized = format!("{DIAMOND}description: \"{}\"\n", "x".repeat(1024 * 1024));
         let (code, error) = server.error(REGISTER, json!({ "d": oversized })).await;
         assert_eq!(code, "VALIDATION_FAILED");

@@ -732,3 +732,76 @@ async fn the_http_handler_refuses_internal_destinations_unless_allowed() {
     assert_eq!(steps[0]["state"], "ERROR", "{steps:#}");
     assert!(error.contains("127.0.0.1 is a loopback address"), "{error}");
 }
+
+const ONE_AT_A_TIME: &str = r#"
+namespace: payments
+name: payout
+version: 1.0.0
+concurrency: { key: "{{ context.account }}", limit: 1 }
+steps:
+  - { name: send, handler: payments.send }
+"#;
+
+const WAITING: &str =
+    "query($id: ID!) { task(id: $id) { state executionStatus concurrencyKey priority } }";
+
+/// A task whose key is at its limit waits, says so, and starts when the holder ends; the
+/// template shows its rule. Cancelling the holder over GraphQL hands the slot on.
+#[tokio::test]
+async fn a_task_waits_for_its_concurrency_slot_and_says_so() {
+    for server in TestServer::all().await {
+        let backend = server.backend();
+        server.register(ONE_AT_A_TIME).await;
+        let rule = server
+            .data(
+                "{ namespaces { templates { key concurrency { key limit strategy } } } }",
+                json!({}),
+            )
+            .await;
+        let templates = rule["namespaces"][0]["templates"].clone();
+        assert_eq!(
+            templates[0]["concurrency"],
+            json!({ "key": "{{ context.account }}", "limit": 1, "strategy": "QUEUE" }),
+            "{backend}: {rule:#}"
+        );
+        let start = |priority: i64| json!({ "namespace": "payments", "template": "payout", "context": { "account": "a-1" }, "priority": priority });
+        let holder = server.create_task(start(2)).await["task"]["id"].clone();
+        let waiting = server.create_task(start(3)).await["task"]["id"].clone();
+        let task = server.data(WAITING, json!({ "id": waiting })).await["task"].clone();
+        assert_eq!(
+            task,
+            json!({
+                "state": "PENDING",
+                "executionStatus": "WAITING_FOR_CONCURRENCY_SLOT",
+                "concurrencyKey": "payments/payout:a-1",
+                "priority": 3
+            }),
+            "{backend}"
+        );
+        let holding = server.data(WAITING, json!({ "id": holder })).await["task"].clone();
+        assert_eq!(holding["executionStatus"], "HAS_READY_STEPS", "{backend}");
+
+        server
+            .data(
+                "mutation($id: ID!) { cancelTask(input: { id: $id }) { task { state } } }",
+                json!({ "id": holder }),
+            )
+            .await;
+        let started = server.data(WAITING, json!({ "id": waiting })).await["task"].clone();
+        assert_eq!(started["executionStatus"], "HAS_READY_STEPS", "{backend}");
+        let events = server
+            .data(
+                "query($id: ID!) { events(filter: { taskId: $id }) { edges { node { name } } } }",
+                json!({ "id": waiting }),
+            )
+            .await;
+        let names: Vec<&str> = events["events"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|edge| edge["node"]["name"].as_str().unwrap())
+            .collect();
+        assert!(names.contains(&"task.queued"), "{backend}: {names:?}");
+        assert!(names.contains(&"task.steps_ready"), "{backend}: {names:?}");
+    }
+}

@@ -44,4 +44,21 @@ pub enum ExecutionStatusValue {
     AllComplete,
     /// Nothing can run and nothing failed: the remaining steps were cancelled.
     Halted,
+    /// The task waits for a slot of its concurrency key: nothing of it runs until one frees.
+    WaitingForConcurrencySlot,
+}
+
+/// What happens to a new task when its concurrency key is at its limit.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(
+    name = "ConcurrencyStrategy",
+    remote = "tasker_domain::concurrency::Strategy"
+)]
+pub enum ConcurrencyStrategyValue {
+    /// It waits, and starts as soon as a slot frees (higher priority first, then oldest).
+    Queue,
+    /// It is cancelled at once: the running ones go on.
+    CancelNewest,
+    /// The oldest holders are cancelled to make room for it.
+    CancelInProgress,
 }

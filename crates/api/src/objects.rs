@@ -2,7 +2,9 @@
 //! data only through the result set they were returned in (see `batch.rs`).
 
 use crate::batch::TaskSet;
-use crate::enums::{ExecutionStatusValue, StepStateValue, TaskStateValue};
+use crate::enums::{
+    ConcurrencyStrategyValue, ExecutionStatusValue, StepStateValue, TaskStateValue,
+};
 use crate::error::{ApiError, GqlResultExt};
 use crate::graph::{StepCounts, TaskGraph, step_dag};
 use crate::ids::id;
@@ -117,6 +119,19 @@ impl Template {
         i32::from(self.0.template.priority.unwrap_or_default().level())
     }
 
+    /// How many of its tasks with the same key may run at once, if it limits them.
+    async fn concurrency(&self) -> Option<ConcurrencyRule> {
+        self.0
+            .template
+            .concurrency
+            .as_ref()
+            .map(|policy| ConcurrencyRule {
+                key: policy.key.as_ref().map(|key| key.as_str().to_owned()),
+                limit: policy.limit,
+                strategy: policy.strategy.into(),
+            })
+    }
+
     /// The steps in declaration order, each with its dependency level.
     async fn steps(&self) -> Vec<StepTemplate> {
         step_templates(&self.0.template)
@@ -129,6 +144,16 @@ impl Template {
     async fn updated_at(&self) -> DateTime<Utc> {
         self.0.updated_at
     }
+}
+
+/// A template's concurrency rule: at most `limit` of its tasks with the same key hold a slot.
+#[derive(SimpleObject)]
+pub struct ConcurrencyRule {
+    /// The key expression (`{{ context.customer_id }}`); none: all the template's tasks share
+    /// the limit.
+    key: Option<String>,
+    limit: u32,
+    strategy: ConcurrencyStrategyValue,
 }
 
 /// A step as the template defines it.
@@ -308,6 +333,16 @@ impl Task {
         &self.record.correlation_id
     }
 
+    /// The concurrency key it holds a slot of (or waits for), when its template limits how
+    /// many of its tasks run at once: `namespace/template`, then `:` and the key rendered
+    /// from the context when the template has one.
+    async fn concurrency_key(&self) -> Option<&str> {
+        self.record
+            .concurrency
+            .as_ref()
+            .map(|concurrency| concurrency.key.as_str())
+    }
+
     /// 1 (low) to 4 (urgent): its steps' priority unless they declare their own. Claims take
     /// higher priority first; a wait of a minute weighs as much as one level, so low priority
     /// work is delayed, never starved.
@@ -354,9 +389,12 @@ impl Task {
         Ok(records.iter().cloned().map(TaskTransition).collect())
     }
 
-    /// Where execution stands: ready steps, processing, waiting for a retry, blocked by a
-    /// failure, or all complete.
+    /// Where execution stands: waiting for a concurrency slot, ready steps, processing,
+    /// waiting for a retry, blocked by a failure, or all complete.
     async fn execution_status(&self) -> Result<ExecutionStatusValue> {
+        if self.record.waits_for_slot() {
+            return Ok(ExecutionStatusValue::WaitingForConcurrencySlot);
+        }
         let steps = self.set.steps(self.record.id).await.gql()?;
         let edges = self.set.edges(self.record.id).await.gql()?;
         let now = self.set.now().timestamp_millis();

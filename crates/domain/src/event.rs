@@ -16,6 +16,7 @@ pub enum EventName {
     TaskResolvedManually,
     TaskStepsReady,
     TaskWaiting,
+    TaskQueued,
     TaskFinalized,
     StepCreated,
     StepStarted,
@@ -58,7 +59,7 @@ const STEP_SUBJECT: &[&str] = &[
 ];
 
 impl EventName {
-    pub const ALL: [EventName; 24] = [
+    pub const ALL: [EventName; 25] = [
         EventName::TemplateRegistered,
         EventName::TaskCreated,
         EventName::TaskStarted,
@@ -69,6 +70,7 @@ impl EventName {
         EventName::TaskResolvedManually,
         EventName::TaskStepsReady,
         EventName::TaskWaiting,
+        EventName::TaskQueued,
         EventName::TaskFinalized,
         EventName::StepCreated,
         EventName::StepStarted,
@@ -109,6 +111,7 @@ impl EventName {
             TaskResolvedManually => "task.resolved_manually",
             TaskStepsReady => "task.steps_ready",
             TaskWaiting => "task.waiting",
+            TaskQueued => "task.queued",
             TaskFinalized => "task.finalized",
             StepCreated => "step.created",
             StepStarted => "step.started",
@@ -153,6 +156,10 @@ impl EventName {
             TaskWaiting => {
                 "After a change, nothing in a running task can be claimed or is running: it \
                  waits for a failed step's retry time (the payload says the earliest)."
+            }
+            TaskQueued => {
+                "A new task waits for a slot of its concurrency key (the key is at its limit): \
+                 its steps start, with task.steps_ready, as soon as a slot frees."
             }
             TaskFinalized => {
                 "A task reached its outcome on its own (complete or error): a summary with its \
@@ -226,6 +233,7 @@ impl EventName {
             ),
             TaskStepsReady => (TASK_SUBJECT, &["steps", "step_ids", "count"]),
             TaskWaiting => (TASK_SUBJECT, &["waiting_steps", "retry_at_ms"]),
+            TaskQueued => (TASK_SUBJECT, &["concurrency_key", "limit"]),
             TaskFinalized => (
                 TASK_SUBJECT,
                 &[

@@ -38,6 +38,8 @@ pub enum ExecutionStatus {
     AllComplete,
     /// Nothing can run and nothing failed: the remaining steps were cancelled.
     Halted,
+    /// The task waits for a slot of its concurrency key: nothing of it runs until one frees.
+    WaitingForConcurrencySlot,
 }
 
 /// The status of a task from its steps (in DAG order) at `now_ms`.

@@ -4,6 +4,7 @@
 //! Nothing here performs I/O or needs an async runtime, so every rule is unit-tested directly.
 
 pub mod clock;
+pub mod concurrency;
 pub mod event;
 pub mod execution;
 pub mod graph;
@@ -19,6 +20,7 @@ pub mod worker;
 mod problem;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use concurrency::ConcurrencyPolicy;
 pub use event::EventName;
 pub use execution::{ExecutionStatus, Failure, FailureOutcome, StepProgress};
 pub use graph::Dag;

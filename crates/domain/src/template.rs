@@ -5,6 +5,7 @@
 //! pass reports every problem instead of stopping at the first one, and so that no input can
 //! make it panic.
 
+use crate::concurrency::{ConcurrencyPolicy, KeyExpression, MAX_LIMIT, Strategy};
 use crate::graph::Dag;
 use crate::priority::Priority;
 use crate::problem::Problem;
@@ -47,6 +48,9 @@ pub struct TaskTemplate {
     /// The priority of its tasks when their creator does not choose one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// How many of its tasks with the same key may run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<ConcurrencyPolicy>,
     /// Events its workers may publish (as `custom.<name>`) while they hold a lease.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub custom_events: Vec<CustomEvent>,
@@ -549,7 +553,9 @@ const TEMPLATE_FIELDS: &[&str] = &[
     "steps",
     "custom_events",
     "priority",
+    "concurrency",
 ];
+const CONCURRENCY_FIELDS: &[&str] = &["key", "limit", "strategy"];
 const CUSTOM_EVENT_FIELDS: &[&str] = &["name", "description"];
 const STEP_FIELDS: &[&str] = &[
     "name",
@@ -592,6 +598,9 @@ fn read_template(value: &Value, problems: &mut Problems) -> Option<TaskTemplate>
     let steps = read_steps(reader.get("steps"), problems);
     let custom_events = read_custom_events(reader.get("custom_events"), problems);
     let priority = reader.priority(problems);
+    let concurrency = reader
+        .get("concurrency")
+        .and_then(|value| read_concurrency(value, context_schema.as_ref(), problems));
     Some(TaskTemplate {
         namespace: namespace?,
         name: name?,
@@ -600,7 +609,90 @@ fn read_template(value: &Value, problems: &mut Problems) -> Option<TaskTemplate>
         context_schema,
         steps: steps?,
         priority,
+        concurrency,
         custom_events,
+    })
+}
+
+/// `concurrency: {key, limit, strategy}`. A key that reads a field the context schema does not
+/// declare (when it declares its properties) references nothing.
+fn read_concurrency(
+    value: &Value,
+    context_schema: Option<&Value>,
+    problems: &mut Problems,
+) -> Option<ConcurrencyPolicy> {
+    let reader = ObjectReader::new(value, "concurrency", CONCURRENCY_FIELDS, problems)?;
+    let key = reader.string("key", false, problems).and_then(|source| {
+        match KeyExpression::parse(&source) {
+            Ok(key) => Some(key),
+            Err(message) => {
+                problems.push(reader.path("key"), message);
+                None
+            }
+        }
+    });
+    if let (Some(key), Some(declared)) = (
+        &key,
+        context_schema.and_then(|schema| schema.get("properties")?.as_object()),
+    ) {
+        for field in key.top_fields() {
+            if !declared.contains_key(field) {
+                problems.push(
+                    reader.path("key"),
+                    format!(
+                        "references nothing: context_schema declares no property {field:?} (it has: {})",
+                        declared.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    let limit = match reader.get("limit") {
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(limit) if (1..=u64::from(MAX_LIMIT)).contains(&limit) => Some(limit as u32),
+            _ => {
+                problems.push(
+                    reader.path("limit"),
+                    format!("must be a whole number from 1 to {MAX_LIMIT}, found {n}"),
+                );
+                None
+            }
+        },
+        Some(other) => {
+            problems.push(
+                reader.path("limit"),
+                format!(
+                    "expected a whole number from 1 to {MAX_LIMIT}, found {}",
+                    kind(other)
+                ),
+            );
+            None
+        }
+        None => {
+            problems.push(
+                reader.path("limit"),
+                "is required: how many tasks with the same key may run at once",
+            );
+            None
+        }
+    };
+    let strategy = match reader.string("strategy", false, problems) {
+        None => Some(Strategy::default()),
+        Some(name) => Strategy::parse(&name).or_else(|| {
+            problems.push(
+                reader.path("strategy"),
+                format!(
+                    "unknown strategy {name:?} (expected one of: {})",
+                    Strategy::ALL.map(Strategy::as_str).join(", ")
+                ),
+            );
+            None
+        }),
+    };
+    Some(ConcurrencyPolicy {
+        key,
+        limit: limit?,
+        strategy: strategy?,
     })
 }
 

@@ -466,9 +466,13 @@ impl Engine {
         Ok(report)
     }
 
-    /// Cancels a task; its running leases are lost.
+    /// Cancels a task; its running leases are lost, and its concurrency slot (if any) goes to
+    /// the next waiting task, whose steps are claimable at once.
     pub async fn cancel_task(&self, id: uuid::Uuid, reason: Option<String>) -> Result<TaskRecord> {
         let task = self.store.cancel_task(id, reason).await?;
+        if task.concurrency.is_some() {
+            self.announce().await;
+        }
         self.tasks_finished([&task]);
         Ok(task)
     }

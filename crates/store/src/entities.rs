@@ -74,6 +74,11 @@ pub mod task {
         pub traceparent: Option<String>,
         /// 1 (low) to 4 (urgent); its steps' unless they declare their own.
         pub priority: i32,
+        /// `namespace/template[:rendered key]` when its template limits concurrency.
+        pub concurrency_key: Option<String>,
+        pub concurrency_limit: Option<i32>,
+        /// `waiting`, `held` or `freed`, with a concurrency key.
+        pub slot: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -538,7 +538,8 @@ impl Store {
                     .await?
             }
         };
-        rows.add(transitions).add(finished.1).add(events);
+        report.newly_ready += finished.admitted_ready;
+        rows.add(transitions).add(finished.transitions).add(events);
         // A completed step keeps the token that completed it; the others were lost.
         let completed_tokens: HashSet<Uuid> = completed
             .iter()
@@ -550,7 +551,7 @@ impl Store {
             .filter(|token| !completed_tokens.contains(token))
             .collect();
         report.completed = convert_all(completed)?;
-        report.finished_tasks = finished.0;
+        report.finished_tasks = finished.tasks;
         Ok(report)
     }
 
@@ -893,14 +894,14 @@ impl Store {
         } else {
             0
         };
-        let (mut finished, task_transitions) = self
+        let mut finished = self
             .finalize_tasks(txn, &[step.task_id], &subjects, now, &mut events)
             .await?;
-        new_rows.add([row]).add(task_transitions).add(events);
+        new_rows.add([row]).add(finished.transitions).add(events);
         Ok(FailureReport {
             step: updated.try_into()?,
-            newly_ready,
-            finished_task: finished.pop(),
+            newly_ready: newly_ready + finished.admitted_ready,
+            finished_task: finished.tasks.pop(),
         })
     }
 }

@@ -3,6 +3,7 @@
 //! rows (an event exists if and only if its change committed). Runs on SQLite (a file in WAL
 //! mode, the default) and PostgreSQL.
 
+mod concurrency;
 mod custom_events;
 mod entities;
 mod event_log;
@@ -37,8 +38,8 @@ pub use notify::{Heard, WorkListener};
 pub use parking::AWAITING_DECISION;
 pub use queries::TaskFilter;
 pub use records::{
-    EdgeRecord, EventRecord, NamespaceRecord, StepRecord, StepTransitionRecord, TaskRecord,
-    TaskTransitionRecord, TemplateRecord,
+    EdgeRecord, EventRecord, NamespaceRecord, Slot, StepRecord, StepTransitionRecord,
+    TaskConcurrency, TaskRecord, TaskTransitionRecord, TemplateRecord,
 };
 pub use retention::Pruned;
 pub use status::{PoolStatus, READY_COUNT_CAP, StoreStatus};

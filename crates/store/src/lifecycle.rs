@@ -109,6 +109,7 @@ impl Store {
             } else {
                 0
             };
+            self.take_slot_again(&txn, &task).await?;
             let (mut task_transitions, reopened) = reopen_task(
                 &txn,
                 &task,
@@ -118,23 +119,23 @@ impl Store {
                 &mut events,
             )
             .await?;
-            let (mut finished, finishing) = self
+            let mut finished = self
                 .finalize_tasks(&txn, &[step.task_id], &subjects, now, &mut events)
                 .await?;
-            task_transitions.extend(finishing);
+            task_transitions.extend(finished.transitions);
             let mut new_rows = crate::events::Rows::new();
             new_rows.add([row]).add(task_transitions).add(events);
             self.insert_rows(&txn, new_rows).await?;
             self.commit_events(txn).await?;
             // The task as this change left it: finished, reopened, or as it was.
-            let task = match finished.pop() {
+            let task = match finished.tasks.pop() {
                 Some(finished) => finished,
                 None => reopened.unwrap_or(task).try_into()?,
             };
             Ok(StepChange {
                 step: updated.try_into()?,
                 task,
-                newly_ready,
+                newly_ready: newly_ready + finished.admitted_ready,
             })
         })
         .await
@@ -147,6 +148,7 @@ impl Store {
             let now = self.now();
             let txn = self.begin_write().await?;
             let current = failed_task_row(&txn, task_id, "retried").await?;
+            self.take_slot_again(&txn, &current).await?;
             let change = StepMove {
                 steps: Steps::OfTask(task_id),
                 from: &[StepState::Error],
@@ -364,6 +366,7 @@ impl Store {
                 .map(|(step, _)| (task.id, step.id, step.name.as_str()))
                 .collect();
             events.extend(subjects.steps_ready(ready.iter().copied(), now));
+            self.take_slot_again(&txn, &task).await?;
             let (task_transitions, reopened) =
                 reopen_task(&txn, &task, subject, now, reason.as_deref(), &mut events).await?;
             let mut new_rows = crate::events::Rows::new();
@@ -464,6 +467,14 @@ fn ensure_open(task: &crate::entities::task::Model) -> Result<()> {
         return Err(Error::Conflict(format!(
             "task {} is {state}: a finished task's steps cannot change; start a new task",
             task.id
+        )));
+    }
+    if task.slot.as_deref() == Some(crate::concurrency::WAITING) {
+        return Err(Error::Conflict(format!(
+            "task {} waits for a slot of its concurrency key {:?}: its steps cannot change \
+             before it starts; cancel it, or act on it once it runs",
+            task.id,
+            task.concurrency_key.as_deref().unwrap_or_default()
         )));
     }
     Ok(())

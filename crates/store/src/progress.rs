@@ -45,7 +45,8 @@ impl Store {
     /// failed for good and nothing else can run to `error` (each with a `task.finalized`
     /// summary), and notes with `task.waiting` those left with nothing to run until a retry
     /// time. Their events are appended to `events`; their transition rows are returned for
-    /// the caller to insert.
+    /// the caller to insert. Slots of concurrency keys that the finished tasks held go to the
+    /// next waiting tasks.
     pub(crate) async fn finalize_tasks(
         &self,
         txn: &WriteTxn,
@@ -53,7 +54,7 @@ impl Store {
         subjects: &Subjects,
         now: DateTime<Utc>,
         events: &mut Vec<event::ActiveModel>,
-    ) -> Result<(Vec<TaskRecord>, Vec<task_transition::ActiveModel>)> {
+    ) -> Result<Finalized> {
         let statement = step_counts_statement(txn.get_database_backend(), task_ids, now);
         let counts = txn.query_all_raw(statement).await?;
         self.finalize_counted(txn, &counts, subjects, now, events)
@@ -68,7 +69,7 @@ impl Store {
         subjects: &Subjects,
         now: DateTime<Utc>,
         events: &mut Vec<event::ActiveModel>,
-    ) -> Result<(Vec<TaskRecord>, Vec<task_transition::ActiveModel>)> {
+    ) -> Result<Finalized> {
         let counts = counts
             .iter()
             .map(|row| TaskStepCounts::from_query_result(row, ""))
@@ -95,7 +96,7 @@ impl Store {
                 now,
             ));
         }
-        let mut finished = Vec::new();
+        let mut ended = Vec::new();
         let mut transitions = Vec::new();
         for (ids, to) in [(complete, TaskState::Complete), (failed, TaskState::Error)] {
             if ids.is_empty() {
@@ -135,10 +136,20 @@ impl Store {
                         now,
                     ));
                 }
-                finished.push(task.try_into()?);
+                ended.push(task);
             }
         }
-        Ok((finished, transitions))
+        let admitted = self.free_slots(txn, &ended, now, events).await?;
+        let mut tasks = Vec::with_capacity(ended.len());
+        for mut task in ended {
+            crate::concurrency::mark_freed(&mut task);
+            tasks.push(task.try_into()?);
+        }
+        Ok(Finalized {
+            tasks,
+            transitions,
+            admitted_ready: admitted.ready_steps,
+        })
     }
 
     /// Of tasks with a step that failed for good, those where nothing else can run.
@@ -296,6 +307,15 @@ struct SubjectNames {
     template: String,
     correlation_id: String,
     trace_parent: Option<String>,
+}
+
+/// What finalizing did: the tasks that finished, their transition rows (for the caller to
+/// insert), and how many steps of other tasks became claimable as the finished ones freed
+/// their concurrency slots.
+pub(crate) struct Finalized {
+    pub tasks: Vec<TaskRecord>,
+    pub transitions: Vec<task_transition::ActiveModel>,
+    pub admitted_ready: usize,
 }
 
 /// Namespace, template and correlation id by task id.

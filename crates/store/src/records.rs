@@ -48,6 +48,37 @@ pub struct TaskRecord {
     /// The W3C trace context the task's work joins, when traces were exported at its creation.
     pub trace_parent: Option<String>,
     pub priority: Priority,
+    /// Its concurrency key and slot, when its template limits concurrency.
+    pub concurrency: Option<TaskConcurrency>,
+}
+
+/// A task's place under its template's concurrency rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskConcurrency {
+    /// `namespace/template`, then `:` and the key rendered from the context, if any.
+    pub key: String,
+    pub limit: u32,
+    pub slot: Slot,
+}
+
+/// Where a task stands with the slots of its concurrency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slot {
+    /// Created while its key was at its limit: nothing of it runs yet.
+    Waiting,
+    /// Admitted: it counts against the limit until it ends.
+    Held,
+    /// Ended: it no longer counts.
+    Freed,
+}
+
+impl TaskRecord {
+    /// Whether it waits for a slot of its concurrency key.
+    pub fn waits_for_slot(&self) -> bool {
+        self.concurrency
+            .as_ref()
+            .is_some_and(|concurrency| concurrency.slot == Slot::Waiting)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -197,6 +228,18 @@ impl TryFrom<task::Model> for TaskRecord {
             completed_at: model.completed_at,
             trace_parent: model.traceparent,
             priority: stored_priority(model.priority),
+            concurrency: model.concurrency_key.map(|key| TaskConcurrency {
+                key,
+                limit: model
+                    .concurrency_limit
+                    .and_then(|limit| u32::try_from(limit).ok())
+                    .unwrap_or_default(),
+                slot: match model.slot.as_deref() {
+                    Some(crate::concurrency::WAITING) => Slot::Waiting,
+                    Some(crate::concurrency::HELD) => Slot::Held,
+                    _ => Slot::Freed,
+                },
+            }),
         })
     }
 }

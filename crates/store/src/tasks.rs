@@ -11,6 +11,7 @@ use crate::state_change::{
     CompletedAt, StepEffect, StepMove, Steps, TaskMove, move_steps, move_tasks,
 };
 use crate::templates::StartingTemplate;
+use crate::write::WriteTxn;
 use crate::{Error, Result, Store};
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
@@ -19,6 +20,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
+use tasker_domain::concurrency::Strategy;
 use tasker_domain::{StateMachine, StepState, TaskRequest, TaskState};
 use uuid::Uuid;
 
@@ -86,8 +88,9 @@ type TemplateKey = (String, String, Option<String>);
 enum Planned {
     /// Its idempotency key already started this task.
     Existing(Box<TaskCreation>),
-    /// A new task from this template.
-    New(Arc<TemplateRecord>),
+    /// A new task from this template, with its concurrency key when the template has a
+    /// concurrency rule.
+    New(Arc<TemplateRecord>, Option<String>),
 }
 
 /// Every row one new task writes.
@@ -100,6 +103,8 @@ pub(crate) struct TaskRows {
     task_transition: task_transition::ActiveModel,
     step_transitions: Vec<step_transition::ActiveModel>,
     events: Vec<event::ActiveModel>,
+    /// What the task does when its concurrency key is at its limit (keyed tasks only).
+    strategy: Option<Strategy>,
 }
 
 /// The task, and whether this call created it (`false`: an earlier call with the same
@@ -133,11 +138,12 @@ impl Store {
     /// idempotency key already used in the namespace, returns that task instead.
     pub async fn create_task(&self, new: NewTask) -> Result<TaskCreation> {
         self.writing(async {
-            let template = match self.check_new_task(&new, &mut HashMap::new()).await? {
-                Planned::Existing(existing) => return Ok(*existing),
-                Planned::New(template) => template,
-            };
-            match self.insert_task(&template, &new).await {
+            let (template, concurrency_key) =
+                match self.check_new_task(&new, &mut HashMap::new()).await? {
+                    Planned::Existing(existing) => return Ok(*existing),
+                    Planned::New(template, key) => (template, key),
+                };
+            match self.insert_task(&template, &new, concurrency_key).await {
                 Ok(task) => Ok(TaskCreation {
                     task,
                     created: true,
@@ -173,7 +179,7 @@ impl Store {
                 match self.check_new_task(new, &mut templates).await {
                     Err(err) => problems.extend(item_problems(index, err)?),
                     Ok(planned) => {
-                        if let (Planned::New(_), Some(key)) =
+                        if let (Planned::New(..), Some(key)) =
                             (&planned, &new.request.idempotency_key)
                         {
                             match keys_seen.entry((new.namespace.as_str(), key.as_str())) {
@@ -195,8 +201,8 @@ impl Store {
             let now = self.now();
             let mut rows = Vec::new();
             for (new, planned) in news.iter().zip(&plan) {
-                if let Planned::New(template) = planned {
-                    rows.push(Self::task_rows(template, new, now));
+                if let Planned::New(template, concurrency_key) = planned {
+                    rows.push(Self::task_rows(template, new, concurrency_key.clone(), now));
                 }
             }
             let mut written = match self.insert_task_rows(rows).await {
@@ -213,7 +219,7 @@ impl Store {
             plan.into_iter()
                 .map(|planned| match planned {
                     Planned::Existing(existing) => Ok(*existing),
-                    Planned::New(template) => written
+                    Planned::New(template, _) => written
                         .next()
                         .map(|task| TaskCreation {
                             task,
@@ -256,12 +262,25 @@ impl Store {
         if let Some(check) = &template.context_check {
             check.validate(&new.request.context)?;
         }
+        let definition = &template.record.template;
+        let concurrency_key = definition
+            .concurrency
+            .as_ref()
+            .map(|policy| {
+                policy.key_for(
+                    &definition.namespace,
+                    &definition.name,
+                    &new.request.context,
+                )
+            })
+            .transpose()
+            .map_err(|problem| tasker_domain::Error::InvalidContext(vec![problem]))?;
         if let Some(key) = &new.request.idempotency_key
             && let Some(existing) = self.task_by_idempotency_key(new, key).await?
         {
             return Ok(Planned::Existing(Box::new(existing)));
         }
-        Ok(Planned::New(template.record))
+        Ok(Planned::New(template.record, concurrency_key))
     }
 
     async fn task_by_idempotency_key(
@@ -295,13 +314,20 @@ impl Store {
         &self,
         template_record: &TemplateRecord,
         new: &NewTask,
+        concurrency_key: Option<String>,
     ) -> Result<TaskRecord> {
-        let rows = Self::task_rows(template_record, new, self.now());
+        let rows = Self::task_rows(template_record, new, concurrency_key, self.now());
         self.insert_task_grouped(rows).await
     }
 
-    /// Every row of one new task, built before anything is written.
-    fn task_rows(template_record: &TemplateRecord, new: &NewTask, now: DateTime<Utc>) -> TaskRows {
+    /// Every row of one new task, built before anything is written. A task with a concurrency
+    /// key starts waiting for a slot: each step counts one parent more until its admission.
+    fn task_rows(
+        template_record: &TemplateRecord,
+        new: &NewTask,
+        concurrency_key: Option<String>,
+        now: DateTime<Utc>,
+    ) -> TaskRows {
         let request = &new.request;
         let template = &template_record.template;
         let task_id = Uuid::now_v7();
@@ -311,6 +337,11 @@ impl Store {
             .clone()
             .unwrap_or_else(|| task_id.to_string());
         let priority = request.priority_under(template.priority);
+        let policy = template
+            .concurrency
+            .as_ref()
+            .filter(|_| concurrency_key.is_some());
+        let gate = i32::from(policy.is_some());
         let subject = Subject {
             namespace: &template.namespace,
             template: &template.name,
@@ -337,6 +368,9 @@ impl Store {
             completed_at: None,
             traceparent: new.trace_parent.clone(),
             priority: i32::from(priority.level()),
+            concurrency_limit: policy.map(|policy| policy.limit as i32),
+            slot: policy.map(|_| crate::concurrency::WAITING.to_owned()),
+            concurrency_key,
         };
         let step_ids: Vec<Uuid> = template.steps.iter().map(|_| Uuid::now_v7()).collect();
         let steps = template
@@ -361,7 +395,7 @@ impl Store {
                 timeout_ms: Set(step
                     .timeout
                     .map(|seconds| (seconds * 1000.0).round() as i64)),
-                pending_parents: Set(step.depends_on.len() as i32),
+                pending_parents: Set(step.depends_on.len() as i32 + gate),
                 results: Set(None),
                 last_error: Set(None),
                 next_attempt_ms: Set(None),
@@ -371,8 +405,11 @@ impl Store {
                 lease_holder: Set(None),
                 lease_expires_ms: Set(None),
                 version: Set(1),
-                // Roots are claimable now; a child's time is set when its last parent is done.
-                ready_since_ms: Set(step.depends_on.is_empty().then(|| now.timestamp_millis())),
+                // Roots are claimable now (a waiting task's at its admission); a child's time is
+                // set when its last parent is done.
+                ready_since_ms: Set(
+                    (step.depends_on.is_empty() && gate == 0).then(|| now.timestamp_millis())
+                ),
                 priority: Set(i32::from(step.priority.unwrap_or(priority).level())),
                 created_at: Set(now),
                 updated_at: Set(now),
@@ -440,7 +477,9 @@ impl Store {
             .into_iter()
             .map(|i| (step_ids[i], template.steps[i].name.as_str()))
             .collect();
-        events.push(crate::events::steps_ready(subject, &roots, now));
+        if policy.is_none() {
+            events.push(crate::events::steps_ready(subject, &roots, now));
+        }
         TaskRows {
             task: task_model,
             tags: task_tags,
@@ -449,6 +488,7 @@ impl Store {
             task_transition,
             step_transitions,
             events,
+            strategy: policy.map(|policy| policy.strategy),
         }
     }
 
@@ -459,7 +499,11 @@ impl Store {
         let (mut tags, mut steps, mut edges) = (Vec::new(), Vec::new(), Vec::new());
         let (mut task_transitions, mut step_transitions, mut events) =
             (Vec::new(), Vec::new(), Vec::new());
+        let mut keyed = Vec::new();
         for rows in tasks {
+            if let Some(strategy) = rows.strategy {
+                keyed.push((rows.task.clone(), strategy));
+            }
             models.push(rows.task);
             tags.extend(rows.tags);
             steps.extend(rows.steps);
@@ -469,6 +513,14 @@ impl Store {
             events.extend(rows.events);
         }
         let txn = self.begin_write().await?;
+        // Before the sequencer's lock (taken with the events): see `concurrency`.
+        self.lock_concurrency_keys(
+            &txn,
+            keyed
+                .iter()
+                .filter_map(|(task, _)| task.concurrency_key.as_deref()),
+        )
+        .await?;
         let mut new_rows = crate::events::Rows::new();
         new_rows
             .add(models.iter().cloned().map(task::ActiveModel::from))
@@ -476,82 +528,125 @@ impl Store {
             .add(steps)
             .add(edges)
             .add(task_transitions)
-            .add(step_transitions)
-            .add(events);
+            .add(step_transitions);
+        if keyed.is_empty() {
+            new_rows.add(events);
+        } else {
+            // The tasks first, then their admission, and the events last: nothing waits for
+            // another writer's rows while this one holds the sequencer's lock.
+            self.insert_rows(&txn, new_rows).await?;
+            new_rows = crate::events::Rows::new();
+            let settled = self
+                .settle_new_tasks(&txn, keyed, self.now(), &mut new_rows, &mut events)
+                .await?;
+            new_rows.add(events);
+            for model in &mut models {
+                if let Some(now) = settled.get(&model.id) {
+                    model.clone_from(now);
+                }
+            }
+        }
         self.insert_rows(&txn, new_rows).await?;
         self.commit_events(txn).await?;
         models.into_iter().map(TaskRecord::try_from).collect()
     }
 
     /// Cancels a task and every unfinished step of it (their leases are dropped), atomically.
-    /// A task already complete, cancelled or resolved is a conflict.
+    /// A task already complete, cancelled or resolved is a conflict. A slot of its concurrency
+    /// key goes to the next waiting task in the same transaction.
     pub async fn cancel_task(&self, id: Uuid, reason: Option<String>) -> Result<TaskRecord> {
         self.writing(async {
             let now = self.now();
             let txn = self.begin_write().await?;
             let current = Self::task_row(&txn, id).await?;
-            let from = TaskState::parse(&current.state)?;
-            from.transition_to(TaskState::Cancelled)?;
-            let change = TaskMove {
-                ids: &[id],
-                from: &[from],
-                to: TaskState::Cancelled,
-                version: Some(current.version),
-                completed_at: CompletedAt::Stamp,
-            };
-            let updated = move_tasks(&txn, change, now).await?;
-            let Some(updated) = updated.into_iter().next() else {
-                return Err(Error::Conflict(format!(
-                    "task {id} changed while it was being cancelled; read it again and retry"
-                )));
-            };
-            let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(&current));
-            let subject = subjects.subject(id);
-            let reason_value = reason.clone().map(Value::from);
-            let (transition, event) = task_rows(
-                subject,
-                Some(from),
-                TaskState::Cancelled,
-                updated.version,
-                metadata(&[("reason", reason_value.clone())]),
-                now,
-            );
-            task_transition::Entity::insert(transition)
-                .exec_without_returning(&txn)
+            let mut rows = crate::events::Rows::new();
+            let mut events = Vec::new();
+            let mut cancelled = self
+                .cancel_rows(
+                    &txn,
+                    &current,
+                    reason.as_deref(),
+                    now,
+                    &mut rows,
+                    &mut events,
+                )
                 .await?;
-            let mut events = vec![event];
-            let mut transitions = Vec::new();
-            // One guarded UPDATE per unfinished state: each re-checks its rows' state under lock.
-            for step_from in [StepState::Pending, StepState::InProgress, StepState::Error] {
-                let change = StepMove {
-                    steps: Steps::OfTask(id),
-                    from: &[step_from],
-                    to: StepState::Cancelled,
-                    version: None,
-                    effect: StepEffect::Cancel,
-                };
-                let cancelled = move_steps(&txn, change, now).await?;
-                for step in cancelled {
-                    let (row, event) = step_rows(
-                        subject,
-                        step.id,
-                        &step.name,
-                        Some(step_from),
-                        StepState::Cancelled,
-                        step.version,
-                        metadata(&[("reason", reason_value.clone())]),
-                        now,
-                    );
-                    transitions.push(row);
-                    events.push(event);
-                }
-            }
-            let mut new_rows = crate::events::Rows::new();
-            new_rows.add(transitions).add(events);
-            self.insert_rows(&txn, new_rows).await?;
+            self.free_slots(&txn, std::slice::from_ref(&cancelled), now, &mut events)
+                .await?;
+            crate::concurrency::mark_freed(&mut cancelled);
+            rows.add(events);
+            self.insert_rows(&txn, rows).await?;
             self.commit_events(txn).await?;
-            updated.try_into()
+            cancelled.try_into()
         })
         .await
+    }
+
+    /// Cancels `current` and its unfinished steps inside `txn`: their transitions go to
+    /// `rows`, their events to `events`. Returns the task as it is now.
+    pub(crate) async fn cancel_rows(
+        &self,
+        txn: &WriteTxn,
+        current: &task::Model,
+        reason: Option<&str>,
+        now: DateTime<Utc>,
+        rows: &mut crate::events::Rows,
+        events: &mut Vec<event::ActiveModel>,
+    ) -> Result<task::Model> {
+        let id = current.id;
+        let from = TaskState::parse(&current.state)?;
+        from.transition_to(TaskState::Cancelled)?;
+        let change = TaskMove {
+            ids: &[id],
+            from: &[from],
+            to: TaskState::Cancelled,
+            version: Some(current.version),
+            completed_at: CompletedAt::Stamp,
+        };
+        let Some(updated) = move_tasks(txn, change, now).await?.pop() else {
+            return Err(Error::Conflict(format!(
+                "task {id} changed while it was being cancelled; read it again and retry"
+            )));
+        };
+        let subjects = crate::progress::Subjects::of_tasks(std::slice::from_ref(current));
+        let subject = subjects.subject(id);
+        let reason_value = reason.map(Value::from);
+        let (transition, event) = task_rows(
+            subject,
+            Some(from),
+            TaskState::Cancelled,
+            updated.version,
+            metadata(&[("reason", reason_value.clone())]),
+            now,
+        );
+        events.push(event);
+        let mut transitions = Vec::new();
+        // One guarded UPDATE per unfinished state: each re-checks its rows' state under lock.
+        for step_from in [StepState::Pending, StepState::InProgress, StepState::Error] {
+            let change = StepMove {
+                steps: Steps::OfTask(id),
+                from: &[step_from],
+                to: StepState::Cancelled,
+                version: None,
+                effect: StepEffect::Cancel,
+            };
+            let cancelled = move_steps(txn, change, now).await?;
+            for step in cancelled {
+                let (row, event) = step_rows(
+                    subject,
+                    step.id,
+                    &step.name,
+                    Some(step_from),
+                    StepState::Cancelled,
+                    step.version,
+                    metadata(&[("reason", reason_value.clone())]),
+                    now,
+                );
+                transitions.push(row);
+                events.push(event);
+            }
+        }
+        rows.add([transition]).add(transitions);
+        Ok(updated)
     }
 }

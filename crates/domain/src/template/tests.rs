@@ -410,3 +410,60 @@ fn priorities_are_one_to_four_on_the_template_and_its_steps() {
     assert!(has(&problems, "steps[0].priority", "found a string"));
     assert!(has(&problems, "steps[1].priority", "found 2.5"));
 }
+
+#[test]
+fn concurrency_is_a_key_a_limit_and_a_strategy_checked_at_registration() {
+    let base = "namespace: a\nname: b\nversion: 1.0.0\nsteps:\n  - name: x\n    handler: noop\n";
+    let template = TaskTemplate::parse(&format!(
+        "{base}concurrency: {{ key: \"{{{{ context.customer_id }}}}\", limit: 2, strategy: cancel_in_progress }}\n"
+    ))
+    .unwrap();
+    let policy = template.concurrency.clone().unwrap();
+    assert_eq!(policy.limit, 2);
+    assert_eq!(
+        policy.strategy,
+        crate::concurrency::Strategy::CancelInProgress
+    );
+    assert_eq!(
+        policy.key.as_ref().unwrap().as_str(),
+        "{{ context.customer_id }}"
+    );
+    assert_eq!(
+        TaskTemplate::from_normalized(template.to_normalized()).unwrap(),
+        template
+    );
+    let everyone = TaskTemplate::parse(&format!("{base}concurrency: {{ limit: 1 }}\n")).unwrap();
+    let policy = everyone.concurrency.unwrap();
+    assert!(policy.key.is_none());
+    assert_eq!(policy.strategy, crate::concurrency::Strategy::Queue);
+
+    let problems = problems_of(&format!(
+        "{base}concurrency: {{ key: customer, limit: 0, strategy: fifo, burst: 3 }}\n"
+    ));
+    assert!(has(&problems, "concurrency.key", "references nothing"));
+    assert!(has(
+        &problems,
+        "concurrency.limit",
+        "from 1 to 1000, found 0"
+    ));
+    assert!(has(
+        &problems,
+        "concurrency.strategy",
+        "unknown strategy \"fifo\""
+    ));
+    assert!(has(&problems, "concurrency.burst", "unknown field"));
+    let problems = problems_of(&format!(
+        "{base}concurrency: {{ key: \"{{{{ context.x }}}}\" }}\n"
+    ));
+    assert!(has(&problems, "concurrency.limit", "is required"));
+
+    // With declared properties, the key must read one of them.
+    let problems = problems_of(&format!(
+        "{base}context_schema: {{ type: object, properties: {{ order_id: {{ type: integer }} }} }}\nconcurrency: {{ key: \"{{{{ context.customer_id }}}}\", limit: 1 }}\n"
+    ));
+    assert!(has(
+        &problems,
+        "concurrency.key",
+        "context_schema declares no property \"customer_id\" (it has: order_id)"
+    ));
+}

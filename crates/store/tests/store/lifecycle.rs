@@ -1,7 +1,7 @@
 //! People's changes to whole tasks and to parts of their graphs: retry, resolve, re-run from a
 //! step; and a walk through every path that shows each event of the catalog is emitted.
 
-use crate::{DIAMOND, claim, complete, databases, order};
+use crate::{DIAMOND, claim, complete, databases, event_names, order};
 use chrono::Duration as Minutes;
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -35,16 +35,6 @@ async fn failed_diamond(store: &Store, order_id: i64) -> uuid::Uuid {
     }
     assert_eq!(store.task(task.id).await.unwrap().state, TaskState::Error);
     task.id
-}
-
-async fn event_names(store: &Store, task_id: uuid::Uuid) -> Vec<String> {
-    store
-        .events_for_tasks(&[task_id])
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|event| event.name)
-        .collect()
 }
 
 #[tokio::test]
@@ -278,6 +268,21 @@ async fn every_event_in_the_catalog_is_emitted_by_some_path() {
             .unwrap()
             .task;
         store.cancel_task(cancelled.id, None).await.unwrap();
+
+        // Two tasks under a concurrency limit of 1: the second waits (task.queued).
+        store
+            .register_template(
+                "namespace: shop\nname: one_at_a_time\nversion: 1.0.0\nconcurrency: { limit: 1 }\nsteps:\n  - { name: only, handler: noop }\n",
+                false,
+            )
+            .await
+            .unwrap();
+        for n in [4, 5] {
+            store
+                .create_task(order("shop", "one_at_a_time", n))
+                .await
+                .unwrap();
+        }
 
         let log = store
             .events_page(&EventFilter::within(Within::Any), None, 10_000)

@@ -12,6 +12,7 @@ use tasker_domain::{ManualClock, StepState, TaskRequest, TaskState};
 use tasker_store::testing::TestDatabase;
 use tasker_store::{Error, NewTask, RegistrationOutcome, Store, TaskFilter};
 
+mod concurrency;
 mod event_log;
 mod execution;
 mod faults;
@@ -90,6 +91,17 @@ pub async fn complete(
         })
         .collect();
     store.complete_steps(&completions).await.unwrap()
+}
+
+/// The names of a task's events, in order.
+pub async fn event_names(store: &Store, task_id: uuid::Uuid) -> Vec<String> {
+    store
+        .events_for_tasks(&[task_id])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| event.name)
+        .collect()
 }
 
 async fn all_tasks(store: &Store) -> Vec<tasker_store::TaskRecord> {
