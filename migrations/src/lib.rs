@@ -14,6 +14,7 @@ mod m20261207_000001_partial_step_indexes;
 mod m20261207_000002_lean_history;
 mod m20261208_000001_priority;
 mod m20261208_000002_concurrency;
+mod m20261208_000003_timeouts;
 
 /// Every migration, in the order they apply.
 pub struct Migrator;
@@ -33,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_000002_lean_history::Migration),
             Box::new(m20261208_000001_priority::Migration),
             Box::new(m20261208_000002_concurrency::Migration),
+            Box::new(m20261208_000003_timeouts::Migration),
         ]
     }
 }

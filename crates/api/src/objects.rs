@@ -119,6 +119,12 @@ impl Template {
         i32::from(self.0.template.priority.unwrap_or_default().level())
     }
 
+    /// Seconds a task may take from its creation to its end before it is cancelled
+    /// (`task.timed_out`), if the template sets a timeout.
+    async fn timeout_seconds(&self) -> Option<f64> {
+        self.0.template.timeout
+    }
+
     /// How many of its tasks with the same key may run at once, if it limits them.
     async fn concurrency(&self) -> Option<ConcurrencyRule> {
         self.0
@@ -172,6 +178,8 @@ pub struct StepTemplate {
     skippable: bool,
     /// Its own priority (1 to 4), when it declares one; else its task's.
     priority: Option<i32>,
+    /// Seconds it may wait, claimable, for its first attempt before it fails (or is skipped).
+    start_timeout_seconds: Option<f64>,
     /// 0 for steps with no dependencies, else one more than the deepest dependency.
     level: usize,
 }
@@ -214,6 +222,7 @@ fn step_templates(template: &TaskTemplate) -> Vec<StepTemplate> {
             timeout_seconds: step.timeout,
             skippable: step.skippable,
             priority: step.priority.map(|priority| i32::from(priority.level())),
+            start_timeout_seconds: step.start_timeout,
             level: levels.get(i).copied().unwrap_or_default(),
         })
         .collect()
@@ -331,6 +340,11 @@ impl Task {
     /// Carried by every event about the task, as `correlation_id` in its payload.
     async fn correlation_id(&self) -> &str {
         &self.record.correlation_id
+    }
+
+    /// When it is cancelled if it has not ended (its template's timeout after its creation).
+    async fn deadline(&self) -> Option<DateTime<Utc>> {
+        self.record.deadline
     }
 
     /// The concurrency key it holds a slot of (or waits for), when its template limits how
@@ -528,6 +542,11 @@ impl Step {
     /// 1 (low) to 4 (urgent): the order claims take ready steps in, with aging.
     async fn priority(&self) -> i32 {
         i32::from(self.record.priority.level())
+    }
+
+    /// Seconds it may wait, claimable, for its first attempt before it fails (or is skipped).
+    async fn start_timeout_seconds(&self) -> Option<f64> {
+        self.record.start_timeout_seconds
     }
 
     /// What the handler returned when the step completed.

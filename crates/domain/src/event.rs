@@ -17,6 +17,7 @@ pub enum EventName {
     TaskStepsReady,
     TaskWaiting,
     TaskQueued,
+    TaskTimedOut,
     TaskFinalized,
     StepCreated,
     StepStarted,
@@ -30,6 +31,7 @@ pub enum EventName {
     StepMaxRetriesReached,
     StepLeaseExpired,
     StepTimedOut,
+    StepStartTimedOut,
     StepReleased,
 }
 
@@ -59,7 +61,7 @@ const STEP_SUBJECT: &[&str] = &[
 ];
 
 impl EventName {
-    pub const ALL: [EventName; 25] = [
+    pub const ALL: [EventName; 27] = [
         EventName::TemplateRegistered,
         EventName::TaskCreated,
         EventName::TaskStarted,
@@ -71,6 +73,7 @@ impl EventName {
         EventName::TaskStepsReady,
         EventName::TaskWaiting,
         EventName::TaskQueued,
+        EventName::TaskTimedOut,
         EventName::TaskFinalized,
         EventName::StepCreated,
         EventName::StepStarted,
@@ -84,6 +87,7 @@ impl EventName {
         EventName::StepMaxRetriesReached,
         EventName::StepLeaseExpired,
         EventName::StepTimedOut,
+        EventName::StepStartTimedOut,
         EventName::StepReleased,
     ];
 
@@ -112,6 +116,7 @@ impl EventName {
             TaskStepsReady => "task.steps_ready",
             TaskWaiting => "task.waiting",
             TaskQueued => "task.queued",
+            TaskTimedOut => "task.timed_out",
             TaskFinalized => "task.finalized",
             StepCreated => "step.created",
             StepStarted => "step.started",
@@ -125,6 +130,7 @@ impl EventName {
             StepMaxRetriesReached => "step.max_retries_reached",
             StepLeaseExpired => "step.lease_expired",
             StepTimedOut => "step.timed_out",
+            StepStartTimedOut => "step.start_timed_out",
             StepReleased => "step.released",
         }
     }
@@ -161,6 +167,10 @@ impl EventName {
                 "A new task waits for a slot of its concurrency key (the key is at its limit): \
                  its steps start, with task.steps_ready, as soon as a slot frees."
             }
+            TaskTimedOut => {
+                "A task ran past its template's timeout: it is cancelled with its unfinished \
+                 steps (task.cancelled follows)."
+            }
             TaskFinalized => {
                 "A task reached its outcome on its own (complete or error): a summary with its \
                  duration and step counts, following task.completed or task.failed."
@@ -195,6 +205,10 @@ impl EventName {
                 "A worker's lease ran out without a heartbeat; the attempt counts as failed."
             }
             StepTimedOut => "An attempt ran past its step's timeout and counts as failed.",
+            StepStartTimedOut => {
+                "A claimable step waited longer than its start_timeout for a worker: it fails \
+                 for good, or is skipped when skippable (step.failed or step.skipped follows)."
+            }
             StepReleased => {
                 "A worker gave its lease back unfinished (it is stopping): the attempt does not \
                  count and the step can be claimed again at once."
@@ -234,6 +248,7 @@ impl EventName {
             TaskStepsReady => (TASK_SUBJECT, &["steps", "step_ids", "count"]),
             TaskWaiting => (TASK_SUBJECT, &["waiting_steps", "retry_at_ms"]),
             TaskQueued => (TASK_SUBJECT, &["concurrency_key", "limit"]),
+            TaskTimedOut => (TASK_SUBJECT, &["timeout_ms"]),
             TaskFinalized => (
                 TASK_SUBJECT,
                 &[
@@ -266,6 +281,7 @@ impl EventName {
             | StepMaxRetriesReached
             | StepLeaseExpired
             | StepTimedOut
+            | StepStartTimedOut
             | StepReleased => (
                 STEP_SUBJECT,
                 &[
@@ -282,6 +298,8 @@ impl EventName {
                     "reason",
                     "triggered_by",
                     "rerun_from",
+                    "start_timeout_ms",
+                    "waited_ms",
                 ],
             ),
         };

@@ -124,7 +124,8 @@ impl StateMachine for TaskState {
     fn successors(self) -> &'static [TaskState] {
         use TaskState::*;
         match self {
-            Pending => &[InProgress, Cancelled],
+            // A task ends before it starts when a step of it is not started in time.
+            Pending => &[InProgress, Complete, Error, Cancelled],
             InProgress => &[Complete, Error, Cancelled],
             Error => &[Pending, InProgress, Cancelled, ResolvedManually],
             Complete | Cancelled | ResolvedManually => &[],
@@ -209,7 +210,8 @@ impl StateMachine for StepState {
     fn successors(self) -> &'static [StepState] {
         use StepState::*;
         match self {
-            Pending => &[InProgress, Cancelled, ResolvedManually, Skipped],
+            // A pending step fails when nothing claims it within its start timeout.
+            Pending => &[InProgress, Error, Cancelled, ResolvedManually, Skipped],
             InProgress => &[Complete, Error, Cancelled, ResolvedManually, Skipped],
             Error => &[InProgress, Pending, Cancelled, ResolvedManually, Skipped],
             Complete | Cancelled | ResolvedManually | Skipped => &[],
@@ -265,6 +267,8 @@ mod tests {
         use TaskState::*;
         let allowed = [
             (Pending, InProgress),
+            (Pending, Complete),
+            (Pending, Error),
             (Pending, Cancelled),
             (InProgress, Complete),
             (InProgress, Error),
@@ -299,6 +303,7 @@ mod tests {
         use StepState::*;
         let allowed = [
             (Pending, InProgress),
+            (Pending, Error),
             (Pending, Cancelled),
             (Pending, ResolvedManually),
             (Pending, Skipped),

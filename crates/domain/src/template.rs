@@ -51,6 +51,10 @@ pub struct TaskTemplate {
     /// How many of its tasks with the same key may run at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<ConcurrencyPolicy>,
+    /// Seconds a task may take from its creation to its end; past them it is cancelled
+    /// (`task.timed_out`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
     /// Events its workers may publish (as `custom.<name>`) while they hold a lease.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub custom_events: Vec<CustomEvent>,
@@ -96,6 +100,10 @@ pub struct StepTemplate {
     /// Its own priority, whatever its task's (a cleanup step that may wait, say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
+    /// Seconds it may wait, claimable, for a worker to start it; past them it fails
+    /// (`step.start_timed_out`), or is skipped when skippable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timeout: Option<f64>,
 }
 
 /// How often a step may run and how long to wait between attempts.
@@ -412,6 +420,15 @@ impl<'a> ObjectReader<'a> {
         }
     }
 
+    /// [`ObjectReader::seconds`] that must be more than 0.
+    fn positive_seconds(&self, key: &str, problems: &mut Problems) -> Option<f64> {
+        let seconds = self.seconds(key, problems);
+        if seconds == Some(0.0) {
+            problems.push(self.path(key), "must be more than 0 seconds");
+        }
+        seconds
+    }
+
     /// A priority, 1 (low) to 4 (urgent).
     fn priority(&self, problems: &mut Problems) -> Option<Priority> {
         let value = self.get("priority")?;
@@ -554,6 +571,7 @@ const TEMPLATE_FIELDS: &[&str] = &[
     "custom_events",
     "priority",
     "concurrency",
+    "timeout",
 ];
 const CONCURRENCY_FIELDS: &[&str] = &["key", "limit", "strategy"];
 const CUSTOM_EVENT_FIELDS: &[&str] = &["name", "description"];
@@ -567,6 +585,7 @@ const STEP_FIELDS: &[&str] = &[
     "timeout",
     "skippable",
     "priority",
+    "start_timeout",
 ];
 const RETRY_FIELDS: &[&str] = &["max_attempts", "retryable", "backoff"];
 const BACKOFF_FIELDS: &[&str] = &["base", "factor", "max", "jitter"];
@@ -598,6 +617,7 @@ fn read_template(value: &Value, problems: &mut Problems) -> Option<TaskTemplate>
     let steps = read_steps(reader.get("steps"), problems);
     let custom_events = read_custom_events(reader.get("custom_events"), problems);
     let priority = reader.priority(problems);
+    let timeout = reader.positive_seconds("timeout", problems);
     let concurrency = reader
         .get("concurrency")
         .and_then(|value| read_concurrency(value, context_schema.as_ref(), problems));
@@ -610,6 +630,7 @@ fn read_template(value: &Value, problems: &mut Problems) -> Option<TaskTemplate>
         steps: steps?,
         priority,
         concurrency,
+        timeout,
         custom_events,
     })
 }
@@ -845,10 +866,8 @@ fn read_step(value: &Value, path: &str, problems: &mut Problems) -> Option<StepT
         Some(value) => read_retry(value, &reader.path("retry"), problems),
         None => RetryPolicy::default(),
     };
-    let timeout = reader.seconds("timeout", problems);
-    if timeout == Some(0.0) {
-        problems.push(reader.path("timeout"), "must be more than 0 seconds");
-    }
+    let timeout = reader.positive_seconds("timeout", problems);
+    let start_timeout = reader.positive_seconds("start_timeout", problems);
     let skippable = reader.bool("skippable", false, problems);
     let priority = reader.priority(problems);
     Some(StepTemplate {
@@ -861,6 +880,7 @@ fn read_step(value: &Value, path: &str, problems: &mut Problems) -> Option<StepT
         timeout,
         skippable,
         priority,
+        start_timeout,
     })
 }
 

@@ -617,6 +617,24 @@ impl Engine {
                     retried("lease sweep failed", &err);
                 }
             }
+            match self.store.time_out().await {
+                Ok(report) if !report.is_empty() => {
+                    tracing::info!(
+                        tasks = report.timed_out_tasks.len(),
+                        steps = report.unstarted_steps.len(),
+                        "ended tasks past their timeout and steps not started in time"
+                    );
+                    self.tasks_finished(report.timed_out_tasks.iter());
+                    self.tasks_finished(report.finished_tasks.iter());
+                    if report.newly_ready > 0 {
+                        self.announce().await;
+                    }
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    retried("timeout sweep failed", &err);
+                }
+            }
             // Retries whose time has come are claimable now.
             self.work_available();
             let now = self.store.clock().now().timestamp_millis();
@@ -752,6 +770,21 @@ steps:
         }
     }
 
+    /// Runs the maintenance loop until it has finished exactly one task, then stops it.
+    async fn sweep_until_a_task_finishes(engine: &Arc<Engine>) {
+        let mut finished = engine.finished_tasks();
+        let before = *finished.borrow_and_update();
+        let (stop, stopped) = watch::channel(false);
+        let maintenance = tokio::spawn(engine.clone().run_maintenance(stopped));
+        tokio::time::timeout(Duration::from_secs(10), finished.changed())
+            .await
+            .expect("the sweep ends the task")
+            .unwrap();
+        assert_eq!(*finished.borrow(), before + 1);
+        stop.send(true).unwrap();
+        maintenance.await.unwrap();
+    }
+
     /// A task that ends because its last attempt's lease ran out counts as finished, as one
     /// that ends by a recorded outcome does.
     #[tokio::test]
@@ -778,19 +811,28 @@ steps:
             1
         );
         clock.advance(chrono::Duration::seconds(31));
-        let mut finished = engine.finished_tasks();
-        let before = *finished.borrow_and_update();
-        let (stop, stopped) = watch::channel(false);
-        let maintenance = tokio::spawn(engine.clone().run_maintenance(stopped));
-        tokio::time::timeout(Duration::from_secs(10), finished.changed())
-            .await
-            .expect("the sweep ends the task")
-            .unwrap();
-        assert_eq!(*finished.borrow(), before + 1);
+        sweep_until_a_task_finishes(&engine).await;
         let ended = engine.store().task(task.id).await.unwrap();
         assert_eq!(ended.state, TaskState::Error);
-        stop.send(true).unwrap();
-        maintenance.await.unwrap();
+    }
+
+    /// The maintenance loop ends a task past its timeout, and counts it as finished.
+    #[tokio::test]
+    async fn the_maintenance_loop_cancels_a_task_past_its_timeout() {
+        let clock = Arc::new(tasker_domain::ManualClock::new(chrono::Utc::now()));
+        let db = TestDatabase::sqlite(clock.clone()).await;
+        let timed = "namespace: demo\nname: timed\nversion: 1.0.0\ntimeout: 1h\nsteps:\n  - { name: a, handler: remote }\n";
+        db.store.register_template(timed, false).await.unwrap();
+        let engine = Engine::new(db.store.clone());
+        let task = NewTask {
+            template: "timed".into(),
+            ..new_task()
+        };
+        let task = engine.create_task(task).await.unwrap().task;
+        clock.advance(chrono::Duration::minutes(61));
+        sweep_until_a_task_finishes(&engine).await;
+        let ended = engine.store().task(task.id).await.unwrap();
+        assert_eq!(ended.state, TaskState::Cancelled);
     }
 
     #[tokio::test]

@@ -34,6 +34,9 @@ pub(crate) const FREED: &str = "freed";
 /// two-number advisory locks never collide with the sequencer's one-number lock.
 const LOCK_CLASS: i32 = 0x7461_736b; // "task"
 
+/// The index every question about a key's slots reads.
+const KEY_INDEX: &str = "ix_tasks_concurrency";
+
 #[derive(Debug, FromQueryResult)]
 struct Holders {
     held: i64,
@@ -114,9 +117,13 @@ impl Store {
         let mut chosen = Vec::new();
         for key in keys {
             let mut sql = Sql::new(backend);
-            sql.push("SELECT (SELECT COUNT(*) FROM tasks WHERE concurrency_key = ")
+            sql.push("SELECT (SELECT COUNT(*) FROM tasks")
+                .indexed_by(KEY_INDEX)
+                .push(" WHERE concurrency_key = ")
                 .bind(key.clone())
-                .push(" AND slot = 'held') AS held, (SELECT concurrency_limit FROM tasks WHERE concurrency_key = ")
+                .push(" AND slot = 'held') AS held, (SELECT concurrency_limit FROM tasks")
+                .indexed_by(KEY_INDEX)
+                .push(" WHERE concurrency_key = ")
                 .bind(key.clone())
                 .push(" AND slot = 'waiting' ORDER BY priority DESC, id LIMIT 1) AS head_limit");
             let Some(holders) = Holders::find_by_statement(sql.build()).one(txn).await? else {
@@ -127,7 +134,9 @@ impl Store {
                 continue;
             }
             let mut sql = Sql::new(backend);
-            sql.push("SELECT id, concurrency_limit FROM tasks WHERE concurrency_key = ")
+            sql.push("SELECT id, concurrency_limit FROM tasks")
+                .indexed_by(KEY_INDEX)
+                .push(" WHERE concurrency_key = ")
                 .bind(key.clone())
                 .push(" AND slot = 'waiting' ORDER BY priority DESC, id LIMIT ")
                 .bind(free);
@@ -205,7 +214,9 @@ impl Store {
         }
         self.lock_concurrency_keys(txn, [key.as_str()]).await?;
         let mut sql = Sql::new(txn.get_database_backend());
-        sql.push("SELECT COUNT(*) AS n FROM tasks WHERE concurrency_key = ")
+        sql.push("SELECT COUNT(*) AS n FROM tasks")
+            .indexed_by(KEY_INDEX)
+            .push(" WHERE concurrency_key = ")
             .bind(key.clone())
             .push(" AND slot = 'held'");
         let held = Counted::find_by_statement(sql.build())
@@ -255,7 +266,9 @@ impl Store {
         }
         for (key, (count, limit)) in arriving {
             let mut sql = Sql::new(backend);
-            sql.push("SELECT COUNT(*) AS n FROM tasks WHERE concurrency_key = ")
+            sql.push("SELECT COUNT(*) AS n FROM tasks")
+                .indexed_by(KEY_INDEX)
+                .push(" WHERE concurrency_key = ")
                 .bind(key.to_owned())
                 .push(" AND slot = 'held'");
             let held = Counted::find_by_statement(sql.build())
@@ -343,7 +356,9 @@ impl Store {
         let backend = txn.get_database_backend();
         let postgres = backend == sea_orm::DbBackend::Postgres;
         let mut sql = Sql::new(backend);
-        sql.push("SELECT * FROM tasks WHERE concurrency_key = ")
+        sql.push("SELECT * FROM tasks")
+            .indexed_by(KEY_INDEX)
+            .push(" WHERE concurrency_key = ")
             .bind(key.to_owned())
             .push(" AND slot = 'held' ORDER BY id");
         if postgres {
@@ -355,26 +370,38 @@ impl Store {
         if !postgres {
             return Ok(holders);
         }
+        self.idle_tasks(txn, holders, count).await
+    }
+
+    /// PostgreSQL: up to `count` of `tasks` (whose rows `txn` holds locked) whose unfinished
+    /// steps no other transaction is changing, locking those steps for `txn`: cancelling them
+    /// then waits for nobody. A task with a step another transaction holds is passed over.
+    pub(crate) async fn idle_tasks(
+        &self,
+        txn: &WriteTxn,
+        tasks: Vec<task::Model>,
+        count: i64,
+    ) -> Result<Vec<task::Model>> {
         let mut idle = Vec::new();
-        for holder in holders {
+        for task in tasks {
             if idle.len() as i64 >= count {
                 break;
             }
             let unfinished = "workflow_steps WHERE task_id = ";
-            let mut sql = Sql::new(backend);
+            let mut sql = Sql::new(txn.get_database_backend());
             sql.push("SELECT (SELECT COUNT(*) FROM ")
                 .push(unfinished)
-                .bind(holder.id)
+                .bind(task.id)
                 .push(" AND state IN ('pending', 'in_progress', 'error')) - (SELECT COUNT(*) FROM (SELECT id FROM ")
                 .push(unfinished)
-                .bind(holder.id)
+                .bind(task.id)
                 .push(" AND state IN ('pending', 'in_progress', 'error') FOR UPDATE SKIP LOCKED) AS mine) AS n");
             let busy = Counted::find_by_statement(sql.build())
                 .one(txn)
                 .await?
                 .map_or(0, |counted| counted.n);
             if busy == 0 {
-                idle.push(holder);
+                idle.push(task);
             }
         }
         Ok(idle)

@@ -79,6 +79,8 @@ pub mod task {
         pub concurrency_limit: Option<i32>,
         /// `waiting`, `held` or `freed`, with a concurrency key.
         pub slot: Option<String>,
+        /// When it times out (epoch ms), if its template has a timeout.
+        pub deadline_ms: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -146,6 +148,8 @@ pub mod workflow_step {
         pub ready_since_ms: Option<i64>,
         /// 1 (low) to 4 (urgent): with `ready_since_ms`, the order claims take it in.
         pub priority: i32,
+        /// How long it may wait, claimable, for a worker (ms), if its template says.
+        pub start_timeout_ms: Option<i64>,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
         pub completed_at: Option<DateTimeUtc>,

@@ -923,7 +923,8 @@ fn truncate(message: &str) -> String {
     message[..end].to_owned()
 }
 
-/// The earliest due time after `after_ms` among retries, leases and attempt deadlines. Leases
+/// The earliest due time after `after_ms` among retries, leases, attempt deadlines, task
+/// deadlines and start timeouts (the last two through their partial indexes). Leases
 /// and deadlines are read through `ix_steps_in_flight_lease`, which holds in-flight steps
 /// only (`state = 'in_progress'` is its predicate, so each query here repeats it).
 pub(crate) fn push_wakeups(sql: &mut Sql, after_ms: i64) {
@@ -932,6 +933,14 @@ pub(crate) fn push_wakeups(sql: &mut Sql, after_ms: i64) {
         .push(" UNION ALL SELECT MIN(lease_expires_ms) AS due FROM workflow_steps WHERE state = 'in_progress' AND lease_expires_ms > ")
         .bind(after_ms)
         .push(" UNION ALL SELECT MIN(deadline_ms) AS due FROM workflow_steps WHERE state = 'in_progress' AND deadline_ms > ")
+        .bind(after_ms)
+        .push(" UNION ALL SELECT MIN(deadline_ms) AS due FROM tasks")
+        .indexed_by("ix_tasks_deadline")
+        .push(" WHERE deadline_ms IS NOT NULL AND state IN ('pending', 'in_progress') AND deadline_ms > ")
+        .bind(after_ms)
+        .push(" UNION ALL SELECT MIN(ready_since_ms + start_timeout_ms) AS due FROM workflow_steps")
+        .indexed_by("ix_steps_start_timeout")
+        .push(" WHERE start_timeout_ms IS NOT NULL AND state = 'pending' AND pending_parents = 0 AND ready_since_ms + start_timeout_ms > ")
         .bind(after_ms)
         .push(") AS wakeups");
 }

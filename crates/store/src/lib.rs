@@ -25,6 +25,7 @@ mod tasks;
 mod templates;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod timeouts;
 mod write;
 
 pub use event_log::{EventCursor, EventFilter};
@@ -45,6 +46,7 @@ pub use retention::Pruned;
 pub use status::{PoolStatus, READY_COUNT_CAP, StoreStatus};
 pub use tasks::{NewTask, TaskCreation};
 pub use templates::{Registration, RegistrationOutcome};
+pub use timeouts::TimeoutReport;
 
 use crate::write::WriteTxn;
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};

@@ -102,18 +102,29 @@ impl Store {
             if ids.is_empty() {
                 continue;
             }
-            let change = TaskMove {
-                ids: &ids,
-                from: &[TaskState::InProgress],
-                to,
-                version: None,
-                completed_at: CompletedAt::Stamp,
-            };
-            let updated = move_tasks(txn, change, now).await?;
-            for task in updated {
+            let mut updated = Vec::with_capacity(ids.len());
+            let mut rest = ids;
+            // Running tasks, and (rarely: no statement otherwise) tasks that never started
+            // but ended all the same, a step of theirs not started in time.
+            for from in [TaskState::InProgress, TaskState::Pending] {
+                if rest.is_empty() {
+                    break;
+                }
+                let change = TaskMove {
+                    ids: &rest,
+                    from: &[from],
+                    to,
+                    version: None,
+                    completed_at: CompletedAt::Stamp,
+                };
+                let moved = move_tasks(txn, change, now).await?;
+                rest.retain(|id| !moved.iter().any(|task| task.id == *id));
+                updated.extend(moved.into_iter().map(|task| (from, task)));
+            }
+            for (from, task) in updated {
                 let (row, event) = task_rows(
                     subjects.subject(task.id),
-                    Some(TaskState::InProgress),
+                    Some(from),
                     to,
                     task.version,
                     json!({}),

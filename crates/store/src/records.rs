@@ -50,6 +50,8 @@ pub struct TaskRecord {
     pub priority: Priority,
     /// Its concurrency key and slot, when its template limits concurrency.
     pub concurrency: Option<TaskConcurrency>,
+    /// When it times out, if its template has a timeout.
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 /// A task's place under its template's concurrency rule.
@@ -109,6 +111,8 @@ pub struct StepRecord {
     pub ready_since: Option<DateTime<Utc>>,
     /// Claims take steps of higher priority first, with aging (see [`Priority`]).
     pub priority: Priority,
+    /// How long it may wait, claimable, for its first attempt.
+    pub start_timeout_seconds: Option<f64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
@@ -228,6 +232,7 @@ impl TryFrom<task::Model> for TaskRecord {
             completed_at: model.completed_at,
             trace_parent: model.traceparent,
             priority: stored_priority(model.priority),
+            deadline: model.deadline_ms.and_then(from_millis),
             concurrency: model.concurrency_key.map(|key| TaskConcurrency {
                 key,
                 limit: model
@@ -271,6 +276,7 @@ impl TryFrom<workflow_step::Model> for StepRecord {
             lease_expires_at: model.lease_expires_ms.and_then(from_millis),
             ready_since: model.ready_since_ms.and_then(from_millis),
             priority: stored_priority(model.priority),
+            start_timeout_seconds: model.start_timeout_ms.map(|ms| ms as f64 / 1000.0),
             created_at: model.created_at,
             updated_at: model.updated_at,
             completed_at: model.completed_at,

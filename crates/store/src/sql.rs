@@ -29,6 +29,17 @@ impl Sql {
         self
     }
 
+    /// SQLite: ` INDEXED BY index` — for a partial index its planner, without statistics,
+    /// would pass over for a wider one (and a statement that cannot use it then fails to
+    /// prepare instead of scanning). Nothing on PostgreSQL, which plans from statistics.
+    pub fn indexed_by(&mut self, index: &str) -> &mut Self {
+        if !self.is_postgres() {
+            self.text.push_str(" INDEXED BY ");
+            self.text.push_str(index);
+        }
+        self
+    }
+
     /// Appends a placeholder bound to `value`.
     pub fn bind(&mut self, value: impl Into<Value>) -> &mut Self {
         self.values.push(value.into());

@@ -88,6 +88,8 @@ pub(crate) enum StepEffect {
     Finish { results: Option<serde_json::Value> },
     /// Its task was cancelled: finished now, and no worker holds it any more.
     Cancel,
+    /// It failed for good without an attempt running (it was never started in time).
+    Fail { error: String },
 }
 
 /// A person's change of state for some steps (or a cancellation): the attempt in flight (if
@@ -152,6 +154,9 @@ pub(crate) async fn move_steps(
                 workflow_step::Column::LeaseHolder,
                 Expr::value(Option::<String>::None),
             ),
+        StepEffect::Fail { error } => {
+            update.col_expr(workflow_step::Column::LastError, Expr::value(error))
+        }
         StepEffect::Finish { results } => {
             let update = update.col_expr(workflow_step::Column::CompletedAt, Expr::value(now));
             match results {

@@ -118,6 +118,11 @@ pub struct TaskCreation {
     pub ready_handlers: Vec<String>,
 }
 
+/// A template's duration (seconds, at most 30 days) in milliseconds.
+fn seconds_to_ms(seconds: f64) -> i64 {
+    (seconds * 1000.0).round() as i64
+}
+
 /// The distinct handlers of a template's root steps: what a new task of it can run at once.
 fn root_handlers(template: &TemplateRecord) -> Vec<String> {
     let mut handlers: Vec<String> = template
@@ -371,6 +376,9 @@ impl Store {
             concurrency_limit: policy.map(|policy| policy.limit as i32),
             slot: policy.map(|_| crate::concurrency::WAITING.to_owned()),
             concurrency_key,
+            deadline_ms: template
+                .timeout
+                .map(|seconds| now.timestamp_millis() + seconds_to_ms(seconds)),
         };
         let step_ids: Vec<Uuid> = template.steps.iter().map(|_| Uuid::now_v7()).collect();
         let steps = template
@@ -392,9 +400,8 @@ impl Store {
                 retryable: Set(step.retry.retryable),
                 skippable: Set(step.skippable),
                 backoff: Set(serde_json::to_value(&step.retry.backoff).unwrap_or(Value::Null)),
-                timeout_ms: Set(step
-                    .timeout
-                    .map(|seconds| (seconds * 1000.0).round() as i64)),
+                timeout_ms: Set(step.timeout.map(seconds_to_ms)),
+                start_timeout_ms: Set(step.start_timeout.map(seconds_to_ms)),
                 pending_parents: Set(step.depends_on.len() as i32 + gate),
                 results: Set(None),
                 last_error: Set(None),

@@ -467,3 +467,18 @@ fn concurrency_is_a_key_a_limit_and_a_strategy_checked_at_registration() {
         "context_schema declares no property \"customer_id\" (it has: order_id)"
     ));
 }
+
+#[test]
+fn a_task_timeout_and_a_step_start_timeout_are_durations() {
+    let template = TaskTemplate::parse(
+        "namespace: a\nname: b\nversion: 1.0.0\ntimeout: 1h\nsteps:\n  - name: x\n    handler: noop\n    start_timeout: 10m\n",
+    )
+    .unwrap();
+    assert_eq!(template.timeout, Some(3600.0));
+    assert_eq!(template.steps[0].start_timeout, Some(600.0));
+    let problems = problems_of(
+        "namespace: a\nname: b\nversion: 1.0.0\ntimeout: 0\nsteps:\n  - name: x\n    handler: noop\n    start_timeout: soon\n",
+    );
+    assert!(has(&problems, "timeout", "more than 0"));
+    assert!(has(&problems, "steps[0].start_timeout", "duration"));
+}

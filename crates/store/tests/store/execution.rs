@@ -912,6 +912,13 @@ async fn sqlite_reads_leases_through_the_in_flight_indexes() {
             .any(|line| line.contains("ix_steps_in_flight_lease (state=? AND lease_expires_ms>?)")),
         "{plan:?}"
     );
+    // Task deadlines and start timeouts: only the rows that have one, through partial indexes.
+    for index in ["ix_tasks_deadline", "ix_steps_start_timeout"] {
+        assert!(
+            plan.iter().any(|line| line.contains(index)),
+            "{index}: {plan:?}"
+        );
+    }
     let token = claimed[0].lease_token;
     assert_eq!(
         store.lease_namespaces(&[token]).await.unwrap()[&token],

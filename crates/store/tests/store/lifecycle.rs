@@ -284,6 +284,21 @@ async fn every_event_in_the_catalog_is_emitted_by_some_path() {
                 .unwrap();
         }
 
+        // One task whose step nobody starts in time, one that outlives its timeout.
+        store
+            .register_template(
+                "namespace: shop\nname: timed\nversion: 1.0.0\ntimeout: 1h\nsteps:\n  - { name: only, handler: nobody, start_timeout: 10m }\n",
+                false,
+            )
+            .await
+            .unwrap();
+        store.create_task(order("shop", "timed", 6)).await.unwrap();
+        clock.advance(Minutes::minutes(11));
+        store.time_out().await.unwrap(); // step.start_timed_out
+        store.create_task(order("shop", "timed", 7)).await.unwrap();
+        clock.advance(Minutes::minutes(61));
+        store.time_out().await.unwrap(); // task.timed_out
+
         let log = store
             .events_page(&EventFilter::within(Within::Any), None, 10_000)
             .await
