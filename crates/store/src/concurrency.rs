@@ -140,6 +140,11 @@ impl Store {
                 .bind(key.clone())
                 .push(" AND slot = 'waiting' ORDER BY priority DESC, id LIMIT ")
                 .bind(free);
+            if backend == sea_orm::DbBackend::Postgres {
+                // A waiting task another transaction is cancelling is passed over: waiting
+                // for its row under the key's lock could close a circle with that one.
+                sql.push(" FOR UPDATE SKIP LOCKED");
+            }
             let waiting = Waiting::find_by_statement(sql.build()).all(txn).await?;
             // Versions of a template may differ in limit: each waits for its own.
             chosen.extend(
@@ -159,6 +164,9 @@ impl Store {
             .bind_list(chosen.iter().copied())
             .push(" RETURNING *");
         let tasks = task::Model::find_by_statement(sql.build()).all(txn).await?;
+        if tasks.is_empty() {
+            return Ok(Admitted::default());
+        }
         let mut sql = Sql::new(backend);
         sql.push(
             "UPDATE workflow_steps SET pending_parents = pending_parents - 1, ready_since_ms = ",

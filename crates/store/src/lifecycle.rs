@@ -109,7 +109,6 @@ impl Store {
             } else {
                 0
             };
-            self.take_slot_again(&txn, &task).await?;
             let (mut task_transitions, reopened) = reopen_task(
                 &txn,
                 &task,
@@ -122,6 +121,11 @@ impl Store {
             let mut finished = self
                 .finalize_tasks(&txn, &[step.task_id], &subjects, now, &mut events)
                 .await?;
+            // A failed task that runs again needs a slot again; one this change finishes
+            // at once does not.
+            if reopened.is_some() && finished.tasks.is_empty() {
+                self.take_slot_again(&txn, &task).await?;
+            }
             task_transitions.extend(finished.transitions);
             let mut new_rows = crate::events::Rows::new();
             new_rows.add([row]).add(task_transitions).add(events);

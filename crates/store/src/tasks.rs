@@ -123,6 +123,15 @@ fn seconds_to_ms(seconds: f64) -> i64 {
     (seconds * 1000.0).round() as i64
 }
 
+/// What a new task can run at once: its template's root handlers, none while it waits for a
+/// concurrency slot (or was cancelled at creation by its key's strategy).
+fn startable_handlers(template: &TemplateRecord, task: &TaskRecord) -> Vec<String> {
+    if task.waits_for_slot() || task.state != TaskState::Pending {
+        return Vec::new();
+    }
+    root_handlers(template)
+}
+
 /// The distinct handlers of a template's root steps: what a new task of it can run at once.
 fn root_handlers(template: &TemplateRecord) -> Vec<String> {
     let mut handlers: Vec<String> = template
@@ -150,9 +159,9 @@ impl Store {
                 };
             match self.insert_task(&template, &new, concurrency_key).await {
                 Ok(task) => Ok(TaskCreation {
+                    ready_handlers: startable_handlers(&template, &task),
                     task,
                     created: true,
-                    ready_handlers: root_handlers(&template),
                 }),
                 // Another request with the same key committed first: answer with its task.
                 Err(Error::Database(err)) if Self::is_unique_violation(&err) => {
@@ -227,9 +236,9 @@ impl Store {
                     Planned::New(template, _) => written
                         .next()
                         .map(|task| TaskCreation {
+                            ready_handlers: startable_handlers(&template, &task),
                             task,
                             created: true,
-                            ready_handlers: root_handlers(&template),
                         })
                         .ok_or_else(|| {
                             Error::Conflict("a task of the batch was not written".into())
