@@ -15,6 +15,7 @@ mod m20261207_000002_lean_history;
 mod m20261208_000001_priority;
 mod m20261208_000002_concurrency;
 mod m20261208_000003_timeouts;
+mod m20261208_000004_schedules;
 
 /// Every migration, in the order they apply.
 pub struct Migrator;
@@ -35,6 +36,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261208_000001_priority::Migration),
             Box::new(m20261208_000002_concurrency::Migration),
             Box::new(m20261208_000003_timeouts::Migration),
+            Box::new(m20261208_000004_schedules::Migration),
         ]
     }
 }

@@ -805,3 +805,69 @@ async fn a_task_waits_for_its_concurrency_slot_and_says_so() {
         assert!(names.contains(&"task.steps_ready"), "{backend}: {names:?}");
     }
 }
+
+/// Schedules over GraphQL: created with its next fire times, paused, resumed, deleted; a bad
+/// cron or time zone is refused with the path of each problem.
+#[tokio::test]
+async fn schedules_are_created_listed_paused_and_deleted_over_graphql() {
+    for server in TestServer::all().await {
+        let backend = server.backend();
+        server.register(EXTERNAL).await;
+        let created = server
+            .data(
+                "mutation($i: CreateScheduleInput!) { createSchedule(input: $i) { schedule { name cron timezone catchUp paused nextFireAt nextFireTimes(count: 3) } } }",
+                json!({ "i": { "namespace": "payments", "name": "nightly", "template": "charge", "cron": "0 2 * * *", "timezone": "Europe/Berlin", "catchUp": "SKIP" } }),
+            )
+            .await;
+        let schedule = &created["createSchedule"]["schedule"];
+        assert_eq!(schedule["catchUp"], "SKIP", "{backend}: {created:#}");
+        let times = schedule["nextFireTimes"].as_array().unwrap();
+        assert_eq!(times.len(), 3);
+        assert_eq!(times[0], schedule["nextFireAt"]);
+
+        let listed = server
+            .data(
+                "{ schedules(namespace: \"payments\") { name paused } }",
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            listed["schedules"],
+            json!([{ "name": "nightly", "paused": false }])
+        );
+        let key = json!({ "i": { "namespace": "payments", "name": "nightly" } });
+        let paused = server
+            .data("mutation($i: ScheduleKeyInput!) { pauseSchedule(input: $i) { schedule { paused } } }", key.clone())
+            .await;
+        assert_eq!(paused["pauseSchedule"]["schedule"]["paused"], true);
+        let resumed = server
+            .data("mutation($i: ScheduleKeyInput!) { resumeSchedule(input: $i) { schedule { paused } } }", key.clone())
+            .await;
+        assert_eq!(resumed["resumeSchedule"]["schedule"]["paused"], false);
+        server
+            .data("mutation($i: ScheduleKeyInput!) { deleteSchedule(input: $i) { schedule { name } } }", key.clone())
+            .await;
+        let (code, _) = server
+            .error(
+                "query { schedule(namespace: \"payments\", name: \"nightly\") { name } }",
+                json!({}),
+            )
+            .await;
+        assert_eq!(code, "NOT_FOUND", "{backend}");
+
+        let (code, error) = server
+            .error(
+                "mutation($i: CreateScheduleInput!) { createSchedule(input: $i) { schedule { name } } }",
+                json!({ "i": { "namespace": "payments", "name": "bad", "template": "charge", "cron": "61 * * * *", "timezone": "Nowhere/City" } }),
+            )
+            .await;
+        assert_eq!(code, "VALIDATION_FAILED", "{backend}");
+        let paths: Vec<&str> = error["extensions"]["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|problem| problem["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(paths, ["cron", "timezone"], "{backend}");
+    }
+}

@@ -9,7 +9,7 @@
 use crate::auth::Principal;
 use crate::batch::TaskSet;
 use crate::error::{ApiError, GqlResultExt};
-use crate::objects::{Namespace, Step, Task, Template};
+use crate::objects::{Namespace, Schedule, Step, Task, Template};
 use async_graphql::{Context, Result};
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
@@ -92,6 +92,10 @@ pub(crate) mod can {
         TemplateIndex,
         TemplateShow,
         TemplateRegister,
+        ScheduleIndex,
+        ScheduleCreate,
+        ScheduleUpdate,
+        ScheduleDelete,
         TaskIndex,
         TaskShow,
         TaskCreate,
@@ -201,6 +205,18 @@ impl<P> Granted<'_, P> {
                 what,
                 key: key.to_owned(),
             })
+            .gql()
+        }
+    }
+
+    /// `FORBIDDEN` unless the caller may write in `namespace` (`what`: "create schedules").
+    fn allow_writes_in(&self, namespace: &str, what: &str) -> Result<()> {
+        if self.scope.allows(namespace) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "your token may not {what} in namespace {namespace:?}"
+            )))
             .gql()
         }
     }
@@ -344,6 +360,68 @@ impl Granted<'_, can::TemplateRegister> {
             .register_template(definition, replace)
             .await
             .gql()
+    }
+}
+
+impl Granted<'_, can::ScheduleIndex> {
+    /// The schedules in scope, optionally of one namespace.
+    pub async fn schedules(&self, namespace: Option<&str>) -> Result<Vec<Schedule>> {
+        let asked = Within::of(namespace.map(str::to_owned));
+        let Some(within) = self.confine(&asked) else {
+            return Ok(Vec::new());
+        };
+        let records = self.store().schedules(&within).await.gql()?;
+        let now = self.store().clock().now();
+        Ok(records
+            .into_iter()
+            .map(|record| Schedule::new(record, now))
+            .collect())
+    }
+
+    /// One schedule by namespace and name.
+    pub async fn schedule(&self, namespace: &str, name: &str) -> Result<Schedule> {
+        self.check(namespace, "schedule", &format!("{namespace}/{name}"))?;
+        let record = self.store().schedule(namespace, name).await.gql()?;
+        Ok(Schedule::new(record, self.store().clock().now()))
+    }
+}
+
+impl Granted<'_, can::ScheduleCreate> {
+    /// Creates a schedule in a namespace in scope.
+    pub async fn create_schedule(&self, new: tasker_store::NewSchedule) -> Result<Schedule> {
+        self.allow_writes_in(&new.namespace, "create schedules")?;
+        let record = self.store().create_schedule(new).await.gql()?;
+        // Its first tick may be sooner than what the maintenance loop sleeps for.
+        self.engine.timers_changed();
+        Ok(Schedule::new(record, self.store().clock().now()))
+    }
+}
+
+impl Granted<'_, can::ScheduleUpdate> {
+    /// Pauses or resumes a schedule.
+    pub async fn pause_schedule(
+        &self,
+        namespace: &str,
+        name: &str,
+        paused: bool,
+    ) -> Result<Schedule> {
+        self.check(namespace, "schedule", &format!("{namespace}/{name}"))?;
+        let record = self
+            .store()
+            .pause_schedule(namespace, name, paused)
+            .await
+            .gql()?;
+        self.engine.timers_changed();
+        Ok(Schedule::new(record, self.store().clock().now()))
+    }
+}
+
+impl Granted<'_, can::ScheduleDelete> {
+    /// Deletes a schedule; the tasks it started stay.
+    pub async fn delete_schedule(&self, namespace: &str, name: &str) -> Result<Schedule> {
+        self.check(namespace, "schedule", &format!("{namespace}/{name}"))?;
+        let record = self.store().delete_schedule(namespace, name).await.gql()?;
+        Ok(Schedule::new(record, self.store().clock().now()))
     }
 }
 

@@ -62,3 +62,15 @@ pub enum ConcurrencyStrategyValue {
     /// The oldest holders are cancelled to make room for it.
     CancelInProgress,
 }
+
+/// What a schedule does with the ticks missed while no server ran.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Debug)]
+#[graphql(name = "CatchUp", remote = "tasker_domain::schedule::CatchUp")]
+pub enum CatchUpValue {
+    /// Missed ticks are dropped; the schedule goes on from the next one.
+    Skip,
+    /// One task for all the missed ticks (for the latest of them).
+    RunOnce,
+    /// One task per missed tick, oldest first (at most 100 per sweep).
+    RunAll,
+}

@@ -3,7 +3,7 @@
 
 use crate::batch::TaskSet;
 use crate::enums::{
-    ConcurrencyStrategyValue, ExecutionStatusValue, StepStateValue, TaskStateValue,
+    CatchUpValue, ConcurrencyStrategyValue, ExecutionStatusValue, StepStateValue, TaskStateValue,
 };
 use crate::error::{ApiError, GqlResultExt};
 use crate::graph::{StepCounts, TaskGraph, step_dag};
@@ -149,6 +149,108 @@ impl Template {
 
     async fn updated_at(&self) -> DateTime<Utc> {
         self.0.updated_at
+    }
+}
+
+/// A schedule: a cron expression in a time zone (or one time) that starts tasks of a template
+/// with a context.
+pub struct Schedule {
+    record: tasker_store::ScheduleRecord,
+    /// When it was read: where its upcoming fire times count from.
+    now: DateTime<Utc>,
+}
+
+impl Schedule {
+    pub fn new(record: tasker_store::ScheduleRecord, now: DateTime<Utc>) -> Schedule {
+        Schedule { record, now }
+    }
+}
+
+/// The most fire times one `nextFireTimes` answers.
+const MAX_FIRE_TIMES: usize = 100;
+
+#[Object]
+impl Schedule {
+    async fn id(&self) -> ID {
+        id(self.record.id)
+    }
+
+    async fn namespace(&self) -> &str {
+        &self.record.namespace
+    }
+
+    /// Unique in its namespace.
+    async fn name(&self) -> &str {
+        &self.record.name
+    }
+
+    /// The template its tasks start from (its newest version at each tick unless `version`).
+    async fn template(&self) -> &str {
+        &self.record.template
+    }
+
+    async fn version(&self) -> Option<&str> {
+        self.record.version.as_deref()
+    }
+
+    async fn context(&self) -> Json<Value> {
+        Json(self.record.context.clone())
+    }
+
+    async fn priority(&self) -> Option<i32> {
+        self.record
+            .priority
+            .map(|priority| i32::from(priority.level()))
+    }
+
+    /// Five fields, minute to weekday; none for a one-time schedule.
+    async fn cron(&self) -> Option<&str> {
+        self.record.cron.as_deref()
+    }
+
+    /// The IANA time zone the cron expression reads in.
+    async fn timezone(&self) -> &str {
+        &self.record.timezone
+    }
+
+    /// A one-time schedule's time.
+    async fn run_at(&self) -> Option<DateTime<Utc>> {
+        self.record.run_at
+    }
+
+    async fn catch_up(&self) -> CatchUpValue {
+        self.record.catch_up.into()
+    }
+
+    async fn paused(&self) -> bool {
+        self.record.paused
+    }
+
+    /// The next tick to fire; null once a one-time schedule fired.
+    async fn next_fire_at(&self) -> Option<DateTime<Utc>> {
+        self.record.next_fire_at
+    }
+
+    /// Its next `count` fire times (at most 100), from now.
+    async fn next_fire_times(&self, #[graphql(default = 5)] count: usize) -> Vec<DateTime<Utc>> {
+        self.record.upcoming(self.now, count.min(MAX_FIRE_TIMES))
+    }
+
+    async fn last_fired_at(&self) -> Option<DateTime<Utc>> {
+        self.record.last_fired_at
+    }
+
+    /// Ticks that started a task so far.
+    async fn fired_count(&self) -> u64 {
+        self.record.fired_count
+    }
+
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.record.created_at
+    }
+
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.record.updated_at
     }
 }
 

@@ -3,11 +3,11 @@
 
 use crate::access::{can, grant};
 use crate::batch::TaskSet;
-use crate::enums::TaskStateValue;
+use crate::enums::{CatchUpValue, TaskStateValue};
 use crate::error::{ApiError, GqlResultExt, with_code};
 use crate::ids::{parse_id, parse_task_cursor, task_cursor};
 use crate::limits::QueryLimits;
-use crate::objects::{Namespace, PageInfo, Step, Task, Template};
+use crate::objects::{Namespace, PageInfo, Schedule, Step, Task, Template};
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest,
 };
@@ -95,6 +95,29 @@ impl TaskQuery {
     ) -> Result<Vec<Template>> {
         grant::<can::TemplateIndex>(ctx)?
             .templates(namespace.as_deref(), name.as_deref())
+            .await
+    }
+
+    /// Schedules, optionally of one namespace, by namespace and name.
+    async fn schedules(
+        &self,
+        ctx: &Context<'_>,
+        namespace: Option<String>,
+    ) -> Result<Vec<Schedule>> {
+        grant::<can::ScheduleIndex>(ctx)?
+            .schedules(namespace.as_deref())
+            .await
+    }
+
+    /// One schedule.
+    async fn schedule(
+        &self,
+        ctx: &Context<'_>,
+        namespace: String,
+        name: String,
+    ) -> Result<Schedule> {
+        grant::<can::ScheduleIndex>(ctx)?
+            .schedule(&namespace, &name)
             .await
     }
 
@@ -249,6 +272,40 @@ impl TaskEdge {
 
 #[derive(Default)]
 pub struct TaskMutation;
+
+/// A schedule to create: `cron` (five fields, minute to weekday, in `timezone`) for a
+/// repeating one, or `runAt` for one run.
+#[derive(InputObject)]
+pub struct CreateScheduleInput {
+    namespace: String,
+    /// Unique in the namespace (lowercase letters, digits, `_` and `-`).
+    name: String,
+    /// The template's name; its newest version at each tick unless `version` is given.
+    template: String,
+    version: Option<String>,
+    /// The context of every task it starts, checked against the template now.
+    context: Option<Json<Value>>,
+    /// 1 (low) to 4 (urgent) for its tasks; the template's when omitted.
+    priority: Option<i32>,
+    cron: Option<String>,
+    /// IANA time zone (`Europe/Berlin`); UTC when omitted.
+    timezone: Option<String>,
+    run_at: Option<DateTime<Utc>>,
+    /// What to do with ticks missed while no server ran (RUN_ONCE when omitted).
+    catch_up: Option<CatchUpValue>,
+}
+
+/// A schedule, by namespace and name.
+#[derive(InputObject)]
+pub struct ScheduleKeyInput {
+    namespace: String,
+    name: String,
+}
+
+#[derive(SimpleObject)]
+pub struct SchedulePayload {
+    schedule: Schedule,
+}
 
 #[derive(InputObject)]
 pub struct RegisterTemplateInput {
@@ -442,6 +499,70 @@ impl TaskMutation {
             template: Template(registration.template),
             result: registration.outcome.into(),
         })
+    }
+
+    /// Creates a schedule; its first tick is the first after now (or `runAt`).
+    async fn create_schedule(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateScheduleInput,
+    ) -> Result<SchedulePayload> {
+        let new = tasker_store::NewSchedule {
+            namespace: input.namespace,
+            name: input.name,
+            template: input.template,
+            version: input.version,
+            context: crate::objects::object_or_empty(input.context),
+            priority: input.priority.map(i64::from),
+            cron: input.cron,
+            timezone: input.timezone,
+            run_at: input.run_at,
+            catch_up: input.catch_up.map(|policy| {
+                tasker_domain::schedule::CatchUp::from(policy)
+                    .as_str()
+                    .to_owned()
+            }),
+        };
+        let schedule = grant::<can::ScheduleCreate>(ctx)?
+            .create_schedule(new)
+            .await?;
+        Ok(SchedulePayload { schedule })
+    }
+
+    /// Pauses a schedule: no tick fires until it is resumed.
+    async fn pause_schedule(
+        &self,
+        ctx: &Context<'_>,
+        input: ScheduleKeyInput,
+    ) -> Result<SchedulePayload> {
+        let schedule = grant::<can::ScheduleUpdate>(ctx)?
+            .pause_schedule(&input.namespace, &input.name, true)
+            .await?;
+        Ok(SchedulePayload { schedule })
+    }
+
+    /// Resumes a paused schedule from its next tick (the pause's ticks are not made up).
+    async fn resume_schedule(
+        &self,
+        ctx: &Context<'_>,
+        input: ScheduleKeyInput,
+    ) -> Result<SchedulePayload> {
+        let schedule = grant::<can::ScheduleUpdate>(ctx)?
+            .pause_schedule(&input.namespace, &input.name, false)
+            .await?;
+        Ok(SchedulePayload { schedule })
+    }
+
+    /// Deletes a schedule; the tasks it started stay.
+    async fn delete_schedule(
+        &self,
+        ctx: &Context<'_>,
+        input: ScheduleKeyInput,
+    ) -> Result<SchedulePayload> {
+        let schedule = grant::<can::ScheduleDelete>(ctx)?
+            .delete_schedule(&input.namespace, &input.name)
+            .await?;
+        Ok(SchedulePayload { schedule })
     }
 
     /// Starts a task: its steps, edges, transitions and events are written in one transaction.

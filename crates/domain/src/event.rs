@@ -7,6 +7,11 @@ use crate::state::{StepState, TaskState};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventName {
     TemplateRegistered,
+    ScheduleCreated,
+    ScheduleFired,
+    SchedulePaused,
+    ScheduleResumed,
+    ScheduleDeleted,
     TaskCreated,
     TaskStarted,
     TaskCompleted,
@@ -61,8 +66,13 @@ const STEP_SUBJECT: &[&str] = &[
 ];
 
 impl EventName {
-    pub const ALL: [EventName; 27] = [
+    pub const ALL: [EventName; 32] = [
         EventName::TemplateRegistered,
+        EventName::ScheduleCreated,
+        EventName::ScheduleFired,
+        EventName::SchedulePaused,
+        EventName::ScheduleResumed,
+        EventName::ScheduleDeleted,
         EventName::TaskCreated,
         EventName::TaskStarted,
         EventName::TaskCompleted,
@@ -106,6 +116,11 @@ impl EventName {
         use EventName::*;
         match self {
             TemplateRegistered => "template.registered",
+            ScheduleCreated => "schedule.created",
+            ScheduleFired => "schedule.fired",
+            SchedulePaused => "schedule.paused",
+            ScheduleResumed => "schedule.resumed",
+            ScheduleDeleted => "schedule.deleted",
             TaskCreated => "task.created",
             TaskStarted => "task.started",
             TaskCompleted => "task.completed",
@@ -142,6 +157,17 @@ impl EventName {
             TemplateRegistered => {
                 "A template version was registered, or replaced with replace: true."
             }
+            ScheduleCreated => "A schedule was created: its cron (or one time) and next tick.",
+            ScheduleFired => {
+                "A schedule's tick started a task (task_id); skipped counts the missed ticks \
+                 its catch-up policy dropped."
+            }
+            SchedulePaused => "A schedule was paused: no tick fires until it is resumed.",
+            ScheduleResumed => {
+                "A paused schedule was resumed: it fires again from its next tick (the ticks \
+                 of the pause are not made up)."
+            }
+            ScheduleDeleted => "A schedule was deleted.",
             TaskCreated => "A task was created with its steps, all pending.",
             TaskStarted => {
                 "A task started running: its first step was claimed, or a person reopened it."
@@ -230,6 +256,22 @@ impl EventName {
                     "replaced",
                     "steps",
                 ],
+            ),
+            ScheduleCreated | SchedulePaused | ScheduleResumed | ScheduleDeleted => (
+                &[],
+                &[
+                    "schedule_id",
+                    "schedule",
+                    "namespace",
+                    "template",
+                    "cron",
+                    "timezone",
+                    "next_fire_ms",
+                ],
+            ),
+            ScheduleFired => (
+                &["task_id", "namespace", "correlation_id"],
+                &["schedule_id", "schedule", "template", "tick_ms", "skipped"],
             ),
             TaskCreated | TaskStarted | TaskCompleted | TaskFailed | TaskRetryRequested
             | TaskCancelled | TaskResolvedManually => (

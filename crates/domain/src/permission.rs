@@ -21,6 +21,10 @@ pub enum Permission {
     TemplateIndex,
     TemplateShow,
     TemplateRegister,
+    ScheduleIndex,
+    ScheduleCreate,
+    ScheduleUpdate,
+    ScheduleDelete,
     EventSubscribe,
     WorkerClaim,
     HealthStatusIndex,
@@ -28,7 +32,7 @@ pub enum Permission {
 }
 
 impl Permission {
-    pub const ALL: [Permission; 19] = [
+    pub const ALL: [Permission; 23] = [
         Permission::TaskIndex,
         Permission::TaskShow,
         Permission::TaskCreate,
@@ -44,6 +48,10 @@ impl Permission {
         Permission::TemplateIndex,
         Permission::TemplateShow,
         Permission::TemplateRegister,
+        Permission::ScheduleIndex,
+        Permission::ScheduleCreate,
+        Permission::ScheduleUpdate,
+        Permission::ScheduleDelete,
         Permission::EventSubscribe,
         Permission::WorkerClaim,
         Permission::HealthStatusIndex,
@@ -68,6 +76,10 @@ impl Permission {
             TemplateIndex => "tasker.template:index",
             TemplateShow => "tasker.template:show",
             TemplateRegister => "tasker.template:register",
+            ScheduleIndex => "tasker.schedule:index",
+            ScheduleCreate => "tasker.schedule:create",
+            ScheduleUpdate => "tasker.schedule:update",
+            ScheduleDelete => "tasker.schedule:delete",
             EventSubscribe => "tasker.event:subscribe",
             WorkerClaim => "tasker.worker:claim",
             HealthStatusIndex => "tasker.health_status:index",

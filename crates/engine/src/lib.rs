@@ -254,6 +254,12 @@ impl Engine {
         self.work.subscribe()
     }
 
+    /// Wakes the maintenance loop to look at its due times again (a new schedule, a paused
+    /// one resumed): it may have gone to sleep until a later one.
+    pub fn timers_changed(&self) {
+        self.timers.notify_one();
+    }
+
     /// Tells every waiting claimer in this process to look again.
     pub fn work_available(&self) {
         self.wake_claimers(true);
@@ -358,6 +364,7 @@ impl Engine {
         if creation.created {
             self.announce_ready(built_in_ready(std::slice::from_ref(&creation)))
                 .await;
+            self.note_deadlines(std::slice::from_ref(&creation));
         }
         Ok(creation)
     }
@@ -374,8 +381,20 @@ impl Engine {
             tracing::Instrument::instrument(self.store.create_tasks(news), span).await?;
         if creations.iter().any(|creation| creation.created) {
             self.announce_ready(built_in_ready(&creations)).await;
+            self.note_deadlines(&creations);
         }
         Ok(creations)
+    }
+
+    /// Wakes the maintenance loop when new tasks have a timeout: their deadline may come
+    /// before what it sleeps toward.
+    fn note_deadlines(&self, creations: &[TaskCreation]) {
+        if creations
+            .iter()
+            .any(|creation| creation.created && creation.task.deadline.is_some())
+        {
+            self.timers_changed();
+        }
     }
 
     /// Leases ready steps; with `wait`, returns as soon as some are ready or, at the deadline,
@@ -615,6 +634,15 @@ impl Engine {
                 Ok(_) => {}
                 Err(err) => {
                     retried("lease sweep failed", &err);
+                }
+            }
+            match self.store.fire_schedules().await {
+                Ok(created) if !created.is_empty() => {
+                    self.announce_ready(built_in_ready(&created)).await;
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    retried("firing schedules failed", &err);
                 }
             }
             match self.store.time_out().await {

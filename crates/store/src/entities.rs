@@ -89,6 +89,40 @@ pub mod task {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub mod schedule {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "schedules")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub namespace: String,
+        pub name: String,
+        pub template_name: String,
+        pub template_version: Option<String>,
+        #[sea_orm(column_type = "JsonBinary")]
+        pub context: Json,
+        pub priority: Option<i32>,
+        pub cron: Option<String>,
+        pub timezone: String,
+        pub run_at_ms: Option<i64>,
+        pub catch_up: String,
+        pub paused: bool,
+        /// The first tick not fired yet; `None` once a one-time schedule fired.
+        pub next_fire_ms: Option<i64>,
+        pub last_fired_ms: Option<i64>,
+        pub fired_count: i64,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 pub mod task_tag {
     use sea_orm::entity::prelude::*;
 

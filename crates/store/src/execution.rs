@@ -924,7 +924,8 @@ fn truncate(message: &str) -> String {
 }
 
 /// The earliest due time after `after_ms` among retries, leases, attempt deadlines, task
-/// deadlines and start timeouts (the last two through their partial indexes). Leases
+/// deadlines, start timeouts and schedules' next ticks (the last three through their partial
+/// indexes). Leases
 /// and deadlines are read through `ix_steps_in_flight_lease`, which holds in-flight steps
 /// only (`state = 'in_progress'` is its predicate, so each query here repeats it).
 pub(crate) fn push_wakeups(sql: &mut Sql, after_ms: i64) {
@@ -941,6 +942,10 @@ pub(crate) fn push_wakeups(sql: &mut Sql, after_ms: i64) {
         .push(" UNION ALL SELECT MIN(ready_since_ms + start_timeout_ms) AS due FROM workflow_steps")
         .indexed_by("ix_steps_start_timeout")
         .push(" WHERE start_timeout_ms IS NOT NULL AND state = 'pending' AND pending_parents = 0 AND ready_since_ms + start_timeout_ms > ")
+        .bind(after_ms)
+        .push(" UNION ALL SELECT MIN(next_fire_ms) AS due FROM schedules")
+        .indexed_by("ix_schedules_due")
+        .push(" WHERE next_fire_ms IS NOT NULL AND paused = FALSE AND next_fire_ms > ")
         .bind(after_ms)
         .push(") AS wakeups");
 }

@@ -18,6 +18,7 @@ mod progress;
 mod queries;
 mod records;
 mod retention;
+mod schedules;
 mod sql;
 mod state_change;
 mod status;
@@ -43,6 +44,7 @@ pub use records::{
     TaskConcurrency, TaskRecord, TaskTransitionRecord, TemplateRecord,
 };
 pub use retention::Pruned;
+pub use schedules::{NewSchedule, ScheduleRecord};
 pub use status::{PoolStatus, READY_COUNT_CAP, StoreStatus};
 pub use tasks::{NewTask, TaskCreation};
 pub use templates::{Registration, RegistrationOutcome};

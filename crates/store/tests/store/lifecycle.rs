@@ -299,6 +299,22 @@ async fn every_event_in_the_catalog_is_emitted_by_some_path() {
         clock.advance(Minutes::minutes(61));
         store.time_out().await.unwrap(); // task.timed_out
 
+        // A schedule's life: created, fired, paused, resumed, deleted.
+        let schedule = tasker_store::NewSchedule {
+            namespace: "shop".into(),
+            name: "hourly".into(),
+            template: "fulfil".into(),
+            context: serde_json::json!({ "order_id": 8 }),
+            cron: Some("0 * * * *".into()),
+            ..tasker_store::NewSchedule::default()
+        };
+        store.create_schedule(schedule).await.unwrap();
+        clock.advance(Minutes::hours(1));
+        store.fire_schedules().await.unwrap();
+        store.pause_schedule("shop", "hourly", true).await.unwrap();
+        store.pause_schedule("shop", "hourly", false).await.unwrap();
+        store.delete_schedule("shop", "hourly").await.unwrap();
+
         let log = store
             .events_page(&EventFilter::within(Within::Any), None, 10_000)
             .await

@@ -18,6 +18,7 @@ mod execution;
 mod faults;
 mod lifecycle;
 mod retention;
+mod schedules;
 mod timeouts;
 
 pub const DIAMOND: &str = r#"
