@@ -194,7 +194,7 @@ impl Store {
             .iter()
             .filter(|task| matches!(task.slot.as_deref(), Some(HELD | WAITING)))
             .collect();
-        if holding.is_empty() {
+        if holding.is_empty() || txn.defer_frees_of(ended) {
             return Ok(Admitted::default());
         }
         let freed_keys: BTreeSet<String> = holding
@@ -209,6 +209,17 @@ impl Store {
             .bind_list(holding.iter().map(|task| task.id));
         txn.execute_raw(sql.build()).await?;
         self.admit_waiting(txn, &freed_keys, now, events).await
+    }
+
+    /// Frees the slots collected since [`WriteTxn::defer_slot_frees`], all at once.
+    pub(crate) async fn free_deferred_slots(
+        &self,
+        txn: &WriteTxn,
+        now: DateTime<Utc>,
+        events: &mut Vec<event::ActiveModel>,
+    ) -> Result<Admitted> {
+        let ended = txn.take_deferred_frees();
+        self.free_slots(txn, &ended, now, events).await
     }
 
     /// A failed task that runs again needs a slot again: taken when its key has one free, a

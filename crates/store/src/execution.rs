@@ -686,6 +686,8 @@ impl Store {
         self.writing(async {
             let now_ms = self.now_ms();
             let txn = self.begin_write().await?;
+            // Slots of the tasks these failures end are freed together, last.
+            txn.defer_slot_frees();
             let expired = workflow_step::Entity::find()
                 .filter(step_in_progress())
                 .filter(
@@ -721,6 +723,10 @@ impl Store {
                     finished_task: report.finished_task,
                 });
             }
+            let mut freed = Vec::new();
+            self.free_deferred_slots(&txn, self.now(), &mut freed)
+                .await?;
+            rows.add(freed);
             if expiries.is_empty() {
                 txn.commit().await?;
             } else {

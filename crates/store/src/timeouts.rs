@@ -47,6 +47,8 @@ impl Store {
             let now = self.now();
             let now_ms = now.timestamp_millis();
             let txn = self.begin_write().await?;
+            // Slots of the tasks this sweep ends are freed together, last.
+            txn.defer_slot_frees();
             let backend = txn.get_database_backend();
             let skip_locked = if backend == DbBackend::Postgres {
                 " FOR UPDATE SKIP LOCKED"
@@ -188,6 +190,10 @@ impl Store {
                 report.newly_ready += finished.admitted_ready;
                 report.finished_tasks = finished.tasks;
             }
+            report.newly_ready += self
+                .free_deferred_slots(&txn, now, &mut events)
+                .await?
+                .ready_steps;
             if report.is_empty() {
                 txn.commit().await?;
             } else {

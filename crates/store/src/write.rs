@@ -63,6 +63,9 @@ pub(crate) struct WriteTxn {
     /// PostgreSQL: whether it holds the event sequencer's lock (see
     /// [`crate::Store::lock_sequencer`]).
     sequencer_locked: AtomicBool,
+    /// Tasks that ended holding a concurrency slot, when their slots are freed together at
+    /// the end (`None`: each change frees its own at once). See [`WriteTxn::defer_slot_frees`].
+    deferred_frees: std::sync::Mutex<Option<Vec<crate::entities::task::Model>>>,
 }
 
 enum Kind {
@@ -102,6 +105,7 @@ impl WriteTxn {
             kind,
             counters: counters.clone(),
             sequencer_locked: AtomicBool::new(false),
+            deferred_frees: std::sync::Mutex::new(None),
         })
     }
 
@@ -122,6 +126,42 @@ impl WriteTxn {
                 Ok(answers.into_iter().map(|answer| answer.rows).collect())
             }
         }
+    }
+
+    /// From now on, slots that ending tasks free are collected and freed together by
+    /// [`crate::Store::free_deferred_slots`]: a transaction that ends many tasks one change at
+    /// a time (a sweep) then takes its concurrency keys' locks once, in their one order, as
+    /// every other transaction does.
+    pub fn defer_slot_frees(&self) {
+        let mut deferred = self
+            .deferred_frees
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        deferred.get_or_insert_with(Vec::new);
+    }
+
+    /// Collects `ended` when frees are deferred (answering `true`); `false` otherwise.
+    pub fn defer_frees_of(&self, ended: &[crate::entities::task::Model]) -> bool {
+        let mut deferred = self
+            .deferred_frees
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match deferred.as_mut() {
+            Some(list) => {
+                list.extend(ended.iter().cloned());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The tasks collected so far, and frees no longer deferred.
+    pub fn take_deferred_frees(&self) -> Vec<crate::entities::task::Model> {
+        let mut deferred = self
+            .deferred_frees
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        deferred.take().unwrap_or_default()
     }
 
     pub fn sequencer_locked(&self) -> bool {

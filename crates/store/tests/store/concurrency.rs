@@ -354,3 +354,44 @@ async fn two_replicas_never_run_more_than_the_limit_of_a_key() {
         other.close().await.unwrap();
     }
 }
+
+/// A holder that ends by a sweep (its last lease ran out, or its timeout) hands its slot on in
+/// the sweep's transaction, as one that ends by a worker's report does.
+#[tokio::test]
+async fn sweeps_free_slots_too() {
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let backend = db.backend();
+        store
+            .register_template(&keyed_template("pay", 1, "queue"), false)
+            .await
+            .unwrap();
+        let holder = start(store, "pay", "acme").await;
+        let waiting = start(store, "pay", "acme").await;
+        assert!(waiting.waits_for_slot());
+        assert_eq!(claim_all(store).await.len(), 1);
+        clock.advance(chrono::Duration::seconds(31));
+        let expired = store.expire_leases().await.unwrap();
+        assert_eq!(expired.len(), 1, "{backend}");
+        assert_eq!(
+            store.task(holder.id).await.unwrap().state,
+            TaskState::Error,
+            "{backend}: its only attempt is spent"
+        );
+        assert_eq!(
+            store
+                .task(waiting.id)
+                .await
+                .unwrap()
+                .concurrency
+                .unwrap()
+                .slot,
+            Slot::Held,
+            "{backend}"
+        );
+        let next = claim_all(store).await;
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].step.task_id, waiting.id, "{backend}");
+    }
+}
