@@ -386,9 +386,16 @@ impl Engine {
         Ok(creations)
     }
 
-    /// Wakes the maintenance loop when new tasks have a timeout: their deadline may come
-    /// before what it sleeps toward.
+    /// Wakes the maintenance loop when new tasks have a timeout (their deadline may come
+    /// before what it sleeps toward), and counts those that ended at their creation.
     fn note_deadlines(&self, creations: &[TaskCreation]) {
+        // A new task its concurrency key refused (cancel_newest) ended as it was created.
+        self.tasks_finished(
+            creations
+                .iter()
+                .filter(|creation| creation.created && creation.task.state.has_ended())
+                .map(|creation| &creation.task),
+        );
         if creations
             .iter()
             .any(|creation| creation.created && creation.task.deadline.is_some())

@@ -113,6 +113,19 @@ impl Store {
         now: DateTime<Utc>,
         events: &mut Vec<event::ActiveModel>,
     ) -> Result<Admitted> {
+        self.admit_preferring(txn, keys, &[], now, events).await
+    }
+
+    /// [`Store::admit_waiting`], the tasks of `first` before any other (the new tasks a
+    /// `cancel_in_progress` cancellation made room for).
+    async fn admit_preferring(
+        &self,
+        txn: &WriteTxn,
+        keys: &BTreeSet<String>,
+        first: &[Uuid],
+        now: DateTime<Utc>,
+        events: &mut Vec<event::ActiveModel>,
+    ) -> Result<Admitted> {
         let backend = txn.get_database_backend();
         let mut chosen = Vec::new();
         for key in keys {
@@ -138,8 +151,13 @@ impl Store {
                 .indexed_by(KEY_INDEX)
                 .push(" WHERE concurrency_key = ")
                 .bind(key.clone())
-                .push(" AND slot = 'waiting' ORDER BY priority DESC, id LIMIT ")
-                .bind(free);
+                .push(" AND slot = 'waiting' ORDER BY ");
+            if !first.is_empty() {
+                sql.push("CASE WHEN id IN ")
+                    .bind_list(first.iter().copied())
+                    .push(" THEN 0 ELSE 1 END, ");
+            }
+            sql.push("priority DESC, id LIMIT ").bind(free);
             if backend == sea_orm::DbBackend::Postgres {
                 // A waiting task another transaction is cancelling is passed over: waiting
                 // for its row under the key's lock could close a circle with that one.
@@ -190,12 +208,26 @@ impl Store {
         now: DateTime<Utc>,
         events: &mut Vec<event::ActiveModel>,
     ) -> Result<Admitted> {
+        if txn.defer_frees_of(ended) {
+            return Ok(Admitted::default());
+        }
+        let freed_keys = self.give_up_slots(txn, ended).await?;
+        self.admit_waiting(txn, &freed_keys, now, events).await
+    }
+
+    /// Marks the slots (or queue places) of tasks that just ended as given up, under their
+    /// keys' locks; answers the keys whose slots freed. No statement when none has a key.
+    async fn give_up_slots(
+        &self,
+        txn: &WriteTxn,
+        ended: &[task::Model],
+    ) -> Result<BTreeSet<String>> {
         let holding: Vec<&task::Model> = ended
             .iter()
             .filter(|task| matches!(task.slot.as_deref(), Some(HELD | WAITING)))
             .collect();
-        if holding.is_empty() || txn.defer_frees_of(ended) {
-            return Ok(Admitted::default());
+        if holding.is_empty() {
+            return Ok(BTreeSet::new());
         }
         let freed_keys: BTreeSet<String> = holding
             .iter()
@@ -208,7 +240,7 @@ impl Store {
         sql.push("UPDATE tasks SET slot = 'freed' WHERE id IN ")
             .bind_list(holding.iter().map(|task| task.id));
         txn.execute_raw(sql.build()).await?;
-        self.admit_waiting(txn, &freed_keys, now, events).await
+        Ok(freed_keys)
     }
 
     /// Frees the slots collected since [`WriteTxn::defer_slot_frees`], all at once.
@@ -309,7 +341,16 @@ impl Store {
                         .await?,
                 );
             }
-            let admitted = self.free_slots(txn, &cancelled, now, events).await?;
+            // The room made goes to the new tasks, before any that waited already.
+            let newest: Vec<Uuid> = created
+                .iter()
+                .filter(|(task, _)| task.concurrency_key.as_deref() == Some(key))
+                .map(|(task, _)| task.id)
+                .collect();
+            let freed_keys = self.give_up_slots(txn, &cancelled).await?;
+            let admitted = self
+                .admit_preferring(txn, &freed_keys, &newest, now, events)
+                .await?;
             settled.extend(admitted.tasks.into_iter().map(|task| (task.id, task)));
             for mut task in cancelled {
                 mark_freed(&mut task);

@@ -395,3 +395,33 @@ async fn sweeps_free_slots_too() {
         assert_eq!(next[0].step.task_id, waiting.id, "{backend}");
     }
 }
+
+/// The room `cancel_in_progress` makes goes to the new task, even when older ones wait under
+/// the key (queued by an earlier version that had the `queue` strategy).
+#[tokio::test]
+async fn the_room_made_by_cancel_in_progress_goes_to_the_new_task() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let backend = db.backend();
+        store
+            .register_template(&keyed_template("swap", 1, "queue"), false)
+            .await
+            .unwrap();
+        let holder = start(store, "swap", "acme").await;
+        let queued = start(store, "swap", "acme").await;
+        assert!(queued.waits_for_slot());
+        let newer = keyed_template("swap", 1, "cancel_in_progress").replace("1.0.0", "2.0.0");
+        store.register_template(&newer, false).await.unwrap();
+        let newest = start(store, "swap", "acme").await;
+        assert_eq!(newest.concurrency.unwrap().slot, Slot::Held, "{backend}");
+        assert_eq!(
+            store.task(holder.id).await.unwrap().state,
+            TaskState::Cancelled
+        );
+        assert!(
+            store.task(queued.id).await.unwrap().waits_for_slot(),
+            "{backend}"
+        );
+    }
+}
