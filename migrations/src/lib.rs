@@ -17,6 +17,19 @@ mod m20261208_000002_concurrency;
 mod m20261208_000003_timeouts;
 mod m20261208_000004_schedules;
 
+/// Runs `statements` in order, on the migration's connection (inside its transaction when the
+/// migration asks for one).
+async fn execute_all(
+    manager: &SchemaManager<'_>,
+    statements: impl IntoIterator<Item = impl AsRef<str>>,
+) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    for statement in statements {
+        db.execute_unprepared(statement.as_ref()).await?;
+    }
+    Ok(())
+}
+
 /// Every migration, in the order they apply.
 pub struct Migrator;
 

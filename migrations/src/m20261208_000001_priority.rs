@@ -17,22 +17,20 @@ impl MigrationTrait for Migration {
     }
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        for table in TABLES {
-            db.execute_unprepared(&format!(
-                "ALTER TABLE {table} ADD COLUMN priority INTEGER NOT NULL DEFAULT 2"
-            ))
-            .await?;
-        }
-        Ok(())
+        crate::execute_all(
+            manager,
+            TABLES.map(|table| {
+                format!("ALTER TABLE {table} ADD COLUMN priority INTEGER NOT NULL DEFAULT 2")
+            }),
+        )
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        for table in TABLES {
-            db.execute_unprepared(&format!("ALTER TABLE {table} DROP COLUMN priority"))
-                .await?;
-        }
-        Ok(())
+        crate::execute_all(
+            manager,
+            TABLES.map(|table| format!("ALTER TABLE {table} DROP COLUMN priority")),
+        )
+        .await
     }
 }

@@ -16,30 +16,28 @@ impl MigrationTrait for Migration {
     }
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        for column in [
-            "concurrency_key TEXT",
-            "concurrency_limit INTEGER",
-            "slot TEXT",
-        ] {
-            db.execute_unprepared(&format!("ALTER TABLE tasks ADD COLUMN {column}"))
-                .await?;
-        }
-        db.execute_unprepared(
-            "CREATE INDEX ix_tasks_concurrency ON tasks (concurrency_key, slot, priority DESC, id) WHERE concurrency_key IS NOT NULL",
+        crate::execute_all(
+            manager,
+            [
+                "ALTER TABLE tasks ADD COLUMN concurrency_key TEXT",
+                "ALTER TABLE tasks ADD COLUMN concurrency_limit INTEGER",
+                "ALTER TABLE tasks ADD COLUMN slot TEXT",
+                "CREATE INDEX ix_tasks_concurrency ON tasks (concurrency_key, slot, priority DESC, id) WHERE concurrency_key IS NOT NULL",
+            ],
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        db.execute_unprepared("DROP INDEX ix_tasks_concurrency")
-            .await?;
-        for column in ["slot", "concurrency_limit", "concurrency_key"] {
-            db.execute_unprepared(&format!("ALTER TABLE tasks DROP COLUMN {column}"))
-                .await?;
-        }
-        Ok(())
+        crate::execute_all(
+            manager,
+            [
+                "DROP INDEX ix_tasks_concurrency",
+                "ALTER TABLE tasks DROP COLUMN slot",
+                "ALTER TABLE tasks DROP COLUMN concurrency_limit",
+                "ALTER TABLE tasks DROP COLUMN concurrency_key",
+            ],
+        )
+        .await
     }
 }

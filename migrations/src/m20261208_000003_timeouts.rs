@@ -16,28 +16,28 @@ impl MigrationTrait for Migration {
     }
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        for statement in [
-            "ALTER TABLE tasks ADD COLUMN deadline_ms BIGINT",
-            "ALTER TABLE workflow_steps ADD COLUMN start_timeout_ms BIGINT",
-            "CREATE INDEX ix_tasks_deadline ON tasks (deadline_ms) WHERE deadline_ms IS NOT NULL AND state IN ('pending', 'in_progress')",
-            "CREATE INDEX ix_steps_start_timeout ON workflow_steps (start_timeout_ms) WHERE start_timeout_ms IS NOT NULL AND state = 'pending'",
-        ] {
-            db.execute_unprepared(statement).await?;
-        }
-        Ok(())
+        crate::execute_all(
+            manager,
+            [
+                "ALTER TABLE tasks ADD COLUMN deadline_ms BIGINT",
+                "ALTER TABLE workflow_steps ADD COLUMN start_timeout_ms BIGINT",
+                "CREATE INDEX ix_tasks_deadline ON tasks (deadline_ms) WHERE deadline_ms IS NOT NULL AND state IN ('pending', 'in_progress')",
+                "CREATE INDEX ix_steps_start_timeout ON workflow_steps (start_timeout_ms) WHERE start_timeout_ms IS NOT NULL AND state = 'pending'",
+            ],
+        )
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        for statement in [
-            "DROP INDEX ix_steps_start_timeout",
-            "DROP INDEX ix_tasks_deadline",
-            "ALTER TABLE workflow_steps DROP COLUMN start_timeout_ms",
-            "ALTER TABLE tasks DROP COLUMN deadline_ms",
-        ] {
-            db.execute_unprepared(statement).await?;
-        }
-        Ok(())
+        crate::execute_all(
+            manager,
+            [
+                "DROP INDEX ix_steps_start_timeout",
+                "DROP INDEX ix_tasks_deadline",
+                "ALTER TABLE workflow_steps DROP COLUMN start_timeout_ms",
+                "ALTER TABLE tasks DROP COLUMN deadline_ms",
+            ],
+        )
+        .await
     }
 }

@@ -62,14 +62,14 @@ impl MigrationTrait for Migration {
                     .take(),
             )
             .await?;
-        let db = manager.get_connection();
-        for statement in [
-            "CREATE UNIQUE INDEX uq_schedules_name ON schedules (namespace, name)",
-            "CREATE INDEX ix_schedules_due ON schedules (next_fire_ms) WHERE next_fire_ms IS NOT NULL AND paused = FALSE",
-        ] {
-            db.execute_unprepared(statement).await?;
-        }
-        Ok(())
+        crate::execute_all(
+            manager,
+            [
+                "CREATE UNIQUE INDEX uq_schedules_name ON schedules (namespace, name)",
+                "CREATE INDEX ix_schedules_due ON schedules (next_fire_ms) WHERE next_fire_ms IS NOT NULL AND paused = FALSE",
+            ],
+        )
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

@@ -347,14 +347,8 @@ impl Granted<'_, can::TemplateRegister> {
     /// Registers a template version in a namespace in scope.
     pub async fn register_template(&self, definition: &str, replace: bool) -> Result<Registration> {
         // A definition that does not parse is reported by the registration itself.
-        if let Ok(template) = tasker_domain::TaskTemplate::parse(definition)
-            && !self.scope.allows(&template.namespace)
-        {
-            return Err(ApiError::Forbidden(format!(
-                "your token may not register templates in namespace {:?}",
-                template.namespace
-            )))
-            .gql();
+        if let Ok(template) = tasker_domain::TaskTemplate::parse(definition) {
+            self.allow_writes_in(&template.namespace, "register templates")?;
         }
         self.store()
             .register_template(definition, replace)

@@ -43,10 +43,10 @@ struct Holders {
     head_limit: Option<i32>,
 }
 
-/// One number a statement counted.
+/// One number a statement counted (as `n`).
 #[derive(Debug, FromQueryResult)]
-struct Counted {
-    n: i64,
+pub(crate) struct Counted {
+    pub n: i64,
 }
 
 #[derive(Debug, FromQueryResult)]

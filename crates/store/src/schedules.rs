@@ -10,6 +10,7 @@
 
 use crate::entities::{event, schedule};
 use crate::events::event_row;
+use crate::records::from_millis;
 use crate::sql::Sql;
 use crate::tasks::{NewTask, TaskCreation};
 use crate::{Error, Result, Store};
@@ -89,10 +90,6 @@ impl ScheduleRecord {
     }
 }
 
-fn millis(ms: Option<i64>) -> Option<DateTime<Utc>> {
-    ms.and_then(DateTime::from_timestamp_millis)
-}
-
 impl TryFrom<schedule::Model> for ScheduleRecord {
     type Error = Error;
 
@@ -109,11 +106,11 @@ impl TryFrom<schedule::Model> for ScheduleRecord {
                 .and_then(|level| Priority::new(i64::from(level)).ok()),
             cron: model.cron,
             timezone: model.timezone,
-            run_at: millis(model.run_at_ms),
+            run_at: model.run_at_ms.and_then(from_millis),
             catch_up: CatchUp::parse(&model.catch_up).unwrap_or_default(),
             paused: model.paused,
-            next_fire_at: millis(model.next_fire_ms),
-            last_fired_at: millis(model.last_fired_ms),
+            next_fire_at: model.next_fire_ms.and_then(from_millis),
+            last_fired_at: model.last_fired_ms.and_then(from_millis),
             fired_count: u64::try_from(model.fired_count).unwrap_or_default(),
             created_at: model.created_at,
             updated_at: model.updated_at,
@@ -376,7 +373,7 @@ impl Store {
 
     /// Fires one due schedule.
     async fn fire(&self, model: schedule::Model, now: DateTime<Utc>) -> Result<Vec<TaskCreation>> {
-        let Some(first) = millis(model.next_fire_ms) else {
+        let Some(first) = model.next_fire_ms.and_then(from_millis) else {
             return Ok(Vec::new());
         };
         let cron = match model.cron.as_deref() {

@@ -4,7 +4,7 @@
 //! skippable (`step.start_timed_out`, then `step.failed` or `step.skipped`). One sweep is one
 //! transaction; the maintenance loop runs it when the earliest of these times comes.
 
-use crate::concurrency::mark_freed;
+use crate::concurrency::{Counted, mark_freed};
 use crate::entities::{task, workflow_step};
 use crate::events::{metadata, step_transition as step_rows};
 use crate::progress::Subjects;
@@ -39,11 +39,6 @@ impl TimeoutReport {
     }
 }
 
-#[derive(Debug, FromQueryResult)]
-struct Due {
-    n: i64,
-}
-
 impl Store {
     /// Whether a task deadline or a step start timeout has passed at `now_ms` (one read,
     /// through the two partial indexes).
@@ -58,7 +53,9 @@ impl Store {
             .push(" WHERE start_timeout_ms IS NOT NULL AND state = 'pending' AND pending_parents = 0 AND ready_since_ms + start_timeout_ms <= ")
             .bind(now_ms)
             .push(" LIMIT 1) AS steps_due) AS n");
-        let due = Due::find_by_statement(sql.build()).one(&self.db).await?;
+        let due = Counted::find_by_statement(sql.build())
+            .one(&self.db)
+            .await?;
         Ok(due.is_some_and(|due| due.n > 0))
     }
 

@@ -26,6 +26,14 @@ steps:
     )
 }
 
+/// Registers [`keyed_template`].
+async fn register_keyed(store: &Store, name: &str, limit: u32, strategy: &str) {
+    store
+        .register_template(&keyed_template(name, limit, strategy), false)
+        .await
+        .unwrap();
+}
+
 fn for_customer(template: &str, customer: &str, priority: Option<i64>) -> NewTask {
     let mut new = order("billing", template, 0);
     new.request.context = json!({ "customer": customer });
@@ -52,10 +60,7 @@ async fn waiting_tasks_start_as_slots_free_highest_priority_first() {
     for db in databases {
         let store = &db.store;
         let backend = db.backend();
-        store
-            .register_template(&keyed_template("pay", 2, "queue"), false)
-            .await
-            .unwrap();
+        register_keyed(store, "pay", 2, "queue").await;
         let first = start(store, "pay", "acme").await;
         let second = start(store, "pay", "acme").await;
         let third = start(store, "pay", "acme").await;
@@ -152,14 +157,8 @@ async fn cancel_newest_refuses_and_cancel_in_progress_makes_room() {
     for db in databases {
         let store = &db.store;
         let backend = db.backend();
-        store
-            .register_template(&keyed_template("newest", 1, "cancel_newest"), false)
-            .await
-            .unwrap();
-        store
-            .register_template(&keyed_template("latest", 1, "cancel_in_progress"), false)
-            .await
-            .unwrap();
+        register_keyed(store, "newest", 1, "cancel_newest").await;
+        register_keyed(store, "latest", 1, "cancel_in_progress").await;
 
         let kept = start(store, "newest", "acme").await;
         let refused = start(store, "newest", "acme").await;
@@ -207,10 +206,7 @@ async fn a_key_needs_its_context_field_and_a_failed_task_needs_a_free_slot_to_ru
     for db in databases {
         let store = &db.store;
         let backend = db.backend();
-        store
-            .register_template(&keyed_template("pay", 1, "queue"), false)
-            .await
-            .unwrap();
+        register_keyed(store, "pay", 1, "queue").await;
         let mut missing = order("billing", "pay", 0);
         missing.request.context = json!({});
         match store.create_task(missing).await {
@@ -263,10 +259,7 @@ async fn two_replicas_never_run_more_than_the_limit_of_a_key() {
     for db in databases {
         let backend = db.backend();
         let store = db.store.clone();
-        store
-            .register_template(&keyed_template("pay", 2, "queue"), false)
-            .await
-            .unwrap();
+        register_keyed(&store, "pay", 2, "queue").await;
         let other = Store::connect(&db.options, clock.clone()).await.unwrap();
         let replicas = [store.clone(), other.clone()];
         let mut running = Vec::new();
@@ -363,10 +356,7 @@ async fn sweeps_free_slots_too() {
     for db in databases {
         let store = &db.store;
         let backend = db.backend();
-        store
-            .register_template(&keyed_template("pay", 1, "queue"), false)
-            .await
-            .unwrap();
+        register_keyed(store, "pay", 1, "queue").await;
         let holder = start(store, "pay", "acme").await;
         let waiting = start(store, "pay", "acme").await;
         assert!(waiting.waits_for_slot());
@@ -404,10 +394,7 @@ async fn the_room_made_by_cancel_in_progress_goes_to_the_new_task() {
     for db in databases {
         let store = &db.store;
         let backend = db.backend();
-        store
-            .register_template(&keyed_template("swap", 1, "queue"), false)
-            .await
-            .unwrap();
+        register_keyed(store, "swap", 1, "queue").await;
         let holder = start(store, "swap", "acme").await;
         let queued = start(store, "swap", "acme").await;
         assert!(queued.waits_for_slot());
