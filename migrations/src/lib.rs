@@ -16,6 +16,7 @@ mod m20261208_000001_priority;
 mod m20261208_000002_concurrency;
 mod m20261208_000003_timeouts;
 mod m20261208_000004_schedules;
+mod m20261209_000001_rate_limits;
 
 /// Runs `statements` in order, on the migration's connection (inside its transaction when the
 /// migration asks for one).
@@ -50,6 +51,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261208_000002_concurrency::Migration),
             Box::new(m20261208_000003_timeouts::Migration),
             Box::new(m20261208_000004_schedules::Migration),
+            Box::new(m20261209_000001_rate_limits::Migration),
         ]
     }
 }

@@ -806,6 +806,65 @@ async fn a_task_waits_for_its_concurrency_slot_and_says_so() {
     }
 }
 
+const PARTNER_CALLS: &str = r#"
+namespace: payments
+name: partner_sync
+version: 1.0.0
+steps:
+  - { name: call, handler: payments.partner, rate_limit: { name: partner_api, limit: 2, per: 1h } }
+"#;
+
+const THROTTLED: &str = "query($id: ID!) { task(id: $id) { executionStatus steps { rateLimit { bucket limit perSeconds spentUntil } } } }";
+
+/// A rate limit over GraphQL: the template shows its rule; a third call in the hour is not
+/// leased, and its task says it waits for the limit, and until when.
+#[tokio::test]
+async fn a_step_past_its_rate_limit_waits_and_says_until_when() {
+    for server in TestServer::all().await {
+        let backend = server.backend();
+        server.register(PARTNER_CALLS).await;
+        let rule = server
+            .data(
+                "{ namespaces { templates { steps { rateLimit { name limit perSeconds key } } } } }",
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            rule["namespaces"][0]["templates"][0]["steps"][0]["rateLimit"],
+            json!({ "name": "partner_api", "limit": 2, "perSeconds": 3600.0, "key": null }),
+            "{backend}: {rule:#}"
+        );
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let created = server
+                .create_task(
+                    json!({ "namespace": "payments", "template": "partner_sync", "context": {} }),
+                )
+                .await;
+            tasks.push(created["task"]["id"].clone());
+        }
+        assert_eq!(
+            server.claim("payments.partner", 10).await.len(),
+            2,
+            "{backend}"
+        );
+        assert!(
+            server.claim("payments.partner", 10).await.is_empty(),
+            "{backend}"
+        );
+        let waiting = server.data(THROTTLED, json!({ "id": tasks[2] })).await["task"].clone();
+        assert_eq!(
+            waiting["executionStatus"], "WAITING_FOR_RATE_LIMIT",
+            "{backend}: {waiting:#}"
+        );
+        let limit = &waiting["steps"][0]["rateLimit"];
+        assert_eq!(limit["bucket"], "payments/partner_api");
+        assert!(limit["spentUntil"].is_string(), "{backend}: {limit:#}");
+        let running = server.data(THROTTLED, json!({ "id": tasks[0] })).await["task"].clone();
+        assert_eq!(running["executionStatus"], "PROCESSING", "{backend}");
+    }
+}
+
 /// Schedules over GraphQL: created with its next fire times, paused, resumed, deleted; a bad
 /// cron or time zone is refused with the path of each problem.
 #[tokio::test]

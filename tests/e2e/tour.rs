@@ -439,11 +439,18 @@ async fn a_thousand_step_graph_with_insight_costs_a_constant_number_of_statement
             nodes { stepId level } edges { from to } levels { level stepIds }
             criticalPath { stepNames totalSeconds estimated } parallelism
             bottlenecks { name blockedSteps } } } }"#;
-        let before = server.db.store.statement_count();
-        let started = std::time::Instant::now();
-        let graph = server.data(query, json!({ "id": id })).await["task"]["graph"].clone();
-        let elapsed = started.elapsed();
-        let statements = server.db.store.statement_count() - before;
+        // The maintenance loop, woken by the creation, may read at the same moment: the
+        // fewest statements of three reads is the query's own.
+        let mut statements = u64::MAX;
+        let mut graph = Value::Null;
+        let mut elapsed = std::time::Duration::MAX;
+        for _ in 0..3 {
+            let before = server.db.store.statement_count();
+            let started = std::time::Instant::now();
+            graph = server.data(query, json!({ "id": id })).await["task"]["graph"].clone();
+            elapsed = elapsed.min(started.elapsed());
+            statements = statements.min(server.db.store.statement_count() - before);
+        }
         println!(
             "{}: 1,000-step graph with critical path and bottlenecks: {statements} statements, {:.1} ms (debug build)",
             server.backend(),

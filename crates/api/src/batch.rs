@@ -34,6 +34,8 @@ pub struct TaskSet {
     step_transitions: Loaded<TransitionsOfStep, Arc<[StepTransitionRecord]>>,
     events: Loaded<EventsOf, Arc<[EventRecord]>>,
     templates: Loaded<TemplateOf, Arc<TemplateRecord>>,
+    /// The spent rate limits of the set's unfinished steps, with when each frees.
+    spent_rate_limits: OnceCell<HashMap<String, DateTime<Utc>>>,
 }
 
 /// Keys of the by-task loads: the task whose records are wanted.
@@ -179,6 +181,7 @@ impl TaskSet {
             step_transitions: OnceCell::new(),
             events: OnceCell::new(),
             templates: OnceCell::new(),
+            spent_rate_limits: OnceCell::new(),
         })
     }
 
@@ -217,6 +220,30 @@ impl TaskSet {
     pub async fn steps(&self, task_id: Uuid) -> Result<Arc<[StepRecord]>, ApiError> {
         let all = self.every(&self.steps, self.task_keys(StepsOf)).await?;
         Ok(owned(all, &StepsOf(task_id)))
+    }
+
+    /// Of the rate limits the set's unfinished steps draw from, the spent ones, with when
+    /// each frees; one statement for the set, none when no step has a rate limit.
+    pub async fn spent_rate_limits(&self) -> Result<&HashMap<String, DateTime<Utc>>, ApiError> {
+        self.spent_rate_limits
+            .get_or_try_init(|| async {
+                let steps = self.every(&self.steps, self.task_keys(StepsOf)).await?;
+                let mut buckets: Vec<String> = steps
+                    .values()
+                    .flat_map(|steps| steps.iter())
+                    .filter(|step| {
+                        matches!(
+                            step.state,
+                            tasker_domain::StepState::Pending | tasker_domain::StepState::Error
+                        )
+                    })
+                    .filter_map(|step| Some(step.rate_limit.as_ref()?.bucket.clone()))
+                    .collect();
+                buckets.sort_unstable();
+                buckets.dedup();
+                Ok(self.store.spent_rate_limits(&buckets).await?)
+            })
+            .await
     }
 
     pub async fn edges(&self, task_id: Uuid) -> Result<Arc<[EdgeRecord]>, ApiError> {

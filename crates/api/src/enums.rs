@@ -46,6 +46,9 @@ pub enum ExecutionStatusValue {
     Halted,
     /// The task waits for a slot of its concurrency key: nothing of it runs until one frees.
     WaitingForConcurrencySlot,
+    /// Steps are ready but their rate limit is spent, and nothing else can start: they start
+    /// as the limit frees.
+    WaitingForRateLimit,
 }
 
 /// What happens to a new task when its concurrency key is at its limit.

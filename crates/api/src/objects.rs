@@ -282,8 +282,35 @@ pub struct StepTemplate {
     priority: Option<i32>,
     /// Seconds it may wait, claimable, for its first attempt before it fails (or is skipped).
     start_timeout_seconds: Option<f64>,
+    /// The rate limit each of its attempts starts under.
+    rate_limit: Option<RateLimitRule>,
     /// 0 for steps with no dependencies, else one more than the deepest dependency.
     level: usize,
+}
+
+/// At most `limit` attempts of the steps that name this limit start in any window of
+/// `perSeconds`; with a `key`, one such limit per rendered key.
+#[derive(SimpleObject)]
+pub struct RateLimitRule {
+    /// Shared by every step of the namespace that names it.
+    name: String,
+    limit: u32,
+    per_seconds: f64,
+    /// Tells buckets apart, such as `{{ context.account_id }}`.
+    key: Option<String>,
+}
+
+/// The rate limit a step's attempts start under, and whether it is spent now.
+#[derive(SimpleObject)]
+pub struct StepRateLimit {
+    /// `namespace/name`, or `namespace/name:key` for a keyed limit: steps with the same
+    /// bucket share its starts.
+    bucket: String,
+    limit: u32,
+    per_seconds: f64,
+    /// While a claim has found the bucket spent: when its next start frees. Empty when an
+    /// attempt may start now.
+    spent_until: Option<DateTime<Utc>>,
 }
 
 /// `base × factor^(attempt-1)` seconds, capped at `max`, ± `jitter` as a fraction.
@@ -325,6 +352,12 @@ fn step_templates(template: &TaskTemplate) -> Vec<StepTemplate> {
             skippable: step.skippable,
             priority: step.priority.map(|priority| i32::from(priority.level())),
             start_timeout_seconds: step.start_timeout,
+            rate_limit: step.rate_limit.as_ref().map(|limit| RateLimitRule {
+                name: limit.name.clone(),
+                limit: limit.limit,
+                per_seconds: limit.per,
+                key: limit.key.as_ref().map(|key| key.as_str().to_owned()),
+            }),
             level: levels.get(i).copied().unwrap_or_default(),
         })
         .collect()
@@ -505,22 +538,28 @@ impl Task {
         Ok(records.iter().cloned().map(TaskTransition).collect())
     }
 
-    /// Where execution stands: waiting for a concurrency slot, ready steps, processing,
-    /// waiting for a retry, blocked by a failure, or all complete.
+    /// Where execution stands: waiting for a concurrency slot, ready steps, waiting for a
+    /// rate limit, processing, waiting for a retry, blocked by a failure, or all complete.
     async fn execution_status(&self) -> Result<ExecutionStatusValue> {
         if self.record.waits_for_slot() {
             return Ok(ExecutionStatusValue::WaitingForConcurrencySlot);
         }
         let steps = self.set.steps(self.record.id).await.gql()?;
         let edges = self.set.edges(self.record.id).await.gql()?;
+        let spent = self.set.spent_rate_limits().await.gql()?;
         let now = self.set.now().timestamp_millis();
-        Ok(execution_status(&progress(&steps), &step_dag(&steps, &edges), now).into())
+        let progress = progress(&steps, |step| {
+            step.rate_limit
+                .as_ref()
+                .is_some_and(|limit| spent.contains_key(&limit.bucket))
+        });
+        Ok(execution_status(&progress, &step_dag(&steps, &edges), now).into())
     }
 
     /// The share of steps complete, skipped or resolved, 0 to 100.
     async fn completion_percentage(&self) -> Result<f64> {
         let steps = self.set.steps(self.record.id).await.gql()?;
-        Ok(completion_percentage(&progress(&steps)))
+        Ok(completion_percentage(&progress(&steps, |_| false)))
     }
 
     /// How many steps are in each state.
@@ -542,13 +581,15 @@ impl Task {
     }
 }
 
-/// Where each step stands, as the execution rules read it.
-fn progress(steps: &[StepRecord]) -> Vec<StepProgress> {
+/// Where each step stands, as the execution rules read it; `throttled` says which wait for a
+/// spent rate limit.
+fn progress(steps: &[StepRecord], throttled: impl Fn(&StepRecord) -> bool) -> Vec<StepProgress> {
     steps
         .iter()
         .map(|step| StepProgress {
             state: step.state,
             next_attempt_ms: step.next_attempt_at.map(|at| at.timestamp_millis()),
+            throttled: throttled(step),
         })
         .collect()
 }
@@ -649,6 +690,20 @@ impl Step {
     /// Seconds it may wait, claimable, for its first attempt before it fails (or is skipped).
     async fn start_timeout_seconds(&self) -> Option<f64> {
         self.record.start_timeout_seconds
+    }
+
+    /// The rate limit its attempts start under, and until when it is spent.
+    async fn rate_limit(&self) -> Result<Option<StepRateLimit>> {
+        let Some(limit) = &self.record.rate_limit else {
+            return Ok(None);
+        };
+        let spent = self.set.spent_rate_limits().await.gql()?;
+        Ok(Some(StepRateLimit {
+            bucket: limit.bucket.clone(),
+            limit: limit.limit,
+            per_seconds: limit.per_seconds,
+            spent_until: spent.get(&limit.bucket).copied(),
+        }))
     }
 
     /// What the handler returned when the step completed.

@@ -143,8 +143,9 @@ impl KeyExpression {
     }
 
     /// The key of a task with `context`: strings as they are, other values as JSON. A field
-    /// that is missing or null is a problem at its path (`context/customer_id`).
-    pub fn render(&self, context: &Value) -> Result<String, Problem> {
+    /// that is missing or null is a problem at its path (`context/customer_id`); `what` names
+    /// the key in messages ("concurrency key", "rate limit key").
+    pub fn render(&self, context: &Value, what: &str) -> Result<String, Problem> {
         let mut key = String::new();
         for part in &self.parts {
             match part {
@@ -161,10 +162,7 @@ impl KeyExpression {
                         None => {
                             return Err(Problem::new(
                                 path,
-                                format!(
-                                    "is required: the template's concurrency key is {:?}",
-                                    self.source
-                                ),
+                                format!("is required: the template's {what} is {:?}", self.source),
                             ));
                         }
                     }
@@ -175,7 +173,7 @@ impl KeyExpression {
             return Err(Problem::new(
                 "context",
                 format!(
-                    "makes a concurrency key of {} bytes; the limit is {MAX_KEY_BYTES}",
+                    "makes a {what} of {} bytes; the limit is {MAX_KEY_BYTES}",
                     key.len()
                 ),
             ));
@@ -216,7 +214,7 @@ impl ConcurrencyPolicy {
         match &self.key {
             Some(expression) => Ok(format!(
                 "{namespace}/{name}:{}",
-                expression.render(context)?
+                expression.render(context, "concurrency key")?
             )),
             None => Ok(format!("{namespace}/{name}")),
         }
@@ -233,9 +231,14 @@ mod tests {
         let key =
             KeyExpression::parse("customer-{{ context.customer.id }}/{{context.region}}").unwrap();
         let context = json!({"customer": {"id": 42}, "region": "eu"});
-        assert_eq!(key.render(&context).unwrap(), "customer-42/eu");
+        assert_eq!(
+            key.render(&context, "concurrency key").unwrap(),
+            "customer-42/eu"
+        );
         assert_eq!(key.top_fields().collect::<Vec<_>>(), ["customer", "region"]);
-        let missing = key.render(&json!({"customer": {"id": null}})).unwrap_err();
+        let missing = key
+            .render(&json!({"customer": {"id": null}}), "concurrency key")
+            .unwrap_err();
         assert_eq!(missing.path, "context/customer/id");
         let policy = ConcurrencyPolicy {
             key: Some(key),
@@ -273,7 +276,7 @@ mod tests {
         let long_value = json!({"a": "y".repeat(600)});
         let err = KeyExpression::parse("{{ context.a }}")
             .unwrap()
-            .render(&long_value)
+            .render(&long_value, "concurrency key")
             .unwrap_err();
         assert!(err.message.contains("limit is 512"));
     }

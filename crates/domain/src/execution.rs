@@ -11,6 +11,8 @@ pub struct StepProgress {
     pub state: StepState,
     /// For a step in `error`: when it may run again; `None` means the failure is final.
     pub next_attempt_ms: Option<i64>,
+    /// Its rate limit is spent: even when ready, it waits for the limit's next start.
+    pub throttled: bool,
 }
 
 impl StepProgress {
@@ -40,6 +42,9 @@ pub enum ExecutionStatus {
     Halted,
     /// The task waits for a slot of its concurrency key: nothing of it runs until one frees.
     WaitingForConcurrencySlot,
+    /// Steps are ready but their rate limit is spent, and nothing else can start: they start
+    /// as the limit frees.
+    WaitingForRateLimit,
 }
 
 /// The status of a task from its steps (in DAG order) at `now_ms`.
@@ -47,13 +52,20 @@ pub fn execution_status(steps: &[StepProgress], dag: &Dag, now_ms: i64) -> Execu
     if steps.iter().all(StepProgress::done) {
         return ExecutionStatus::AllComplete;
     }
-    let ready = steps.iter().enumerate().any(|(i, step)| match step.state {
-        StepState::Pending => dag.parents(i).iter().all(|&p| steps[p].done()),
+    let ready = |(i, step): &(usize, &StepProgress)| match step.state {
+        StepState::Pending => dag.parents(*i).iter().all(|&p| steps[p].done()),
         StepState::Error => step.next_attempt_ms.is_some_and(|at| at <= now_ms),
         _ => false,
-    });
-    if ready {
+    };
+    let (throttled, free): (Vec<_>, Vec<_>) = steps
+        .iter()
+        .enumerate()
+        .filter(ready)
+        .partition(|(_, step)| step.throttled);
+    if !free.is_empty() {
         ExecutionStatus::HasReadySteps
+    } else if !throttled.is_empty() {
+        ExecutionStatus::WaitingForRateLimit
     } else if steps.iter().any(|s| s.state == StepState::InProgress) {
         ExecutionStatus::Processing
     } else if steps
@@ -146,6 +158,14 @@ mod tests {
         StepProgress {
             state,
             next_attempt_ms: None,
+            throttled: false,
+        }
+    }
+
+    fn throttled(state: StepState) -> StepProgress {
+        StepProgress {
+            throttled: true,
+            ..step(state)
         }
     }
 
@@ -153,6 +173,7 @@ mod tests {
         StepProgress {
             state: Error,
             next_attempt_ms: Some(at),
+            throttled: false,
         }
     }
 
@@ -195,6 +216,38 @@ mod tests {
         assert_eq!(
             status([step(Cancelled), step(Cancelled), step(Cancelled)], 0),
             ExecutionStatus::Halted
+        );
+    }
+
+    #[test]
+    fn ready_steps_of_a_spent_rate_limit_wait_for_it_unless_others_can_start() {
+        let parallel = Dag::new(3, []);
+        let status = |steps: [StepProgress; 3]| execution_status(&steps, &parallel, 0);
+        assert_eq!(
+            status([throttled(Pending), step(InProgress), step(Complete)]),
+            ExecutionStatus::WaitingForRateLimit
+        );
+        assert_eq!(
+            status([throttled(Pending), step(Pending), step(Complete)]),
+            ExecutionStatus::HasReadySteps
+        );
+        let dag = chain(3);
+        assert_eq!(
+            execution_status(
+                &[step(InProgress), throttled(Pending), step(Pending)],
+                &dag,
+                0
+            ),
+            ExecutionStatus::Processing,
+            "a throttled step whose parents run is not waiting for its limit yet"
+        );
+        assert_eq!(
+            task_outcome(
+                &[throttled(Pending), step(Error), step(Complete)],
+                &parallel
+            ),
+            None,
+            "a task with a step waiting for its limit is not blocked"
         );
     }
 

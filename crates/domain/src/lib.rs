@@ -12,6 +12,7 @@ pub mod host;
 pub mod insight;
 pub mod permission;
 pub mod priority;
+pub mod rate_limit;
 pub mod schedule;
 pub mod state;
 pub mod task;

@@ -9,6 +9,7 @@ use crate::concurrency::{ConcurrencyPolicy, KeyExpression, MAX_LIMIT, Strategy};
 use crate::graph::Dag;
 use crate::priority::Priority;
 use crate::problem::Problem;
+use crate::rate_limit::{self, RateLimit};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -104,6 +105,9 @@ pub struct StepTemplate {
     /// (`step.start_timed_out`), or is skipped when skippable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_timeout: Option<f64>,
+    /// Each attempt starts only within this limit's rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// How often a step may run and how long to wait between attempts.
@@ -420,6 +424,42 @@ impl<'a> ObjectReader<'a> {
         }
     }
 
+    /// A required whole number from 1 to `max`; `purpose` says what it counts when missing.
+    fn whole_number(
+        &self,
+        key: &str,
+        max: u32,
+        purpose: &str,
+        problems: &mut Problems,
+    ) -> Option<u32> {
+        match self.get(key) {
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(value) if (1..=u64::from(max)).contains(&value) => Some(value as u32),
+                _ => {
+                    problems.push(
+                        self.path(key),
+                        format!("must be a whole number from 1 to {max}, found {n}"),
+                    );
+                    None
+                }
+            },
+            Some(other) => {
+                problems.push(
+                    self.path(key),
+                    format!(
+                        "expected a whole number from 1 to {max}, found {}",
+                        kind(other)
+                    ),
+                );
+                None
+            }
+            None => {
+                problems.push(self.path(key), format!("is required: {purpose}"));
+                None
+            }
+        }
+    }
+
     /// [`ObjectReader::seconds`] that must be more than 0.
     fn positive_seconds(&self, key: &str, problems: &mut Problems) -> Option<f64> {
         let seconds = self.seconds(key, problems);
@@ -586,7 +626,9 @@ const STEP_FIELDS: &[&str] = &[
     "skippable",
     "priority",
     "start_timeout",
+    "rate_limit",
 ];
+const RATE_LIMIT_FIELDS: &[&str] = &["name", "limit", "per", "key"];
 const RETRY_FIELDS: &[&str] = &["max_attempts", "retryable", "backoff"];
 const BACKOFF_FIELDS: &[&str] = &["base", "factor", "max", "jitter"];
 
@@ -614,7 +656,7 @@ fn read_template(value: &Value, problems: &mut Problems) -> Option<TaskTemplate>
     if let Some(schema) = &context_schema {
         check_schema(schema, problems);
     }
-    let steps = read_steps(reader.get("steps"), problems);
+    let steps = read_steps(reader.get("steps"), context_schema.as_ref(), problems);
     let custom_events = read_custom_events(reader.get("custom_events"), problems);
     let priority = reader.priority(problems);
     let timeout = reader.positive_seconds("timeout", problems);
@@ -635,14 +677,13 @@ fn read_template(value: &Value, problems: &mut Problems) -> Option<TaskTemplate>
     })
 }
 
-/// `concurrency: {key, limit, strategy}`. A key that reads a field the context schema does not
-/// declare (when it declares its properties) references nothing.
-fn read_concurrency(
-    value: &Value,
+/// The `key` of a concurrency rule or rate limit. A key that reads a field the context schema
+/// does not declare (when it declares its properties) references nothing.
+fn read_key(
+    reader: &ObjectReader<'_>,
     context_schema: Option<&Value>,
     problems: &mut Problems,
-) -> Option<ConcurrencyPolicy> {
-    let reader = ObjectReader::new(value, "concurrency", CONCURRENCY_FIELDS, problems)?;
+) -> Option<KeyExpression> {
     let key = reader.string("key", false, problems).and_then(|source| {
         match KeyExpression::parse(&source) {
             Ok(key) => Some(key),
@@ -668,35 +709,24 @@ fn read_concurrency(
             }
         }
     }
-    let limit = match reader.get("limit") {
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(limit) if (1..=u64::from(MAX_LIMIT)).contains(&limit) => Some(limit as u32),
-            _ => {
-                problems.push(
-                    reader.path("limit"),
-                    format!("must be a whole number from 1 to {MAX_LIMIT}, found {n}"),
-                );
-                None
-            }
-        },
-        Some(other) => {
-            problems.push(
-                reader.path("limit"),
-                format!(
-                    "expected a whole number from 1 to {MAX_LIMIT}, found {}",
-                    kind(other)
-                ),
-            );
-            None
-        }
-        None => {
-            problems.push(
-                reader.path("limit"),
-                "is required: how many tasks with the same key may run at once",
-            );
-            None
-        }
-    };
+    key
+}
+
+/// `concurrency: {key, limit, strategy}`. A key that reads a field the context schema does not
+/// declare (when it declares its properties) references nothing.
+fn read_concurrency(
+    value: &Value,
+    context_schema: Option<&Value>,
+    problems: &mut Problems,
+) -> Option<ConcurrencyPolicy> {
+    let reader = ObjectReader::new(value, "concurrency", CONCURRENCY_FIELDS, problems)?;
+    let key = read_key(&reader, context_schema, problems);
+    let limit = reader.whole_number(
+        "limit",
+        MAX_LIMIT,
+        "how many tasks with the same key may run at once",
+        problems,
+    );
     let strategy = match reader.string("strategy", false, problems) {
         None => Some(Strategy::default()),
         Some(name) => Strategy::parse(&name).or_else(|| {
@@ -802,7 +832,11 @@ fn check_schema(schema: &Value, problems: &mut Problems) {
     }
 }
 
-fn read_steps(value: Option<&Value>, problems: &mut Problems) -> Option<Vec<StepTemplate>> {
+fn read_steps(
+    value: Option<&Value>,
+    context_schema: Option<&Value>,
+    problems: &mut Problems,
+) -> Option<Vec<StepTemplate>> {
     let list = match value {
         Some(Value::Array(list)) => list,
         Some(other) => {
@@ -831,7 +865,7 @@ fn read_steps(value: Option<&Value>, problems: &mut Problems) -> Option<Vec<Step
     let steps: Vec<Option<StepTemplate>> = list
         .iter()
         .enumerate()
-        .map(|(i, step)| read_step(step, &format!("steps[{i}]"), problems))
+        .map(|(i, step)| read_step(step, &format!("steps[{i}]"), context_schema, problems))
         .collect();
     let steps: Option<Vec<StepTemplate>> = steps.into_iter().collect();
     let steps = steps?;
@@ -839,7 +873,12 @@ fn read_steps(value: Option<&Value>, problems: &mut Problems) -> Option<Vec<Step
     Some(steps)
 }
 
-fn read_step(value: &Value, path: &str, problems: &mut Problems) -> Option<StepTemplate> {
+fn read_step(
+    value: &Value,
+    path: &str,
+    context_schema: Option<&Value>,
+    problems: &mut Problems,
+) -> Option<StepTemplate> {
     let reader = ObjectReader::new(value, path, STEP_FIELDS, problems)?;
     let name = reader.string("name", true, problems);
     if let Some(Err(message)) = name.as_deref().map(check_name) {
@@ -870,6 +909,9 @@ fn read_step(value: &Value, path: &str, problems: &mut Problems) -> Option<StepT
     let start_timeout = reader.positive_seconds("start_timeout", problems);
     let skippable = reader.bool("skippable", false, problems);
     let priority = reader.priority(problems);
+    let rate_limit = reader.get("rate_limit").and_then(|value| {
+        read_rate_limit(value, &reader.path("rate_limit"), context_schema, problems)
+    });
     Some(StepTemplate {
         name: name?,
         handler: handler?,
@@ -881,6 +923,54 @@ fn read_step(value: &Value, path: &str, problems: &mut Problems) -> Option<StepT
         skippable,
         priority,
         start_timeout,
+        rate_limit,
+    })
+}
+
+/// `rate_limit: {name, limit, per, key}` of a step.
+fn read_rate_limit(
+    value: &Value,
+    path: &str,
+    context_schema: Option<&Value>,
+    problems: &mut Problems,
+) -> Option<RateLimit> {
+    let reader = ObjectReader::new(value, path, RATE_LIMIT_FIELDS, problems)?;
+    let name = reader.string("name", true, problems);
+    if let Some(Err(message)) = name.as_deref().map(check_name) {
+        problems.push(reader.path("name"), message);
+    }
+    let key = read_key(&reader, context_schema, problems);
+    let limit = reader.whole_number(
+        "limit",
+        rate_limit::MAX_LIMIT,
+        "how many attempts may start per window",
+        problems,
+    );
+    let per = reader.positive_seconds("per", problems);
+    match per {
+        Some(seconds) if seconds > rate_limit::MAX_PER_SECONDS => {
+            problems.push(
+                reader.path("per"),
+                format!(
+                    "is longer than a day ({} seconds): use a window of at most {} seconds",
+                    seconds,
+                    rate_limit::MAX_PER_SECONDS
+                ),
+            );
+        }
+        None if reader.get("per").is_none() => {
+            problems.push(
+                reader.path("per"),
+                "is required: the window, such as 60s or 1m",
+            );
+        }
+        _ => {}
+    }
+    Some(RateLimit {
+        name: name?,
+        limit: limit?,
+        per: per.filter(|seconds| *seconds <= rate_limit::MAX_PER_SECONDS)?,
+        key,
     })
 }
 

@@ -100,6 +100,8 @@ pub const MAX_CLAIM_WAIT: Duration =
     Duration::from_secs(tasker_domain::worker::WAIT_SECONDS.max as u64);
 /// The slow safety sweep behind the timers.
 pub(crate) const SAFETY_SWEEP: Duration = Duration::from_secs(5);
+/// How often the buckets of rate limits no step used for a day are forgotten.
+const RATE_LIMIT_UPKEEP: Duration = Duration::from_secs(3600);
 
 /// Whether some of these creations made steps of a built-in handler claimable.
 fn built_in_ready(creations: &[TaskCreation]) -> bool {
@@ -603,12 +605,28 @@ impl Engine {
         Ok(self.complete(&completions).await?.completed.len())
     }
 
-    /// Wakes parked timers, fails expired leases and wakes claimers when retries are due,
-    /// sleeping until the next due time in between. Runs until `shutdown` changes.
+    /// Wakes parked timers, fails expired leases and wakes claimers when retries are due or
+    /// a spent rate limit frees, sleeping until the next due time in between. Runs until `shutdown` changes.
     pub async fn run_maintenance(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut rate_limits_checked: Option<tokio::time::Instant> = None;
+        let mut rate_limits_forgotten: Option<tokio::time::Instant> = None;
         loop {
             let mut sleep_for = SAFETY_SWEEP;
             self.metrics.upkeep();
+            // Rate-limited steps another replica (or an earlier run) created: claims here
+            // take them too once this store knows. Looked for at most once a sweep.
+            if rate_limits_checked.is_none_or(|at| at.elapsed() >= SAFETY_SWEEP) {
+                rate_limits_checked = Some(tokio::time::Instant::now());
+                if let Err(err) = self.store.notice_rate_limits().await {
+                    retried("looking for rate-limited steps failed", &err);
+                }
+            }
+            if rate_limits_forgotten.is_none_or(|at| at.elapsed() >= RATE_LIMIT_UPKEEP) {
+                rate_limits_forgotten = Some(tokio::time::Instant::now());
+                if let Err(err) = self.store.forget_idle_rate_limits().await {
+                    retried("forgetting idle rate limits failed", &err);
+                }
+            }
             if let Err(err) = self.wake_parked_steps().await {
                 retried("waking timers failed", &err);
             }
@@ -686,6 +704,8 @@ impl Engine {
             tokio::select! {
                 () = tokio::time::sleep(sleep_for) => {}
                 () = self.timers.notified() => {}
+                // A claim found a rate limit spent: its next start may come first.
+                () = self.store.throttled() => {}
                 _ = shutdown.changed() => return,
             }
         }

@@ -184,6 +184,11 @@ pub mod workflow_step {
         pub priority: i32,
         /// How long it may wait, claimable, for a worker (ms), if its template says.
         pub start_timeout_ms: Option<i64>,
+        /// The rate limit bucket its attempts draw from, and its rule: at most
+        /// `rate_limit_tokens` starts per `rate_limit_per_ms`.
+        pub rate_limit: Option<String>,
+        pub rate_limit_tokens: Option<i32>,
+        pub rate_limit_per_ms: Option<i64>,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
         pub completed_at: Option<DateTimeUtc>,

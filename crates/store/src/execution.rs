@@ -152,13 +152,21 @@ impl Store {
     async fn claim_in_transaction(&self, request: &ClaimRequest) -> Result<Vec<ClaimedStep>> {
         let txn = self.begin_write().await?;
         let mut rows = crate::events::Rows::new();
-        let Some((leases, _)) = self.claim_rows(&txn, request, &mut rows).await? else {
-            // Nothing written: no news about whether writes work.
+        let (claimed, throttled) = self.claim_rows(&txn, request, &mut rows).await?;
+        let Some((leases, _)) = claimed else {
+            // Nothing written (but a spent bucket's next start): no news about whether
+            // writes work.
             txn.commit().await?;
+            if throttled {
+                self.note_throttled();
+            }
             return Ok(Vec::new());
         };
         self.insert_rows(&txn, rows).await?;
         self.commit_events(txn).await?;
+        if throttled {
+            self.note_throttled();
+        }
         Ok(leases)
     }
 
@@ -174,8 +182,12 @@ impl Store {
         self.writing(async {
             let txn = self.begin_write().await?;
             let mut rows = crate::events::Rows::new();
-            let Some((leases, subjects)) = self.claim_rows(&txn, request, &mut rows).await? else {
+            let (claimed, throttled) = self.claim_rows(&txn, request, &mut rows).await?;
+            let Some((leases, subjects)) = claimed else {
                 txn.commit().await?;
+                if throttled {
+                    self.note_throttled();
+                }
                 return Ok((Vec::new(), CompletionReport::default()));
             };
             let mut completions = Vec::new();
@@ -203,67 +215,77 @@ impl Store {
                 .await?;
             self.insert_rows(&txn, rows).await?;
             self.commit_events(txn).await?;
+            if throttled {
+                self.note_throttled();
+            }
             Ok((left, report))
         })
         .await
     }
 
-    /// The claim's writes inside `txn`, its transition and event rows added to `rows`; `None`
-    /// when nothing was claimable. Also answers the subjects of the claimed steps' tasks.
+    /// The claim's writes inside `txn`, its transition and event rows added to `rows`: first
+    /// the rate-limited steps their buckets let through, then the rest of the ready steps up
+    /// to the limit. Answers the claimed steps and their tasks' subjects (`None` when nothing
+    /// was claimable), and whether a bucket was found spent.
     async fn claim_rows(
         &self,
         txn: &WriteTxn,
         request: &ClaimRequest,
         rows: &mut crate::events::Rows,
-    ) -> Result<Option<(Vec<ClaimedStep>, Subjects)>> {
+    ) -> Result<(Option<(Vec<ClaimedStep>, Subjects)>, bool)> {
         let now = self.now();
         let now_ms = now.timestamp_millis();
-        let lease_ms = i64::try_from(request.lease.as_millis()).unwrap_or(i64::MAX / 4);
-        let mut sql = Sql::new(self.db.get_database_backend());
-        let postgres = sql.is_postgres();
-        if postgres {
-            sql.push("WITH ready AS (SELECT s.id");
-        } else {
-            sql.push("UPDATE workflow_steps SET state = 'in_progress', attempts = attempts + 1, lease_token = randomblob(16), lease_holder = ")
-                .bind(request.worker_id.clone())
-                .push(", lease_expires_ms = ")
-                .bind(now_ms + lease_ms)
-                .push(", attempt_started_ms = ")
-                .bind(now_ms)
-                .push(", deadline_ms = CASE WHEN timeout_ms IS NULL THEN NULL ELSE ")
-                .bind(now_ms)
-                .push(" + timeout_ms END, next_attempt_ms = NULL, version = version + 1, updated_at = ")
-                .bind(now)
-                .push(" WHERE id IN (SELECT s.id");
+        let admission = self
+            .admit_rate_limited(
+                txn,
+                &request.handlers,
+                &request.within,
+                request.limit,
+                now_ms,
+            )
+            .await?;
+        let mut returned = Vec::new();
+        if !admission.steps.is_empty() {
+            let sql = claim_statement(self, request, now, Picked::Admitted(&admission.steps));
+            returned = txn.query_all_raw(sql).await?;
+            let mut buckets = Vec::with_capacity(returned.len());
+            for row in &returned {
+                buckets.push(row.try_get::<Option<String>>("", "rate_limit")?);
+            }
+            self.record_starts(txn, buckets.iter().flatten().map(String::as_str), now_ms)
+                .await?;
         }
-        push_ready_steps(&mut sql, now_ms, &request.handlers, &request.within);
-        push_claim_order(&mut sql);
-        sql.push(" LIMIT ").bind(i64::from(request.limit));
-        if postgres {
-            sql.push(" FOR UPDATE OF s SKIP LOCKED) UPDATE workflow_steps AS s SET state = 'in_progress', attempts = s.attempts + 1, lease_token = gen_random_uuid(), lease_holder = ")
-                .bind(request.worker_id.clone())
-                .push(", lease_expires_ms = ")
-                .bind(now_ms + lease_ms)
-                .push(", attempt_started_ms = ")
-                .bind(now_ms)
-                .push(", deadline_ms = CASE WHEN s.timeout_ms IS NULL THEN NULL ELSE ")
-                .bind(now_ms)
-                .push(" + s.timeout_ms END, next_attempt_ms = NULL, version = s.version + 1, updated_at = ")
-                .bind(now)
-                .push(" FROM ready WHERE s.id = ready.id RETURNING s.*");
-        } else {
-            sql.push(") RETURNING *");
+        let left = request
+            .limit
+            .saturating_sub(u32::try_from(returned.len()).unwrap_or(u32::MAX));
+        if left > 0 {
+            let sql = claim_statement(self, request, now, Picked::Ready(left));
+            returned.extend(txn.query_all_raw(sql).await?);
         }
-        push_task_fields(&mut sql, &SUBJECT_FIELDS);
-        push_task_fields(&mut sql, &[("state", "task_state")]);
-        let returned = txn.query_all_raw(sql.build()).await?;
         if returned.is_empty() {
-            return Ok(None);
+            return Ok((None, admission.throttled));
         }
+        let claimed = self
+            .claimed_rows(request, &returned, txn, rows, now)
+            .await?;
+        Ok((Some(claimed), admission.throttled))
+    }
+
+    /// The transitions, events and task starts of the steps a claim statement returned.
+    async fn claimed_rows(
+        &self,
+        request: &ClaimRequest,
+        returned: &[sea_orm::QueryResult],
+        txn: &WriteTxn,
+        rows: &mut crate::events::Rows,
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<ClaimedStep>, Subjects)> {
+        let now_ms = now.timestamp_millis();
+        let lease_ms = lease_ms(request);
         let mut claimed = Vec::with_capacity(returned.len());
         let mut subjects = Subjects::default();
         let mut pending = Vec::new();
-        for row in &returned {
+        for row in returned {
             let step = workflow_step::Model::from_query_result(row, "")?;
             let state = ClaimedTaskState::from_query_result(row, "")?;
             if state.task_state == TaskState::Pending.as_str() && !subjects.knows(step.task_id) {
@@ -331,7 +353,7 @@ impl Store {
             });
         }
         rows.add(task_transitions).add(step_transitions).add(events);
-        Ok(Some((leases, subjects)))
+        Ok((leases, subjects))
     }
 
     /// Extends the leases still held; returns the new expiry for each live token (tokens
@@ -930,8 +952,8 @@ fn truncate(message: &str) -> String {
 }
 
 /// The earliest due time after `after_ms` among retries, leases, attempt deadlines, task
-/// deadlines, start timeouts and schedules' next ticks (the last three through their partial
-/// indexes). Leases
+/// deadlines, start timeouts, schedules' next ticks and spent rate limits' next starts (the
+/// last four through their partial indexes). Leases
 /// and deadlines are read through `ix_steps_in_flight_lease`, which holds in-flight steps
 /// only (`state = 'in_progress'` is its predicate, so each query here repeats it).
 pub(crate) fn push_wakeups(sql: &mut Sql, after_ms: i64) {
@@ -953,7 +975,22 @@ pub(crate) fn push_wakeups(sql: &mut Sql, after_ms: i64) {
         .indexed_by("ix_schedules_due")
         .push(" WHERE next_fire_ms IS NOT NULL AND paused = FALSE AND next_fire_ms > ")
         .bind(after_ms)
+        .push(" UNION ALL SELECT MIN(next_start_ms) AS due FROM rate_limits")
+        .indexed_by("ix_rate_limits_next_start")
+        .push(" WHERE next_start_ms IS NOT NULL AND next_start_ms > ")
+        .bind(after_ms)
         .push(") AS wakeups");
+}
+
+/// Which rate-limited steps a read of the ready steps includes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RateLimited {
+    /// None: the claim's ready set (they start only through their bucket's admission).
+    Without,
+    /// Only them, through their partial index: the candidates of an admission.
+    Only,
+    /// Those whose bucket is not known to be spent: what a worker may hope to claim.
+    Unthrottled,
 }
 
 /// `FROM workflow_steps s … WHERE` the readiness rule, narrowed to handlers (when given) and
@@ -961,10 +998,28 @@ pub(crate) fn push_wakeups(sql: &mut Sql, after_ms: i64) {
 /// handler), and their tasks looked up by id: `CROSS JOIN` makes SQLite keep that order (on
 /// PostgreSQL it is a plain join). Left to choose, SQLite walked every unfinished task
 /// instead, so a claim cost as much as the tasks waiting for other handlers.
-pub(crate) fn push_ready_steps(sql: &mut Sql, now_ms: i64, handlers: &[String], within: &Within) {
-    sql.push(" FROM workflow_steps s CROSS JOIN tasks t WHERE t.id = s.task_id AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
+pub(crate) fn push_ready_steps(
+    sql: &mut Sql,
+    now_ms: i64,
+    handlers: &[String],
+    within: &Within,
+    rate_limited: RateLimited,
+) {
+    sql.push(" FROM workflow_steps s");
+    if rate_limited == RateLimited::Only {
+        sql.indexed_by("ix_steps_rate_limited");
+    }
+    sql.push(" CROSS JOIN tasks t WHERE t.id = s.task_id AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
         .bind(now_ms)
         .push(") AND t.state IN ('pending', 'in_progress')");
+    match rate_limited {
+        RateLimited::Without => sql.push(" AND s.rate_limit IS NULL"),
+        RateLimited::Only => sql.push(" AND s.rate_limit IS NOT NULL"),
+        RateLimited::Unthrottled => sql
+            .push(" AND (s.rate_limit IS NULL OR NOT EXISTS (SELECT 1 FROM rate_limits r WHERE r.bucket = s.rate_limit AND r.next_start_ms > ")
+            .bind(now_ms)
+            .push("))"),
+    };
     if !handlers.is_empty() {
         sql.push(" AND s.handler IN ")
             .bind_list(handlers.iter().cloned());
@@ -985,6 +1040,88 @@ pub(crate) fn push_claim_order(sql: &mut Sql) {
     ));
 }
 
+/// Which steps a claim statement leases.
+enum Picked<'a> {
+    /// The first ready steps in claim order, up to this many.
+    Ready(u32),
+    /// These rate-limited steps, which their buckets let through, if still claimable.
+    Admitted(&'a [Uuid]),
+}
+
+/// How long the claim's leases last, in milliseconds.
+fn lease_ms(request: &ClaimRequest) -> i64 {
+    i64::try_from(request.lease.as_millis()).unwrap_or(i64::MAX / 4)
+}
+
+/// The statement that leases the `picked` steps to `request`'s worker and returns them with
+/// their tasks' subjects and states. On PostgreSQL the steps are locked `SKIP LOCKED`, so
+/// concurrent claims take different ones.
+fn claim_statement(
+    store: &Store,
+    request: &ClaimRequest,
+    now: DateTime<Utc>,
+    picked: Picked<'_>,
+) -> sea_orm::Statement {
+    let now_ms = now.timestamp_millis();
+    let lease_ms = lease_ms(request);
+    let mut sql = Sql::new(store.db.get_database_backend());
+    let postgres = sql.is_postgres();
+    if postgres {
+        sql.push("WITH ready AS (SELECT s.id");
+    } else {
+        sql.push("UPDATE workflow_steps SET state = 'in_progress', attempts = attempts + 1, lease_token = randomblob(16), lease_holder = ")
+            .bind(request.worker_id.clone())
+            .push(", lease_expires_ms = ")
+            .bind(now_ms + lease_ms)
+            .push(", attempt_started_ms = ")
+            .bind(now_ms)
+            .push(", deadline_ms = CASE WHEN timeout_ms IS NULL THEN NULL ELSE ")
+            .bind(now_ms)
+            .push(" + timeout_ms END, next_attempt_ms = NULL, version = version + 1, updated_at = ")
+            .bind(now)
+            .push(" WHERE id IN (SELECT s.id");
+    }
+    match picked {
+        Picked::Ready(limit) => {
+            push_ready_steps(
+                &mut sql,
+                now_ms,
+                &request.handlers,
+                &request.within,
+                RateLimited::Without,
+            );
+            push_claim_order(&mut sql);
+            sql.push(" LIMIT ").bind(i64::from(limit));
+        }
+        Picked::Admitted(ids) => {
+            // Read in this transaction; on PostgreSQL another claim may have taken one since.
+            sql.push(" FROM workflow_steps s WHERE s.id IN ")
+                .bind_list(ids.iter().copied())
+                .push(" AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
+                .bind(now_ms)
+                .push(")");
+        }
+    }
+    if postgres {
+        sql.push(" FOR UPDATE OF s SKIP LOCKED) UPDATE workflow_steps AS s SET state = 'in_progress', attempts = s.attempts + 1, lease_token = gen_random_uuid(), lease_holder = ")
+            .bind(request.worker_id.clone())
+            .push(", lease_expires_ms = ")
+            .bind(now_ms + lease_ms)
+            .push(", attempt_started_ms = ")
+            .bind(now_ms)
+            .push(", deadline_ms = CASE WHEN s.timeout_ms IS NULL THEN NULL ELSE ")
+            .bind(now_ms)
+            .push(" + s.timeout_ms END, next_attempt_ms = NULL, version = s.version + 1, updated_at = ")
+            .bind(now)
+            .push(" FROM ready WHERE s.id = ready.id RETURNING s.*");
+    } else {
+        sql.push(") RETURNING *");
+    }
+    push_task_fields(&mut sql, &SUBJECT_FIELDS);
+    push_task_fields(&mut sql, &[("state", "task_state")]);
+    sql.build()
+}
+
 #[derive(Debug, FromQueryResult)]
 struct ReadyCount {
     ready: i64,
@@ -1001,7 +1138,13 @@ impl Store {
     ) -> Result<u64> {
         let mut sql = Sql::new(self.db.get_database_backend());
         sql.push("SELECT COUNT(*) AS ready FROM (SELECT s.id");
-        push_ready_steps(&mut sql, self.now_ms(), handlers, within);
+        push_ready_steps(
+            &mut sql,
+            self.now_ms(),
+            handlers,
+            within,
+            RateLimited::Unthrottled,
+        );
         sql.push(" LIMIT ")
             .bind(i64::from(cap))
             .push(") AS ready_steps");

@@ -16,6 +16,7 @@ mod notify;
 mod parking;
 mod progress;
 mod queries;
+mod rate_limits;
 mod records;
 mod retention;
 mod schedules;
@@ -40,8 +41,8 @@ pub use notify::{Heard, WorkListener};
 pub use parking::AWAITING_DECISION;
 pub use queries::TaskFilter;
 pub use records::{
-    EdgeRecord, EventRecord, NamespaceRecord, Slot, StepRecord, StepTransitionRecord,
-    TaskConcurrency, TaskRecord, TaskTransitionRecord, TemplateRecord,
+    EdgeRecord, EventRecord, NamespaceRecord, Slot, StepRateLimit, StepRecord,
+    StepTransitionRecord, TaskConcurrency, TaskRecord, TaskTransitionRecord, TemplateRecord,
 };
 pub use retention::Pruned;
 pub use schedules::{NewSchedule, ScheduleRecord};
@@ -207,6 +208,8 @@ pub struct Store {
     parsed_templates: Arc<templates::TemplateCache>,
     /// Single creations waiting to be written together.
     creations: Arc<grouped::CreationQueue>,
+    /// Whether claims look for rate-limited steps; spent buckets' news.
+    rate_limits: Arc<rate_limits::RateLimits>,
 }
 
 impl Store {
@@ -295,6 +298,7 @@ impl Store {
             raw_transaction,
             parsed_templates: Arc::default(),
             creations: Arc::default(),
+            rate_limits: Arc::default(),
             work_channel,
             origin: uuid::Uuid::new_v4().simple().to_string().into(),
             appended: Arc::new(tokio::sync::watch::Sender::new(0)),

@@ -195,6 +195,8 @@ impl Store {
                     Ok(StepProgress {
                         state: StepState::parse(&s.state)?,
                         next_attempt_ms: s.next_attempt_ms,
+                        // Whether it waits for its rate limit does not change an outcome.
+                        throttled: false,
                     })
                 })
                 .collect::<Result<_>>()?;

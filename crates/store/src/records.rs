@@ -113,9 +113,21 @@ pub struct StepRecord {
     pub priority: Priority,
     /// How long it may wait, claimable, for its first attempt.
     pub start_timeout_seconds: Option<f64>,
+    /// The rate limit its attempts start under.
+    pub rate_limit: Option<StepRateLimit>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// The bucket a rate-limited step draws from, and its rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRateLimit {
+    /// `namespace/name`, or `namespace/name:key` for a keyed limit.
+    pub bucket: String,
+    /// Starts allowed per window.
+    pub limit: u32,
+    pub per_seconds: f64,
 }
 
 /// "child depends on parent".
@@ -277,6 +289,18 @@ impl TryFrom<workflow_step::Model> for StepRecord {
             ready_since: model.ready_since_ms.and_then(from_millis),
             priority: stored_priority(model.priority),
             start_timeout_seconds: model.start_timeout_ms.map(|ms| ms as f64 / 1000.0),
+            rate_limit: match (
+                model.rate_limit,
+                model.rate_limit_tokens,
+                model.rate_limit_per_ms,
+            ) {
+                (Some(bucket), Some(limit), Some(per_ms)) => Some(StepRateLimit {
+                    bucket,
+                    limit: u32::try_from(limit).unwrap_or(0),
+                    per_seconds: per_ms as f64 / 1000.0,
+                }),
+                _ => None,
+            },
             created_at: model.created_at,
             updated_at: model.updated_at,
             completed_at: model.completed_at,

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use tasker_domain::concurrency::Strategy;
+use tasker_domain::rate_limit::RateLimit;
 use tasker_domain::{StateMachine, StepState, TaskRequest, TaskState};
 use uuid::Uuid;
 
@@ -88,9 +89,17 @@ type TemplateKey = (String, String, Option<String>);
 enum Planned {
     /// Its idempotency key already started this task.
     Existing(Box<TaskCreation>),
-    /// A new task from this template, with its concurrency key when the template has a
-    /// concurrency rule.
-    New(Arc<TemplateRecord>, Option<String>),
+    /// A new task from this template, with the keys its context gives it.
+    New(Arc<TemplateRecord>, Keys),
+}
+
+/// What a new task's context makes of its template's keys.
+#[derive(Debug, Clone, Default)]
+struct Keys {
+    /// Its concurrency key, when the template has a concurrency rule.
+    concurrency: Option<String>,
+    /// Per step (in template order), the rate limit bucket it draws from, if it has one.
+    rate_buckets: Vec<Option<String>>,
 }
 
 /// Every row one new task writes.
@@ -152,12 +161,11 @@ impl Store {
     /// idempotency key already used in the namespace, returns that task instead.
     pub async fn create_task(&self, new: NewTask) -> Result<TaskCreation> {
         self.writing(async {
-            let (template, concurrency_key) =
-                match self.check_new_task(&new, &mut HashMap::new()).await? {
-                    Planned::Existing(existing) => return Ok(*existing),
-                    Planned::New(template, key) => (template, key),
-                };
-            match self.insert_task(&template, &new, concurrency_key).await {
+            let (template, keys) = match self.check_new_task(&new, &mut HashMap::new()).await? {
+                Planned::Existing(existing) => return Ok(*existing),
+                Planned::New(template, keys) => (template, keys),
+            };
+            match self.insert_task(&template, &new, keys).await {
                 Ok(task) => Ok(TaskCreation {
                     ready_handlers: startable_handlers(&template, &task),
                     task,
@@ -215,8 +223,8 @@ impl Store {
             let now = self.now();
             let mut rows = Vec::new();
             for (new, planned) in news.iter().zip(&plan) {
-                if let Planned::New(template, concurrency_key) = planned {
-                    rows.push(Self::task_rows(template, new, concurrency_key.clone(), now));
+                if let Planned::New(template, keys) = planned {
+                    rows.push(Self::task_rows(template, new, keys.clone(), now));
                 }
             }
             let mut written = match self.insert_task_rows(rows).await {
@@ -277,24 +285,39 @@ impl Store {
             check.validate(&new.request.context)?;
         }
         let definition = &template.record.template;
-        let concurrency_key = definition
+        let context = &new.request.context;
+        let concurrency = definition
             .concurrency
             .as_ref()
-            .map(|policy| {
-                policy.key_for(
-                    &definition.namespace,
-                    &definition.name,
-                    &new.request.context,
-                )
-            })
+            .map(|policy| policy.key_for(&definition.namespace, &definition.name, context))
             .transpose()
             .map_err(|problem| tasker_domain::Error::InvalidContext(vec![problem]))?;
+        let rate_buckets = definition
+            .steps
+            .iter()
+            .map(|step| {
+                step.rate_limit
+                    .as_ref()
+                    .map(|limit| limit.bucket_for(&definition.namespace, context))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|problem| tasker_domain::Error::InvalidContext(vec![problem]))?;
+        if rate_buckets.iter().any(Option::is_some) {
+            self.rate_limits_in_use();
+        }
         if let Some(key) = &new.request.idempotency_key
             && let Some(existing) = self.task_by_idempotency_key(new, key).await?
         {
             return Ok(Planned::Existing(Box::new(existing)));
         }
-        Ok(Planned::New(template.record, concurrency_key))
+        Ok(Planned::New(
+            template.record,
+            Keys {
+                concurrency,
+                rate_buckets,
+            },
+        ))
     }
 
     async fn task_by_idempotency_key(
@@ -328,9 +351,9 @@ impl Store {
         &self,
         template_record: &TemplateRecord,
         new: &NewTask,
-        concurrency_key: Option<String>,
+        keys: Keys,
     ) -> Result<TaskRecord> {
-        let rows = Self::task_rows(template_record, new, concurrency_key, self.now());
+        let rows = Self::task_rows(template_record, new, keys, self.now());
         self.insert_task_grouped(rows).await
     }
 
@@ -339,9 +362,13 @@ impl Store {
     fn task_rows(
         template_record: &TemplateRecord,
         new: &NewTask,
-        concurrency_key: Option<String>,
+        keys: Keys,
         now: DateTime<Utc>,
     ) -> TaskRows {
+        let Keys {
+            concurrency: concurrency_key,
+            rate_buckets,
+        } = keys;
         let request = &new.request;
         let template = &template_record.template;
         let task_id = Uuid::now_v7();
@@ -411,6 +438,9 @@ impl Store {
                 backoff: Set(serde_json::to_value(&step.retry.backoff).unwrap_or(Value::Null)),
                 timeout_ms: Set(step.timeout.map(seconds_to_ms)),
                 start_timeout_ms: Set(step.start_timeout.map(seconds_to_ms)),
+                rate_limit: Set(rate_buckets.get(position).cloned().flatten()),
+                rate_limit_tokens: Set(step.rate_limit.as_ref().map(|limit| limit.limit as i32)),
+                rate_limit_per_ms: Set(step.rate_limit.as_ref().map(RateLimit::per_ms)),
                 pending_parents: Set(step.depends_on.len() as i32 + gate),
                 results: Set(None),
                 last_error: Set(None),

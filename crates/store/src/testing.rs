@@ -178,7 +178,13 @@ impl TestDatabase {
     pub async fn ready_steps_plan(&self, handlers: &[String]) -> Vec<String> {
         let mut sql = crate::sql::Sql::new(self.store.db.get_database_backend());
         sql.push("EXPLAIN QUERY PLAN SELECT s.id");
-        crate::execution::push_ready_steps(&mut sql, 0, handlers, &tasker_domain::Within::Any);
+        crate::execution::push_ready_steps(
+            &mut sql,
+            0,
+            handlers,
+            &tasker_domain::Within::Any,
+            crate::execution::RateLimited::Without,
+        );
         // Bound, as the claim binds it: the plan must not depend on its value.
         crate::execution::push_claim_order(&mut sql);
         sql.push(" LIMIT ").bind(10i64);

@@ -482,3 +482,63 @@ fn a_task_timeout_and_a_step_start_timeout_are_durations() {
     assert!(has(&problems, "timeout", "more than 0"));
     assert!(has(&problems, "steps[0].start_timeout", "duration"));
 }
+
+#[test]
+fn a_rate_limit_is_a_name_a_limit_a_window_and_a_key_checked_at_registration() {
+    let base = "namespace: a\nname: b\nversion: 1.0.0\ncontext_schema: { type: object, properties: { account: { type: string } } }\nsteps:\n  - name: x\n    handler: noop\n    rate_limit: ";
+    let template = TaskTemplate::parse(&format!(
+        "{base}{{ name: partner_api, limit: 100, per: 1m, key: \"{{{{ context.account }}}}\" }}\n"
+    ))
+    .unwrap();
+    let limit = template.steps[0].rate_limit.clone().unwrap();
+    assert_eq!(
+        (limit.name.as_str(), limit.limit, limit.per),
+        ("partner_api", 100, 60.0)
+    );
+    assert_eq!(limit.per_ms(), 60_000);
+    assert_eq!(
+        TaskTemplate::from_normalized(template.to_normalized()).unwrap(),
+        template
+    );
+    for (rule, path, fragment) in [
+        (
+            "{ name: api, limit: 0, per: 60 }",
+            "limit",
+            "from 1 to 100000, found 0",
+        ),
+        ("{ name: api, per: 60 }", "limit", "is required"),
+        ("{ name: api, limit: 5 }", "per", "is required"),
+        ("{ name: api, limit: 5, per: 0 }", "per", "more than 0"),
+        (
+            "{ name: api, limit: 5, per: 25h }",
+            "per",
+            "longer than a day",
+        ),
+        (
+            "{ name: api, limit: 5, per: 60, key: \"{{ context.nope }}\" }",
+            "key",
+            "declares no property",
+        ),
+        (
+            "{ name: api, limit: 5, per: 60, key: fixed }",
+            "key",
+            "references nothing",
+        ),
+        ("{ limit: 5, per: 60 }", "name", "is required"),
+        ("{ name: \"a b\", limit: 5, per: 60 }", "name", ""),
+        (
+            "{ name: api, limit: 5, per: 60, burst: 2 }",
+            "burst",
+            "unknown field",
+        ),
+        ("100", "", "expected an object"),
+    ] {
+        let problems = problems_of(&format!("{base}{rule}\n"));
+        let path = if path.is_empty() {
+            "steps[0].rate_limit".to_owned()
+        } else {
+            format!("steps[0].rate_limit.{path}")
+        };
+        assert!(has(&problems, &path, fragment), "{rule}: {problems:?}");
+    }
+}

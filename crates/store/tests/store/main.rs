@@ -17,6 +17,7 @@ mod event_log;
 mod execution;
 mod faults;
 mod lifecycle;
+mod rate_limits;
 mod retention;
 mod schedules;
 mod timeouts;
