@@ -17,6 +17,7 @@ mod m20261208_000002_concurrency;
 mod m20261208_000003_timeouts;
 mod m20261208_000004_schedules;
 mod m20261209_000001_rate_limits;
+mod m20261209_000002_step_concurrency;
 
 /// Runs `statements` in order, on the migration's connection (inside its transaction when the
 /// migration asks for one).
@@ -52,6 +53,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261208_000003_timeouts::Migration),
             Box::new(m20261208_000004_schedules::Migration),
             Box::new(m20261209_000001_rate_limits::Migration),
+            Box::new(m20261209_000002_step_concurrency::Migration),
         ]
     }
 }

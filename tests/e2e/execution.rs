@@ -816,10 +816,19 @@ steps:
 
 const THROTTLED: &str = "query($id: ID!) { task(id: $id) { executionStatus steps { rateLimit { bucket limit perSeconds spentUntil } } } }";
 
-/// A rate limit over GraphQL: the template shows its rule; a third call in the hour is not
-/// leased, and its task says it waits for the limit, and until when.
+const ONE_UPLOAD: &str = r#"
+namespace: payments
+name: upload
+version: 1.0.0
+steps:
+  - { name: put, handler: payments.upload, concurrency: { limit: 1 } }
+"#;
+
+/// Step limits over GraphQL: the template shows its rules; a third call in the hour is not
+/// leased, and its task says it waits for the rate limit, and until when; a second upload
+/// waits for the first under the step's concurrency limit, and says so.
 #[tokio::test]
-async fn a_step_past_its_rate_limit_waits_and_says_until_when() {
+async fn a_step_held_by_its_limits_waits_and_says_why() {
     for server in TestServer::all().await {
         let backend = server.backend();
         server.register(PARTNER_CALLS).await;
@@ -862,6 +871,46 @@ async fn a_step_past_its_rate_limit_waits_and_says_until_when() {
         assert!(limit["spentUntil"].is_string(), "{backend}: {limit:#}");
         let running = server.data(THROTTLED, json!({ "id": tasks[0] })).await["task"].clone();
         assert_eq!(running["executionStatus"], "PROCESSING", "{backend}");
+
+        // A step concurrency limit: the second upload waits for the first to end.
+        server.register(ONE_UPLOAD).await;
+        let upload = json!({ "namespace": "payments", "template": "upload", "context": {} });
+        server.create_task(upload.clone()).await;
+        let second = server.create_task(upload).await["task"]["id"].clone();
+        let leases = server.claim("payments.upload", 10).await;
+        assert_eq!(leases.len(), 1, "{backend}");
+        let waits = server
+            .data(
+                "query($id: ID!) { task(id: $id) { executionStatus steps { concurrencyLimit { bucket limit running } } } }",
+                json!({ "id": second }),
+            )
+            .await["task"]
+            .clone();
+        assert_eq!(
+            waits,
+            json!({
+                "executionStatus": "WAITING_FOR_CONCURRENCY_SLOT",
+                "steps": [{ "concurrencyLimit": { "bucket": "payments/upload/put", "limit": 1, "running": 1 } }]
+            }),
+            "{backend}"
+        );
+        let rule = server
+            .data(
+                "{ namespaces { templates { key steps { concurrency { name limit key } } } } }",
+                json!({}),
+            )
+            .await;
+        let upload_rule = rule["namespaces"][0]["templates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["key"] == "payments/upload@1.0.0")
+            .map(|t| t["steps"][0]["concurrency"].clone());
+        assert_eq!(
+            upload_rule,
+            Some(json!({ "name": null, "limit": 1, "key": null })),
+            "{backend}: {rule:#}"
+        );
     }
 }
 

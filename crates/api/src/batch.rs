@@ -34,8 +34,40 @@ pub struct TaskSet {
     step_transitions: Loaded<TransitionsOfStep, Arc<[StepTransitionRecord]>>,
     events: Loaded<EventsOf, Arc<[EventRecord]>>,
     templates: Loaded<TemplateOf, Arc<TemplateRecord>>,
-    /// The spent rate limits of the set's unfinished steps, with when each frees.
-    spent_rate_limits: OnceCell<HashMap<String, DateTime<Utc>>>,
+    /// What the limits of the set's unfinished steps hold now.
+    step_limits: OnceCell<StepLimitsNow>,
+}
+
+/// What the limits of a set's waiting steps hold now.
+#[derive(Debug, Default)]
+pub struct StepLimitsNow {
+    /// Spent rate limits' buckets, with when each frees.
+    pub spent: HashMap<String, DateTime<Utc>>,
+    /// Step concurrency limits' buckets, with their running attempts.
+    pub running: HashMap<String, u64>,
+}
+
+impl StepLimitsNow {
+    /// What holds `step` back even when it is ready, if anything.
+    pub fn hold(&self, step: &StepRecord) -> Option<tasker_domain::execution::Hold> {
+        use tasker_domain::execution::Hold;
+        if let Some(limit) = &step.rate_limit
+            && self.spent.contains_key(&limit.bucket)
+        {
+            return Some(Hold::RateLimit);
+        }
+        let limit = step.concurrency.as_ref()?;
+        let running = self.running.get(&limit.bucket).copied().unwrap_or(0);
+        (running >= u64::from(limit.limit)).then_some(Hold::ConcurrencySlot)
+    }
+}
+
+/// The distinct values, sorted.
+fn distinct(values: impl Iterator<Item = String>) -> Vec<String> {
+    let mut values: Vec<String> = values.collect();
+    values.sort_unstable();
+    values.dedup();
+    values
 }
 
 /// Keys of the by-task loads: the task whose records are wanted.
@@ -181,7 +213,7 @@ impl TaskSet {
             step_transitions: OnceCell::new(),
             events: OnceCell::new(),
             templates: OnceCell::new(),
-            spent_rate_limits: OnceCell::new(),
+            step_limits: OnceCell::new(),
         })
     }
 
@@ -222,26 +254,34 @@ impl TaskSet {
         Ok(owned(all, &StepsOf(task_id)))
     }
 
-    /// Of the rate limits the set's unfinished steps draw from, the spent ones, with when
-    /// each frees; one statement for the set, none when no step has a rate limit.
-    pub async fn spent_rate_limits(&self) -> Result<&HashMap<String, DateTime<Utc>>, ApiError> {
-        self.spent_rate_limits
+    /// What the limits of the set's unfinished steps hold now: the spent rate limits with
+    /// when each frees, and each concurrency limit's running attempts. At most one statement
+    /// per kind for the set, none when no step has such a limit.
+    pub async fn step_limits(&self) -> Result<&StepLimitsNow, ApiError> {
+        self.step_limits
             .get_or_try_init(|| async {
                 let steps = self.every(&self.steps, self.task_keys(StepsOf)).await?;
-                let mut buckets: Vec<String> = steps
-                    .values()
-                    .flat_map(|steps| steps.iter())
-                    .filter(|step| {
-                        matches!(
-                            step.state,
-                            tasker_domain::StepState::Pending | tasker_domain::StepState::Error
-                        )
-                    })
-                    .filter_map(|step| Some(step.rate_limit.as_ref()?.bucket.clone()))
-                    .collect();
-                buckets.sort_unstable();
-                buckets.dedup();
-                Ok(self.store.spent_rate_limits(&buckets).await?)
+                let waiting = || {
+                    steps
+                        .values()
+                        .flat_map(|steps| steps.iter())
+                        .filter(|step| {
+                            matches!(
+                                step.state,
+                                tasker_domain::StepState::Pending | tasker_domain::StepState::Error
+                            )
+                        })
+                };
+                let rate: Vec<String> = distinct(
+                    waiting().filter_map(|step| Some(step.rate_limit.as_ref()?.bucket.clone())),
+                );
+                let slots: Vec<String> = distinct(
+                    waiting().filter_map(|step| Some(step.concurrency.as_ref()?.bucket.clone())),
+                );
+                Ok(StepLimitsNow {
+                    spent: self.store.spent_rate_limits(&rate).await?,
+                    running: self.store.running_attempts(&slots).await?,
+                })
             })
             .await
     }

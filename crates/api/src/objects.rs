@@ -284,6 +284,8 @@ pub struct StepTemplate {
     start_timeout_seconds: Option<f64>,
     /// The rate limit each of its attempts starts under.
     rate_limit: Option<RateLimitRule>,
+    /// At most so many attempts of its bucket run at once.
+    concurrency: Option<StepConcurrencyRule>,
     /// 0 for steps with no dependencies, else one more than the deepest dependency.
     level: usize,
 }
@@ -296,6 +298,27 @@ pub struct RateLimitRule {
     name: String,
     limit: u32,
     per_seconds: f64,
+    /// Tells buckets apart, such as `{{ context.account_id }}`.
+    key: Option<String>,
+}
+
+/// The concurrency limit a step's attempts run under.
+#[derive(SimpleObject)]
+pub struct StepConcurrencyLimit {
+    /// `namespace/template/step`, or `namespace/name` for a limit shared by name, then `:key`
+    /// for a keyed one: steps with the same bucket share its room.
+    bucket: String,
+    limit: u32,
+    /// Attempts of the bucket running now, while this step waits to run.
+    running: Option<u64>,
+}
+
+/// A step's own concurrency limit: at most `limit` attempts of its bucket run at once.
+#[derive(SimpleObject)]
+pub struct StepConcurrencyRule {
+    /// Shared by every step of the namespace that names it; without one, the step's own.
+    name: Option<String>,
+    limit: u32,
     /// Tells buckets apart, such as `{{ context.account_id }}`.
     key: Option<String>,
 }
@@ -356,6 +379,11 @@ fn step_templates(template: &TaskTemplate) -> Vec<StepTemplate> {
                 name: limit.name.clone(),
                 limit: limit.limit,
                 per_seconds: limit.per,
+                key: limit.key.as_ref().map(|key| key.as_str().to_owned()),
+            }),
+            concurrency: step.concurrency.as_ref().map(|limit| StepConcurrencyRule {
+                name: limit.name.clone(),
+                limit: limit.limit,
                 key: limit.key.as_ref().map(|key| key.as_str().to_owned()),
             }),
             level: levels.get(i).copied().unwrap_or_default(),
@@ -546,20 +574,16 @@ impl Task {
         }
         let steps = self.set.steps(self.record.id).await.gql()?;
         let edges = self.set.edges(self.record.id).await.gql()?;
-        let spent = self.set.spent_rate_limits().await.gql()?;
+        let limits = self.set.step_limits().await.gql()?;
         let now = self.set.now().timestamp_millis();
-        let progress = progress(&steps, |step| {
-            step.rate_limit
-                .as_ref()
-                .is_some_and(|limit| spent.contains_key(&limit.bucket))
-        });
+        let progress = progress(&steps, |step| limits.hold(step));
         Ok(execution_status(&progress, &step_dag(&steps, &edges), now).into())
     }
 
     /// The share of steps complete, skipped or resolved, 0 to 100.
     async fn completion_percentage(&self) -> Result<f64> {
         let steps = self.set.steps(self.record.id).await.gql()?;
-        Ok(completion_percentage(&progress(&steps, |_| false)))
+        Ok(completion_percentage(&progress(&steps, |_| None)))
     }
 
     /// How many steps are in each state.
@@ -581,15 +605,18 @@ impl Task {
     }
 }
 
-/// Where each step stands, as the execution rules read it; `throttled` says which wait for a
-/// spent rate limit.
-fn progress(steps: &[StepRecord], throttled: impl Fn(&StepRecord) -> bool) -> Vec<StepProgress> {
+/// Where each step stands, as the execution rules read it; `held` says what limit, if any,
+/// holds each back.
+fn progress(
+    steps: &[StepRecord],
+    held: impl Fn(&StepRecord) -> Option<tasker_domain::execution::Hold>,
+) -> Vec<StepProgress> {
     steps
         .iter()
         .map(|step| StepProgress {
             state: step.state,
             next_attempt_ms: step.next_attempt_at.map(|at| at.timestamp_millis()),
-            throttled: throttled(step),
+            held: held(step),
         })
         .collect()
 }
@@ -697,12 +724,30 @@ impl Step {
         let Some(limit) = &self.record.rate_limit else {
             return Ok(None);
         };
-        let spent = self.set.spent_rate_limits().await.gql()?;
+        let limits = self.set.step_limits().await.gql()?;
         Ok(Some(StepRateLimit {
             bucket: limit.bucket.clone(),
             limit: limit.limit,
             per_seconds: limit.per_seconds,
-            spent_until: spent.get(&limit.bucket).copied(),
+            spent_until: limits.spent.get(&limit.bucket).copied(),
+        }))
+    }
+
+    /// The concurrency limit its attempts run under, and how many of its bucket run now
+    /// (counted while the step waits to run; empty once it runs or ended).
+    async fn concurrency_limit(&self) -> Result<Option<StepConcurrencyLimit>> {
+        let Some(limit) = &self.record.concurrency else {
+            return Ok(None);
+        };
+        let limits = self.set.step_limits().await.gql()?;
+        Ok(Some(StepConcurrencyLimit {
+            bucket: limit.bucket.clone(),
+            limit: limit.limit,
+            running: matches!(
+                self.record.state,
+                tasker_domain::StepState::Pending | tasker_domain::StepState::Error
+            )
+            .then(|| limits.running.get(&limit.bucket).copied().unwrap_or(0)),
         }))
     }
 

@@ -221,10 +221,78 @@ impl ConcurrencyPolicy {
     }
 }
 
+/// A step's own concurrency limit: at most `limit` attempts of the steps that share its
+/// bucket run at once. Without a `name` the bucket is the step's own (every task of the
+/// template counts); with one it is shared by every step of the namespace that names it —
+/// the way to limit a handler, or a service several steps call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepConcurrency {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub limit: u32,
+    /// One bucket per rendered key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyExpression>,
+}
+
+impl StepConcurrency {
+    /// The bucket step `step` of template `namespace/template` draws from in a task with
+    /// `context`: `namespace/name` or `namespace/template/step`, then `:` and the rendered
+    /// key when there is one.
+    pub fn bucket_for(
+        &self,
+        namespace: &str,
+        template: &str,
+        step: &str,
+        context: &Value,
+    ) -> Result<String, Problem> {
+        let base = match &self.name {
+            Some(name) => format!("{namespace}/{name}"),
+            None => format!("{namespace}/{template}/{step}"),
+        };
+        match &self.key {
+            Some(key) => Ok(format!(
+                "{base}:{}",
+                key.render(context, "step concurrency key")?
+            )),
+            None => Ok(base),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_step_limit_is_its_own_or_shared_by_name() {
+        let own = StepConcurrency {
+            name: None,
+            limit: 2,
+            key: None,
+        };
+        assert_eq!(
+            own.bucket_for("shop", "order", "charge", &json!({}))
+                .unwrap(),
+            "shop/order/charge"
+        );
+        let shared = StepConcurrency {
+            name: Some("stripe".into()),
+            key: Some(KeyExpression::parse("{{ context.account }}").unwrap()),
+            ..own
+        };
+        assert_eq!(
+            shared
+                .bucket_for("shop", "order", "charge", &json!({"account": 7}))
+                .unwrap(),
+            "shop/stripe:7"
+        );
+        let missing = shared
+            .bucket_for("shop", "order", "charge", &json!({}))
+            .unwrap_err();
+        assert_eq!(missing.path, "context/account");
+    }
 
     #[test]
     fn keys_are_rendered_from_the_context() {

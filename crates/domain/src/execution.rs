@@ -11,8 +11,18 @@ pub struct StepProgress {
     pub state: StepState,
     /// For a step in `error`: when it may run again; `None` means the failure is final.
     pub next_attempt_ms: Option<i64>,
-    /// Its rate limit is spent: even when ready, it waits for the limit's next start.
-    pub throttled: bool,
+    /// What holds it back even when ready: a spent rate limit, or a full step concurrency
+    /// limit.
+    pub held: Option<Hold>,
+}
+
+/// What holds back a step that is otherwise ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Its rate limit is spent until its next start.
+    RateLimit,
+    /// Its concurrency limit's attempts are all running.
+    ConcurrencySlot,
 }
 
 impl StepProgress {
@@ -40,7 +50,8 @@ pub enum ExecutionStatus {
     AllComplete,
     /// Nothing can run and nothing failed: the remaining steps were cancelled.
     Halted,
-    /// The task waits for a slot of its concurrency key: nothing of it runs until one frees.
+    /// The task waits for a concurrency slot: its key's (nothing of it runs until one frees),
+    /// or, with nothing else to start, a step's concurrency limit's.
     WaitingForConcurrencySlot,
     /// Steps are ready but their rate limit is spent, and nothing else can start: they start
     /// as the limit frees.
@@ -57,15 +68,20 @@ pub fn execution_status(steps: &[StepProgress], dag: &Dag, now_ms: i64) -> Execu
         StepState::Error => step.next_attempt_ms.is_some_and(|at| at <= now_ms),
         _ => false,
     };
-    let (throttled, free): (Vec<_>, Vec<_>) = steps
+    let (held, free): (Vec<_>, Vec<_>) = steps
         .iter()
         .enumerate()
         .filter(ready)
-        .partition(|(_, step)| step.throttled);
+        .partition(|(_, step)| step.held.is_some());
     if !free.is_empty() {
         ExecutionStatus::HasReadySteps
-    } else if !throttled.is_empty() {
+    } else if held
+        .iter()
+        .any(|(_, step)| step.held == Some(Hold::RateLimit))
+    {
         ExecutionStatus::WaitingForRateLimit
+    } else if !held.is_empty() {
+        ExecutionStatus::WaitingForConcurrencySlot
     } else if steps.iter().any(|s| s.state == StepState::InProgress) {
         ExecutionStatus::Processing
     } else if steps
@@ -158,13 +174,13 @@ mod tests {
         StepProgress {
             state,
             next_attempt_ms: None,
-            throttled: false,
+            held: None,
         }
     }
 
     fn throttled(state: StepState) -> StepProgress {
         StepProgress {
-            throttled: true,
+            held: Some(Hold::RateLimit),
             ..step(state)
         }
     }
@@ -173,7 +189,7 @@ mod tests {
         StepProgress {
             state: Error,
             next_attempt_ms: Some(at),
-            throttled: false,
+            held: None,
         }
     }
 
@@ -230,6 +246,23 @@ mod tests {
         assert_eq!(
             status([throttled(Pending), step(Pending), step(Complete)]),
             ExecutionStatus::HasReadySteps
+        );
+        let full = StepProgress {
+            held: Some(Hold::ConcurrencySlot),
+            ..step(Pending)
+        };
+        assert_eq!(
+            status([full, step(InProgress), step(Complete)]),
+            ExecutionStatus::WaitingForConcurrencySlot
+        );
+        assert_eq!(
+            status([full, throttled(Error), step(Complete)]),
+            ExecutionStatus::WaitingForConcurrencySlot,
+            "a failed step without a retry is not ready: only the full limit holds"
+        );
+        assert_eq!(
+            status([full, throttled(Pending), step(Complete)]),
+            ExecutionStatus::WaitingForRateLimit
         );
         let dag = chain(3);
         assert_eq!(

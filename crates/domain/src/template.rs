@@ -5,7 +5,7 @@
 //! pass reports every problem instead of stopping at the first one, and so that no input can
 //! make it panic.
 
-use crate::concurrency::{ConcurrencyPolicy, KeyExpression, MAX_LIMIT, Strategy};
+use crate::concurrency::{ConcurrencyPolicy, KeyExpression, MAX_LIMIT, StepConcurrency, Strategy};
 use crate::graph::Dag;
 use crate::priority::Priority;
 use crate::problem::Problem;
@@ -108,6 +108,9 @@ pub struct StepTemplate {
     /// Each attempt starts only within this limit's rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// At most so many attempts of its bucket run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<StepConcurrency>,
 }
 
 /// How often a step may run and how long to wait between attempts.
@@ -627,8 +630,10 @@ const STEP_FIELDS: &[&str] = &[
     "priority",
     "start_timeout",
     "rate_limit",
+    "concurrency",
 ];
 const RATE_LIMIT_FIELDS: &[&str] = &["name", "limit", "per", "key"];
+const STEP_CONCURRENCY_FIELDS: &[&str] = &["name", "limit", "key"];
 const RETRY_FIELDS: &[&str] = &["max_attempts", "retryable", "backoff"];
 const BACKOFF_FIELDS: &[&str] = &["base", "factor", "max", "jitter"];
 
@@ -912,6 +917,9 @@ fn read_step(
     let rate_limit = reader.get("rate_limit").and_then(|value| {
         read_rate_limit(value, &reader.path("rate_limit"), context_schema, problems)
     });
+    let concurrency = reader.get("concurrency").and_then(|value| {
+        read_step_concurrency(value, &reader.path("concurrency"), context_schema, problems)
+    });
     Some(StepTemplate {
         name: name?,
         handler: handler?,
@@ -924,6 +932,33 @@ fn read_step(
         priority,
         start_timeout,
         rate_limit,
+        concurrency,
+    })
+}
+
+/// A step's `concurrency: {limit, name, key}`.
+fn read_step_concurrency(
+    value: &Value,
+    path: &str,
+    context_schema: Option<&Value>,
+    problems: &mut Problems,
+) -> Option<StepConcurrency> {
+    let reader = ObjectReader::new(value, path, STEP_CONCURRENCY_FIELDS, problems)?;
+    let name = reader.string("name", false, problems);
+    if let Some(Err(message)) = name.as_deref().map(check_name) {
+        problems.push(reader.path("name"), message);
+    }
+    let key = read_key(&reader, context_schema, problems);
+    let limit = reader.whole_number(
+        "limit",
+        MAX_LIMIT,
+        "how many attempts of the step may run at once",
+        problems,
+    );
+    Some(StepConcurrency {
+        name,
+        limit: limit?,
+        key,
     })
 }
 

@@ -98,6 +98,12 @@ pub enum Decision {
 /// The longest a claim may wait for work.
 pub const MAX_CLAIM_WAIT: Duration =
     Duration::from_secs(tasker_domain::worker::WAIT_SECONDS.max as u64);
+/// Whether attempts that just ended (`steps`, as they are now) made room under a step
+/// concurrency limit, for the steps waiting for it.
+fn frees_step_slots<'s>(steps: impl IntoIterator<Item = &'s tasker_store::StepRecord>) -> bool {
+    steps.into_iter().any(|step| step.concurrency.is_some())
+}
+
 /// The slow safety sweep behind the timers.
 pub(crate) const SAFETY_SWEEP: Duration = Duration::from_secs(5);
 /// How often the buckets of rate limits no step used for a day are forgotten.
@@ -445,10 +451,11 @@ impl Engine {
         Ok(report)
     }
 
-    /// What follows recorded completions: claimers hear of the steps they made ready, and
-    /// the attempts and finished tasks are counted.
+    /// What follows recorded completions: claimers hear of the steps they made ready (or
+    /// the room they made under a step concurrency limit), and the attempts and finished
+    /// tasks are counted.
     async fn completed(&self, report: &CompletionReport) {
-        if report.newly_ready > 0 {
+        if report.newly_ready > 0 || frees_step_slots(&report.completed) {
             self.announce().await;
         }
         for step in &report.completed {
@@ -479,7 +486,7 @@ impl Engine {
             .step
             .next_attempt_at
             .is_some_and(|at| at <= self.store.clock().now());
-        if report.newly_ready > 0 || retry_now {
+        if report.newly_ready > 0 || retry_now || frees_step_slots([&report.step]) {
             self.announce().await;
         }
         self.note_attempt(
@@ -495,10 +502,11 @@ impl Engine {
     }
 
     /// Cancels a task; its running leases are lost, and its concurrency slot (if any) goes to
-    /// the next waiting task, whose steps are claimable at once.
+    /// the next waiting task, whose steps are claimable at once (as are those its running
+    /// steps made room for under a step concurrency limit).
     pub async fn cancel_task(&self, id: uuid::Uuid, reason: Option<String>) -> Result<TaskRecord> {
         let task = self.store.cancel_task(id, reason).await?;
-        if task.concurrency.is_some() {
+        if task.concurrency.is_some() || self.store.step_limits_known() {
             self.announce().await;
         }
         self.tasks_finished([&task]);
@@ -613,12 +621,12 @@ impl Engine {
         loop {
             let mut sleep_for = SAFETY_SWEEP;
             self.metrics.upkeep();
-            // Rate-limited steps another replica (or an earlier run) created: claims here
-            // take them too once this store knows. Looked for at most once a sweep.
+            // Limited steps another replica (or an earlier run) created: claims here take
+            // them too once this store knows. Looked for at most once a sweep.
             if rate_limits_checked.is_none_or(|at| at.elapsed() >= SAFETY_SWEEP) {
                 rate_limits_checked = Some(tokio::time::Instant::now());
-                if let Err(err) = self.store.notice_rate_limits().await {
-                    retried("looking for rate-limited steps failed", &err);
+                if let Err(err) = self.store.notice_step_limits().await {
+                    retried("looking for limited steps failed", &err);
                 }
             }
             if rate_limits_forgotten.is_none_or(|at| at.elapsed() >= RATE_LIMIT_UPKEEP) {
@@ -679,7 +687,10 @@ impl Engine {
                     );
                     self.tasks_finished(report.timed_out_tasks.iter());
                     self.tasks_finished(report.finished_tasks.iter());
-                    if report.newly_ready > 0 {
+                    // Cancelled tasks' running steps may have made room under a step limit.
+                    let freed =
+                        !report.timed_out_tasks.is_empty() && self.store.step_limits_known();
+                    if report.newly_ready > 0 || freed {
                         self.announce().await;
                     }
                 }
@@ -777,6 +788,55 @@ steps:
         assert!(pool.has_changed().unwrap());
     }
 
+    /// The embedded pool of an engine, and its maintenance loop when asked for, running.
+    struct Pool {
+        engine: Arc<Engine>,
+        stop: watch::Sender<bool>,
+        running: Vec<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Pool {
+        fn start(engine: &Arc<Engine>, timers: bool) -> Pool {
+            let (stop, stopped) = watch::channel(false);
+            let mut running = vec![tokio::spawn(
+                engine
+                    .clone()
+                    .run_workers(WorkerPoolConfig::default(), stopped.clone())
+                    .unwrap(),
+            )];
+            if timers {
+                running.push(tokio::spawn(engine.clone().run_maintenance(stopped)));
+            }
+            Pool {
+                engine: engine.clone(),
+                stop,
+                running,
+            }
+        }
+
+        /// Waits, on the engine's own signal (not a clock), until `n` tasks are complete.
+        async fn until_complete(&self, n: u64) {
+            let complete = TaskFilter {
+                states: vec![TaskState::Complete],
+                ..TaskFilter::within(tasker_domain::Within::Any)
+            };
+            let mut signal = self.engine.finished_tasks();
+            while self.engine.store().count_tasks(&complete).await.unwrap() < n {
+                tokio::time::timeout(Duration::from_secs(30), signal.changed())
+                    .await
+                    .expect("progress within 30 s")
+                    .unwrap();
+            }
+        }
+
+        async fn stop(self) {
+            self.stop.send(true).unwrap();
+            for running in self.running {
+                running.await.unwrap();
+            }
+        }
+    }
+
     /// The embedded pool runs built-in steps to completion, retries included, woken by
     /// completions and timers rather than by polling.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -787,30 +847,12 @@ steps:
                 .await
                 .unwrap();
             let engine = Engine::new(db.store.clone());
-            let (stop, stopped) = watch::channel(false);
-            let workers = tokio::spawn(
-                engine
-                    .clone()
-                    .run_workers(WorkerPoolConfig::default(), stopped.clone())
-                    .unwrap(),
-            );
-            let timers = tokio::spawn(engine.clone().run_maintenance(stopped));
+            let pool = Pool::start(&engine, true);
             let mut ids = Vec::new();
             for _ in 0..20 {
                 ids.push(engine.create_task(new_task()).await.unwrap().task.id);
             }
-            let complete = TaskFilter {
-                states: vec![TaskState::Complete],
-                ..TaskFilter::within(tasker_domain::Within::Any)
-            };
-            // Wait on the engine's own signal, not on a clock.
-            let mut signal = engine.finished_tasks();
-            while engine.store().count_tasks(&complete).await.unwrap() < 20 {
-                tokio::time::timeout(Duration::from_secs(30), signal.changed())
-                    .await
-                    .expect("progress within 30 s")
-                    .unwrap();
-            }
+            pool.until_complete(20).await;
             let steps = engine.store().steps_for_tasks(&ids).await.unwrap();
             let b: Vec<_> = steps.iter().filter(|s| s.name == "b").collect();
             assert!(
@@ -819,9 +861,62 @@ steps:
             );
             let a = steps.iter().find(|s| s.name == "a").unwrap();
             assert_eq!(a.results, Some(json!({ "n": 1 })));
-            stop.send(true).unwrap();
-            workers.await.unwrap();
-            timers.await.unwrap();
+            pool.stop().await;
+        }
+    }
+
+    /// A worker long-polling for a step whose concurrency limit is full is woken by the end
+    /// of the attempt that holds it (no timer runs here to wake it otherwise).
+    #[tokio::test]
+    async fn the_end_of_an_attempt_wakes_a_worker_waiting_under_a_step_limit() {
+        const ONE_AT_A_TIME: &str = r#"
+namespace: demo
+name: serial
+version: 1.0.0
+steps:
+  - { name: only, handler: external, concurrency: { limit: 1 } }
+"#;
+        for db in TestDatabase::all(Arc::new(SystemClock)).await {
+            db.store
+                .register_template(ONE_AT_A_TIME, false)
+                .await
+                .unwrap();
+            let engine = Engine::new(db.store.clone());
+            for _ in 0..2 {
+                let mut new = new_task();
+                new.template = "serial".into();
+                engine.create_task(new).await.unwrap();
+            }
+            let request = ClaimRequest {
+                worker_id: "w".into(),
+                handlers: vec!["external".into()],
+                within: tasker_domain::Within::Any,
+                limit: 5,
+                lease: Duration::from_secs(60),
+            };
+            let first = engine.claim(&request, Duration::ZERO).await.unwrap();
+            assert_eq!(first.len(), 1, "the limit is one");
+            let waiter = {
+                let engine = engine.clone();
+                let request = request.clone();
+                tokio::spawn(async move { engine.claim(&request, Duration::from_secs(20)).await })
+            };
+            while engine.work_listeners() == 0 {
+                tokio::task::yield_now().await;
+            }
+            engine
+                .complete(&[Completion {
+                    lease_token: first[0].lease_token,
+                    results: json!({}),
+                }])
+                .await
+                .unwrap();
+            let second = waiter.await.unwrap().unwrap();
+            assert_eq!(
+                second.len(),
+                1,
+                "woken by the completion, not by its deadline"
+            );
         }
     }
 

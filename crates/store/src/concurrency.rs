@@ -74,6 +74,35 @@ fn key_hash(key: &str) -> i32 {
     i32::from_ne_bytes(hash.to_ne_bytes())
 }
 
+/// Takes the advisory locks of `keys` in lock class `class` for the rest of `txn`
+/// (PostgreSQL; SQLite's single writer serializes already): one command for all of them, in
+/// the order of their hashes, so two transactions never wait for each other's.
+pub(crate) async fn lock_keys<'k>(
+    txn: &WriteTxn,
+    class: i32,
+    keys: impl IntoIterator<Item = &'k str>,
+) -> Result<()> {
+    if txn.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Ok(());
+    }
+    let hashes: BTreeSet<i32> = keys.into_iter().map(key_hash).collect();
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    let mut sql = Sql::new(sea_orm::DbBackend::Postgres);
+    sql.push("SELECT ");
+    for (i, hash) in hashes.into_iter().enumerate() {
+        if i > 0 {
+            sql.push(", ");
+        }
+        sql.push(&format!("pg_advisory_xact_lock({class}, "))
+            .bind(hash)
+            .push(")");
+    }
+    txn.execute_raw(sql.build()).await?;
+    Ok(())
+}
+
 impl Store {
     /// Takes the locks of `keys` for the rest of `txn` (PostgreSQL; SQLite's single writer
     /// serializes already). One command for all of them, in the order of their hashes.
@@ -82,25 +111,7 @@ impl Store {
         txn: &WriteTxn,
         keys: impl IntoIterator<Item = &'k str>,
     ) -> Result<()> {
-        if txn.get_database_backend() != sea_orm::DbBackend::Postgres {
-            return Ok(());
-        }
-        let hashes: BTreeSet<i32> = keys.into_iter().map(key_hash).collect();
-        if hashes.is_empty() {
-            return Ok(());
-        }
-        let mut sql = Sql::new(sea_orm::DbBackend::Postgres);
-        sql.push("SELECT ");
-        for (i, hash) in hashes.into_iter().enumerate() {
-            if i > 0 {
-                sql.push(", ");
-            }
-            sql.push(&format!("pg_advisory_xact_lock({LOCK_CLASS}, "))
-                .bind(hash)
-                .push(")");
-        }
-        txn.execute_raw(sql.build()).await?;
-        Ok(())
+        lock_keys(txn, LOCK_CLASS, keys).await
     }
 
     /// Admits waiting tasks of `keys` while their key has free slots: higher priority first,

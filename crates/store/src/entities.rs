@@ -189,6 +189,9 @@ pub mod workflow_step {
         pub rate_limit: Option<String>,
         pub rate_limit_tokens: Option<i32>,
         pub rate_limit_per_ms: Option<i64>,
+        /// The concurrency bucket its attempts count in, and how many may run at once.
+        pub concurrency_bucket: Option<String>,
+        pub concurrency_limit: Option<i32>,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
         pub completed_at: Option<DateTimeUtc>,

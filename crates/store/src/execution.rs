@@ -224,7 +224,7 @@ impl Store {
     }
 
     /// The claim's writes inside `txn`, its transition and event rows added to `rows`: first
-    /// the rate-limited steps their buckets let through, then the rest of the ready steps up
+    /// the limited steps their buckets let through, then the rest of the ready steps up
     /// to the limit. Answers the claimed steps and their tasks' subjects (`None` when nothing
     /// was claimable), and whether a bucket was found spent.
     async fn claim_rows(
@@ -236,7 +236,7 @@ impl Store {
         let now = self.now();
         let now_ms = now.timestamp_millis();
         let admission = self
-            .admit_rate_limited(
+            .admit_limited(
                 txn,
                 &request.handlers,
                 &request.within,
@@ -245,16 +245,17 @@ impl Store {
             )
             .await?;
         let mut returned = Vec::new();
+        let mut started = Vec::new();
         if !admission.steps.is_empty() {
             let sql = claim_statement(self, request, now, Picked::Admitted(&admission.steps));
             returned = txn.query_all_raw(sql).await?;
-            let mut buckets = Vec::with_capacity(returned.len());
             for row in &returned {
-                buckets.push(row.try_get::<Option<String>>("", "rate_limit")?);
+                started.extend(row.try_get::<Option<String>>("", "rate_limit")?);
             }
-            self.record_starts(txn, buckets.iter().flatten().map(String::as_str), now_ms)
-                .await?;
         }
+        let throttled = self
+            .settle_admission(txn, &admission, started.iter().map(String::as_str), now_ms)
+            .await?;
         let left = request
             .limit
             .saturating_sub(u32::try_from(returned.len()).unwrap_or(u32::MAX));
@@ -263,12 +264,12 @@ impl Store {
             returned.extend(txn.query_all_raw(sql).await?);
         }
         if returned.is_empty() {
-            return Ok((None, admission.throttled));
+            return Ok((None, throttled));
         }
         let claimed = self
             .claimed_rows(request, &returned, txn, rows, now)
             .await?;
-        Ok((Some(claimed), admission.throttled))
+        Ok((Some(claimed), throttled))
     }
 
     /// The transitions, events and task starts of the steps a claim statement returned.
@@ -982,15 +983,18 @@ pub(crate) fn push_wakeups(sql: &mut Sql, after_ms: i64) {
         .push(") AS wakeups");
 }
 
-/// Which rate-limited steps a read of the ready steps includes.
+/// Which limited steps (rate limits, step concurrency limits) a read of the ready steps
+/// includes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RateLimited {
-    /// None: the claim's ready set (they start only through their bucket's admission).
+pub(crate) enum Limited {
+    /// None: the claim's ready set (they start only through their buckets' admission).
     Without,
-    /// Only them, through their partial index: the candidates of an admission.
+    /// Only them, through their partial index, and only those no limit is known to hold
+    /// back: the candidates of an admission (a spent bucket's backlog does not hide the
+    /// steps of other buckets behind it).
     Only,
-    /// Those whose bucket is not known to be spent: what a worker may hope to claim.
-    Unthrottled,
+    /// Those no limit is known to hold back: what a worker may hope to claim.
+    Unheld,
 }
 
 /// `FROM workflow_steps s … WHERE` the readiness rule, narrowed to handlers (when given) and
@@ -1003,23 +1007,25 @@ pub(crate) fn push_ready_steps(
     now_ms: i64,
     handlers: &[String],
     within: &Within,
-    rate_limited: RateLimited,
+    limited: Limited,
 ) {
     sql.push(" FROM workflow_steps s");
-    if rate_limited == RateLimited::Only {
-        sql.indexed_by("ix_steps_rate_limited");
+    if limited == Limited::Only {
+        sql.indexed_by(crate::step_limits::LIMITED_INDEX);
     }
     sql.push(" CROSS JOIN tasks t WHERE t.id = s.task_id AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
         .bind(now_ms)
         .push(") AND t.state IN ('pending', 'in_progress')");
-    match rate_limited {
-        RateLimited::Without => sql.push(" AND s.rate_limit IS NULL"),
-        RateLimited::Only => sql.push(" AND s.rate_limit IS NOT NULL"),
-        RateLimited::Unthrottled => sql
-            .push(" AND (s.rate_limit IS NULL OR NOT EXISTS (SELECT 1 FROM rate_limits r WHERE r.bucket = s.rate_limit AND r.next_start_ms > ")
-            .bind(now_ms)
-            .push("))"),
-    };
+    match limited {
+        Limited::Without => {
+            sql.push(" AND s.rate_limit IS NULL AND s.concurrency_bucket IS NULL");
+        }
+        Limited::Only => {
+            sql.push(" AND (s.rate_limit IS NOT NULL OR s.concurrency_bucket IS NOT NULL)");
+            push_unheld(sql, now_ms);
+        }
+        Limited::Unheld => push_unheld(sql, now_ms),
+    }
     if !handlers.is_empty() {
         sql.push(" AND s.handler IN ")
             .bind_list(handlers.iter().cloned());
@@ -1028,6 +1034,15 @@ pub(crate) fn push_ready_steps(
         sql.push(" AND t.namespace IN ")
             .bind_list(namespaces.iter().cloned());
     }
+}
+
+/// ` AND` no limit is known to hold the step back: its rate limit (if any) is not spent
+/// until a later time, and its concurrency limit (if any) has room. Only a hint outside an
+/// admission, which counts again under the buckets' locks.
+fn push_unheld(sql: &mut Sql, now_ms: i64) {
+    sql.push(" AND (s.rate_limit IS NULL OR NOT EXISTS (SELECT 1 FROM rate_limits r WHERE r.bucket = s.rate_limit AND r.next_start_ms > ")
+        .bind(now_ms)
+        .push(")) AND (s.concurrency_bucket IS NULL OR (SELECT COUNT(*) FROM workflow_steps b WHERE b.concurrency_bucket = s.concurrency_bucket AND b.state = 'in_progress') < s.concurrency_limit)");
 }
 
 /// ` ORDER BY` the claim rank of the ready steps (see [`tasker_domain::priority`]): when each
@@ -1044,7 +1059,7 @@ pub(crate) fn push_claim_order(sql: &mut Sql) {
 enum Picked<'a> {
     /// The first ready steps in claim order, up to this many.
     Ready(u32),
-    /// These rate-limited steps, which their buckets let through, if still claimable.
+    /// These limited steps, which their buckets let through, if still claimable.
     Admitted(&'a [Uuid]),
 }
 
@@ -1088,7 +1103,7 @@ fn claim_statement(
                 now_ms,
                 &request.handlers,
                 &request.within,
-                RateLimited::Without,
+                Limited::Without,
             );
             push_claim_order(&mut sql);
             sql.push(" LIMIT ").bind(i64::from(limit));
@@ -1138,13 +1153,7 @@ impl Store {
     ) -> Result<u64> {
         let mut sql = Sql::new(self.db.get_database_backend());
         sql.push("SELECT COUNT(*) AS ready FROM (SELECT s.id");
-        push_ready_steps(
-            &mut sql,
-            self.now_ms(),
-            handlers,
-            within,
-            RateLimited::Unthrottled,
-        );
+        push_ready_steps(&mut sql, self.now_ms(), handlers, within, Limited::Unheld);
         sql.push(" LIMIT ")
             .bind(i64::from(cap))
             .push(") AS ready_steps");

@@ -16,13 +16,13 @@ mod notify;
 mod parking;
 mod progress;
 mod queries;
-mod rate_limits;
 mod records;
 mod retention;
 mod schedules;
 mod sql;
 mod state_change;
 mod status;
+mod step_limits;
 mod tasks;
 mod templates;
 #[cfg(feature = "testing")]
@@ -41,8 +41,9 @@ pub use notify::{Heard, WorkListener};
 pub use parking::AWAITING_DECISION;
 pub use queries::TaskFilter;
 pub use records::{
-    EdgeRecord, EventRecord, NamespaceRecord, Slot, StepRateLimit, StepRecord,
-    StepTransitionRecord, TaskConcurrency, TaskRecord, TaskTransitionRecord, TemplateRecord,
+    EdgeRecord, EventRecord, NamespaceRecord, Slot, StepConcurrencyLimit, StepRateLimit,
+    StepRecord, StepTransitionRecord, TaskConcurrency, TaskRecord, TaskTransitionRecord,
+    TemplateRecord,
 };
 pub use retention::Pruned;
 pub use schedules::{NewSchedule, ScheduleRecord};
@@ -208,8 +209,8 @@ pub struct Store {
     parsed_templates: Arc<templates::TemplateCache>,
     /// Single creations waiting to be written together.
     creations: Arc<grouped::CreationQueue>,
-    /// Whether claims look for rate-limited steps; spent buckets' news.
-    rate_limits: Arc<rate_limits::RateLimits>,
+    /// Whether claims look for limited steps; spent rate limits' news.
+    step_limits: Arc<step_limits::StepLimits>,
 }
 
 impl Store {
@@ -298,7 +299,7 @@ impl Store {
             raw_transaction,
             parsed_templates: Arc::default(),
             creations: Arc::default(),
-            rate_limits: Arc::default(),
+            step_limits: Arc::default(),
             work_channel,
             origin: uuid::Uuid::new_v4().simple().to_string().into(),
             appended: Arc::new(tokio::sync::watch::Sender::new(0)),

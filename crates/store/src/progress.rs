@@ -195,8 +195,8 @@ impl Store {
                     Ok(StepProgress {
                         state: StepState::parse(&s.state)?,
                         next_attempt_ms: s.next_attempt_ms,
-                        // Whether it waits for its rate limit does not change an outcome.
-                        throttled: false,
+                        // Whether a limit holds it does not change an outcome.
+                        held: None,
                     })
                 })
                 .collect::<Result<_>>()?;

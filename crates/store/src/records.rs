@@ -115,6 +115,8 @@ pub struct StepRecord {
     pub start_timeout_seconds: Option<f64>,
     /// The rate limit its attempts start under.
     pub rate_limit: Option<StepRateLimit>,
+    /// The concurrency limit its attempts run under.
+    pub concurrency: Option<StepConcurrencyLimit>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
@@ -128,6 +130,14 @@ pub struct StepRateLimit {
     /// Starts allowed per window.
     pub limit: u32,
     pub per_seconds: f64,
+}
+
+/// The bucket a concurrency-limited step's attempts count in, and how many may run at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepConcurrencyLimit {
+    /// `namespace/template/step`, or `namespace/name` for a shared limit, then `:key`.
+    pub bucket: String,
+    pub limit: u32,
 }
 
 /// "child depends on parent".
@@ -298,6 +308,13 @@ impl TryFrom<workflow_step::Model> for StepRecord {
                     bucket,
                     limit: u32::try_from(limit).unwrap_or(0),
                     per_seconds: per_ms as f64 / 1000.0,
+                }),
+                _ => None,
+            },
+            concurrency: match (model.concurrency_bucket, model.concurrency_limit) {
+                (Some(bucket), Some(limit)) => Some(StepConcurrencyLimit {
+                    bucket,
+                    limit: u32::try_from(limit).unwrap_or(0),
                 }),
                 _ => None,
             },

@@ -100,6 +100,8 @@ struct Keys {
     concurrency: Option<String>,
     /// Per step (in template order), the rate limit bucket it draws from, if it has one.
     rate_buckets: Vec<Option<String>>,
+    /// Per step, the concurrency bucket its attempts count in, if it has one.
+    step_buckets: Vec<Option<String>>,
 }
 
 /// Every row one new task writes.
@@ -303,8 +305,30 @@ impl Store {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|problem| tasker_domain::Error::InvalidContext(vec![problem]))?;
-        if rate_buckets.iter().any(Option::is_some) {
-            self.rate_limits_in_use();
+        let step_buckets = definition
+            .steps
+            .iter()
+            .map(|step| {
+                step.concurrency
+                    .as_ref()
+                    .map(|limit| {
+                        limit.bucket_for(
+                            &definition.namespace,
+                            &definition.name,
+                            &step.name,
+                            context,
+                        )
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|problem| tasker_domain::Error::InvalidContext(vec![problem]))?;
+        if rate_buckets
+            .iter()
+            .chain(&step_buckets)
+            .any(Option::is_some)
+        {
+            self.step_limits_in_use();
         }
         if let Some(key) = &new.request.idempotency_key
             && let Some(existing) = self.task_by_idempotency_key(new, key).await?
@@ -316,6 +340,7 @@ impl Store {
             Keys {
                 concurrency,
                 rate_buckets,
+                step_buckets,
             },
         ))
     }
@@ -368,6 +393,7 @@ impl Store {
         let Keys {
             concurrency: concurrency_key,
             rate_buckets,
+            step_buckets,
         } = keys;
         let request = &new.request;
         let template = &template_record.template;
@@ -441,6 +467,8 @@ impl Store {
                 rate_limit: Set(rate_buckets.get(position).cloned().flatten()),
                 rate_limit_tokens: Set(step.rate_limit.as_ref().map(|limit| limit.limit as i32)),
                 rate_limit_per_ms: Set(step.rate_limit.as_ref().map(RateLimit::per_ms)),
+                concurrency_bucket: Set(step_buckets.get(position).cloned().flatten()),
+                concurrency_limit: Set(step.concurrency.as_ref().map(|limit| limit.limit as i32)),
                 pending_parents: Set(step.depends_on.len() as i32 + gate),
                 results: Set(None),
                 last_error: Set(None),

@@ -183,7 +183,7 @@ impl TestDatabase {
             0,
             handlers,
             &tasker_domain::Within::Any,
-            crate::execution::RateLimited::Without,
+            crate::execution::Limited::Without,
         );
         // Bound, as the claim binds it: the plan must not depend on its value.
         crate::execution::push_claim_order(&mut sql);

@@ -542,3 +542,35 @@ fn a_rate_limit_is_a_name_a_limit_a_window_and_a_key_checked_at_registration() {
         assert!(has(&problems, &path, fragment), "{rule}: {problems:?}");
     }
 }
+
+#[test]
+fn a_step_concurrency_limit_is_a_limit_with_an_optional_name_and_key() {
+    let base = "namespace: a\nname: b\nversion: 1.0.0\ncontext_schema: { type: object, properties: { account: { type: string } } }\nsteps:\n  - name: x\n    handler: noop\n    concurrency: ";
+    let template = TaskTemplate::parse(&format!(
+        "{base}{{ name: stripe, limit: 5, key: \"{{{{ context.account }}}}\" }}\n"
+    ))
+    .unwrap();
+    let limit = template.steps[0].concurrency.clone().unwrap();
+    assert_eq!((limit.name.as_deref(), limit.limit), (Some("stripe"), 5));
+    assert_eq!(
+        TaskTemplate::from_normalized(template.to_normalized()).unwrap(),
+        template
+    );
+    let own = TaskTemplate::parse(&format!("{base}{{ limit: 1 }}\n")).unwrap();
+    assert!(own.steps[0].concurrency.as_ref().unwrap().name.is_none());
+    for (rule, path, fragment) in [
+        ("{ limit: 0 }", "limit", "from 1 to 1000, found 0"),
+        ("{ name: stripe }", "limit", "is required"),
+        (
+            "{ limit: 2, key: \"{{ context.nope }}\" }",
+            "key",
+            "declares no property",
+        ),
+        ("{ limit: 2, key: fixed }", "key", "references nothing"),
+        ("{ limit: 2, strategy: queue }", "strategy", "unknown field"),
+    ] {
+        let problems = problems_of(&format!("{base}{rule}\n"));
+        let path = format!("steps[0].concurrency.{path}");
+        assert!(has(&problems, &path, fragment), "{rule}: {problems:?}");
+    }
+}

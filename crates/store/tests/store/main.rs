@@ -17,9 +17,9 @@ mod event_log;
 mod execution;
 mod faults;
 mod lifecycle;
-mod rate_limits;
 mod retention;
 mod schedules;
+mod step_limits;
 mod timeouts;
 
 pub const DIAMOND: &str = r#"
