@@ -7,6 +7,7 @@ use crate::events::{
     Subject, metadata, step_transition as step_rows, task_transition as task_rows,
 };
 use crate::records::{TaskRecord, TemplateRecord};
+use crate::sql::Sql;
 use crate::state_change::{
     CompletedAt, StepEffect, StepMove, Steps, TaskMove, move_steps, move_tasks,
 };
@@ -15,7 +16,7 @@ use crate::write::WriteTxn;
 use crate::{Error, Result, Store};
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -632,6 +633,7 @@ impl Store {
         self.writing(async {
             let now = self.now();
             let txn = self.begin_write().await?;
+            lock_steps_parents_first(&txn, id).await?;
             let current = Self::task_row(&txn, id).await?;
             let mut rows = crate::events::Rows::new();
             let mut events = Vec::new();
@@ -723,4 +725,69 @@ impl Store {
         rows.add([transition]).add(transitions);
         Ok(updated)
     }
+}
+
+#[derive(Debug, sea_orm::FromQueryResult)]
+struct StepOfTask {
+    id: Uuid,
+}
+
+#[derive(Debug, sea_orm::FromQueryResult)]
+struct EdgeOfTask {
+    parent_step_id: Uuid,
+    child_step_id: Uuid,
+}
+
+/// PostgreSQL: locks task `id`'s unfinished steps, parents before children — the order a
+/// completion takes rows in (its step, then its children, then the task) — so a cancellation,
+/// which takes the task row after them, never waits in a cycle with a completion (the
+/// database would abort one of the two as a deadlock). SQLite's single writer needs none.
+async fn lock_steps_parents_first(txn: &WriteTxn, id: Uuid) -> Result<()> {
+    let backend = txn.get_database_backend();
+    if backend != sea_orm::DbBackend::Postgres {
+        return Ok(());
+    }
+    let mut steps = Sql::new(backend);
+    steps
+        .push("SELECT id FROM workflow_steps WHERE task_id = ")
+        .bind(id)
+        .push(" ORDER BY position");
+    let ids: Vec<Uuid> = StepOfTask::find_by_statement(steps.build())
+        .all(txn)
+        .await?
+        .into_iter()
+        .map(|step| step.id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut edges = Sql::new(backend);
+    edges
+        .push("SELECT parent_step_id, child_step_id FROM workflow_step_edges WHERE task_id = ")
+        .bind(id);
+    let edges = EdgeOfTask::find_by_statement(edges.build())
+        .all(txn)
+        .await?;
+    let dag = tasker_domain::graph::Dag::from_keys(
+        &ids,
+        edges
+            .iter()
+            .map(|edge| (edge.parent_step_id, edge.child_step_id)),
+    );
+    let order = dag
+        .topological_order()
+        .unwrap_or_else(|| (0..ids.len()).collect());
+    let mut lock = Sql::new(backend);
+    lock.push("SELECT id FROM workflow_steps WHERE task_id = ")
+        .bind(id)
+        .push(" AND state IN ('pending', 'in_progress', 'error') ORDER BY CASE id");
+    for (rank, index) in order.iter().enumerate() {
+        lock.push(" WHEN ")
+            .bind(ids[*index])
+            .push(" THEN ")
+            .bind(i64::try_from(rank).unwrap_or(i64::MAX));
+    }
+    lock.push(" END FOR UPDATE");
+    StepOfTask::find_by_statement(lock.build()).all(txn).await?;
+    Ok(())
 }

@@ -352,3 +352,40 @@ async fn every_event_in_the_catalog_is_emitted_by_some_path() {
         );
     }
 }
+
+/// A person cancels tasks while their running steps complete, many times over: on
+/// PostgreSQL the two transactions take the same rows (the step, its children, the task) and
+/// must take them in one order, or the database aborts one of them as a deadlock. Each race
+/// ends with the task cancelled, or completed first and then refused as a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_task_while_its_steps_complete_never_deadlocks() {
+    let (_clock, databases) = databases().await;
+    for db in databases {
+        let backend = db.backend();
+        let store = db.store.clone();
+        store
+            .register_template(crate::DIAMOND, false)
+            .await
+            .unwrap();
+        for order in 0..40 {
+            let task = store
+                .create_task(crate::order("shop", "fulfil", order))
+                .await
+                .unwrap()
+                .task;
+            let first = store.claim_steps(&claim(1)).await.unwrap();
+            crate::complete(&store, &first).await;
+            let running = store.claim_steps(&claim(2)).await.unwrap();
+            let (completer, canceller) = (store.clone(), store.clone());
+            let completion =
+                tokio::spawn(async move { crate::complete(&completer, &running).await });
+            let cancel = tokio::spawn(async move { canceller.cancel_task(task.id, None).await });
+            completion.await.unwrap();
+            match cancel.await.unwrap() {
+                Ok(cancelled) => assert_eq!(cancelled.state, TaskState::Cancelled),
+                Err(Error::Conflict(_)) => {}
+                Err(other) => panic!("{backend}: order {order}: {other:?}"),
+            }
+        }
+    }
+}
