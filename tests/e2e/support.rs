@@ -181,6 +181,19 @@ impl TestServer {
         body["data"].clone()
     }
 
+    /// The data of a read, and the statements it cost: the fewest of three runs, since the
+    /// engine's background loops may run meanwhile and count their own.
+    pub async fn data_with_statements(&self, query: &str, variables: Value) -> (Value, u64) {
+        let mut statements = u64::MAX;
+        let mut data = Value::Null;
+        for _ in 0..3 {
+            let before = self.db.store.statement_count();
+            data = self.data(query, variables.clone()).await;
+            statements = statements.min(self.db.store.statement_count() - before);
+        }
+        (data, statements)
+    }
+
     /// The first error of an operation that must fail: its code and the whole error.
     pub async fn error(&self, query: &str, variables: Value) -> (String, Value) {
         let body = self.graphql(query, variables).await;

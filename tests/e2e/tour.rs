@@ -291,15 +291,9 @@ async fn listing_many_tasks_with_nested_data_costs_a_constant_number_of_statemen
             } } } }"#;
         let mut costs = Vec::new();
         for first in [10, 100] {
-            // The fewest of three tries: the engine's background sweep may run meanwhile and
-            // count its own statements.
-            let mut cost = u64::MAX;
-            let mut data = Value::Null;
-            for _ in 0..3 {
-                let before = server.db.store.statement_count();
-                data = server.data(query, json!({ "first": first })).await;
-                cost = cost.min(server.db.store.statement_count() - before);
-            }
+            let (data, cost) = server
+                .data_with_statements(query, json!({ "first": first }))
+                .await;
             let tasks = data["tasks"]["edges"].as_array().unwrap();
             assert_eq!(tasks.len(), first as usize);
             assert!(
@@ -397,11 +391,10 @@ async fn namespaces_with_their_templates_cost_two_statements() {
                 .register(&DIAMOND.replace("namespace: shop", &format!("namespace: {namespace}")))
                 .await;
         }
-        let before = server.db.store.statement_count();
-        let data = server
-            .data("{ namespaces { name templates { key } } }", json!({}))
+        let (data, statements) = server
+            .data_with_statements("{ namespaces { name templates { key } } }", json!({}))
             .await;
-        assert_eq!(server.db.store.statement_count() - before, 2);
+        assert_eq!(statements, 2);
         assert_eq!(data["namespaces"][1]["name"], "beta");
         assert_eq!(
             data["namespaces"][1]["templates"],
@@ -439,18 +432,12 @@ async fn a_thousand_step_graph_with_insight_costs_a_constant_number_of_statement
             nodes { stepId level } edges { from to } levels { level stepIds }
             criticalPath { stepNames totalSeconds estimated } parallelism
             bottlenecks { name blockedSteps } } } }"#;
-        // The maintenance loop, woken by the creation, may read at the same moment: the
-        // fewest statements of three reads is the query's own.
-        let mut statements = u64::MAX;
-        let mut graph = Value::Null;
-        let mut elapsed = std::time::Duration::MAX;
-        for _ in 0..3 {
-            let before = server.db.store.statement_count();
-            let started = std::time::Instant::now();
-            graph = server.data(query, json!({ "id": id })).await["task"]["graph"].clone();
-            elapsed = elapsed.min(started.elapsed());
-            statements = statements.min(server.db.store.statement_count() - before);
-        }
+        let started = std::time::Instant::now();
+        let (data, statements) = server
+            .data_with_statements(query, json!({ "id": id }))
+            .await;
+        let elapsed = started.elapsed() / 3;
+        let graph = data["task"]["graph"].clone();
         println!(
             "{}: 1,000-step graph with critical path and bottlenecks: {statements} statements, {:.1} ms (debug build)",
             server.backend(),

@@ -447,15 +447,15 @@ impl Engine {
     /// Records finished attempts and wakes claimers when children became ready.
     pub async fn complete(&self, completions: &[Completion]) -> Result<CompletionReport> {
         let report = self.store.complete_steps(completions).await?;
-        self.completed(&report).await;
+        self.completed(&report, true).await;
         Ok(report)
     }
 
-    /// What follows recorded completions: claimers hear of the steps they made ready (or
-    /// the room they made under a step concurrency limit), and the attempts and finished
-    /// tasks are counted.
-    async fn completed(&self, report: &CompletionReport) {
-        if report.newly_ready > 0 || frees_step_slots(&report.completed) {
+    /// What follows recorded completions: claimers hear of the steps they made ready (or,
+    /// with `made_room`, the room the attempts' ends made under step concurrency limits),
+    /// and the attempts and finished tasks are counted.
+    async fn completed(&self, report: &CompletionReport, made_room: bool) {
+        if report.newly_ready > 0 || (made_room && frees_step_slots(&report.completed)) {
             self.announce().await;
         }
         for step in &report.completed {

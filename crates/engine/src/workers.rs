@@ -133,7 +133,9 @@ impl Engine {
                         );
                         attempts.open(&steps, self.store.clock().now());
                         fused = report.completed.len();
-                        self.completed(&report).await;
+                        // Room these steps took under a step limit was freed in the same
+                        // transaction: nobody else could have seen it, nobody need hear.
+                        self.completed(&report, false).await;
                         outcomes.extend(decided);
                         claimed = steps;
                     }

@@ -1013,7 +1013,14 @@ pub(crate) fn push_ready_steps(
     if limited == Limited::Only {
         sql.indexed_by(crate::step_limits::LIMITED_INDEX);
     }
-    sql.push(" CROSS JOIN tasks t WHERE t.id = s.task_id AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
+    sql.push(" CROSS JOIN tasks t");
+    if limited != Limited::Without {
+        // Each concurrency bucket's running attempts, counted once for the statement.
+        sql.push(" LEFT JOIN (SELECT concurrency_bucket AS bucket, COUNT(*) AS running FROM workflow_steps")
+            .indexed_by("ix_steps_running_limited")
+            .push(" WHERE concurrency_bucket IS NOT NULL AND state = 'in_progress' GROUP BY concurrency_bucket) rc ON rc.bucket = s.concurrency_bucket");
+    }
+    sql.push(" WHERE t.id = s.task_id AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
         .bind(now_ms)
         .push(") AND t.state IN ('pending', 'in_progress')");
     match limited {
@@ -1037,12 +1044,13 @@ pub(crate) fn push_ready_steps(
 }
 
 /// ` AND` no limit is known to hold the step back: its rate limit (if any) is not spent
-/// until a later time, and its concurrency limit (if any) has room. Only a hint outside an
-/// admission, which counts again under the buckets' locks.
+/// until a later time, and its concurrency limit (if any) has room (`rc`, the running counts
+/// joined in by [`push_ready_steps`]). Only a hint outside an admission, which counts again
+/// under the buckets' locks.
 fn push_unheld(sql: &mut Sql, now_ms: i64) {
     sql.push(" AND (s.rate_limit IS NULL OR NOT EXISTS (SELECT 1 FROM rate_limits r WHERE r.bucket = s.rate_limit AND r.next_start_ms > ")
         .bind(now_ms)
-        .push(")) AND (s.concurrency_bucket IS NULL OR (SELECT COUNT(*) FROM workflow_steps b WHERE b.concurrency_bucket = s.concurrency_bucket AND b.state = 'in_progress') < s.concurrency_limit)");
+        .push(")) AND (s.concurrency_bucket IS NULL OR COALESCE(rc.running, 0) < s.concurrency_limit)");
 }
 
 /// ` ORDER BY` the claim rank of the ready steps (see [`tasker_domain::priority`]): when each

@@ -454,9 +454,13 @@ impl Store {
                 .bind(before)
                 .push(")");
             recent(&mut idle);
-            idle.push(" ORDER BY bucket LIMIT ").bind(FORGET_BATCH);
+            // Byte order, as admissions sort buckets (PostgreSQL's default collation is not).
             if idle.is_postgres() {
-                idle.push(" FOR UPDATE");
+                idle.push(" ORDER BY bucket COLLATE \"C\" LIMIT ")
+                    .bind(FORGET_BATCH)
+                    .push(" FOR UPDATE");
+            } else {
+                idle.push(" ORDER BY bucket LIMIT ").bind(FORGET_BATCH);
             }
             let buckets: Vec<String> = Bucket::find_by_statement(idle.build())
                 .all(&txn)
