@@ -18,6 +18,7 @@ mod m20261208_000003_timeouts;
 mod m20261208_000004_schedules;
 mod m20261209_000001_rate_limits;
 mod m20261209_000002_step_concurrency;
+mod m20261209_000003_retry_start_timeout;
 
 /// Runs `statements` in order, on the migration's connection (inside its transaction when the
 /// migration asks for one).
@@ -54,6 +55,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261208_000004_schedules::Migration),
             Box::new(m20261209_000001_rate_limits::Migration),
             Box::new(m20261209_000002_step_concurrency::Migration),
+            Box::new(m20261209_000003_retry_start_timeout::Migration),
         ]
     }
 }

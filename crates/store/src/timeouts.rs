@@ -1,8 +1,9 @@
 //! Timeouts that end work nobody finished in time: a task past its template's `timeout` is
 //! cancelled (`task.timed_out`, then `task.cancelled`), and a step that waited claimable
-//! longer than its `start_timeout` for its first attempt fails for good, or is skipped when
-//! skippable (`step.start_timed_out`, then `step.failed` or `step.skipped`). One sweep is one
-//! transaction; the maintenance loop runs it when the earliest of these times comes.
+//! longer than its `start_timeout` for an attempt fails for good, or is skipped when
+//! skippable (`step.start_timed_out`, then `step.failed` or `step.skipped`; a retry that
+//! fails for good stays in `error`, its retry dropped). One sweep is one transaction; the
+//! maintenance loop runs it when the earliest of these times comes.
 
 use crate::concurrency::{Counted, mark_freed};
 use crate::entities::{task, workflow_step};
@@ -14,7 +15,7 @@ use crate::state_change::{StepEffect, StepMove, Steps, move_steps};
 use crate::{Result, Store};
 use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult};
 use serde_json::{Value, json};
-use tasker_domain::{EventName, StepState};
+use tasker_domain::{EventName, StateMachine, StepState};
 
 /// The most tasks, and the most steps, one sweep ends: the rest go in the next one.
 const SWEEP_BATCH: i64 = 200;
@@ -40,8 +41,8 @@ impl TimeoutReport {
 }
 
 impl Store {
-    /// Whether a task deadline or a step start timeout has passed at `now_ms` (one read,
-    /// through the two partial indexes).
+    /// Whether a task deadline or a step start timeout (first attempt or retry) has passed at
+    /// `now_ms` (one read, through the three partial indexes).
     async fn timeouts_due(&self, now_ms: i64) -> Result<bool> {
         let mut sql = Sql::new(self.db.get_database_backend());
         sql.push("SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM tasks")
@@ -52,7 +53,11 @@ impl Store {
             .indexed_by("ix_steps_start_timeout")
             .push(" WHERE start_timeout_ms IS NOT NULL AND state = 'pending' AND pending_parents = 0 AND ready_since_ms + start_timeout_ms <= ")
             .bind(now_ms)
-            .push(" LIMIT 1) AS steps_due) AS n");
+            .push(" LIMIT 1) AS steps_due) + (SELECT COUNT(*) FROM (SELECT 1 FROM workflow_steps")
+            .indexed_by("ix_steps_retry_start_timeout")
+            .push(" WHERE start_timeout_ms IS NOT NULL AND state = 'error' AND next_attempt_ms IS NOT NULL AND next_attempt_ms + start_timeout_ms <= ")
+            .bind(now_ms)
+            .push(" LIMIT 1) AS retries_due) AS n");
         let due = Counted::find_by_statement(sql.build())
             .one(&self.db)
             .await?;
@@ -134,9 +139,24 @@ impl Store {
             if backend == DbBackend::Postgres {
                 sql.push(" FOR UPDATE OF s SKIP LOCKED");
             }
-            let unstarted = workflow_step::Model::find_by_statement(sql.build())
+            let mut unstarted = workflow_step::Model::find_by_statement(sql.build())
                 .all(&txn)
                 .await?;
+            let mut sql = Sql::new(backend);
+            sql.push("SELECT s.* FROM workflow_steps s")
+                .indexed_by("ix_steps_retry_start_timeout")
+                .push(" CROSS JOIN tasks t WHERE t.id = s.task_id AND s.start_timeout_ms IS NOT NULL AND s.state = 'error' AND s.next_attempt_ms IS NOT NULL AND t.state IN ('pending', 'in_progress') AND s.next_attempt_ms + s.start_timeout_ms <= ")
+                .bind(now_ms)
+                .push(" ORDER BY s.id LIMIT ")
+                .bind(SWEEP_BATCH);
+            if backend == DbBackend::Postgres {
+                sql.push(" FOR UPDATE OF s SKIP LOCKED");
+            }
+            unstarted.extend(
+                workflow_step::Model::find_by_statement(sql.build())
+                    .all(&txn)
+                    .await?,
+            );
             let mut task_ids: Vec<_> = unstarted.iter().map(|step| step.task_id).collect();
             task_ids.sort_unstable();
             task_ids.dedup();
@@ -144,10 +164,22 @@ impl Store {
             let mut skipped = Vec::new();
             let mut touched = Vec::new();
             for step in unstarted {
+                let from = StepState::parse(&step.state)?;
                 let start_timeout_ms = step.start_timeout_ms.unwrap_or_default();
-                let waited_ms = now_ms - step.ready_since_ms.unwrap_or(now_ms);
+                // A retry has waited since its retry time, a first attempt since it became
+                // claimable.
+                let since = match from {
+                    StepState::Error => step.next_attempt_ms,
+                    _ => step.ready_since_ms,
+                };
+                let waited_ms = now_ms - since.unwrap_or(now_ms);
+                let attempt = if from == StepState::Error {
+                    format!("its retry (attempt {})", step.attempts + 1)
+                } else {
+                    "it".to_owned()
+                };
                 let error = format!(
-                    "not started: it waited {} s for a worker, its start_timeout is {} s",
+                    "not started: {attempt} waited {} s for a worker, its start_timeout is {} s",
                     waited_ms as f64 / 1000.0,
                     start_timeout_ms as f64 / 1000.0
                 );
@@ -163,7 +195,7 @@ impl Store {
                 };
                 let change = StepMove {
                     steps: Steps::One(step.id),
-                    from: &[StepState::Pending],
+                    from: &[from],
                     to,
                     version: Some(step.version),
                     effect,
@@ -180,18 +212,21 @@ impl Store {
                     &Value::Null,
                     now,
                 ));
-                let (row, event) = step_rows(
-                    subject,
-                    step.id,
-                    &step.name,
-                    Some(StepState::Pending),
-                    to,
-                    moved.version,
-                    metadata(&[("error", Some(Value::from(error)))]),
-                    now,
-                );
-                rows.add([row]);
-                events.push(event);
+                // A retry that fails for good stays in error: no change of state to record.
+                if from != to {
+                    let (row, event) = step_rows(
+                        subject,
+                        step.id,
+                        &step.name,
+                        Some(from),
+                        to,
+                        moved.version,
+                        metadata(&[("error", Some(Value::from(error)))]),
+                        now,
+                    );
+                    rows.add([row]);
+                    events.push(event);
+                }
                 if to == StepState::Skipped {
                     skipped.push(step.id);
                 }

@@ -141,3 +141,74 @@ async fn a_step_not_started_in_time_fails_or_is_skipped() {
         );
     }
 }
+
+/// A retry is bound by the start timeout too, from its retry time: one nobody starts in time
+/// fails for good (the step stays in error, its retry dropped), and so does its task.
+#[tokio::test]
+async fn a_retry_not_started_in_time_fails_for_good() {
+    const RETRIED: &str = r#"
+namespace: ops
+name: retried
+version: 1.0.0
+steps:
+  - { name: fetch, handler: noop, start_timeout: 10m,
+      retry: { max_attempts: 3, backoff: { base: 60, jitter: 0 } } }
+"#;
+    let (clock, databases) = databases().await;
+    for db in databases {
+        let store = &db.store;
+        let backend = db.backend();
+        store.register_template(RETRIED, false).await.unwrap();
+        let task = store
+            .create_task(order("ops", "retried", 1))
+            .await
+            .unwrap()
+            .task;
+        let first = store.claim_steps(&claim(1)).await.unwrap();
+        let failed = store
+            .fail_step(&tasker_store::AttemptFailure {
+                lease_token: first[0].lease_token,
+                message: "upstream 503".into(),
+                retryable: true,
+                retry_after_seconds: None,
+            })
+            .await
+            .unwrap();
+        let retry_at = failed.step.next_attempt_at.unwrap();
+        assert_eq!(retry_at, clock.now() + Minutes::minutes(1));
+        let wakeups = store
+            .next_wakeup_ms((retry_at + Minutes::seconds(1)).timestamp_millis())
+            .await
+            .unwrap();
+        assert_eq!(
+            wakeups,
+            Some((retry_at + Minutes::minutes(10)).timestamp_millis()),
+            "{backend}: the maintenance loop wakes when the retry's wait runs out"
+        );
+        clock.advance(Minutes::minutes(10));
+        assert!(store.time_out().await.unwrap().is_empty(), "{backend}");
+        clock.advance(Minutes::minutes(2));
+        let report = store.time_out().await.unwrap();
+        assert_eq!(report.unstarted_steps.len(), 1, "{backend}");
+        let fetch = &report.unstarted_steps[0];
+        assert_eq!(fetch.state, StepState::Error);
+        assert_eq!(
+            fetch.next_attempt_at, None,
+            "{backend}: the retry is dropped"
+        );
+        assert!(
+            fetch
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("its retry (attempt 2) waited 660 s"),
+            "{:?}",
+            fetch.last_error
+        );
+        assert_eq!(report.finished_tasks.len(), 1, "{backend}");
+        assert_eq!(report.finished_tasks[0].state, TaskState::Error);
+        let names = event_names(store, task.id).await;
+        assert!(names.contains(&"step.start_timed_out".to_owned()));
+        assert!(store.claim_steps(&claim(1)).await.unwrap().is_empty());
+    }
+}
