@@ -54,7 +54,25 @@ fn scenarios_list(one_step_tasks: usize) -> Vec<Scenario> {
             template: chain_template(),
             tasks: 100,
         },
+        limited(one_step_tasks),
     ]
+}
+
+/// Scenario (g): (c) with each step under a concurrency limit of 100 and a rate limit that
+/// never runs out, so every claim goes through both admissions: their cost beside (c)'s.
+fn limited(tasks: usize) -> Scenario {
+    let step = json!({
+        "name": "s0",
+        "handler": "noop",
+        "concurrency": { "limit": 100 },
+        "rate_limit": { "name": "bench", "limit": 100_000, "per": 1 },
+    });
+    Scenario {
+        key: "g",
+        description: format!("{tasks} tasks of one step, (c) with limits"),
+        template: template("limited", vec![step]),
+        tasks,
+    }
 }
 
 /// Scenario (c): `tasks` tasks of one step.
