@@ -256,8 +256,8 @@ pub struct BenchArgs {
     /// Chains run one after another through the public API (HTTP and the subscription).
     #[arg(long, default_value_t = 200)]
     pub api_tasks: usize,
-    /// Tasks in scenarios (c) and (f): more than the default 1,000 make their figures steadier
-    /// (a longer measurement) on a noisy machine.
+    /// Tasks in scenarios (c), (f) and (g): more than the default 1,000 make their figures
+    /// steadier (a longer measurement) on a noisy machine.
     #[arg(long, default_value_t = 1000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub one_step_tasks: usize,
     /// Finished one-step tasks already in the database when scenario (f) runs (c) again; 0

@@ -389,6 +389,15 @@ impl<'a> ObjectReader<'a> {
         }
     }
 
+    /// A name (`key`): lowercase letters, digits, `_` and `-` (see `check_name`).
+    fn name(&self, key: &str, required: bool, problems: &mut Problems) -> Option<String> {
+        let name = self.string(key, required, problems);
+        if let Some(Err(message)) = name.as_deref().map(check_name) {
+            problems.push(self.path(key), message);
+        }
+        name
+    }
+
     fn description(&self, problems: &mut Problems) -> Option<String> {
         let text = self.string("description", false, problems)?;
         if text.chars().count() > MAX_DESCRIPTION_LEN {
@@ -717,8 +726,7 @@ fn read_key(
     key
 }
 
-/// `concurrency: {key, limit, strategy}`. A key that reads a field the context schema does not
-/// declare (when it declares its properties) references nothing.
+/// A template's `concurrency: {key, limit, strategy}`.
 fn read_concurrency(
     value: &Value,
     context_schema: Option<&Value>,
@@ -885,10 +893,7 @@ fn read_step(
     problems: &mut Problems,
 ) -> Option<StepTemplate> {
     let reader = ObjectReader::new(value, path, STEP_FIELDS, problems)?;
-    let name = reader.string("name", true, problems);
-    if let Some(Err(message)) = name.as_deref().map(check_name) {
-        problems.push(reader.path("name"), message);
-    }
+    let name = reader.name("name", true, problems);
     let handler = reader.string("handler", true, problems);
     if let Some(Err(message)) = handler.as_deref().map(check_handler) {
         problems.push(reader.path("handler"), message);
@@ -944,10 +949,7 @@ fn read_step_concurrency(
     problems: &mut Problems,
 ) -> Option<StepConcurrency> {
     let reader = ObjectReader::new(value, path, STEP_CONCURRENCY_FIELDS, problems)?;
-    let name = reader.string("name", false, problems);
-    if let Some(Err(message)) = name.as_deref().map(check_name) {
-        problems.push(reader.path("name"), message);
-    }
+    let name = reader.name("name", false, problems);
     let key = read_key(&reader, context_schema, problems);
     let limit = reader.whole_number(
         "limit",
@@ -970,10 +972,7 @@ fn read_rate_limit(
     problems: &mut Problems,
 ) -> Option<RateLimit> {
     let reader = ObjectReader::new(value, path, RATE_LIMIT_FIELDS, problems)?;
-    let name = reader.string("name", true, problems);
-    if let Some(Err(message)) = name.as_deref().map(check_name) {
-        problems.push(reader.path("name"), message);
-    }
+    let name = reader.name("name", true, problems);
     let key = read_key(&reader, context_schema, problems);
     let limit = reader.whole_number(
         "limit",
@@ -981,30 +980,30 @@ fn read_rate_limit(
         "how many attempts may start per window",
         problems,
     );
-    let per = reader.positive_seconds("per", problems);
-    match per {
+    let per = match reader.positive_seconds("per", problems) {
         Some(seconds) if seconds > rate_limit::MAX_PER_SECONDS => {
             problems.push(
                 reader.path("per"),
                 format!(
-                    "is longer than a day ({} seconds): use a window of at most {} seconds",
-                    seconds,
+                    "is longer than a day ({seconds} seconds): use a window of at most {} seconds",
                     rate_limit::MAX_PER_SECONDS
                 ),
             );
+            None
         }
         None if reader.get("per").is_none() => {
             problems.push(
                 reader.path("per"),
                 "is required: the window, such as 60s or 1m",
             );
+            None
         }
-        _ => {}
-    }
+        per => per,
+    };
     Some(RateLimit {
         name: name?,
         limit: limit?,
-        per: per.filter(|seconds| *seconds <= rate_limit::MAX_PER_SECONDS)?,
+        per: per?,
         key,
     })
 }

@@ -98,16 +98,16 @@ pub enum Decision {
 /// The longest a claim may wait for work.
 pub const MAX_CLAIM_WAIT: Duration =
     Duration::from_secs(tasker_domain::worker::WAIT_SECONDS.max as u64);
+/// The slow safety sweep behind the timers.
+pub(crate) const SAFETY_SWEEP: Duration = Duration::from_secs(5);
+/// How often the buckets of rate limits no step used for a day are forgotten.
+const RATE_LIMIT_UPKEEP: Duration = Duration::from_secs(3600);
+
 /// Whether attempts that just ended (`steps`, as they are now) made room under a step
 /// concurrency limit, for the steps waiting for it.
 fn frees_step_slots<'s>(steps: impl IntoIterator<Item = &'s tasker_store::StepRecord>) -> bool {
     steps.into_iter().any(|step| step.concurrency.is_some())
 }
-
-/// The slow safety sweep behind the timers.
-pub(crate) const SAFETY_SWEEP: Duration = Duration::from_secs(5);
-/// How often the buckets of rate limits no step used for a day are forgotten.
-const RATE_LIMIT_UPKEEP: Duration = Duration::from_secs(3600);
 
 /// Whether some of these creations made steps of a built-in handler claimable.
 fn built_in_ready(creations: &[TaskCreation]) -> bool {
@@ -614,23 +614,24 @@ impl Engine {
     }
 
     /// Wakes parked timers, fails expired leases and wakes claimers when retries are due or
-    /// a spent rate limit frees, sleeping until the next due time in between. Runs until `shutdown` changes.
+    /// a spent rate limit frees, sleeping until the next due time in between. Runs until
+    /// `shutdown` changes.
     pub async fn run_maintenance(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut rate_limits_checked: Option<tokio::time::Instant> = None;
-        let mut rate_limits_forgotten: Option<tokio::time::Instant> = None;
+        let mut limits_looked_for: Option<tokio::time::Instant> = None;
+        let mut buckets_forgotten: Option<tokio::time::Instant> = None;
         loop {
             let mut sleep_for = SAFETY_SWEEP;
             self.metrics.upkeep();
             // Limited steps another replica (or an earlier run) created: claims here take
             // them too once this store knows. Looked for at most once a sweep.
-            if rate_limits_checked.is_none_or(|at| at.elapsed() >= SAFETY_SWEEP) {
-                rate_limits_checked = Some(tokio::time::Instant::now());
+            if limits_looked_for.is_none_or(|at| at.elapsed() >= SAFETY_SWEEP) {
+                limits_looked_for = Some(tokio::time::Instant::now());
                 if let Err(err) = self.store.notice_step_limits().await {
                     retried("looking for limited steps failed", &err);
                 }
             }
-            if rate_limits_forgotten.is_none_or(|at| at.elapsed() >= RATE_LIMIT_UPKEEP) {
-                rate_limits_forgotten = Some(tokio::time::Instant::now());
+            if buckets_forgotten.is_none_or(|at| at.elapsed() >= RATE_LIMIT_UPKEEP) {
+                buckets_forgotten = Some(tokio::time::Instant::now());
                 if let Err(err) = self.store.forget_idle_rate_limits().await {
                     retried("forgetting idle rate limits failed", &err);
                 }
@@ -788,55 +789,6 @@ steps:
         assert!(pool.has_changed().unwrap());
     }
 
-    /// The embedded pool of an engine, and its maintenance loop when asked for, running.
-    struct Pool {
-        engine: Arc<Engine>,
-        stop: watch::Sender<bool>,
-        running: Vec<tokio::task::JoinHandle<()>>,
-    }
-
-    impl Pool {
-        fn start(engine: &Arc<Engine>, timers: bool) -> Pool {
-            let (stop, stopped) = watch::channel(false);
-            let mut running = vec![tokio::spawn(
-                engine
-                    .clone()
-                    .run_workers(WorkerPoolConfig::default(), stopped.clone())
-                    .unwrap(),
-            )];
-            if timers {
-                running.push(tokio::spawn(engine.clone().run_maintenance(stopped)));
-            }
-            Pool {
-                engine: engine.clone(),
-                stop,
-                running,
-            }
-        }
-
-        /// Waits, on the engine's own signal (not a clock), until `n` tasks are complete.
-        async fn until_complete(&self, n: u64) {
-            let complete = TaskFilter {
-                states: vec![TaskState::Complete],
-                ..TaskFilter::within(tasker_domain::Within::Any)
-            };
-            let mut signal = self.engine.finished_tasks();
-            while self.engine.store().count_tasks(&complete).await.unwrap() < n {
-                tokio::time::timeout(Duration::from_secs(30), signal.changed())
-                    .await
-                    .expect("progress within 30 s")
-                    .unwrap();
-            }
-        }
-
-        async fn stop(self) {
-            self.stop.send(true).unwrap();
-            for running in self.running {
-                running.await.unwrap();
-            }
-        }
-    }
-
     /// The embedded pool runs built-in steps to completion, retries included, woken by
     /// completions and timers rather than by polling.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -847,12 +799,30 @@ steps:
                 .await
                 .unwrap();
             let engine = Engine::new(db.store.clone());
-            let pool = Pool::start(&engine, true);
+            let (stop, stopped) = watch::channel(false);
+            let workers = tokio::spawn(
+                engine
+                    .clone()
+                    .run_workers(WorkerPoolConfig::default(), stopped.clone())
+                    .unwrap(),
+            );
+            let timers = tokio::spawn(engine.clone().run_maintenance(stopped));
             let mut ids = Vec::new();
             for _ in 0..20 {
                 ids.push(engine.create_task(new_task()).await.unwrap().task.id);
             }
-            pool.until_complete(20).await;
+            let complete = TaskFilter {
+                states: vec![TaskState::Complete],
+                ..TaskFilter::within(tasker_domain::Within::Any)
+            };
+            // Wait on the engine's own signal, not on a clock.
+            let mut signal = engine.finished_tasks();
+            while engine.store().count_tasks(&complete).await.unwrap() < 20 {
+                tokio::time::timeout(Duration::from_secs(30), signal.changed())
+                    .await
+                    .expect("progress within 30 s")
+                    .unwrap();
+            }
             let steps = engine.store().steps_for_tasks(&ids).await.unwrap();
             let b: Vec<_> = steps.iter().filter(|s| s.name == "b").collect();
             assert!(
@@ -861,7 +831,9 @@ steps:
             );
             let a = steps.iter().find(|s| s.name == "a").unwrap();
             assert_eq!(a.results, Some(json!({ "n": 1 })));
-            pool.stop().await;
+            stop.send(true).unwrap();
+            workers.await.unwrap();
+            timers.await.unwrap();
         }
     }
 

@@ -145,11 +145,24 @@ impl Store {
     /// Leases up to `limit` ready steps to a worker in one statement, then records their
     /// transitions and events, and starts their tasks if they were pending.
     pub async fn claim_steps(&self, request: &ClaimRequest) -> Result<Vec<ClaimedStep>> {
-        self.writing(self.claim_in_transaction(request)).await
+        let claim = self.writing(self.claim_in_transaction(request)).await?;
+        Ok(self.after_claim(claim))
     }
 
-    /// The claim itself, one transaction.
-    async fn claim_in_transaction(&self, request: &ClaimRequest) -> Result<Vec<ClaimedStep>> {
+    /// After a claim committed: the maintenance loop hears when it found a rate limit spent
+    /// (`throttled`), whose next start may be a new time to wake at.
+    fn after_claim<T>(&self, (claimed, throttled): (T, bool)) -> T {
+        if throttled {
+            self.note_throttled();
+        }
+        claimed
+    }
+
+    /// The claim itself, one transaction; and whether it found a rate limit spent.
+    async fn claim_in_transaction(
+        &self,
+        request: &ClaimRequest,
+    ) -> Result<(Vec<ClaimedStep>, bool)> {
         let txn = self.begin_write().await?;
         let mut rows = crate::events::Rows::new();
         let (claimed, throttled) = self.claim_rows(&txn, request, &mut rows).await?;
@@ -157,17 +170,11 @@ impl Store {
             // Nothing written (but a spent bucket's next start): no news about whether
             // writes work.
             txn.commit().await?;
-            if throttled {
-                self.note_throttled();
-            }
-            return Ok(Vec::new());
+            return Ok((Vec::new(), throttled));
         };
         self.insert_rows(&txn, rows).await?;
         self.commit_events(txn).await?;
-        if throttled {
-            self.note_throttled();
-        }
-        Ok(leases)
+        Ok((leases, throttled))
     }
 
     /// Claims like [`Store::claim_steps`], then completes at once, in the same transaction,
@@ -179,48 +186,44 @@ impl Store {
         request: &ClaimRequest,
         mut run: impl FnMut(&ClaimedStep) -> Option<Value> + Send,
     ) -> Result<(Vec<ClaimedStep>, CompletionReport)> {
-        self.writing(async {
-            let txn = self.begin_write().await?;
-            let mut rows = crate::events::Rows::new();
-            let (claimed, throttled) = self.claim_rows(&txn, request, &mut rows).await?;
-            let Some((leases, subjects)) = claimed else {
-                txn.commit().await?;
-                if throttled {
-                    self.note_throttled();
-                }
-                return Ok((Vec::new(), CompletionReport::default()));
-            };
-            let mut completions = Vec::new();
-            let mut steps = Vec::new();
-            let mut left = Vec::new();
-            for lease in leases {
-                match run(&lease) {
-                    Some(results) => {
-                        completions.push(Completion {
-                            lease_token: lease.lease_token,
-                            results,
-                        });
-                        steps.push((lease.step.id, lease.step.task_id));
+        let claim = self
+            .writing(async {
+                let txn = self.begin_write().await?;
+                let mut rows = crate::events::Rows::new();
+                let (claimed, throttled) = self.claim_rows(&txn, request, &mut rows).await?;
+                let Some((leases, subjects)) = claimed else {
+                    txn.commit().await?;
+                    return Ok(((Vec::new(), CompletionReport::default()), throttled));
+                };
+                let mut completions = Vec::new();
+                let mut steps = Vec::new();
+                let mut left = Vec::new();
+                for lease in leases {
+                    match run(&lease) {
+                        Some(results) => {
+                            completions.push(Completion {
+                                lease_token: lease.lease_token,
+                                results,
+                            });
+                            steps.push((lease.step.id, lease.step.task_id));
+                        }
+                        None => left.push(lease),
                     }
-                    None => left.push(lease),
                 }
-            }
-            let claimed = ClaimedHere {
-                subjects,
-                tasks: distinct(steps.iter().map(|(_, task)| *task)),
-                steps: steps.into_iter().map(|(step, _)| step).collect(),
-            };
-            let report = self
-                .complete_rows(&txn, &completions, Some(claimed), &mut rows)
-                .await?;
-            self.insert_rows(&txn, rows).await?;
-            self.commit_events(txn).await?;
-            if throttled {
-                self.note_throttled();
-            }
-            Ok((left, report))
-        })
-        .await
+                let claimed = ClaimedHere {
+                    subjects,
+                    tasks: distinct(steps.iter().map(|(_, task)| *task)),
+                    steps: steps.into_iter().map(|(step, _)| step).collect(),
+                };
+                let report = self
+                    .complete_rows(&txn, &completions, Some(claimed), &mut rows)
+                    .await?;
+                self.insert_rows(&txn, rows).await?;
+                self.commit_events(txn).await?;
+                Ok(((left, report), throttled))
+            })
+            .await?;
+        Ok(self.after_claim(claim))
     }
 
     /// The claim's writes inside `txn`, its transition and event rows added to `rows`: first
@@ -1024,9 +1027,9 @@ pub(crate) fn push_ready_steps(
             .indexed_by("ix_steps_running_limited")
             .push(" WHERE concurrency_bucket IS NOT NULL AND state = 'in_progress' GROUP BY concurrency_bucket) rc ON rc.bucket = s.concurrency_bucket");
     }
-    sql.push(" WHERE t.id = s.task_id AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
-        .bind(now_ms)
-        .push(") AND t.state IN ('pending', 'in_progress')");
+    sql.push(" WHERE t.id = s.task_id");
+    push_step_ready(sql, now_ms);
+    sql.push(" AND t.state IN ('pending', 'in_progress')");
     match limited {
         Limited::Without => {
             sql.push(" AND s.rate_limit IS NULL AND s.concurrency_bucket IS NULL");
@@ -1047,6 +1050,14 @@ pub(crate) fn push_ready_steps(
     }
 }
 
+/// ` AND` the step `s` may start an attempt now, by its own state: pending with every parent
+/// done, or failed with its retry due.
+fn push_step_ready(sql: &mut Sql, now_ms: i64) {
+    sql.push(" AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
+        .bind(now_ms)
+        .push(")");
+}
+
 /// ` AND` no limit is known to hold the step back: its rate limit (if any) is not spent
 /// until a later time, and its concurrency limit (if any) has room (`rc`, the running counts
 /// joined in by [`push_ready_steps`]). Only a hint outside an admission, which counts again
@@ -1065,6 +1076,19 @@ pub(crate) fn push_claim_order(sql: &mut Sql) {
         " ORDER BY COALESCE(CASE WHEN s.state = 'error' THEN s.next_attempt_ms ELSE s.ready_since_ms END, 0) - s.priority * {}, s.id",
         tasker_domain::priority::AGING_MS
     ));
+}
+
+impl Store {
+    /// Which limited steps this store's claims may take, for the counts of what is
+    /// claimable: those no limit holds back, once it knows limited steps exist; until then,
+    /// none (and the counts skip the limits' joins).
+    pub(crate) fn limited_claimable(&self) -> Limited {
+        if self.step_limits_known() {
+            Limited::Unheld
+        } else {
+            Limited::Without
+        }
+    }
 }
 
 /// Which steps a claim statement leases.
@@ -1123,10 +1147,8 @@ fn claim_statement(
         Picked::Admitted(ids) => {
             // Read in this transaction; on PostgreSQL another claim may have taken one since.
             sql.push(" FROM workflow_steps s WHERE s.id IN ")
-                .bind_list(ids.iter().copied())
-                .push(" AND s.state IN ('pending', 'error') AND s.pending_parents = 0 AND (s.state = 'pending' OR s.next_attempt_ms <= ")
-                .bind(now_ms)
-                .push(")");
+                .bind_list(ids.iter().copied());
+            push_step_ready(&mut sql, now_ms);
         }
     }
     if postgres {
@@ -1165,7 +1187,13 @@ impl Store {
     ) -> Result<u64> {
         let mut sql = Sql::new(self.db.get_database_backend());
         sql.push("SELECT COUNT(*) AS ready FROM (SELECT s.id");
-        push_ready_steps(&mut sql, self.now_ms(), handlers, within, Limited::Unheld);
+        push_ready_steps(
+            &mut sql,
+            self.now_ms(),
+            handlers,
+            within,
+            self.limited_claimable(),
+        );
         sql.push(" LIMIT ")
             .bind(i64::from(cap))
             .push(") AS ready_steps");

@@ -2,7 +2,7 @@
 //! state (one grouped query each), the ready queue's depth and oldest age, the event log's
 //! head, and the connection pool. `/health/status` and `/metrics` both read it.
 
-use crate::execution::{Limited, push_ready_steps};
+use crate::execution::push_ready_steps;
 use crate::sql::Sql;
 use crate::{Result, Store};
 use sea_orm::{DbBackend, FromQueryResult};
@@ -71,7 +71,7 @@ impl Store {
         // The ready queue in one pass: its depth and its oldest claimable step.
         let mut ready = Sql::new(backend);
         ready.push("SELECT COUNT(*) AS ready, MIN(s.ready_since_ms) AS since");
-        push_ready_steps(&mut ready, now_ms, &[], within, Limited::Unheld);
+        push_ready_steps(&mut ready, now_ms, &[], within, self.limited_claimable());
         let grouped = |rows: Vec<Grouped>| {
             rows.into_iter()
                 .map(|row| {

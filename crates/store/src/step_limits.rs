@@ -16,6 +16,7 @@
 //! Claims look for limited steps only once this store knows some exist (it created them, or
 //! [`Store::notice_step_limits`] found them), so work without limits pays nothing for them.
 
+use crate::concurrency::Counted;
 use crate::sql::Sql;
 use crate::write::WriteTxn;
 use crate::{Result, Store};
@@ -103,11 +104,6 @@ struct Bucket {
 }
 
 #[derive(Debug, FromQueryResult)]
-struct Found {
-    found: i64,
-}
-
-#[derive(Debug, FromQueryResult)]
 struct Spent {
     bucket: String,
     next_start_ms: i64,
@@ -150,15 +146,15 @@ impl Store {
             return Ok(true);
         }
         let mut sql = Sql::new(self.db.get_database_backend());
-        sql.push("SELECT COUNT(*) AS found FROM (SELECT 1 AS one FROM workflow_steps")
+        sql.push("SELECT COUNT(*) AS n FROM (SELECT 1 AS one FROM workflow_steps")
             .indexed_by(LIMITED_INDEX)
             .push(" WHERE ")
             .push(LIMITED)
             .push(" AND state IN ('pending', 'error') LIMIT 1) AS any_step");
-        let found = Found::find_by_statement(sql.build())
+        let found = Counted::find_by_statement(sql.build())
             .one(&self.db)
             .await?
-            .is_some_and(|row| row.found > 0);
+            .is_some_and(|row| row.n > 0);
         if found {
             self.step_limits_in_use();
         }
@@ -246,7 +242,8 @@ impl Store {
         let mut full: BTreeSet<&str> = BTreeSet::new();
         let mut steps = Vec::new();
         for candidate in &candidates {
-            if let Some((bucket, rule)) = candidate.rule() {
+            let rate = candidate.rule();
+            if let Some((bucket, rule)) = rate {
                 if refused.contains_key(bucket) {
                     continue;
                 }
@@ -265,7 +262,7 @@ impl Store {
                 }
                 running.insert(bucket.to_owned(), busy + 1);
             }
-            if let Some((bucket, _)) = candidate.rule() {
+            if let Some((bucket, _)) = rate {
                 *started.entry(bucket).or_default() += 1;
             }
             steps.push(candidate.id);
@@ -376,7 +373,7 @@ impl Store {
 
     /// Takes the rows of `windows`' buckets (creating the missing ones), which serializes
     /// the admissions of a bucket across replicas, and widens each row's window to the longest
-    /// a candidate uses; then forgets the starts that left every window.
+    /// a candidate uses.
     async fn lock_buckets(&self, txn: &WriteTxn, windows: &BTreeMap<&str, i64>) -> Result<()> {
         let backend = self.db.get_database_backend();
         let mut sql = Sql::new(backend);

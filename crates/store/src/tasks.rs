@@ -16,7 +16,7 @@ use crate::write::WriteTxn;
 use crate::{Error, Result, Store};
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -289,41 +289,24 @@ impl Store {
         }
         let definition = &template.record.template;
         let context = &new.request.context;
+        let invalid = |problem| tasker_domain::Error::InvalidContext(vec![problem]);
         let concurrency = definition
             .concurrency
             .as_ref()
             .map(|policy| policy.key_for(&definition.namespace, &definition.name, context))
             .transpose()
-            .map_err(|problem| tasker_domain::Error::InvalidContext(vec![problem]))?;
-        let rate_buckets = definition
-            .steps
-            .iter()
-            .map(|step| {
-                step.rate_limit
-                    .as_ref()
-                    .map(|limit| limit.bucket_for(&definition.namespace, context))
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|problem| tasker_domain::Error::InvalidContext(vec![problem]))?;
-        let step_buckets = definition
-            .steps
-            .iter()
-            .map(|step| {
-                step.concurrency
-                    .as_ref()
-                    .map(|limit| {
-                        limit.bucket_for(
-                            &definition.namespace,
-                            &definition.name,
-                            &step.name,
-                            context,
-                        )
-                    })
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|problem| tasker_domain::Error::InvalidContext(vec![problem]))?;
+            .map_err(invalid)?;
+        // Each step's buckets: its rate limit's and its concurrency limit's.
+        let namespace = &definition.namespace;
+        let mut rate_buckets = Vec::with_capacity(definition.steps.len());
+        let mut step_buckets = Vec::with_capacity(definition.steps.len());
+        for step in &definition.steps {
+            let rate = (step.rate_limit.as_ref()).map(|limit| limit.bucket_for(namespace, context));
+            let slots = (step.concurrency.as_ref())
+                .map(|limit| limit.bucket_for(namespace, &definition.name, &step.name, context));
+            rate_buckets.push(rate.transpose().map_err(invalid)?);
+            step_buckets.push(slots.transpose().map_err(invalid)?);
+        }
         if rate_buckets
             .iter()
             .chain(&step_buckets)
@@ -727,47 +710,26 @@ impl Store {
     }
 }
 
-#[derive(Debug, sea_orm::FromQueryResult)]
-struct StepOfTask {
-    id: Uuid,
-}
-
-#[derive(Debug, sea_orm::FromQueryResult)]
-struct EdgeOfTask {
-    parent_step_id: Uuid,
-    child_step_id: Uuid,
-}
-
 /// PostgreSQL: locks task `id`'s unfinished steps, parents before children — the order a
 /// completion takes rows in (its step, then its children, then the task) — so a cancellation,
 /// which takes the task row after them, never waits in a cycle with a completion (the
-/// database would abort one of the two as a deadlock). SQLite's single writer needs none.
+/// database would abort one of the two as a deadlock). Steps with no edge go first. SQLite's
+/// single writer needs none.
 async fn lock_steps_parents_first(txn: &WriteTxn, id: Uuid) -> Result<()> {
     let backend = txn.get_database_backend();
     if backend != sea_orm::DbBackend::Postgres {
         return Ok(());
     }
-    let mut steps = Sql::new(backend);
-    steps
-        .push("SELECT id FROM workflow_steps WHERE task_id = ")
-        .bind(id)
-        .push(" ORDER BY position");
-    let ids: Vec<Uuid> = StepOfTask::find_by_statement(steps.build())
-        .all(txn)
-        .await?
-        .into_iter()
-        .map(|step| step.id)
-        .collect();
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let mut edges = Sql::new(backend);
-    edges
-        .push("SELECT parent_step_id, child_step_id FROM workflow_step_edges WHERE task_id = ")
-        .bind(id);
-    let edges = EdgeOfTask::find_by_statement(edges.build())
+    let edges = workflow_step_edge::Entity::find()
+        .filter(workflow_step_edge::Column::TaskId.eq(id))
         .all(txn)
         .await?;
+    let mut ids: Vec<Uuid> = edges
+        .iter()
+        .flat_map(|edge| [edge.parent_step_id, edge.child_step_id])
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
     let dag = tasker_domain::graph::Dag::from_keys(
         &ids,
         edges
@@ -780,14 +742,18 @@ async fn lock_steps_parents_first(txn: &WriteTxn, id: Uuid) -> Result<()> {
     let mut lock = Sql::new(backend);
     lock.push("SELECT id FROM workflow_steps WHERE task_id = ")
         .bind(id)
-        .push(" AND state IN ('pending', 'in_progress', 'error') ORDER BY CASE id");
-    for (rank, index) in order.iter().enumerate() {
-        lock.push(" WHEN ")
-            .bind(ids[*index])
-            .push(" THEN ")
-            .bind(i64::try_from(rank).unwrap_or(i64::MAX));
+        .push(" AND state IN ('pending', 'in_progress', 'error')");
+    if !order.is_empty() {
+        lock.push(" ORDER BY CASE id");
+        for (rank, index) in order.iter().enumerate() {
+            lock.push(" WHEN ")
+                .bind(ids[*index])
+                .push(" THEN ")
+                .bind(i64::try_from(rank).unwrap_or(i64::MAX));
+        }
+        lock.push(" ELSE -1 END");
     }
-    lock.push(" END FOR UPDATE");
-    StepOfTask::find_by_statement(lock.build()).all(txn).await?;
+    lock.push(" FOR UPDATE");
+    txn.execute_raw(lock.build()).await?;
     Ok(())
 }
